@@ -1,0 +1,139 @@
+"""Backend selection: the one place that decides which implementation runs an op.
+
+Backends (DESIGN §2):
+    triton  CUDA tensors; CPU tensors too when TRITON_INTERPRET=1 (how the kernels are tested).
+    cuda    CUDA tensors, when densefuse._C was built with CUDA.
+    cpp     CPU tensors, when densefuse._C was built.
+    torch   any device: densefuse.reference, the readable oracle.
+
+Default per device: cuda -> triton (else cuda, else torch); cpu -> cpp (else torch).
+``use_backend(name)`` (a context manager) or the environment variable DENSEFUSE_BACKEND force one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import importlib.util
+import os
+import threading
+from collections.abc import Callable, Iterator
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("torch", "cpp", "cuda", "triton")
+_DEVICE_OF = {"cpp": "cpu", "cuda": "cuda"}
+_state = threading.local()
+
+
+@functools.cache
+def extension() -> ModuleType | None:
+    """densefuse._C if it was built and loads (it registers the densefuse_ext:: ops), else None."""
+    try:
+        return importlib.import_module("densefuse._C")
+    except ImportError:
+        return None
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason(backend: str, device_type: str | None = None) -> str | None:
+    """Why ``backend`` cannot run here (on ``device_type`` if given), or None if it can."""
+    if backend not in BACKENDS:
+        return f"unknown backend {backend!r}; expected one of {BACKENDS}"
+    needed = _DEVICE_OF.get(backend)
+    if device_type is not None and needed is not None and device_type != needed:
+        return f"backend {backend!r} runs on {needed} tensors, got {device_type} tensors"
+    if backend == "cpp" and extension() is None:
+        return "backend 'cpp' needs the compiled extension densefuse._C (pip install --no-build-isolation -e .)"
+    if backend == "cuda":
+        ext = extension()
+        if ext is None or not ext.build_info()["cuda"]:
+            return "backend 'cuda' needs densefuse._C built with CUDA (a CUDA torch and nvcc at build time)"
+        if not torch.cuda.is_available():
+            return "backend 'cuda' needs a CUDA device"
+    if backend == "triton":
+        if not _triton_importable():
+            return "backend 'triton' needs the triton package"
+        if device_type == "cpu" and not triton_interpreting():
+            return "backend 'triton' runs on CPU tensors only under TRITON_INTERPRET=1"
+        if device_type is None and not (torch.cuda.is_available() or triton_interpreting()):
+            return "backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1 for CPU tensors)"
+    return None
+
+
+def available_backends(device_type: str | None = None) -> list[str]:
+    """The backends that can run on ``device_type`` ('cpu', 'cuda'; None: on some device here)."""
+    return [b for b in BACKENDS if unavailable_reason(b, device_type) is None]
+
+
+def _check(backend: str, device_type: str | None = None) -> str:
+    reason = unavailable_reason(backend, device_type)
+    if reason is not None:
+        raise RuntimeError(f"densefuse: {reason}")
+    return backend
+
+
+def forced_backend() -> str | None:
+    """The backend forced by use_backend() (innermost) or DENSEFUSE_BACKEND, if any."""
+    stack = getattr(_state, "stack", None)
+    if stack:
+        return stack[-1]
+    return os.environ.get("DENSEFUSE_BACKEND") or None
+
+
+@contextlib.contextmanager
+def use_backend(backend: str) -> Iterator[str]:
+    """Force every densefuse op inside the block to run on ``backend``.
+
+    Raises RuntimeError at once if the backend cannot run on this machine.
+
+        with densefuse.use_backend("torch"):
+            loss = criterion(logits, labels)
+    """
+    _check(backend)
+    stack = _state.__dict__.setdefault("stack", [])
+    stack.append(backend)
+    try:
+        yield backend
+    finally:
+        stack.pop()
+
+
+def default_backend(device_type: str) -> str:
+    order = ("triton", "cuda", "torch") if device_type == "cuda" else ("cpp", "torch")
+    return next(b for b in order if unavailable_reason(b, device_type) is None)
+
+
+def select(device: torch.device) -> str:
+    """The backend that runs an op whose inputs live on ``device``."""
+    forced = forced_backend()
+    if forced is not None:
+        return _check(forced, device.type)
+    return default_backend(device.type)
+
+
+class Registry:
+    """Per-op table of backend implementations: ``impls[backend] = fn`` (all share one signature)."""
+
+    def __init__(self, name: str, loaders: dict[str, Callable[[], Callable]]):
+        self.name = name
+        self._loaders = loaders  # lazy: triton is imported only when the triton backend runs
+
+    @functools.cache  # noqa: B019 - a handful of registries live for the whole process
+    def impl(self, backend: str) -> Callable:
+        if backend not in self._loaders:
+            raise RuntimeError(f"densefuse: op {self.name} has no {backend!r} implementation")
+        return self._loaders[backend]()
+
+    def __call__(self, device: torch.device) -> Callable:
+        return self.impl(select(device))

@@ -1,0 +1,111 @@
+"""Input checks and shape normalisation shared by the op modules.
+
+Errors name the argument and what was expected. Checks that read tensor values (label range,
+NaN/Inf) come back from the kernels as counts; ``raise_on_flags`` turns them into errors at the cost
+of one device sync, unless DENSEFUSE_CHECK_VALUES=0 or the call is being traced by torch.compile.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+LABEL_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def check_tensor(name: str, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_logits(logits: object) -> torch.Tensor:
+    """logits: floating tensor [B, C, *spatial] with at least one spatial dim and no empty dim."""
+    logits = check_tensor("logits", logits)
+    if logits.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"logits: expected a float16/bfloat16/float32/float64 tensor, got {logits.dtype}")
+    if logits.dim() < 3:
+        raise ValueError(f"logits: expected shape [B, C, *spatial], got {tuple(logits.shape)}")
+    if logits.numel() == 0:
+        raise ValueError(f"logits: empty tensor of shape {tuple(logits.shape)}")
+    return logits
+
+
+def check_same_device(name: str, tensor: torch.Tensor, like: torch.Tensor) -> None:
+    if tensor.device != like.device:
+        raise ValueError(f"{name}: expected a tensor on {like.device} like logits, got {tensor.device}")
+
+
+def flatten_spatial(x: torch.Tensor, start: int) -> torch.Tensor:
+    """x with dims start.. flattened into one; a view whenever the strides allow, else a copy."""
+    return x.flatten(start) if x.dim() > start + 1 else (x if x.dim() == start + 1 else x.unsqueeze(-1))
+
+
+def normalize_target(target: object, logits: torch.Tensor, ignore_index: int | None) -> torch.Tensor:
+    """A label map as [B, V] (integer) or a dense target as [B, C, V] (float).
+
+    Accepted: integer/bool labels [B, *spatial] or [B, 1, *spatial]; float targets [B, C, *spatial]
+    (one-hot or soft). Float labels [B, 1, ...] with C > 1 are rejected: cast them to an integer dtype.
+    """
+    target = check_tensor("target", target)
+    check_same_device("target", target, logits)
+    batch, channels, *spatial = logits.shape
+    if target.dtype == torch.bool:
+        target = target.view(torch.uint8)
+    if target.is_floating_point():
+        if tuple(target.shape) != tuple(logits.shape):
+            hint = " (a label map? use an integer dtype)" if target.dim() == logits.dim() else ""
+            raise ValueError(
+                f"target: a float target must have the logits' shape {tuple(logits.shape)}, "
+                f"got {tuple(target.shape)}{hint}"
+            )
+        if ignore_index is not None:
+            raise ValueError("ignore_index: needs an integer label map target, got a float target")
+        return flatten_spatial(target, 2)
+    if target.dtype not in LABEL_DTYPES:
+        raise TypeError(f"target: expected integer labels or a float target, got {target.dtype}")
+    shape = tuple(target.shape)
+    if shape == (batch, 1, *spatial):
+        target = target.squeeze(1)
+    elif shape != (batch, *spatial):
+        raise ValueError(
+            f"target: expected a label map of shape {(batch, *spatial)} or {(batch, 1, *spatial)} "
+            f"for logits {tuple(logits.shape)}, got {shape}"
+        )
+    return flatten_spatial(target, 1)
+
+
+def check_ignore_index(ignore_index: object) -> int | None:
+    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
+        raise TypeError(f"ignore_index: expected an int or None, got {ignore_index!r}")
+    return ignore_index
+
+
+def check_activation(activation: str, allowed: tuple[str, ...]) -> int:
+    from densefuse.reference import ACTIVATIONS
+
+    if activation not in allowed:
+        raise ValueError(f"activation: expected one of {allowed}, got {activation!r}")
+    return ACTIVATIONS[activation]
+
+
+def value_checks_enabled() -> bool:
+    return os.environ.get("DENSEFUSE_CHECK_VALUES", "1") != "0" and not torch.compiler.is_compiling()
+
+
+def raise_on_flags(flags: torch.Tensor, num_classes: int) -> None:
+    """flags int64 [3] = (out-of-range labels, non-finite logits, non-finite target values)."""
+    if not value_checks_enabled():
+        return
+    bad_labels, bad_logits, bad_targets = flags.tolist()
+    if bad_labels:
+        valid = "{0, 1}" if num_classes == 1 else f"[0, {num_classes})"
+        raise ValueError(
+            f"target: expected integer labels in {valid} (or ignore_index), found {bad_labels} voxels outside"
+        )
+    if bad_logits:
+        raise ValueError(f"logits: contains {bad_logits} NaN/Inf values")
+    if bad_targets:
+        raise ValueError(f"target: contains {bad_targets} NaN/Inf values")

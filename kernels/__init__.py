@@ -1,0 +1,1 @@
+"""Triton kernels (installed as densefuse.kernels). Imported lazily: triton is optional."""
