@@ -54,7 +54,9 @@ def unavailable_reason(backend: str, device_type: str | None = None) -> str | No
     if device_type is not None and needed is not None and device_type != needed:
         return f"backend {backend!r} runs on {needed} tensors, got {device_type} tensors"
     if backend == "cpp" and extension() is None:
-        return "backend 'cpp' needs the compiled extension densefuse._C (pip install --no-build-isolation -e .)"
+        return (
+            "backend 'cpp' needs the compiled extension densefuse._C (pip install --no-build-isolation -e .)"
+        )
     if backend == "cuda":
         ext = extension()
         if ext is None or not ext.build_info()["cuda"]:

@@ -51,7 +51,7 @@ def normalize_target(target: object, logits: torch.Tensor, ignore_index: int | N
     """
     target = check_tensor("target", target)
     check_same_device("target", target, logits)
-    batch, channels, *spatial = logits.shape
+    batch, _, *spatial = logits.shape
     if target.dtype == torch.bool:
         target = target.view(torch.uint8)
     if target.is_floating_point():

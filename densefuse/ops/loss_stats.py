@@ -96,7 +96,9 @@ def _overlap_setup(ctx, inputs, output):
 
 def _overlap_backward(ctx, grad_stats, _grad_flags):
     logits, target = ctx.saved_tensors
-    grad = overlap_stats_backward_op(grad_stats.contiguous(), logits, target, ctx.activation, ctx.ignore_index)
+    grad = overlap_stats_backward_op(
+        grad_stats.contiguous(), logits, target, ctx.activation, ctx.ignore_index
+    )
     return grad, None, None, None
 
 
@@ -152,7 +154,14 @@ def _focal_setup(ctx, inputs, output):
 def _focal_backward(ctx, grad_stats, _grad_flags):
     logits, target, alpha_pos, alpha_neg = ctx.saved_tensors
     grad = focal_stats_backward_op(
-        grad_stats.contiguous(), logits, target, ctx.activation, ctx.gamma, alpha_pos, alpha_neg, ctx.ignore_index
+        grad_stats.contiguous(),
+        logits,
+        target,
+        ctx.activation,
+        ctx.gamma,
+        alpha_pos,
+        alpha_neg,
+        ctx.ignore_index,
     )
     return grad, None, None, None, None, None, None
 
@@ -190,7 +199,9 @@ def _check_alpha(name: str, alpha: Tensor | None, logits: Tensor) -> Tensor | No
         return None
     alpha = _validate.check_tensor(name, alpha)
     if alpha.shape != (logits.shape[1],):
-        raise ValueError(f"{name}: expected shape ({logits.shape[1]},) (one per class), got {tuple(alpha.shape)}")
+        raise ValueError(
+            f"{name}: expected shape ({logits.shape[1]},) (one per class), got {tuple(alpha.shape)}"
+        )
     return alpha.to(device=logits.device, dtype=reference.accumulate_dtype(logits.dtype)).contiguous()
 
 
