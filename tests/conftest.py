@@ -1,0 +1,33 @@
+"""Test setup: without CUDA, Triton kernels run on CPU tensors under the interpreter.
+
+TRITON_INTERPRET must be set before triton (or densefuse.kernels) is imported, so it is set here,
+at collection time, unless a CUDA device is present.
+"""
+
+import os
+import zlib
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import densefuse  # noqa: E402
+
+
+def cpu_backends() -> list[str]:
+    return densefuse.available_backends("cpu")
+
+
+def cuda_backends() -> list[str]:
+    return densefuse.available_backends("cuda") if torch.cuda.is_available() else []
+
+
+@pytest.fixture
+def rng(request) -> torch.Generator:
+    """A generator seeded from the test id: fresh inputs per case, reproducible per case."""
+    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

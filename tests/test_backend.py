@@ -1,0 +1,68 @@
+"""Backend selection: defaults per device, use_backend / DENSEFUSE_BACKEND, clear errors."""
+
+import pytest
+import torch
+from conftest import cpu_backends
+
+import densefuse
+from densefuse import cli
+from densefuse.ops import _backend
+from densefuse.ops.loss_stats import overlap_stats_op
+
+
+def test_default_cpu_backend_prefers_the_extension():
+    expected = "cpp" if _backend.extension() is not None else "torch"
+    assert _backend.select(torch.device("cpu")) == expected
+
+
+def test_use_backend_nests_and_restores():
+    assert _backend.forced_backend() is None
+    with densefuse.use_backend("torch"):
+        assert _backend.select(torch.device("cpu")) == "torch"
+        inner = cpu_backends()[-1]
+        with densefuse.use_backend(inner):
+            assert _backend.select(torch.device("cpu")) == inner
+        assert _backend.forced_backend() == "torch"
+    assert _backend.forced_backend() is None
+
+
+def test_environment_variable_forces_a_backend(monkeypatch):
+    monkeypatch.setenv("DENSEFUSE_BACKEND", "torch")
+    assert _backend.select(torch.device("cpu")) == "torch"
+    monkeypatch.setenv("DENSEFUSE_BACKEND", "warp-drive")
+    with pytest.raises(RuntimeError, match="unknown backend 'warp-drive'"):
+        _backend.select(torch.device("cpu"))
+
+
+def test_unknown_backend_is_rejected_at_once():
+    with pytest.raises(RuntimeError, match="unknown backend 'tpu'"), densefuse.use_backend("tpu"):
+        pass
+
+
+def test_device_mismatch_is_a_clear_error():
+    reason = _backend.unavailable_reason("cuda", "cpu")
+    assert reason == "backend 'cuda' runs on cuda tensors, got cpu tensors"
+    if "cpp" in cpu_backends():
+        with densefuse.use_backend("cpp"), pytest.raises(RuntimeError, match="runs on cpu tensors"):
+            _backend.select(torch.device("cuda"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
+def test_triton_without_interpreter_on_cpu(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "TRITON_INTERPRET=1" in _backend.unavailable_reason("triton", "cpu")
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_every_available_backend_runs(backend):
+    logits, labels = torch.randn(1, 2, 8), torch.randint(0, 2, (1, 8))
+    with densefuse.use_backend(backend):
+        stats, flags = overlap_stats_op(logits, labels, 2, None)
+    assert stats.shape == (1, 2, 3) and flags.tolist() == [0, 0, 0]
+
+
+def test_info_reports_backends(capsys):
+    assert cli.main(["info"]) == 0
+    report = cli.info()
+    assert report["backends"]["cpu"] == cpu_backends()
+    assert '"default_backend"' in capsys.readouterr().out
