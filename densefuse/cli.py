@@ -1,7 +1,7 @@
 """The ``densefuse`` command.
 
-    densefuse info                     versions, compiled backends, what runs on which device
-    densefuse bench [report args...]   the benchmark report (benchmarks/report.py, source checkout)
+densefuse info                     versions, compiled backends, what runs on which device
+densefuse bench [report args...]   the benchmark report (benchmarks/report.py, source checkout)
 """
 
 from __future__ import annotations

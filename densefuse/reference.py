@@ -54,9 +54,14 @@ def target_and_mask(
     return g, valid
 
 
-def input_flags(logits: torch.Tensor, target: torch.Tensor, ignore_index: int | None) -> torch.Tensor:
-    """int64 [3]: out-of-range labels (not ignored), non-finite logits, non-finite dense targets."""
-    num_classes = logits.shape[1]
+def input_flags(
+    logits: torch.Tensor, target: torch.Tensor, ignore_index: int | None, num_classes: int | None = None
+) -> torch.Tensor:
+    """int64 [3]: out-of-range labels (not ignored), non-finite logits, non-finite dense targets.
+
+    num_classes defaults to logits.shape[1].
+    """
+    num_classes = logits.shape[1] if num_classes is None else num_classes
     zero = torch.zeros((), dtype=torch.int64, device=logits.device)
     bad_targets = zero
     if target.is_floating_point():

@@ -13,7 +13,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import densefuse  # noqa: E402
+import densefuse
 
 
 def cpu_backends() -> list[str]:

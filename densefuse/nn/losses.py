@@ -17,6 +17,7 @@ Not supported (a ValueError says so): ``soft_label=True`` (it needs sum |p - g|)
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -65,8 +66,8 @@ def _prepare_target(target: Tensor, logits: Tensor, to_onehot_y: bool) -> Tensor
     return target
 
 
-def _single_channel_warning(flag: str) -> None:
-    warnings.warn(f"single channel prediction, `{flag}=True` ignored.", stacklevel=3)
+def _single_channel_warning(setting: str) -> None:
+    warnings.warn(f"single channel prediction, `{setting}` ignored.", stacklevel=3)
 
 
 class _OverlapLoss(nn.Module):
@@ -113,18 +114,18 @@ class _OverlapLoss(nn.Module):
         activation = "sigmoid" if self.sigmoid else "none"
         if self.softmax:
             if channels == 1:
-                _single_channel_warning("softmax")
+                _single_channel_warning("softmax=True")
             else:
                 activation = "softmax"
         if self.other_act is not None:
             logits = self.other_act(logits)
         if self.to_onehot_y and channels == 1:
-            _single_channel_warning("to_onehot_y")
+            _single_channel_warning("to_onehot_y=True")
         target = _prepare_target(target, logits, self.to_onehot_y)
         stats = overlap_stats(logits, target, activation, self.ignore_index)
         if not self.include_background:
             if channels == 1:
-                _single_channel_warning("include_background=False")  # MONAI's wording differs slightly
+                _single_channel_warning("include_background=False")
             else:
                 stats = stats[:, 1:]
         if self.batch:
@@ -199,8 +200,8 @@ class FBetaLoss(TverskyLoss):
     """
 
     def __init__(self, beta: float = 1.5, **kwargs) -> None:
-        if beta <= 0:
-            raise ValueError(f"beta: expected > 0, got {beta}")
+        if not math.isfinite(beta) or beta <= 0:
+            raise ValueError(f"beta: expected a finite number > 0, got {beta}")
         b2 = float(beta) ** 2
         super().__init__(alpha=1.0 / (1.0 + b2), beta=b2 / (1.0 + b2), **kwargs)
         self.f_beta = float(beta)
@@ -271,12 +272,13 @@ class FocalLoss(nn.Module):
         ignore_index: int | None = None,
     ) -> None:
         super().__init__()
-        if gamma < 0:
-            raise ValueError(f"gamma: expected >= 0, got {gamma}")
+        if not math.isfinite(gamma) or gamma < 0:
+            raise ValueError(f"gamma: expected a finite number >= 0, got {gamma}")
         self.include_background = include_background
         self.to_onehot_y = to_onehot_y
         self.gamma = float(gamma)
-        self.alpha = None if alpha is None else (float(alpha) if isinstance(alpha, (int, float)) else alpha)
+        is_scalar = alpha is not None and torch.as_tensor(alpha).ndim == 0  # float, int, 0-d tensor/array
+        self.alpha = float(alpha) if is_scalar else alpha
         self.use_softmax = use_softmax
         self.reduction = _check_reduction(reduction)
         self.ignore_index = _validate.check_ignore_index(ignore_index)
@@ -307,7 +309,7 @@ class FocalLoss(nn.Module):
         logits = _validate.check_logits(input)
         channels = logits.shape[1]
         if self.to_onehot_y and channels == 1:
-            _single_channel_warning("to_onehot_y")
+            _single_channel_warning("to_onehot_y=True")
         target = _prepare_target(target, logits, self.to_onehot_y)
         is_labels = not target.is_floating_point()
         activation = "softmax" if self.use_softmax else "sigmoid"
@@ -320,6 +322,8 @@ class FocalLoss(nn.Module):
             logits = logits[:, 1:]
             if is_labels:  # labels 0 become "no class": a one-hot target over classes 1..C-1
                 labels = _validate.normalize_target(target, input, ignore_index)
+                flags = reference.input_flags(labels.new_empty(0), labels, ignore_index, channels)
+                _validate.raise_on_flags(flags, channels)  # logits are checked by the op below
                 valid = labels != ignore_index if ignore_index is not None else None
                 count = None if valid is None else valid.sum(-1, dtype=torch.float32)
                 target = self._sliced_one_hot(labels, channels, valid).view(logits.shape)

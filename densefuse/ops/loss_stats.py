@@ -12,6 +12,8 @@ value checks cost no extra pass. Shapes, dtypes and label conventions: densefuse
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -223,8 +225,13 @@ def focal_stats(
     """
     logits = _validate.check_logits(logits)
     code = _validate.check_activation(activation, ("sigmoid", "softmax"))
-    if not isinstance(gamma, (int, float)) or gamma < 0:
-        raise ValueError(f"gamma: expected a number >= 0, got {gamma!r}")
+    if (
+        isinstance(gamma, bool)
+        or not isinstance(gamma, (int, float))
+        or not math.isfinite(gamma)
+        or gamma < 0
+    ):
+        raise ValueError(f"gamma: expected a finite number >= 0, got {gamma!r}")
     ignore_index = _validate.check_ignore_index(ignore_index)
     target = _validate.normalize_target(target, logits, ignore_index)
     alpha_pos = _check_alpha("alpha_pos", alpha_pos, logits)
