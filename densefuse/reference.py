@@ -15,6 +15,10 @@ binary when C == 1 (g = [label == 1], valid labels {0, 1}). Voxels whose label e
 Every stats op also returns ``flags`` (int64 [3]): the number of out-of-range labels among the
 voxels not ignored, of non-finite logits, and of non-finite dense target values. The op layer
 turns non-zero flags into errors.
+
+Patch fusion (sliding-window inference, DESIGN §3b): patch_scatter / patch_gather add weighted
+windows into an accumulator, fusion_normalizer is the summed weight per voxel, patch_normalize /
+patch_finalize divide by it and apply the activation, threshold or argmax. See that section below.
 """
 
 from __future__ import annotations
@@ -210,3 +214,192 @@ def focal_stats_backward(
     else:
         raise ValueError(f"activation: focal loss needs sigmoid (1) or softmax (2), got {activation}")
     return grad.to(logits.dtype).contiguous()
+
+
+# ------------------------------------------------------------------------------- patch fusion (§3b)
+# Windows [N, C, rz, ry, rx] with starts [N, 4] = (batch, z, y, x) are added into an accumulator
+# acc [B, C, D, H, W] (float32/float64) with the weight w(i, j, k) = max((wz[i] * wy[j]) * wx[k], floor),
+# computed in acc's dtype. A window may hang over the volume's edge (negative starts included): only
+# its part inside the volume is read and added. Windows entirely outside, or whose batch index is not
+# in [0, B), add nothing and are counted in the flags. The weight vectors arrive in acc's dtype.
+FUSE_OUTPUTS = {"probabilities": 0, "mask": 1}
+
+
+def _clip(start: int, length: int, size: int) -> tuple[int, int, int, int] | None:
+    """(lo, hi) inside [0, size) and (a, b) inside the window for [start, start + length), or None."""
+    lo, hi = max(start, 0), min(start + length, size)
+    return (lo, hi, lo - start, hi - start) if lo < hi else None
+
+
+def window_weight(wz: torch.Tensor, wy: torch.Tensor, wx: torch.Tensor, floor: float) -> torch.Tensor:
+    """max((wz[i] * wy[j]) * wx[k], floor) as [rz, ry, rx] in the vectors' dtype."""
+    w = (wz[:, None, None] * wy[None, :, None]) * wx[None, None, :]
+    return w.clamp(min=floor) if floor > 0 else w
+
+
+def _placements(acc: torch.Tensor, windows: torch.Tensor, starts: torch.Tensor):
+    """([(n, acc index, window index)] for the windows that overlap the volume, number skipped)."""
+    batch, _, *size = acc.shape
+    roi = windows.shape[2:]
+    placed = []
+    for n, (b, *start) in enumerate(starts.tolist()):
+        parts = [_clip(s, r, d) for s, r, d in zip(start, roi, size)]
+        if 0 <= b < batch and all(p is not None for p in parts):
+            out = (b, slice(None), *(slice(p[0], p[1]) for p in parts))
+            win = tuple(slice(p[2], p[3]) for p in parts)
+            placed.append((n, out, win))
+    return placed, len(starts) - len(placed)
+
+
+def _patch_flags(acc: torch.Tensor, windows: torch.Tensor, placed, skipped: int) -> torch.Tensor:
+    """int64 [2]: non-finite window values that land inside the volume, windows skipped."""
+    bad = sum(((~torch.isfinite(windows[n][(slice(None), *win)])).sum() for n, _, win in placed), start=0)
+    return torch.tensor([int(bad), skipped], dtype=torch.int64, device=acc.device)
+
+
+def patch_scatter(
+    acc: torch.Tensor,
+    windows: torch.Tensor,
+    starts: torch.Tensor,
+    wz: torch.Tensor,
+    wy: torch.Tensor,
+    wx: torch.Tensor,
+    floor: float,
+) -> torch.Tensor:
+    """acc[b, :, z+i, y+j, x+k] += w(i, j, k) * windows[n, :, i, j, k] for every window n, in order.
+
+    Mutates acc; returns flags int64 [2] (non-finite window values added, windows skipped).
+    """
+    placed, skipped = _placements(acc, windows, starts)
+    weight = window_weight(wz, wy, wx, floor)
+    for n, out, win in placed:
+        acc[out] += weight[win] * windows[n][(slice(None), *win)].to(acc.dtype)
+    return _patch_flags(acc, windows, placed, skipped)
+
+
+def patch_gather(
+    acc: torch.Tensor,
+    windows: torch.Tensor,
+    starts: torch.Tensor,
+    wz: torch.Tensor,
+    wy: torch.Tensor,
+    wx: torch.Tensor,
+    floor: float,
+) -> torch.Tensor:
+    """patch_scatter computed output-stationary: the deterministic variant.
+
+    Each voxel of the windows' union box first sums its covering windows' w * value in window order
+    (starting from 0), then that sum is added to acc once: acc[v] += sum_n w_n(v) * windows_n(v).
+    The result equals patch_scatter up to rounding and is the same bits on every run.
+    """
+    placed, skipped = _placements(acc, windows, starts)
+    if placed:
+        weight = window_weight(wz, wy, wx, floor)
+        box = [
+            slice(min(out[d].start for _, out, _ in placed), max(out[d].stop for _, out, _ in placed))
+            for d in range(2, 5)
+        ]
+        partial = acc.new_zeros((acc.shape[0], acc.shape[1], *(s.stop - s.start for s in box)))
+        for n, out, win in placed:
+            local = tuple(slice(o.start - b.start, o.stop - b.start) for o, b in zip(out[2:], box))
+            values = windows[n][(slice(None), *win)].to(acc.dtype)
+            partial[(out[0], slice(None), *local)] += weight[win] * values
+        acc[(slice(None), slice(None), *box)] += partial
+    return _patch_flags(acc, windows, placed, skipped)
+
+
+def axis_normalizer(size: int, starts: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """S[i] = sum over starts s with 0 <= i - s < len(w) of w[i - s], for i in [0, size)."""
+    total = w.new_zeros(size)
+    for s in starts.tolist():
+        part = _clip(s, w.numel(), size)
+        if part is not None:
+            total[part[0] : part[1]] += w[part[2] : part[3]]
+    return total
+
+
+def fusion_normalizer(
+    size: tuple[int, int, int],
+    starts_z: torch.Tensor,
+    starts_y: torch.Tensor,
+    starts_x: torch.Tensor,
+    wz: torch.Tensor,
+    wy: torch.Tensor,
+    wx: torch.Tensor,
+    floor: float,
+) -> torch.Tensor:
+    """N(z, y, x) [D, H, W] = sum over the grid windows covering (z, y, x) of w(z - a, y - b, x - c).
+
+    The windows are the Cartesian grid starts_z x starts_y x starts_x. With floor == 0 the weight
+    is separable and N = Sz (x) Sy (x) Sx, the outer product of three axis_normalizer sums. With a
+    floor the weights of all covering windows are summed one window at a time (reference only: the
+    kernels loop over the few covering starts per voxel instead of building this map).
+    """
+    if floor <= 0:
+        axes = zip(size, (starts_z, starts_y, starts_x), (wz, wy, wx))
+        sums = [axis_normalizer(n, s, w) for n, s, w in axes]
+        return (sums[0][:, None, None] * sums[1][None, :, None]) * sums[2][None, None, :]
+    total = wz.new_zeros(size)
+    weight = window_weight(wz, wy, wx, floor)
+    roi = weight.shape
+    for a in starts_z.tolist():
+        for b in starts_y.tolist():
+            for c in starts_x.tolist():
+                parts = [_clip(s, r, d) for s, r, d in zip((a, b, c), roi, size)]
+                if all(p is not None for p in parts):
+                    inside = tuple(slice(p[0], p[1]) for p in parts)
+                    total[inside] += weight[tuple(slice(p[2], p[3]) for p in parts)]
+    return total
+
+
+def _fused_values(acc, starts_z, starts_y, starts_x, wz, wy, wx, floor):
+    """(acc / N, covered [1, 1, D, H, W]): voxels with N below the dtype's smallest normal number
+    (covered by no window, or only by zero weights) count as uncovered and read 0."""
+    norm = fusion_normalizer(tuple(acc.shape[2:]), starts_z, starts_y, starts_x, wz, wy, wx, floor)
+    covered = (norm >= torch.finfo(acc.dtype).tiny)[None, None]
+    safe = torch.where(covered, norm, torch.ones_like(norm))
+    return torch.where(covered, acc / safe, torch.zeros_like(acc)), covered
+
+
+def patch_normalize(
+    acc: torch.Tensor,
+    starts_z: torch.Tensor,
+    starts_y: torch.Tensor,
+    starts_x: torch.Tensor,
+    wz: torch.Tensor,
+    wy: torch.Tensor,
+    wx: torch.Tensor,
+    floor: float,
+    activation: int,
+) -> None:
+    """In place: acc = act(acc / N) on covered voxels, 0 on uncovered ones (act: ACTIVATIONS code)."""
+    acc.copy_(patch_finalize(acc, starts_z, starts_y, starts_x, wz, wy, wx, floor, activation, 0, 0.0))
+
+
+def patch_finalize(
+    acc: torch.Tensor,
+    starts_z: torch.Tensor,
+    starts_y: torch.Tensor,
+    starts_x: torch.Tensor,
+    wz: torch.Tensor,
+    wy: torch.Tensor,
+    wx: torch.Tensor,
+    floor: float,
+    activation: int,
+    output: int,
+    threshold: float,
+) -> torch.Tensor:
+    """The fused prediction from an accumulator [B, C, D, H, W] (acc is not modified).
+
+    v = acc / N (N: fusion_normalizer). output 0 (probabilities): act(v) in acc's dtype, [B, C, ...].
+    output 1 (mask), uint8: softmax -> argmax_c v (first maximum), [B, 1, ...]; none/sigmoid ->
+    [act(v) >= threshold] per channel, [B, C, ...]. Uncovered voxels are 0 in every output.
+    """
+    values, covered = _fused_values(acc, starts_z, starts_y, starts_x, wz, wy, wx, floor)
+    if output == 0:
+        return torch.where(covered, probabilities(values, activation), torch.zeros_like(values))
+    if activation == 2:
+        mask = values.argmax(dim=1, keepdim=True)
+    else:
+        mask = probabilities(values, activation) >= threshold
+    return (mask * covered).to(torch.uint8)

@@ -2,5 +2,13 @@
 
 from densefuse.ops._backend import available_backends, use_backend
 from densefuse.ops.loss_stats import focal_stats, overlap_stats
+from densefuse.ops.patch_fuse import patch_finalize, patch_scatter
 
-__all__ = ["available_backends", "focal_stats", "overlap_stats", "use_backend"]
+__all__ = [
+    "available_backends",
+    "focal_stats",
+    "overlap_stats",
+    "patch_finalize",
+    "patch_scatter",
+    "use_backend",
+]

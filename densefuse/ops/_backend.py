@@ -50,11 +50,11 @@ def unavailable_reason(backend: str, device_type: str | None = None) -> str | No
     """Why ``backend`` cannot run here (on ``device_type`` if given), or None if it can."""
     if backend not in BACKENDS:
         return f"unknown backend {backend!r}; expected one of {BACKENDS}"
-    if device_type == "cuda" and not torch.cuda.is_available():
-        return "no CUDA device here"
     needed = _DEVICE_OF.get(backend)
     if device_type is not None and needed is not None and device_type != needed:
         return f"backend {backend!r} runs on {needed} tensors, got {device_type} tensors"
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device here"
     if backend == "cpp" and extension() is None:
         return (
             "backend 'cpp' needs the compiled extension densefuse._C (pip install --no-build-isolation -e .)"

@@ -1,0 +1,537 @@
+"""Sliding-window inference with weighted patch fusion (DESIGN §3b).
+
+A volume is tiled by windows of ``roi_size`` on MONAI's grid (densefuse.windows.grid_starts); each
+window's prediction is weighted by a separable window max(wz wy wx, floor) and added into an
+accumulator by densefuse.ops.patch_scatter, and the accumulator is divided by the summed weights
+(patch_finalize). Two entry points:
+
+- ``sliding_window_inference``: MONAI's function, same signature and, for mode "constant" and
+  "gaussian", MONAI's result; adds mode "bspline" / "spline" and user-supplied 1-D weights.
+- ``SlidingWindowPredictor``: the paper's inference (spline window, 50 % overlap, reflect padding by
+  half a window, 180-degree-rotation test-time augmentation, threshold 0.5), with probabilities or
+  a uint8 mask as output and a slab-by-slab mode for outputs that do not fit in memory.
+
+Windows that hang over the volume's edge read padded input (``constant``, ``reflect``,
+``replicate`` or ``circular``, computed per window: the padded volume is never built) and only
+their part inside the volume is accumulated, so the output is never larger than the volume.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from densefuse import reference, windows
+from densefuse.ops.patch_fuse import check_patch_flags, patch_finalize, patch_scatter
+
+PAD_MODES = ("constant", "reflect", "replicate", "circular")
+Position = tuple[int, int, int, int]  # (batch, z, y, x): a window's corner in volume coordinates
+
+
+# ------------------------------------------------------------------------------------ argument checks
+def _check_roi(roi_size: object, size: Sequence[int], none_means_full: bool) -> tuple[int, ...]:
+    """roi per axis from one value or a sequence (MONAI: None = the whole axis)."""
+    dims = len(size)
+    values = list(roi_size) if isinstance(roi_size, Sequence) else [roi_size] * dims
+    if len(values) != dims:
+        raise ValueError(f"roi_size: expected {dims} values for {dims} spatial dims, got {roi_size!r}")
+    roi = []
+    for value, full in zip(values, size):
+        if value is None and none_means_full:
+            value = full
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            hint = " (None takes the whole axis)" if none_means_full else ""
+            raise ValueError(f"roi_size: expected positive integers{hint}, got {roi_size!r}")
+        roi.append(value)
+    return tuple(roi)
+
+
+def _per_axis(name: str, value: object, dims: int) -> tuple[float, ...]:
+    values = tuple(value) if isinstance(value, Sequence) else (value,) * dims
+    if len(values) != dims:
+        raise ValueError(f"{name}: expected one value or {dims}, got {value!r}")
+    return values
+
+
+def _check_overlap(overlap: object, dims: int) -> tuple[float, ...]:
+    values = _per_axis("overlap", overlap, dims)
+    for o in values:
+        if isinstance(o, bool) or not isinstance(o, (int, float)) or not 0 <= o < 1:
+            raise ValueError(f"overlap: expected values in [0, 1), got {overlap!r}")
+    return values
+
+
+def _check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+    return value
+
+
+def _check_choice(name: str, value: object, allowed: Sequence[str]) -> str:
+    value = getattr(value, "value", value)  # MONAI's str enums
+    if value not in allowed:
+        raise ValueError(f"{name}: expected one of {tuple(allowed)}, got {value!r}")
+    return value
+
+
+def _check_volume(name: str, x: object, dims: Sequence[int]) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() - 2 not in dims or x.numel() == 0:
+        expected = " or ".join(f"{d + 2}-D" for d in dims)
+        raise ValueError(
+            f"{name}: expected a non-empty {expected} [B, C, *spatial] tensor, got {tuple(x.shape)}"
+        )
+    return x.as_subclass(Tensor)  # a MONAI MetaTensor becomes a plain tensor
+
+
+# ------------------------------------------------------------------------------------ the window grid
+def window_grid(
+    size: Sequence[int], roi: Sequence[int], overlap: Sequence[float], margin: Sequence[int]
+) -> tuple[list[int], ...]:
+    """Per-axis window starts in volume coordinates.
+
+    The volume is (virtually) padded by ``margin`` on each side, and further, as MONAI does, up to
+    the roi where it is still smaller (half before, rounded down); MONAI's grid is laid over the
+    padded extent and shifted back, so starts are negative where windows begin in the padding.
+    """
+    padded = [max(s + 2 * m, r) for s, m, r in zip(size, margin, roi)]
+    starts = windows.grid_starts(padded, roi, overlap)
+    return tuple([a - (p - s) // 2 for a in axis] for axis, p, s in zip(starts, padded, size))
+
+
+def _source_index(start: int, length: int, size: int, mode: str) -> Tensor:
+    """Indices into [0, size) that padding ``mode`` reads for positions start .. start + length - 1."""
+    i = torch.arange(start, start + length)
+    if mode == "replicate":
+        return i.clamp(0, size - 1)
+    if mode == "circular":
+        return i.remainder(size)
+    if size == 1:  # reflect
+        return torch.zeros_like(i)
+    period = 2 * (size - 1)
+    i = i.remainder(period)
+    return torch.where(i < size, i, period - i)
+
+
+def read_window(
+    x: Tensor, start: Sequence[int], roi: Sequence[int], mode: str = "constant", cval: float = 0.0
+) -> Tensor:
+    """x[:, start : start + roi] of x [C, *spatial], padded by ``mode`` where it leaves the volume.
+
+    constant fills ``cval``; reflect mirrors without repeating the edge (torch's "reflect",
+    extended periodically where the window reaches further than one volume length); replicate
+    repeats the edge; circular wraps around. A window inside the volume is a view.
+    """
+    size = x.shape[1:]
+    inside = [slice(max(s, 0), min(s + r, n)) for s, r, n in zip(start, roi, size)]
+    if all(s >= 0 and s + r <= n for s, r, n in zip(start, roi, size)):
+        return x[(slice(None), *inside)]
+    if mode == "constant":
+        pad = []
+        for s, r, n in reversed(list(zip(start, roi, size))):
+            lo, hi = max(s, 0), min(s + r, n)
+            pad += [lo - s, s + r - hi] if lo < hi else [r, 0]
+        return F.pad(x[(slice(None), *inside)], pad, value=cval)
+    for axis, (s, r, n) in enumerate(zip(start, roi, size)):
+        x = x.index_select(axis + 1, _source_index(s, r, n, mode).to(x.device))
+    return x
+
+
+def _read_batch(
+    x: Tensor, positions: Sequence[Position], roi: Sequence[int], mode: str, cval: float
+) -> Tensor:
+    return torch.stack([read_window(x[p[0]], p[1:], roi, mode, cval) for p in positions])
+
+
+def _flatten(out: object) -> tuple[list | None, list[Tensor]]:
+    """MONAI's predictor outputs (a tensor, a sequence or a dict of tensors) as (dict keys, list)."""
+    if isinstance(out, Tensor):
+        return None, [out]
+    if isinstance(out, Mapping):
+        keys = sorted(out.keys())
+        return keys, [out[k] for k in keys]
+    if isinstance(out, Sequence):
+        return None, list(out)
+    raise TypeError(
+        f"predictor: expected a tensor, a sequence or a dict of tensors, got {type(out).__name__}"
+    )
+
+
+def _check_prediction(out: object, count: int, roi: Sequence[int], channels: int | None) -> Tensor:
+    """A predictor output for ``count`` windows: float [count, C, *roi] (C as before, if known)."""
+    if not isinstance(out, Tensor) or not out.is_floating_point():
+        kind = out.dtype if isinstance(out, Tensor) else type(out).__name__
+        raise TypeError(f"predictor: expected float tensors, got {kind}")
+    shape = tuple(out.shape)
+    if len(shape) != len(roi) + 2 or shape[0] != count or shape[2:] != tuple(roi):
+        raise ValueError(
+            f"predictor: returned shape {shape} for {count} windows of {tuple(roi)}; expected "
+            f"({count}, C, {', '.join(map(str, roi))}) (outputs must keep the window's spatial size)"
+        )
+    if channels is not None and shape[1] != channels:
+        raise ValueError(f"predictor: returned {shape[1]} channels, earlier {channels}")
+    return out
+
+
+def _activate(x: Tensor, activation: str) -> Tensor:
+    return reference.probabilities(x, reference.ACTIVATIONS[activation])
+
+
+def _batches(items: Sequence, size: int) -> list[Sequence]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+# --------------------------------------------------------------------------- MONAI's entry point
+def sliding_window_inference(
+    inputs: Tensor,
+    roi_size: Sequence[int | None] | int,
+    sw_batch_size: int,
+    predictor: Callable[..., Tensor | Sequence[Tensor] | dict[Any, Tensor]],
+    overlap: Sequence[float] | float = 0.25,
+    mode: str | Sequence[Tensor] = "constant",
+    sigma_scale: Sequence[float] | float = 0.125,
+    padding_mode: str = "constant",
+    cval: float = 0.0,
+    sw_device: torch.device | str | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    roi_weight_map: Tensor | None = None,
+    process_fn: Callable | None = None,
+    buffer_steps: int | None = None,
+    buffer_dim: int = -1,
+    with_coord: bool = False,
+    *args: Any,
+    bspline_order: int = 3,
+    **kwargs: Any,
+) -> Tensor | tuple[Tensor, ...] | dict[Any, Tensor]:
+    """Drop-in for ``monai.inferers.sliding_window_inference`` on 1-3 spatial dims.
+
+    inputs [B, C_in, *spatial] is tiled by windows of ``roi_size`` on MONAI's grid (stride
+    int(roi * (1 - overlap)), last window flush with the end; where roi exceeds the volume the
+    input is padded by ``padding_mode``/``cval``, half before). ``predictor(windows [n, C_in, *roi],
+    *args, **kwargs)`` returns [n, C, *roi] (or a tuple / dict of such); the result is, per voxel,
+    sum_k w_k p_k / sum_k w_k over the covering windows, [B, C, *spatial] on ``device`` in inputs'
+    dtype (accumulated in float32, float64 for float64 inputs).
+
+    Weights w = max(wz wy wx, floor) with floor = max(min w, 1e-3) as MONAI's importance map:
+    mode "constant" (plain average) and "gaussian" (``sigma_scale``) give MONAI's result; densefuse
+    adds "bspline" (``bspline_order`` 0-3), "spline" (the paper's window) and a sequence of 1-D
+    weight vectors, one per spatial axis. Windows go to ``sw_device`` for the predictor, the
+    output lives on ``device`` (both default to inputs' device). ``with_coord`` passes MONAI's
+    window slices (in padded coordinates) as the predictor's second argument; MONAI's ``condition``
+    keyword is windowed like the inputs.
+
+    Differences from MONAI: the result is not differentiable and is a plain tensor (no MetaTensor
+    metadata); predictor outputs must keep the window's spatial size; ``roi_weight_map`` and
+    ``process_fn`` are not supported (weights must be separable: pass 1-D vectors as ``mode``);
+    ``buffer_steps``/``buffer_dim`` are validated and otherwise change nothing (windows are added
+    straight into the output); roi_size <= 0 is an error (use None for the whole axis).
+    """
+    inputs = _check_volume("inputs", inputs, (1, 2, 3))
+    dims = inputs.dim() - 2
+    if roi_weight_map is not None or process_fn is not None:
+        raise ValueError(
+            "roi_weight_map/process_fn: not supported by densefuse (weights are separable); "
+            "pass one 1-D weight vector per axis as mode"
+        )
+    roi = _check_roi(roi_size, inputs.shape[2:], none_means_full=True)
+    overlap = _check_overlap(overlap, dims)
+    _check_positive_int("sw_batch_size", sw_batch_size)
+    padding_mode = _check_choice("padding_mode", padding_mode, PAD_MODES)
+    if buffer_steps is not None and buffer_steps > 0 and not -dims <= buffer_dim <= dims:
+        raise ValueError(f"buffer_dim: expected a value in [{-dims}, {dims}], got {buffer_dim}")
+    vectors = windows.separable_window(mode, roi, order=bspline_order, sigma_scale=sigma_scale)
+    floor = windows.monai_floor(vectors)
+    device = torch.device(device) if device is not None else inputs.device
+    sw_device = torch.device(sw_device) if sw_device is not None else inputs.device
+    condition = kwargs.pop("condition", None)
+
+    # Lift to 3-D with leading singleton axes: the fusion ops are 3-D.
+    batch, _, *size = inputs.shape
+    lift = (1,) * (3 - dims)
+    x3 = inputs.reshape(batch, -1, *lift, *size)
+    cond3 = None if condition is None else condition.reshape(*condition.shape[:2], *lift, *size)
+    roi3, size3 = (*lift, *roi), (*lift, *size)
+    starts = window_grid(size, roi, overlap, (0,) * dims)
+    starts3 = ([0],) * (3 - dims) + starts
+    floating = inputs.is_floating_point()
+    acc_dtype = reference.accumulate_dtype(inputs.dtype) if floating else torch.float32
+    weights = [
+        w.to(device, acc_dtype) for w in [torch.ones(1, dtype=torch.float64)] * (3 - dims) + list(vectors)
+    ]
+    padded_before = [(max(s, r) - s) // 2 for s, r in zip(size, roi)]
+    positions = [
+        (b, z, y, x) for b in range(batch) for z in starts3[0] for y in starts3[1] for x in starts3[2]
+    ]
+
+    accs: list[Tensor] = []
+    keys = None
+    flags = torch.zeros(2, dtype=torch.int64, device=device)
+    for chunk in tqdm(_batches(positions, sw_batch_size), disable=not progress):
+        win = _read_batch(x3, chunk, roi3, padding_mode, cval).reshape(len(chunk), -1, *roi).to(sw_device)
+        if cond3 is not None:
+            cond = _read_batch(cond3, chunk, roi3, padding_mode, cval)
+            kwargs["condition"] = cond.reshape(len(chunk), -1, *roi).to(sw_device)
+        if with_coord:
+            coords = [
+                [slice(p[0], p[0] + 1), slice(None)]
+                + [slice(s + pb, s + pb + r) for s, pb, r in zip(p[4 - dims :], padded_before, roi)]
+                for p in chunk
+            ]
+            out = predictor(win, coords, *args, **kwargs)
+        else:
+            out = predictor(win, *args, **kwargs)
+        keys, outs = _flatten(out)
+        if accs and len(outs) != len(accs):
+            raise ValueError(f"predictor: returned {len(outs)} outputs, earlier {len(accs)}")
+        starts_t = torch.tensor(chunk, dtype=torch.int64)
+        for i, o in enumerate(outs):
+            o = _check_prediction(o, len(chunk), roi, accs[i].shape[1] if i < len(accs) else None)
+            if len(accs) <= i:
+                accs.append(torch.zeros((batch, o.shape[1], *size3), dtype=acc_dtype, device=device))
+            o = o.reshape(len(chunk), -1, *roi3).to(device)
+            flags += patch_scatter(accs[i], o, starts_t, *weights, floor, check_values=False)
+    check_patch_flags(flags, "predictor")
+
+    out_dtype = inputs.dtype if floating else torch.float32
+    results = []
+    for acc in accs:
+        fused = patch_finalize(acc, *starts3, *weights, floor, inplace=True)
+        results.append(fused.reshape(batch, -1, *size).to(out_dtype))
+    if keys is not None:
+        return dict(zip(keys, results))
+    return results[0] if len(results) == 1 else tuple(results)
+
+
+# ------------------------------------------------------------------------------ the paper's predictor
+TTA = {  # spatial axes (0 = z, 1 = y, 2 = x) flipped per pass; a 180-degree rotation flips two axes
+    "none": ((),),
+    "rotations": ((), (1, 2), (0, 2), (0, 1)),
+    "flips": ((), (0,), (1,), (2,)),
+    "all": ((), (0,), (1,), (2,), (1, 2), (0, 2), (0, 1), (0, 1, 2)),
+}
+OUTPUTS = ("logits", "probabilities", "mask")
+
+
+def _check_tta(tta: str | Sequence[Sequence[int]]) -> tuple[tuple[int, ...], ...]:
+    if isinstance(tta, str):
+        return TTA[_check_choice("tta", tta, tuple(TTA))]
+    passes = tuple(tuple(axes) for axes in tta)
+    if not passes or any(len(set(p)) != len(p) or not set(p) <= {0, 1, 2} for p in passes):
+        raise ValueError(
+            f"tta: expected one of {tuple(TTA)} or tuples of spatial axes in {{0, 1, 2}}, got {tta!r}"
+        )
+    return passes
+
+
+class SlidingWindowPredictor:
+    """Whole-volume prediction from a patch model by weighted sliding-window fusion (the paper's way).
+
+    ``predictor(image)`` tiles image [B, C_in, D, H, W] by windows of ``roi_size`` at stride
+    int(roi * (1 - overlap)), runs ``model`` on batches of ``sw_batch_size`` windows (on
+    ``model_device``), optionally averages test-time augmentations, and fuses the window outputs with
+    the weights ``window`` on ``device``: v = sum_k w_k p_k / sum_k w_k.
+
+    Args:
+        model: callable, [n, C_in, rz, ry, rx] -> logits [n, C, rz, ry, rx].
+        roi_size: window size, one int or three.
+        overlap: fraction of a window shared with its neighbour, in [0, 1) (paper: 0.5).
+        window: "spline" (paper), "bspline" (``order`` 0-3), "gaussian" (``sigma_scale``),
+            "constant", or three 1-D weight vectors.
+        padding: "reflect": the volume is mirrored by half a window on every side, so every voxel
+            is seen away from a window's edge (paper); "constant": windows stay inside the volume
+            (padded by ``cval`` where roi exceeds it), as MONAI does.
+        floor: lower bound of the 3-D weight; None: 0 with reflect padding, MONAI's
+            max(min weight, 1e-3) with constant padding (border voxels keep a usable weight).
+        tta: "none", "rotations" (identity + 180-degree rotations in the three planes: the paper's
+            4-way TTA), "flips" (identity + one flip per axis), "all" (the 8 flip combinations), or
+            tuples of spatial axes to flip; outputs are flipped back and averaged.
+        activation: "sigmoid", "softmax" (over C) or "none" (the model returns probabilities).
+        soft_voting: fuse probabilities (the activation is applied per window, as the paper);
+            False fuses logits and applies the activation once, after fusion.
+        output: "logits" (fused model outputs, float32), "probabilities" (float32) or "mask"
+            (uint8: argmax [B, 1, ...] for softmax, [p >= threshold] per channel otherwise).
+        model_device, device: where windows are predicted and where the output is accumulated
+            (default: the image's device).
+        memory_budget: bytes the float accumulator may take; above it the volume is processed in
+            slabs along z, each finalised as soon as no later window touches it, so memory is
+            O(B * C * roi_z * H * W) plus the output (a uint8 mask for output "mask"). The result is
+            the same bits as the whole-volume mode.
+        progress: show a tqdm progress bar.
+    """
+
+    def __init__(
+        self,
+        model: Callable[[Tensor], Tensor],
+        roi_size: int | Sequence[int],
+        *,
+        overlap: float | Sequence[float] = 0.5,
+        window: str | Sequence[Tensor] = "spline",
+        order: int = 3,
+        sigma_scale: float | Sequence[float] = 0.125,
+        padding: str = "reflect",
+        cval: float = 0.0,
+        floor: float | None = None,
+        sw_batch_size: int = 1,
+        tta: str | Sequence[Sequence[int]] = "none",
+        activation: str = "sigmoid",
+        soft_voting: bool = True,
+        output: str = "probabilities",
+        threshold: float = 0.5,
+        model_device: torch.device | str | None = None,
+        device: torch.device | str | None = None,
+        memory_budget: int | None = None,
+        progress: bool = False,
+    ):
+        if not callable(model):
+            raise TypeError(f"model: expected a callable, got {type(model).__name__}")
+        self.model = model
+        self.roi = _check_roi(roi_size, (0, 0, 0), none_means_full=False)
+        self.overlap = _check_overlap(overlap, 3)
+        self.weights = windows.separable_window(
+            window, self.roi, order=order, sigma_scale=sigma_scale, name="window"
+        )
+        self.padding = _check_choice("padding", padding, ("reflect", "constant"))
+        self.cval = float(cval)
+        if floor is None:
+            floor = 0.0 if self.padding == "reflect" else windows.monai_floor(self.weights)
+        if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor < math.inf:
+            raise ValueError(f"floor: expected a finite number >= 0, got {floor!r}")
+        self.floor = float(floor)
+        self.sw_batch_size = _check_positive_int("sw_batch_size", sw_batch_size)
+        self.tta = _check_tta(tta)
+        self.activation = _check_choice("activation", activation, tuple(reference.ACTIVATIONS))
+        self.soft_voting = bool(soft_voting)
+        self.output = _check_choice("output", output, OUTPUTS)
+        if (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, (int, float))
+            or not math.isfinite(threshold)
+        ):
+            raise ValueError(f"threshold: expected a finite number, got {threshold!r}")
+        self.threshold = float(threshold)
+        self.model_device = None if model_device is None else torch.device(model_device)
+        self.device = None if device is None else torch.device(device)
+        if memory_budget is not None:
+            _check_positive_int("memory_budget", memory_budget)
+        self.memory_budget = memory_budget
+        self.progress = progress
+
+    # ------------------------------------------------------------------------------------ per window
+    def _vote_activation(self) -> str:
+        """The activation applied to each window's output before fusion."""
+        return self.activation if self.soft_voting and self.output != "logits" else "none"
+
+    def _final_activation(self) -> str:
+        """The activation patch_finalize applies after fusion (softmax there also means argmax)."""
+        if self.output == "logits":
+            return "none"
+        if not self.soft_voting or (self.output == "mask" and self.activation == "softmax"):
+            return self.activation
+        return "none"
+
+    def _predict(self, batch: Tensor, channels: int | None) -> Tensor:
+        """The model's output on a batch of windows, averaged over the TTA passes, float32."""
+        total = None
+        for axes in self.tta:
+            dims = [a + 2 for a in axes]
+            out = self.model(batch.flip(dims) if dims else batch)
+            out = _check_prediction(out, batch.shape[0], self.roi, channels).float()
+            out = _activate(out.flip(dims) if dims else out, self._vote_activation())
+            total = out if total is None else total + out
+        return total / len(self.tta)
+
+    # ----------------------------------------------------------------------------------- per volume
+    @torch.inference_mode()
+    def __call__(self, image: Tensor) -> Tensor:
+        """Prediction for image [B, C_in, D, H, W]: see the class docstring for the output."""
+        image = _check_volume("image", image, (3,))
+        batch, _, *size = image.shape
+        device = self.device or image.device
+        model_device = self.model_device or image.device
+        margin = [r // 2 for r in self.roi] if self.padding == "reflect" else [0, 0, 0]
+        grid = window_grid(size, self.roi, self.overlap, margin)
+        weights = [w.to(device, torch.float32) for w in self.weights]
+        finish = {"activation": self._final_activation(), "threshold": self.threshold}
+        fuse = _SlabFusion(batch, size, grid, weights, self.floor, self.memory_budget, device)
+        groups = [[(b, z, y, x) for b in range(batch) for y in grid[1] for x in grid[2]] for z in grid[0]]
+        bar = tqdm(
+            total=len(groups) * math.ceil(len(groups[0]) / self.sw_batch_size), disable=not self.progress
+        )
+        for k, group in enumerate(groups):
+            for chunk in _batches(group, self.sw_batch_size):
+                windows_in = _read_batch(image, chunk, self.roi, self.padding, self.cval).to(model_device)
+                fuse.add(self._predict(windows_in, fuse.channels).to(device), chunk)
+                bar.update()
+            fuse.group_done(k, self.output, finish)
+        bar.close()
+        return fuse.result(self.output, finish)
+
+
+class _SlabFusion:
+    """The accumulator of SlidingWindowPredictor: whole-volume, or a slab of planes along z.
+
+    Windows arrive grouped by their z start (in increasing order). In slab mode the accumulator
+    holds planes [lo, lo + depth) only; once group k is in, planes below the next group's z start
+    are complete (no later window reaches them) and are finalised into the output and dropped.
+    """
+
+    def __init__(self, batch, size, grid, weights, floor, budget, device):
+        self.batch, self.size, self.grid = batch, size, grid
+        self.weights, self.floor, self.budget, self.device = weights, floor, budget, device
+        self.channels: int | None = None
+        self.slabs = False
+        self.acc: Tensor | None = None  # planes [lo, lo + acc.shape[2]) of the volume
+        self.lo = 0
+        self.out: Tensor | None = None  # the result, filled slab by slab
+        self.flags = torch.zeros(2, dtype=torch.int64, device=device)
+
+    def add(self, out: Tensor, chunk: Sequence[Position]) -> None:
+        depth, height, width = self.size
+        if self.acc is None:
+            self.channels = out.shape[1]
+            full = 4 * self.batch * self.channels * depth * height * width
+            self.slabs = self.budget is not None and full > self.budget
+            planes = 0 if self.slabs else depth
+            shape = (self.batch, self.channels, planes, height, width)
+            self.acc = torch.zeros(shape, dtype=torch.float32, device=self.device)
+        need = min(chunk[0][1] + out.shape[2], depth) - self.lo
+        if need > self.acc.shape[2]:
+            extra = self.acc.new_zeros((*self.acc.shape[:2], need - self.acc.shape[2], height, width))
+            self.acc = torch.cat([self.acc, extra], dim=2)
+        starts = torch.tensor([(b, z - self.lo, y, x) for b, z, y, x in chunk], dtype=torch.int64)
+        self.flags += patch_scatter(self.acc, out, starts, *self.weights, self.floor, check_values=False)
+
+    def _finalize(self, acc: Tensor, output: str, finish: dict, inplace: bool = False) -> Tensor:
+        starts_z = [z - self.lo for z in self.grid[0]]
+        kind = "mask" if output == "mask" else "probabilities"
+        return patch_finalize(
+            acc, starts_z, *self.grid[1:], *self.weights, self.floor, output=kind, inplace=inplace, **finish
+        )
+
+    def group_done(self, k: int, output: str, finish: dict) -> None:
+        if not self.slabs:
+            return
+        next_start = self.grid[0][k + 1] if k + 1 < len(self.grid[0]) else self.size[0]
+        planes = min(next_start, self.size[0]) - self.lo
+        if planes <= 0:
+            return
+        part = self._finalize(self.acc[:, :, :planes], output, finish)
+        if self.out is None:
+            self.out = part.new_empty((*part.shape[:2], *self.size))
+        self.out[:, :, self.lo : self.lo + planes] = part
+        self.acc = self.acc[:, :, planes:].contiguous()
+        self.lo += planes
+
+    def result(self, output: str, finish: dict) -> Tensor:
+        check_patch_flags(self.flags, "model")
+        if self.slabs:
+            return self.out
+        return self._finalize(self.acc, output, finish, inplace=output != "mask")

@@ -1,0 +1,354 @@
+"""Weighted patch fusion: the ops behind sliding-window inference (DESIGN §3b).
+
+    densefuse::patch_scatter_   acc += w * windows, one launch per batch of windows (atomics)
+    densefuse::patch_gather_    the same sum, output-stationary (deterministic)
+    densefuse::patch_normalize_ acc = act(acc / N) in place
+    densefuse::patch_finalize   act(acc / N) as floats, or a uint8 mask (threshold / argmax)
+
+acc is [B, C, D, H, W] float32/float64; windows [N, C, rz, ry, rx] any float dtype; starts [N, 4]
+int64 (batch, z, y, x), windows may hang over the edge; the weight w = max(wz[i] wy[j] wx[k], floor)
+is computed in-kernel from three 1-D vectors (densefuse.windows). N is the summed weight of the grid
+windows covering a voxel: for floor == 0 the outer product of three 1-D sums. Math and edge cases:
+densefuse.reference. These are inference ops: no autograd formula.
+
+Backends: every op has the same plain-tensor signature in densefuse.reference (``torch``), in
+densefuse.kernels.patch_fuse (``triton``) and as densefuse_ext::<name> in densefuse._C (``cpp`` and
+``cuda``); a backend whose kernel is not written yet is skipped by default and gives a clear
+RuntimeError when forced with use_backend().
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import operator
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from densefuse import reference
+from densefuse.ops import _validate
+from densefuse.ops._backend import Registry, available_backends, extension, forced_backend, select
+
+OP_NAMES = ("patch_scatter", "patch_gather", "patch_normalize", "patch_finalize")
+ACC_DTYPES = (torch.float32, torch.float64)
+
+
+def _kernel_exists(name: str, backend: str) -> bool:
+    """Whether ``backend`` has a kernel for op ``name`` (without importing triton)."""
+    if backend in ("cpp", "cuda"):
+        return extension() is not None and hasattr(torch.ops.densefuse_ext, name)
+    if backend == "triton":
+        return importlib.util.find_spec("densefuse.kernels.patch_fuse") is not None
+    return backend == "torch"
+
+
+def _missing(name: str, backend: str) -> RuntimeError:
+    return RuntimeError(
+        f"densefuse: op {name} has no {backend!r} kernel yet; use_backend('torch') runs the reference"
+    )
+
+
+def _loader(name: str, backend: str) -> Callable[[], Callable]:
+    def load() -> Callable:
+        if not _kernel_exists(name, backend):
+            raise _missing(name, backend)
+        if backend == "triton":
+            module = importlib.import_module("densefuse.kernels.patch_fuse")
+            if not hasattr(module, name):
+                raise _missing(name, backend)
+            return getattr(module, name)
+        return getattr(torch.ops.densefuse_ext, name)
+
+    return load
+
+
+def _registry(name: str) -> Registry:
+    loaders = {backend: _loader(name, backend) for backend in ("cpp", "cuda", "triton")}
+    loaders["torch"] = lambda: getattr(reference, name)
+    return Registry(name, loaders)
+
+
+_scatter, _gather, _normalize, _finalize = (_registry(name) for name in OP_NAMES)
+
+
+def _implementation(registry: Registry, device: torch.device) -> Callable:
+    """The forced backend's kernel (an error if it has none), else the default's, else the reference."""
+    backend = select(device)
+    if forced_backend() is None and not _kernel_exists(registry.name, backend):
+        backend = "torch"
+    return registry.impl(backend)
+
+
+def implemented_backends(device_type: str) -> list[str]:
+    """The backends available on ``device_type`` that have kernels for every patch-fusion op."""
+    return [b for b in available_backends(device_type) if all(_kernel_exists(n, b) for n in OP_NAMES)]
+
+
+# ------------------------------------------------------------------------------------------ the ops
+@torch.library.custom_op("densefuse::patch_scatter_", mutates_args=("acc",))
+def patch_scatter_op(
+    acc: Tensor, windows: Tensor, starts: Tensor, wz: Tensor, wy: Tensor, wx: Tensor, floor: float
+) -> Tensor:
+    """acc [B, C, D, H, W] += w * windows [N, C, rz, ry, rx] at starts [N, 4] -> flags int64 [2]."""
+    return _implementation(_scatter, acc.device)(acc, windows, starts, wz, wy, wx, floor)
+
+
+@torch.library.custom_op("densefuse::patch_gather_", mutates_args=("acc",))
+def patch_gather_op(
+    acc: Tensor, windows: Tensor, starts: Tensor, wz: Tensor, wy: Tensor, wx: Tensor, floor: float
+) -> Tensor:
+    """patch_scatter_ computed output-stationary (bit-identical across runs) -> flags int64 [2]."""
+    return _implementation(_gather, acc.device)(acc, windows, starts, wz, wy, wx, floor)
+
+
+@patch_scatter_op.register_fake
+@patch_gather_op.register_fake
+def _(acc, windows, starts, wz, wy, wx, floor):
+    return acc.new_empty((2,), dtype=torch.int64)
+
+
+@torch.library.custom_op("densefuse::patch_normalize_", mutates_args=("acc",))
+def patch_normalize_op(
+    acc: Tensor,
+    starts_z: Tensor,
+    starts_y: Tensor,
+    starts_x: Tensor,
+    wz: Tensor,
+    wy: Tensor,
+    wx: Tensor,
+    floor: float,
+    activation: int,
+) -> None:
+    """acc = act(acc / N) in place (0 where no window covers)."""
+    _implementation(_normalize, acc.device)(acc, starts_z, starts_y, starts_x, wz, wy, wx, floor, activation)
+
+
+@patch_normalize_op.register_fake
+def _(acc, starts_z, starts_y, starts_x, wz, wy, wx, floor, activation):
+    return None
+
+
+@torch.library.custom_op("densefuse::patch_finalize", mutates_args=())
+def patch_finalize_op(
+    acc: Tensor,
+    starts_z: Tensor,
+    starts_y: Tensor,
+    starts_x: Tensor,
+    wz: Tensor,
+    wy: Tensor,
+    wx: Tensor,
+    floor: float,
+    activation: int,
+    output: int,
+    threshold: float,
+) -> Tensor:
+    """act(acc / N) [B, C, ...] in acc's dtype (output 0), or a uint8 mask (output 1)."""
+    impl = _implementation(_finalize, acc.device)
+    return impl(acc, starts_z, starts_y, starts_x, wz, wy, wx, floor, activation, output, threshold)
+
+
+@patch_finalize_op.register_fake
+def _(acc, starts_z, starts_y, starts_x, wz, wy, wx, floor, activation, output, threshold):
+    if output == 0:
+        return torch.empty_like(acc, memory_format=torch.contiguous_format)
+    channels = 1 if activation == 2 else acc.shape[1]
+    return acc.new_empty((acc.shape[0], channels, *acc.shape[2:]), dtype=torch.uint8)
+
+
+# --------------------------------------------------------------------------------------- validation
+def _check_acc(acc: object) -> Tensor:
+    acc = _validate.check_tensor("acc", acc)
+    if acc.dtype not in ACC_DTYPES:
+        raise TypeError(f"acc: expected a float32/float64 accumulator, got {acc.dtype}")
+    if acc.dim() != 5 or acc.numel() == 0:
+        raise ValueError(f"acc: expected a non-empty [B, C, D, H, W] tensor, got shape {tuple(acc.shape)}")
+    return acc
+
+
+def _check_windows(windows: object, acc: Tensor) -> Tensor:
+    windows = _validate.check_tensor("windows", windows)
+    if windows.dtype not in _validate.FLOAT_DTYPES:
+        raise TypeError(f"windows: expected a float16/bfloat16/float32/float64 tensor, got {windows.dtype}")
+    if windows.dim() != 5 or windows.shape[1] != acc.shape[1]:
+        raise ValueError(
+            f"windows: expected shape [N, {acc.shape[1]}, rz, ry, rx] (channels of acc), "
+            f"got {tuple(windows.shape)}"
+        )
+    if min(windows.shape[2:]) < 1:
+        raise ValueError(
+            f"windows: window size must be >= 1 along every axis, got {tuple(windows.shape[2:])}"
+        )
+    if windows.device != acc.device:
+        raise ValueError(f"windows: expected a tensor on {acc.device} like acc, got {windows.device}")
+    return windows.contiguous()
+
+
+def _to_acc_device(name: str, tensor: Tensor, acc: Tensor, dtype: torch.dtype) -> Tensor:
+    """Small tensors may come from the CPU; anything on a third device is an error."""
+    if tensor.device != acc.device and tensor.device.type != "cpu":
+        raise ValueError(f"{name}: expected a tensor on {acc.device} (or the CPU), got {tensor.device}")
+    return tensor.to(device=acc.device, dtype=dtype).contiguous()
+
+
+def _check_starts(starts: object, acc: Tensor, count: int) -> Tensor:
+    starts = _validate.check_tensor("starts", starts)
+    if starts.is_floating_point() or starts.is_complex() or starts.dtype == torch.bool:
+        raise TypeError(f"starts: expected an integer tensor, got {starts.dtype}")
+    if tuple(starts.shape) != (count, 4):
+        raise ValueError(
+            f"starts: expected shape ({count}, 4) = (batch, z, y, x) per window, got {tuple(starts.shape)}"
+        )
+    return _to_acc_device("starts", starts, acc, torch.int64)
+
+
+def _check_axis_starts(name: str, starts: object, acc: Tensor) -> Tensor:
+    error = ValueError(f"{name}: expected a 1-D sequence of integer window starts, got {starts!r}")
+    if not isinstance(starts, Tensor):
+        try:
+            starts = torch.tensor([operator.index(s) for s in starts], dtype=torch.int64)
+        except TypeError:
+            raise error from None
+    if starts.dim() != 1 or starts.is_floating_point() or starts.is_complex() or starts.dtype == torch.bool:
+        raise error
+    return _to_acc_device(name, starts, acc, torch.int64)
+
+
+def _check_weights(vectors: Sequence[object], lengths: Sequence[int] | None, acc: Tensor) -> list[Tensor]:
+    """wz, wy, wx as 1-D vectors in acc's dtype on acc's device (lengths checked when given)."""
+    checked = []
+    for i, (name, w) in enumerate(zip(("wz", "wy", "wx"), vectors)):
+        w = _validate.check_tensor(name, w)
+        if not w.is_floating_point():
+            raise TypeError(f"{name}: expected a float weight vector, got {w.dtype}")
+        if w.dim() != 1 or w.numel() == 0 or (lengths is not None and w.numel() != lengths[i]):
+            expected = "length >= 1" if lengths is None else f"length {lengths[i]} (the window size)"
+            raise ValueError(f"{name}: expected a 1-D vector of {expected}, got shape {tuple(w.shape)}")
+        checked.append(_to_acc_device(name, w, acc, acc.dtype))
+    return checked
+
+
+def _check_number(name: str, value: object, low: float | None = None) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (low is not None and value < low):
+        bound = "" if low is None else f" >= {low}"
+        raise ValueError(f"{name}: expected a finite number{bound}, got {value!r}")
+    return float(value)
+
+
+def check_patch_flags(flags: Tensor, what: str = "windows") -> None:
+    """Raise for non-zero patch flags (int64 [2]: non-finite values, windows outside the volume).
+
+    ``what`` names the source of the window values in the message. One device sync; skipped when
+    value checks are off (DENSEFUSE_CHECK_VALUES=0, torch.compile).
+    """
+    if not _validate.value_checks_enabled():
+        return
+    bad_values, skipped = flags.tolist()
+    if bad_values:
+        raise ValueError(f"{what}: contains {bad_values} NaN/Inf values")
+    if skipped:
+        raise ValueError(
+            f"starts: {skipped} windows lie entirely outside the volume or have a batch index outside acc"
+        )
+
+
+# ------------------------------------------------------------------------------------ public wrappers
+def patch_scatter(
+    acc: Tensor,
+    windows: Tensor,
+    starts: Tensor,
+    wz: Tensor,
+    wy: Tensor,
+    wx: Tensor,
+    floor: float = 0.0,
+    *,
+    deterministic: bool | None = None,
+    check_values: bool = True,
+) -> Tensor:
+    """Add a batch of weighted windows into an accumulator, in place.
+
+    acc[b, :, z+i, y+j, x+k] += max(wz[i] * wy[j] * wx[k], floor) * windows[n, :, i, j, k]
+    for each window n with starts[n] = (b, z, y, x); the parts outside the volume are dropped.
+
+    Args:
+        acc: [B, C, D, H, W] float32/float64, contiguous; modified in place.
+        windows: [N, C, rz, ry, rx] float16/bfloat16/float32/float64 on acc's device.
+        starts: [N, 4] integer (batch, z, y, x), on acc's device or the CPU; z, y, x may be negative
+            or run past the end as long as each window overlaps the volume.
+        wz, wy, wx: float 1-D weights of lengths rz, ry, rx (densefuse.windows), >= 0.
+        floor: lower bound of the 3-D weight (0: separable, MONAI's clamp: windows.monai_floor).
+        deterministic: use the output-stationary gather (same bits on every run); default
+            torch.are_deterministic_algorithms_enabled().
+        check_values: raise ValueError for NaN/Inf window values (in the volume) and windows that
+            miss the volume; False leaves that to the caller (check_patch_flags), saving a sync.
+
+    Returns flags int64 [2] on acc's device: (NaN/Inf window values added, windows skipped).
+    """
+    acc = _check_acc(acc)
+    if not acc.is_contiguous():
+        raise ValueError("acc: expected a contiguous tensor (it is written in place)")
+    windows = _check_windows(windows, acc)
+    starts = _check_starts(starts, acc, windows.shape[0])
+    wz, wy, wx = _check_weights((wz, wy, wx), windows.shape[2:], acc)
+    floor = _check_number("floor", floor, 0.0)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    op = patch_gather_op if deterministic else patch_scatter_op
+    flags = op(acc, windows, starts, wz, wy, wx, floor)
+    if check_values:
+        check_patch_flags(flags)
+    return flags
+
+
+def patch_finalize(
+    acc: Tensor,
+    starts_z: Sequence[int] | Tensor,
+    starts_y: Sequence[int] | Tensor,
+    starts_x: Sequence[int] | Tensor,
+    wz: Tensor,
+    wy: Tensor,
+    wx: Tensor,
+    floor: float = 0.0,
+    activation: str = "none",
+    output: str = "probabilities",
+    threshold: float = 0.5,
+    *,
+    inplace: bool = False,
+) -> Tensor:
+    """The fused prediction v = acc / N from an accumulator filled by patch_scatter.
+
+    N(z, y, x) sums max(wz wy wx, floor) over the windows of the grid starts_z x starts_y x starts_x
+    (window sizes len(wz), len(wy), len(wx)) that cover the voxel; with floor == 0 it is the outer
+    product of three 1-D sums, never a volume-sized map. Voxels no window covers (N below the
+    smallest normal float) read 0 in every output.
+
+    Args:
+        acc: [B, C, D, H, W] float32/float64.
+        starts_z, starts_y, starts_x: the per-axis window starts (densefuse.windows.grid_starts),
+            in acc's coordinates (negative when the grid started in a padding).
+        wz, wy, wx, floor: the weights given to patch_scatter.
+        activation: "none", "sigmoid" or "softmax" (over C), applied to v.
+        output: "probabilities": act(v) in acc's dtype [B, C, ...]; "mask": uint8, argmax over C
+            [B, 1, ...] for softmax, [act(v) >= threshold] per channel [B, C, ...] otherwise.
+        inplace: write act(v) into acc and return it (output "probabilities" only; acc contiguous).
+    """
+    acc = _check_acc(acc)
+    axes = zip(("starts_z", "starts_y", "starts_x"), (starts_z, starts_y, starts_x))
+    starts = [_check_axis_starts(name, s, acc) for name, s in axes]
+    wz, wy, wx = _check_weights((wz, wy, wx), None, acc)
+    floor = _check_number("floor", floor, 0.0)
+    code = _validate.check_activation(activation, tuple(reference.ACTIVATIONS))
+    if output not in reference.FUSE_OUTPUTS:
+        raise ValueError(f"output: expected one of {tuple(reference.FUSE_OUTPUTS)}, got {output!r}")
+    threshold = _check_number("threshold", threshold)
+    if output == "mask" and code == 2 and acc.shape[1] > 256:
+        raise ValueError(f"acc: an argmax mask is uint8, so at most 256 classes, got {acc.shape[1]}")
+    if inplace:
+        if output != "probabilities" or not acc.is_contiguous():
+            raise ValueError("inplace: needs output='probabilities' and a contiguous acc")
+        patch_normalize_op(acc, *starts, wz, wy, wx, floor, code)
+        return acc
+    out = reference.FUSE_OUTPUTS[output]
+    return patch_finalize_op(acc.contiguous(), *starts, wz, wy, wx, floor, code, out, threshold)

@@ -1,0 +1,208 @@
+"""Window weights and window positions for sliding-window fusion (DESIGN §3b).
+
+A window of ``n`` voxels gets a 1-D weight vector ``w[i]``, i = 0..n-1, sampled at the voxel centres
+``x_i = i + 0.5`` (so ``u_i = x_i / n`` lies in (0, 1)). A 3-D window is weighted by the separable
+product ``w(i, j, k) = max(wz[i] * wy[j] * wx[k], floor)``; ``floor = 0`` keeps it separable, which
+lets the fusion normaliser be an outer product of three 1-D sums.
+
+Families (every vector is float64 unless a dtype is given, strictly positive inside the window):
+
+- ``bspline(n, order)``: the centred cardinal B-spline of order 0..3 (box, tent, quadratic, cubic)
+  stretched so that its support [-(order+1)/2, (order+1)/2] covers the window:
+  ``w[i] = beta_order((x_i - n/2) / s)`` with ``s = n / (order + 1)``. Copies shifted by the natural
+  stride ``s`` (when it is an integer) sum to exactly 1 wherever ``order + 1`` copies overlap.
+- ``spline(n)``: the paper's piecewise-quadratic window (Hashemi et al. 2019),
+  ``w(u) = 8u^2`` on [0, 1/4], ``1 - 8(1/2 - u)^2`` on [1/4, 1/2], mirrored about u = 1/2.
+  Copies shifted by n/2 (n even) sum to exactly 1 where two overlap.
+- ``constant(n)`` and ``gaussian(n, sigma_scale)``: the separable factors of MONAI's
+  ``compute_importance_map`` (ones; ``exp(-(x_i - n/2)^2 / (2 sigma^2))`` with ``sigma = sigma_scale * n``).
+
+MONAI clamps its 3-D importance map at ``max(min(map), 1e-3)`` (``monai_floor``), which makes its
+weights non-separable near the corners; passing that value as ``floor`` reproduces it exactly.
+
+Positions: ``scan_interval`` and ``window_starts`` reproduce MONAI's ``_get_scan_interval`` and
+``dense_patch_slices``; the windows of a volume are the Cartesian grid of the per-axis starts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+WINDOWS = ("constant", "gaussian", "bspline", "spline")
+MONAI_MIN_WEIGHT = 1e-3  # compute_importance_map's lower bound for the clamp
+
+
+def _check_size(n: int) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise ValueError(f"n: expected a window size >= 1, got {n!r}")
+    return n
+
+
+def _centred(n: int, dtype: torch.dtype, device: torch.device | str | None) -> Tensor:
+    """x_i - n/2 = i + 0.5 - n/2 for i in [0, n): voxel centres relative to the window centre."""
+    return torch.arange(n, dtype=torch.float64, device=device).add_(0.5 - n / 2).to(dtype)
+
+
+def cardinal_bspline(t: Tensor, order: int) -> Tensor:
+    """The centred cardinal B-spline beta_order(t), order 0..3, support |t| < (order + 1) / 2.
+
+    beta_0 = [|t| < 1/2];  beta_1 = max(1 - |t|, 0);
+    beta_2 = 3/4 - t^2 (|t| <= 1/2), (3/2 - |t|)^2 / 2 (|t| < 3/2);
+    beta_3 = 2/3 - t^2 + |t|^3 / 2 (|t| <= 1), (2 - |t|)^3 / 6 (|t| < 2).
+    Integer shifts sum to one: sum_k beta_order(t - k) = 1 for every t.
+    """
+    a = t.abs()
+    zero = torch.zeros_like(a)
+    if order == 0:
+        return torch.where(a < 0.5, torch.ones_like(a), zero)
+    if order == 1:
+        return (1 - a).clamp(min=0)
+    if order == 2:
+        outer = torch.where(a < 1.5, (1.5 - a) ** 2 / 2, zero)
+        return torch.where(a <= 0.5, 0.75 - a**2, outer)
+    if order == 3:
+        outer = torch.where(a < 2, (2 - a) ** 3 / 6, zero)
+        return torch.where(a <= 1, 2 / 3 - a**2 + a**3 / 2, outer)
+    raise ValueError(f"order: expected a B-spline order in 0..3, got {order!r}")
+
+
+def bspline(
+    n: int, order: int = 3, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
+) -> Tensor:
+    """B-spline window [n]: beta_order((x_i - n/2) / s), s = n / (order + 1) (support = the window)."""
+    n = _check_size(n)
+    if isinstance(order, bool) or order not in (0, 1, 2, 3):
+        raise ValueError(f"order: expected a B-spline order in 0..3, got {order!r}")
+    t = _centred(n, torch.float64, device) * ((order + 1) / n)
+    return cardinal_bspline(t, order).to(dtype)
+
+
+def spline(n: int, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> Tensor:
+    """The paper's piecewise-quadratic window [n]: with v = min(u, 1 - u), u = (i + 0.5) / n,
+    w = 8 v^2 for v <= 1/4 and 1 - 8 (1/2 - v)^2 for 1/4 < v <= 1/2 (peak 1 at the centre)."""
+    n = _check_size(n)
+    u = (torch.arange(n, dtype=torch.float64, device=device) + 0.5) / n
+    v = torch.minimum(u, 1 - u)
+    return torch.where(v <= 0.25, 8 * v**2, 1 - 8 * (0.5 - v) ** 2).to(dtype)
+
+
+def constant(n: int, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> Tensor:
+    """Ones [n]: MONAI's mode="constant" (plain averaging of overlapping windows)."""
+    return torch.ones(_check_size(n), dtype=dtype, device=device)
+
+
+def gaussian(
+    n: int,
+    sigma_scale: float = 0.125,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """MONAI's 1-D gaussian factor [n]: exp(-(i - (n-1)/2)^2 / (2 sigma^2)), sigma = sigma_scale * n."""
+    n = _check_size(n)
+    if not (isinstance(sigma_scale, (int, float)) and math.isfinite(sigma_scale) and sigma_scale > 0):
+        raise ValueError(f"sigma_scale: expected a finite number > 0, got {sigma_scale!r}")
+    x = _centred(n, torch.float64, device)
+    return torch.exp(x**2 / (-2 * (sigma_scale * n) ** 2)).to(dtype)
+
+
+def check_vector(name: str, w: object, n: int) -> Tensor:
+    """A user-supplied weight vector as float64 [n]: finite, >= 0 and not all zero."""
+    w = torch.as_tensor(w).detach().to(device="cpu", dtype=torch.float64)
+    if w.dim() != 1 or w.numel() != n:
+        raise ValueError(f"{name}: expected a 1-D weight vector of length {n}, got shape {tuple(w.shape)}")
+    if not torch.isfinite(w).all() or (w < 0).any() or not (w > 0).any():
+        raise ValueError(f"{name}: expected finite weights >= 0, not all zero, got {w.tolist()}")
+    return w
+
+
+def axis_window(
+    window: str,
+    n: int,
+    *,
+    order: int = 3,
+    sigma_scale: float = 0.125,
+    dtype: torch.dtype = torch.float64,
+    name: str = "mode",
+) -> Tensor:
+    """The 1-D vector [n] of a named family: "constant", "gaussian", "bspline" (order) or "spline".
+
+    ``name`` is the argument the caller's users set (for error messages)."""
+    window = getattr(window, "value", window)  # monai.utils.BlendMode members are str enums
+    if window == "constant":
+        return constant(n, dtype)
+    if window == "gaussian":
+        return gaussian(n, sigma_scale, dtype)
+    if window == "bspline":
+        return bspline(n, order, dtype)
+    if window == "spline":
+        return spline(n, dtype)
+    raise ValueError(f"{name}: expected one of {WINDOWS} or one 1-D weight vector per axis, got {window!r}")
+
+
+def separable_window(
+    window: str | Sequence[object],
+    roi_size: Sequence[int],
+    *,
+    order: int = 3,
+    sigma_scale: float | Sequence[float] = 0.125,
+    name: str = "mode",
+) -> tuple[Tensor, ...]:
+    """One float64 vector per axis of ``roi_size``: a named family, or the user's vectors (one per axis).
+
+    sigma_scale may be one number or one per axis (MONAI's convention); ``name`` is the caller's
+    argument, for error messages.
+    """
+    dims = len(roi_size)
+    if not isinstance(window, str):
+        vectors = list(window)
+        if len(vectors) != dims:
+            raise ValueError(f"{name}: expected {dims} 1-D weight vectors (one per axis), got {len(vectors)}")
+        return tuple(check_vector(f"{name}[{i}]", w, n) for i, (w, n) in enumerate(zip(vectors, roi_size)))
+    scales = tuple(sigma_scale) if isinstance(sigma_scale, Sequence) else (sigma_scale,) * dims
+    if len(scales) != dims:
+        raise ValueError(f"sigma_scale: expected one value or {dims}, got {len(scales)}")
+    return tuple(
+        axis_window(window, n, order=order, sigma_scale=s, name=name) for n, s in zip(roi_size, scales)
+    )
+
+
+def monai_floor(vectors: Sequence[Tensor]) -> float:
+    """MONAI's clamp value max(min over the product map, 1e-3) = max(prod_a min(w_a), 1e-3).
+
+    The minimum of a product of non-negative vectors is the product of their minima (rounding is
+    monotone, so this also holds in floating point).
+    """
+    return max(math.prod(float(w.min()) for w in vectors), MONAI_MIN_WEIGHT)
+
+
+def scan_interval(
+    image_size: Sequence[int], roi_size: Sequence[int], overlap: Sequence[float]
+) -> tuple[int, ...]:
+    """MONAI's stride per axis: roi if roi == image size, else max(int(roi * (1 - overlap)), 1)."""
+    return tuple(r if r == s else max(int(r * (1 - o)), 1) for s, r, o in zip(image_size, roi_size, overlap))
+
+
+def window_starts(size: int, roi: int, interval: int) -> list[int]:
+    """Window starts along one axis, as MONAI's dense_patch_slices (the last window ends at ``size``).
+
+    Starts are k * interval for k = 0, 1, ... until a window reaches the end; a window that would
+    pass the end is moved back so that it ends there. Windows are min(roi, size) long.
+    """
+    roi = min(roi, size)
+    count = next((k + 1 for k in range(math.ceil(size / interval)) if k * interval + roi >= size), 1)
+    return [k * interval - max(k * interval + roi - size, 0) for k in range(count)]
+
+
+def grid_starts(
+    image_size: Sequence[int], roi_size: Sequence[int], overlap: Sequence[float]
+) -> tuple[list[int], ...]:
+    """Per-axis window starts of MONAI's sliding window over an image of ``image_size`` (>= roi).
+
+    The windows are the Cartesian product of these lists, in MONAI's order (first axis slowest).
+    """
+    intervals = scan_interval(image_size, roi_size, overlap)
+    return tuple(window_starts(s, r, i) for s, r, i in zip(image_size, roi_size, intervals))

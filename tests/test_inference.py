@@ -1,0 +1,348 @@
+"""Sliding-window inference: MONAI parity, the paper's predictor, slab mode, determinism, bad input.
+
+MONAI parity: max |ours - MONAI| <= 1e-5 x max |MONAI| for modes "constant" and "gaussian" on random
+volumes with a random convolution as predictor (odd sizes, roi not dividing the volume, roi larger
+than the volume, 1 and many channels, batch > 1), on every backend that has the fusion ops.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import requires_cuda
+from monai.inferers import sliding_window_inference as monai_swi
+
+import densefuse
+from densefuse import inference, windows
+from densefuse.inference import SlidingWindowPredictor, read_window, sliding_window_inference
+from densefuse.ops import patch_fuse
+
+BACKENDS = patch_fuse.implemented_backends("cpu")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    with densefuse.use_backend(request.param):
+        yield request.param
+
+
+def random_conv(rng, c_in, c_out, dims=3, dtype=torch.float32):
+    conv = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)[dims - 1](c_in, c_out, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=rng) * 0.3)
+        conv.bias.copy_(torch.randn(conv.bias.shape, generator=rng))
+    return conv.to(dtype)
+
+
+def assert_monai_close(ours, theirs, rel=1e-5):
+    assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
+    scale = theirs.abs().max().item()
+    assert (ours - theirs).abs().max().item() <= rel * scale
+
+
+# (batch, c_in, c_out, size, roi, overlap, sw_batch_size)
+CASES = [
+    (2, 2, 3, (17, 23, 19), (8, 10, 7), 0.25, 3),
+    (1, 1, 1, (5, 20, 12), (8, 8, 8), 0.5, 1),  # roi larger than the volume along z
+    (2, 1, 4, (9, 6, 11), (12, 4, 20), 0.6, 7),  # ... along z and x
+    (1, 3, 2, (10, 12, 9), (None, 5, 4), (0.0, 0.5, 0.75), 4),  # None: the whole axis
+]
+
+
+@pytest.mark.parametrize("mode", ["constant", "gaussian"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_matches_monai(backend, case, mode, rng):
+    batch, c_in, c_out, size, roi, overlap, sw = case
+    x = torch.randn(batch, c_in, *size, generator=rng)
+    net = random_conv(rng, c_in, c_out)
+    kwargs = dict(overlap=overlap, mode=mode, sigma_scale=(0.125, 0.3, 0.2))
+    with torch.no_grad():
+        assert_monai_close(
+            sliding_window_inference(x, roi, sw, net, **kwargs), monai_swi(x, roi, sw, net, **kwargs)
+        )
+
+
+@pytest.mark.parametrize("padding_mode", ["constant", "reflect", "replicate", "circular"])
+def test_padding_modes_match_monai(backend, padding_mode, rng):
+    x = torch.randn(2, 1, 6, 9, 5, generator=rng)
+    net = random_conv(rng, 1, 2)
+    kwargs = dict(overlap=0.5, mode="gaussian", padding_mode=padding_mode)
+    if padding_mode == "constant":  # MONAI passes cval to F.pad, which only the constant mode accepts
+        kwargs["cval"] = 2.5
+    with torch.no_grad():
+        ours = sliding_window_inference(x, (10, 4, 8), 3, net, **kwargs)
+        assert_monai_close(ours, monai_swi(x, (10, 4, 8), 3, net, **kwargs))
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_fewer_spatial_dims_match_monai(backend, dims, rng):
+    size, roi = [(40,), (19, 23)][dims - 1], [(16,), (8, 30)][dims - 1]
+    x = torch.randn(2, 2, *size, generator=rng)
+    net = random_conv(rng, 2, 3, dims)
+    with torch.no_grad():
+        for mode in ("constant", "gaussian"):
+            ours = sliding_window_inference(x, roi, 4, net, overlap=0.4, mode=mode)
+            assert_monai_close(ours, monai_swi(x, roi, 4, net, overlap=0.4, mode=mode))
+
+
+def test_float64_and_structured_outputs_match_monai(backend, rng):
+    x = torch.randn(2, 1, 11, 7, 9, generator=rng, dtype=torch.float64)
+    a, b = random_conv(rng, 1, 2, dtype=torch.float64), random_conv(rng, 1, 3, dtype=torch.float64)
+    for predictor in (lambda t: (a(t), b(t)), lambda t: {"seg": a(t), "aux": b(t)}):
+        with torch.no_grad():
+            ours = sliding_window_inference(x, (6, 5, 4), 2, predictor, 0.5, "gaussian")
+            theirs = monai_swi(x, (6, 5, 4), 2, predictor, 0.5, "gaussian")
+        pairs = zip(ours.values(), theirs.values()) if isinstance(ours, dict) else zip(ours, theirs)
+        if isinstance(ours, dict):
+            assert list(ours) == list(theirs)
+        for o, t in pairs:
+            assert_monai_close(o, t, rel=1e-6)  # MONAI computes its gaussian weights in float32
+
+
+def test_window_coordinates_and_condition_match_monai(backend, rng):
+    x = torch.randn(1, 1, 9, 5, 10, generator=rng)
+    condition = torch.randn(1, 1, 9, 5, 10, generator=rng)
+
+    def predictor(t, coords, condition):  # depends on where the window is and on the condition
+        shift = torch.tensor([float(c[2].start + 10 * c[3].start + 100 * c[4].start) for c in coords])
+        return t * condition + shift.view(-1, 1, 1, 1, 1)
+
+    args = (x, (4, 8, 6), 3, predictor, 0.5, "gaussian")
+    ours = sliding_window_inference(*args, with_coord=True, condition=condition)
+    assert_monai_close(ours, monai_swi(*args, with_coord=True, condition=condition))
+
+
+@pytest.mark.parametrize("mode", ["bspline", "spline", "gaussian", "constant"])
+def test_identity_predictor_returns_the_input(backend, mode, rng):
+    """A weighted average of identical values is that value, whatever the window."""
+    x = torch.randn(2, 3, 13, 8, 11, generator=rng)
+    for order in (0, 1, 2, 3):
+        y = sliding_window_inference(x, (6, 8, 4), 5, lambda t: t, 0.5, mode, bspline_order=order)
+        torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-6)
+
+
+def test_user_weight_vectors(backend, rng):
+    x = torch.randn(1, 1, 12, 10, 9, generator=rng)
+    net = random_conv(rng, 1, 2)
+    vectors = [torch.rand(n, generator=rng) + 0.1 for n in (5, 4, 6)]
+    with torch.no_grad():
+        ours = sliding_window_inference(x, (5, 4, 6), 4, net, 0.5, mode=vectors)
+        monai_map = vectors[0][:, None, None] * vectors[1][None, :, None] * vectors[2][None, None, :]
+        floor = windows.monai_floor(vectors)
+        theirs = monai_swi(x, (5, 4, 6), 4, net, 0.5, roi_weight_map=monai_map.clamp(min=floor))
+    assert_monai_close(ours, theirs)
+
+
+def test_deterministic_mode_gives_identical_bytes(backend, rng):
+    x = torch.randn(2, 1, 15, 13, 14, generator=rng)
+    net = random_conv(rng, 1, 3)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with torch.no_grad():
+            runs = [sliding_window_inference(x, 8, 4, net, 0.5, "gaussian") for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert runs[0].numpy().tobytes() == runs[1].numpy().tobytes()
+
+
+def test_progress_bar(capsys):
+    x = torch.rand(1, 1, 6, 6, 6)
+    torch.testing.assert_close(sliding_window_inference(x, 4, 2, lambda t: t, progress=True), x)
+    assert "100%" in capsys.readouterr().err
+    SlidingWindowPredictor(lambda t: t, 4, progress=True)(x)
+    assert "100%" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------- bad input
+def _net(t):
+    return t
+
+
+BAD_CALLS = [
+    (dict(roi_size=(4, 0, 4)), ValueError, "roi_size: expected positive integers"),
+    (dict(roi_size=-1), ValueError, "roi_size: expected positive integers"),
+    (dict(roi_size=(4, 4)), ValueError, "roi_size: expected 3 values for 3 spatial dims"),
+    (dict(overlap=1.0), ValueError, r"overlap: expected values in \[0, 1\)"),
+    (dict(overlap=-0.1), ValueError, r"overlap: expected values in \[0, 1\)"),
+    (dict(sw_batch_size=0), ValueError, "sw_batch_size: expected an integer >= 1"),
+    (dict(mode="hann"), ValueError, "mode: expected one of"),
+    (dict(padding_mode="mirror"), ValueError, "padding_mode: expected one of"),
+    (dict(predictor=lambda t: t[:, :, :-1]), ValueError, r"predictor: returned shape \(2, 1, 3, 4, 4\)"),
+    (
+        dict(predictor=lambda t: t[:1]),
+        ValueError,
+        r"predictor: returned shape \(1, 1, 4, 4, 4\) for 2 windows",
+    ),
+    (dict(predictor=lambda t: t * float("nan")), ValueError, "predictor: contains 512 NaN/Inf values"),
+    (dict(predictor=lambda t: t.long()), TypeError, "predictor: expected float tensors, got torch.int64"),
+    (dict(predictor=lambda t: "mask"), TypeError, "predictor: expected float tensors, got str"),
+    (dict(roi_weight_map=torch.ones(4, 4, 4)), ValueError, "roi_weight_map/process_fn: not supported"),
+    (dict(inputs=torch.zeros(6, 6)), ValueError, r"inputs: expected a non-empty 3-D or 4-D or 5-D"),
+    (dict(inputs="volume"), TypeError, "inputs: expected a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize(("change", "error", "message"), BAD_CALLS)
+def test_bad_input(change, error, message):
+    args = dict(inputs=torch.ones(1, 1, 6, 6, 6), roi_size=4, sw_batch_size=2, predictor=_net)
+    args.update(change)
+    with pytest.raises(error, match=message):
+        sliding_window_inference(**args)
+
+
+def test_channel_count_must_not_change():
+    calls = iter(range(100))
+    with pytest.raises(ValueError, match="predictor: returned 2 channels, earlier 1"):
+        sliding_window_inference(
+            torch.ones(1, 1, 8, 4, 4), 4, 1, lambda t: t.repeat(1, 1 + next(calls) % 2, 1, 1, 1)
+        )
+
+
+# ------------------------------------------------------------------------------------- the predictor
+def test_read_window_pads_like_torch(rng):
+    x = torch.randn(2, 5, 6, 4, generator=rng)
+    start, roi = (-3, 2, -1), (9, 7, 6)
+    for mode in ("constant", "reflect", "replicate", "circular"):
+        value = dict(value=1.5) if mode == "constant" else {}
+        padded = torch.nn.functional.pad(x[None], (1, 3, 0, 3, 3, 1), mode=mode, **value)[0]
+        ours = read_window(x, start, roi, mode, 1.5)
+        assert torch.equal(ours, padded[:, :9, 2:9, :6])
+    assert read_window(x, (0, 1, 0), (5, 5, 4)).data_ptr() == x[:, :, 1:].data_ptr()  # inside: a view
+
+
+@pytest.mark.parametrize("padding", ["reflect", "constant"])
+@pytest.mark.parametrize("window", ["spline", "bspline", "gaussian", "constant"])
+def test_predictor_with_identity_model_returns_the_input(backend, padding, window, rng):
+    x = torch.randn(2, 2, 11, 9, 14, generator=rng)
+    predict = SlidingWindowPredictor(lambda t: t, (6, 4, 8), window=window, padding=padding, output="logits")
+    torch.testing.assert_close(predict(x), x, rtol=1e-6, atol=1e-6)
+
+
+def windows_flip_axes():
+    """The paper's 4-way TTA as tensor dims: identity and 180-degree rotations in the three planes."""
+    return [(), (3, 4), (2, 4), (2, 3)]
+
+
+def test_predictor_tta_averages_the_flipped_passes(backend, rng):
+    x = torch.randn(1, 1, 10, 9, 12, generator=rng)
+    net = random_conv(rng, 1, 2)
+    kwargs = dict(roi_size=(6, 6, 8), output="logits", sw_batch_size=3)
+    ours = SlidingWindowPredictor(net, tta="rotations", **kwargs)(x)
+    passes = []
+    for axes in windows_flip_axes():
+
+        def flipped(t, axes=axes):
+            return net(t.flip(axes)).flip(axes) if axes else net(t)
+
+        passes.append(SlidingWindowPredictor(flipped, **kwargs)(x))
+    torch.testing.assert_close(ours, torch.stack(passes).mean(0), rtol=1e-5, atol=1e-5)
+
+
+def test_predictor_probabilities_and_masks(backend, rng):
+    x = torch.randn(2, 1, 9, 10, 11, generator=rng)
+    net = random_conv(rng, 1, 3)
+    common = dict(roi_size=6, overlap=0.5)
+    probs = SlidingWindowPredictor(
+        lambda t: torch.sigmoid(net(t)), activation="none", output="logits", **common
+    )(x)
+    torch.testing.assert_close(SlidingWindowPredictor(net, **common)(x), probs)
+    mask = SlidingWindowPredictor(net, output="mask", threshold=0.4, **common)(x)
+    assert mask.dtype == torch.uint8 and torch.equal(mask, (probs >= 0.4).to(torch.uint8))
+    logits = SlidingWindowPredictor(net, output="logits", **common)(x)
+    late = SlidingWindowPredictor(net, soft_voting=False, **common)(x)
+    torch.testing.assert_close(late, torch.sigmoid(logits))
+    labels = SlidingWindowPredictor(net, activation="softmax", output="mask", **common)(x)
+    soft = SlidingWindowPredictor(net, activation="softmax", **common)(x)
+    assert labels.shape == (2, 1, 9, 10, 11) and torch.equal(
+        labels, soft.argmax(1, keepdim=True).to(torch.uint8)
+    )
+
+
+@pytest.mark.parametrize("output", ["mask", "probabilities", "logits"])
+@pytest.mark.parametrize(("padding", "activation"), [("reflect", "softmax"), ("constant", "sigmoid")])
+def test_slab_mode_equals_whole_volume(backend, output, padding, activation, rng):
+    x = torch.randn(2, 1, 21, 9, 10, generator=rng)
+    net = random_conv(rng, 1, 3)
+    kwargs = dict(roi_size=(6, 8, 8), overlap=0.5, padding=padding, activation=activation, output=output)
+    whole = SlidingWindowPredictor(net, sw_batch_size=4, **kwargs)(x)
+    slabs = SlidingWindowPredictor(net, sw_batch_size=4, memory_budget=4 * 3 * 9 * 10 * 8, **kwargs)(x)
+    assert whole.dtype == slabs.dtype and torch.equal(whole, slabs)
+
+
+def test_slab_mode_keeps_only_a_slab(monkeypatch, rng):
+    depths = []
+
+    def spy(acc, *args, **kwargs):
+        depths.append(acc.shape[2])
+        return patch_fuse.patch_scatter(acc, *args, **kwargs)
+
+    monkeypatch.setattr(inference, "patch_scatter", spy)
+    x = torch.randn(1, 1, 40, 6, 6, generator=rng)
+    mask = SlidingWindowPredictor(lambda t: t, (8, 6, 6), sw_batch_size=9, output="mask", memory_budget=1)(x)
+    assert torch.equal(mask, (torch.sigmoid(x) >= 0.5).to(torch.uint8))
+    assert max(depths) <= 8 and len(depths) == 11  # windows at z = -4, 0, 4, ..., 36
+
+
+@requires_cuda
+def test_model_and_accumulation_devices(rng):
+    x = torch.randn(1, 1, 12, 10, 9, generator=rng)
+    net = random_conv(rng, 1, 2)
+    expected = sliding_window_inference(x, 6, 2, net, 0.5, "gaussian")
+    gpu_net = copy.deepcopy(net).cuda()
+    ours = sliding_window_inference(x, 6, 2, gpu_net, 0.5, "gaussian", sw_device="cuda", device="cpu")
+    assert ours.device.type == "cpu"
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
+    on_gpu = SlidingWindowPredictor(gpu_net, 6, model_device="cuda", device="cuda")(x)
+    assert on_gpu.device.type == "cuda"
+    torch.testing.assert_close(on_gpu.cpu(), SlidingWindowPredictor(net, 6)(x), rtol=1e-4, atol=1e-4)
+
+
+def test_predictor_constant_padding_matches_monai_gaussian(backend, rng):
+    x = torch.randn(2, 1, 13, 7, 10, generator=rng)
+    net = random_conv(rng, 1, 2)
+    ours = SlidingWindowPredictor(
+        net, (6, 8, 4), overlap=0.25, window="gaussian", padding="constant", output="logits", sw_batch_size=5
+    )(x)
+    with torch.no_grad():
+        assert_monai_close(ours, monai_swi(x, (6, 8, 4), 5, net, 0.25, "gaussian"))
+
+
+BAD_PREDICTOR = [
+    (dict(roi_size=(8, 8)), ValueError, "roi_size: expected 3 values"),
+    (dict(roi_size=0), ValueError, "roi_size: expected positive integers"),
+    (dict(overlap=1), ValueError, r"overlap: expected values in \[0, 1\)"),
+    (dict(window="hann"), ValueError, "window: expected one of"),
+    (dict(window=[torch.ones(8)] * 2), ValueError, "window: expected 3 1-D weight vectors"),
+    (dict(order=5, window="bspline"), ValueError, r"order: expected a B-spline order in 0\.\.3"),
+    (dict(padding="circular"), ValueError, "padding: expected one of"),
+    (dict(floor=-1.0), ValueError, "floor: expected a finite number >= 0"),
+    (dict(tta="rotate"), ValueError, "tta: expected one of"),
+    (dict(tta=[(0, 3)]), ValueError, "tta: expected one of"),
+    (dict(activation="relu"), ValueError, "activation: expected one of"),
+    (dict(output="labels"), ValueError, "output: expected one of"),
+    (dict(threshold=float("nan")), ValueError, "threshold: expected a finite number"),
+    (dict(memory_budget=0), ValueError, "memory_budget: expected an integer >= 1"),
+    (dict(model="unet"), TypeError, "model: expected a callable"),
+]
+
+
+@pytest.mark.parametrize(("change", "error", "message"), BAD_PREDICTOR)
+def test_bad_predictor_arguments(change, error, message):
+    args = dict(model=_net, roi_size=8)
+    args.update(change)
+    with pytest.raises(error, match=message):
+        SlidingWindowPredictor(**args)
+
+
+def test_bad_predictor_calls():
+    with pytest.raises(ValueError, match=r"image: expected a non-empty 5-D"):
+        SlidingWindowPredictor(_net, 4)(torch.zeros(1, 8, 8, 8))
+    with pytest.raises(ValueError, match=r"predictor: returned shape \(1, 1, 4, 4, 2\)"):
+        SlidingWindowPredictor(lambda t: t[..., ::2], 4)(torch.zeros(1, 1, 8, 8, 8))
+    x = torch.ones(1, 1, 4, 4, 4)
+    x[0, 0, 1, 2, 3] = 0
+    with pytest.raises(ValueError, match="model: contains 1 NaN/Inf values"):
+        SlidingWindowPredictor(lambda t: t / t, 4, padding="constant")(x)  # 0 / 0 at one voxel

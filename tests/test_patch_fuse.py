@@ -1,0 +1,278 @@
+"""The patch-fusion ops (densefuse.ops.patch_fuse) on every backend that has them, against naive loops.
+
+Windows hang over every edge of odd-sized volumes (negative starts included), batch > 1, several
+channels, every window dtype, float32/float64 accumulators, with and without a weight floor;
+scatter vs the deterministic gather; the normaliser and the finaliser's outputs; bad input; opcheck.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import densefuse
+from densefuse import reference, windows
+from densefuse.ops import patch_finalize, patch_scatter
+from densefuse.ops import patch_fuse as pf
+
+BACKENDS = pf.implemented_backends("cpu")
+WINDOW_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    with densefuse.use_backend(request.param):
+        yield request.param
+
+
+def random_case(rng, batch=2, channels=3, size=(5, 7, 6), roi=(3, 4, 5), count=9, dtype=torch.float64):
+    """Windows [N, C, *roi], starts [N, 4] anywhere a window still overlaps the volume, 1-D weights."""
+    win = torch.randn(count, channels, *roi, generator=rng, dtype=torch.float64).to(dtype)
+    starts = torch.stack(
+        [torch.randint(0, batch, (count,), generator=rng)]
+        + [torch.randint(1 - r, s, (count,), generator=rng) for r, s in zip(roi, size)],
+        dim=1,
+    )
+    weights = [torch.rand(r, generator=rng, dtype=torch.float64) + 0.05 for r in roi]
+    return win, starts, weights
+
+
+def naive_scatter(shape, win, starts, weights, floor):
+    """Voxel by voxel, in float64: acc[b, :, z+i, y+j, x+k] += max(wz wy wx, floor) * win[n, :, i, j, k]."""
+    acc = torch.zeros(shape, dtype=torch.float64)
+    wz, wy, wx = weights
+    for n, (b, z, y, x) in enumerate(starts.tolist()):
+        for i, j, k in itertools.product(*(range(r) for r in win.shape[2:])):
+            if 0 <= z + i < shape[2] and 0 <= y + j < shape[3] and 0 <= x + k < shape[4]:
+                w = max(float(wz[i] * wy[j] * wx[k]), floor)
+                acc[b, :, z + i, y + j, x + k] += w * win[n, :, i, j, k].double()
+    return acc
+
+
+def naive_normalizer(size, grid, weights, floor):
+    """Voxel by voxel: the summed weight of the grid windows that cover it."""
+    norm = torch.zeros(size, dtype=torch.float64)
+    roi = [w.numel() for w in weights]
+    for v in itertools.product(*(range(s) for s in size)):
+        for corner in itertools.product(*grid):
+            offset = [p - c for p, c in zip(v, corner)]
+            if all(0 <= o < r for o, r in zip(offset, roi)):
+                norm[v] += max(
+                    float(weights[0][offset[0]] * weights[1][offset[1]] * weights[2][offset[2]]), floor
+                )
+    return norm
+
+
+# ------------------------------------------------------------------------------------------ scatter
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("floor", [0.0, 0.3])
+@pytest.mark.parametrize("dtype", WINDOW_DTYPES, ids=str)
+def test_scatter_matches_naive_loop(backend, deterministic, floor, dtype, rng):
+    win, starts, weights = random_case(rng, dtype=dtype)
+    acc = torch.randn(2, 3, 5, 7, 6, generator=rng, dtype=torch.float64)
+    expected = acc + naive_scatter(acc.shape, win, starts, weights, floor)
+    flags = patch_scatter(acc, win, starts, *weights, floor, deterministic=deterministic)
+    assert flags.tolist() == [0, 0]
+    torch.testing.assert_close(acc, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, (9, 1, 13), (4, 1, 6)), (3, 2, (17, 23, 29), (8, 10, 7))], ids=str)
+def test_scatter_float32_accumulator(backend, shape, rng):
+    batch, channels, size, roi = shape
+    win, starts, weights = random_case(rng, batch, channels, size, roi, count=20, dtype=torch.float32)
+    acc = torch.zeros(batch, channels, *size)
+    expected = torch.zeros(batch, channels, *size, dtype=torch.float64)
+    reference.patch_scatter(expected, win.double(), starts, *weights, 0.0)
+    patch_scatter(acc, win, starts, *weights)
+    torch.testing.assert_close(acc, expected.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_gather_is_reproducible_and_equals_scatter(backend, rng):
+    win, starts, weights = random_case(rng, size=(11, 9, 10), count=30, dtype=torch.float32)
+    runs = []
+    for _ in range(2):
+        acc = torch.zeros(2, 3, 11, 9, 10)
+        patch_scatter(acc, win, starts, *weights, 0.1, deterministic=True)
+        runs.append(acc)
+    assert torch.equal(runs[0], runs[1])
+    scattered = torch.zeros(2, 3, 11, 9, 10)
+    patch_scatter(scattered, win, starts, *weights, 0.1, deterministic=False)
+    torch.testing.assert_close(runs[0], scattered, rtol=1e-6, atol=1e-6)
+
+
+def test_deterministic_mode_picks_the_gather(monkeypatch, rng):
+    calls = []
+    monkeypatch.setattr(pf, "patch_gather_op", lambda *a: calls.append("gather") or pf.patch_scatter_op(*a))
+    win, starts, weights = random_case(rng)
+    acc = torch.zeros(2, 3, 5, 7, 6)
+    patch_scatter(acc, win, starts, *weights)
+    assert calls == []
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        patch_scatter(acc, win, starts, *weights)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert calls == ["gather"]
+
+
+def test_values_outside_the_volume_are_never_read(backend):
+    win = torch.full((1, 1, 4, 4, 4), float("nan"))
+    win[:, :, 2:, 2:, 2:] = 1.0  # only this corner lands in the volume
+    acc = torch.zeros(1, 1, 3, 3, 3)
+    ones = torch.ones(4)
+    assert patch_scatter(acc, win, torch.tensor([[0, -2, -2, -2]]), ones, ones, ones).tolist() == [0, 0]
+    expected = torch.zeros(1, 1, 3, 3, 3)
+    expected[:, :, :2, :2, :2] = 1
+    assert torch.equal(acc, expected)
+
+
+# ----------------------------------------------------------------------------------------- finalise
+GRIDS = [  # (size, roi, per-axis starts): regular, MONAI-like, reflect-padded, and a grid with holes
+    ((7, 6, 5), (3, 4, 5), ([0, 2, 4], [0, 2], [0])),
+    ((6, 5, 7), (4, 4, 4), ([-2, 0, 2, 4], [-2, 1, 3], [-1, 3])),
+    ((9, 4, 4), (2, 3, 3), ([0, 5], [0], [1])),  # voxels no window covers
+]
+
+
+@pytest.mark.parametrize("floor", [0.0, 0.4])
+@pytest.mark.parametrize("grid", GRIDS, ids=str)
+def test_normalizer_matches_naive_loop(grid, floor, rng):
+    size, roi, starts = grid
+    weights = [torch.rand(r, generator=rng, dtype=torch.float64) + 0.05 for r in roi]
+    ours = reference.fusion_normalizer(size, *(torch.tensor(s) for s in starts), *weights, floor)
+    torch.testing.assert_close(ours, naive_normalizer(size, starts, weights, floor), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("floor", [0.0, 0.4])
+@pytest.mark.parametrize("grid", GRIDS, ids=str)
+def test_finalize_divides_by_the_summed_weights(backend, grid, floor, rng):
+    size, roi, starts = grid
+    weights = [torch.rand(r, generator=rng, dtype=torch.float64) + 0.05 for r in roi]
+    corners = [(b, *c) for b in range(2) for c in itertools.product(*starts)]
+    win = torch.randn(len(corners), 3, *roi, generator=rng, dtype=torch.float64)
+    acc = torch.zeros(2, 3, *size, dtype=torch.float64)
+    patch_scatter(acc, win, torch.tensor(corners), *weights, floor)
+    norm = naive_normalizer(size, starts, weights, floor)
+    covered = norm > 0
+    expected = torch.where(covered, acc / torch.where(covered, norm, 1), 0)
+    fused = patch_finalize(acc, *starts, *weights, floor)
+    torch.testing.assert_close(fused, expected, rtol=1e-12, atol=1e-12)
+    for activation, act in [("sigmoid", torch.sigmoid), ("softmax", lambda v: torch.softmax(v, 1))]:
+        probs = patch_finalize(acc, *starts, *weights, floor, activation=activation)
+        torch.testing.assert_close(probs, torch.where(covered, act(expected), 0), rtol=1e-12, atol=1e-12)
+    mask = patch_finalize(acc, *starts, *weights, floor, activation="sigmoid", output="mask", threshold=0.3)
+    assert mask.dtype == torch.uint8 and mask.shape == acc.shape
+    assert torch.equal(mask, ((torch.sigmoid(expected) >= 0.3) & covered).to(torch.uint8))
+    labels = patch_finalize(acc, *starts, *weights, floor, activation="softmax", output="mask")
+    assert labels.shape == (2, 1, *size)
+    assert torch.equal(labels, (expected.argmax(1, keepdim=True) * covered).to(torch.uint8))
+    inplace = acc.clone()
+    assert patch_finalize(inplace, *starts, *weights, floor, activation="softmax", inplace=True) is inplace
+    assert torch.equal(inplace, patch_finalize(acc, *starts, *weights, floor, activation="softmax"))
+
+
+def test_finalize_accepts_a_slab_with_shifted_starts(backend, rng):
+    """Finalising planes [lo, hi) with the z starts shifted by -lo equals slicing the whole result."""
+    size, roi, starts = GRIDS[1]
+    weights = [torch.rand(r, generator=rng, dtype=torch.float64) for r in roi]
+    acc = torch.randn(1, 2, *size, generator=rng, dtype=torch.float64)
+    whole = patch_finalize(acc, *starts, *weights, 0.2)
+    part = patch_finalize(acc[:, :, 2:5], [s - 2 for s in starts[0]], *starts[1:], *weights, 0.2)
+    assert torch.equal(part, whole[:, :, 2:5])
+
+
+# ---------------------------------------------------------------------------------------- bad input
+def _case():
+    acc = torch.zeros(2, 3, 5, 7, 6)
+    win = torch.ones(4, 3, 3, 4, 5)
+    starts = torch.tensor([[0, 0, 0, 0], [1, 2, 3, 1], [0, -2, 5, 4], [1, 4, 6, 5]])
+    return acc, win, starts, torch.ones(3), torch.ones(4), torch.ones(5)
+
+
+BAD_SCATTER = [
+    (lambda a, w, s, *v: (a.long(), w, s, *v), TypeError, "acc: expected a float32/float64"),
+    (lambda a, w, s, *v: (a[0], w, s, *v), ValueError, r"acc: expected a non-empty \[B, C, D, H, W\]"),
+    (lambda a, w, s, *v: (a.transpose(3, 4), w, s, *v), ValueError, "acc: expected a contiguous"),
+    (lambda a, w, s, *v: (a, w.int(), s, *v), TypeError, "windows: expected a float16"),
+    (lambda a, w, s, *v: (a, w[:, :2], s, *v), ValueError, r"windows: expected shape \[N, 3, rz, ry, rx\]"),
+    (
+        lambda a, w, s, *v: (a, w[:, :, :0], s, *v[:0], torch.ones(0), *v[1:]),
+        ValueError,
+        "windows: window size",
+    ),
+    (lambda a, w, s, *v: (a, w, s.float(), *v), TypeError, "starts: expected an integer tensor"),
+    (lambda a, w, s, *v: (a, w, s[:, :3], *v), ValueError, r"starts: expected shape \(4, 4\)"),
+    (
+        lambda a, w, s, *v: (a, w, s, v[0], torch.ones(3), v[2]),
+        ValueError,
+        "wy: expected a 1-D vector of length 4",
+    ),
+    (lambda a, w, s, *v: (a, w, s, v[0].int(), *v[1:]), TypeError, "wz: expected a float weight vector"),
+    (lambda a, w, s, *v: (a, w, s, *v, -1.0), ValueError, "floor: expected a finite number >= 0"),
+    (lambda a, w, s, *v: (a, w, s, *v, float("nan")), ValueError, "floor: expected a finite number"),
+    (lambda a, w, s, *v: (a, w, s + torch.tensor([0, 9, 0, 0]), *v), ValueError, "starts: 4 windows lie"),
+    (lambda a, w, s, *v: (a, w, s + torch.tensor([2, 0, 0, 0]), *v), ValueError, "starts: 4 windows lie"),
+    (lambda a, w, s, *v: (a, w, s - torch.tensor([0, 0, 0, 10]), *v), ValueError, "starts: 4 windows lie"),
+    (lambda a, w, s, *v: (a, w * float("nan"), s, *v), ValueError, "windows: contains 375 NaN/Inf values"),
+    (lambda a, w, s, *v: ("acc", w, s, *v), TypeError, "acc: expected a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize(("mutate", "error", "message"), BAD_SCATTER)
+def test_bad_scatter_input(backend, deterministic, mutate, error, message):
+    with pytest.raises(error, match=message):
+        patch_scatter(*mutate(*_case()), deterministic=deterministic)
+
+
+BAD_FINALIZE = [
+    (dict(starts_z=[0.5]), ValueError, "starts_z: expected a 1-D sequence of integer"),
+    (dict(starts_x=torch.zeros(2, 2, dtype=torch.int64)), ValueError, "starts_x: expected a 1-D"),
+    (dict(wy=torch.ones(2, 2)), ValueError, "wy: expected a 1-D vector of length >= 1"),
+    (dict(activation="relu"), ValueError, "activation: expected one of"),
+    (dict(output="labels"), ValueError, "output: expected one of"),
+    (dict(threshold=float("inf")), ValueError, "threshold: expected a finite number"),
+    (dict(output="mask", inplace=True), ValueError, "inplace: needs output='probabilities'"),
+]
+
+
+@pytest.mark.parametrize(("change", "error", "message"), BAD_FINALIZE)
+def test_bad_finalize_input(backend, change, error, message):
+    args = dict(acc=torch.zeros(1, 2, 4, 4, 4), starts_z=[0], starts_y=[0], starts_x=[0])
+    args.update(wz=torch.ones(4), wy=torch.ones(4), wx=torch.ones(4))
+    args.update(change)
+    with pytest.raises(error, match=message):
+        patch_finalize(**args)
+
+
+def test_argmax_mask_needs_at_most_256_classes():
+    with pytest.raises(ValueError, match="acc: an argmax mask is uint8, so at most 256 classes, got 300"):
+        patch_finalize(
+            torch.zeros(1, 300, 1, 1, 1), [0], [0], [0], *[torch.ones(1)] * 3, 0, "softmax", "mask"
+        )
+
+
+@pytest.mark.parametrize("missing", [b for b in densefuse.available_backends("cpu") if b not in BACKENDS])
+def test_forcing_a_backend_without_kernels_is_a_clear_error(missing):
+    acc, win, starts, *weights = _case()
+    with densefuse.use_backend(missing), pytest.raises(RuntimeError, match=f"has no '{missing}' kernel yet"):
+        patch_scatter(acc, win, starts, *weights)
+    patch_scatter(acc, win, starts, *weights)  # unforced, the default backend falls back to one that has it
+
+
+# ------------------------------------------------------------------------------------------ opcheck
+def test_opcheck(backend, rng):
+    win, starts, weights = random_case(rng, dtype=torch.float32)
+    weights = [w.float() for w in weights]
+    grid = [torch.tensor(s) for s in GRIDS[1][2]]
+    grid_weights = [windows.spline(4, torch.float32)] * 3
+    acc = torch.zeros(2, 3, 5, 7, 6)
+    for op in (pf.patch_scatter_op, pf.patch_gather_op):
+        torch.library.opcheck(op, (acc.clone(), win, starts, *weights, 0.1))
+    acc = torch.rand(2, 3, 6, 5, 7)
+    torch.library.opcheck(pf.patch_normalize_op, (acc.clone(), *grid, *grid_weights, 0.0, 2))
+    for activation, output in [(0, 0), (1, 0), (1, 1), (2, 1)]:
+        torch.library.opcheck(pf.patch_finalize_op, (acc, *grid, *grid_weights, 0.0, activation, output, 0.5))
