@@ -93,22 +93,35 @@ def versions() -> dict:
     }
 
 
+def percentiles(samples: list[float]) -> dict:
+    times = np.percentile(samples, QUANTILES).tolist()
+    return dict(zip(("median_ms", "p20_ms", "p80_ms"), (round(t, 4) for t in times)))
+
+
 def time_ms(step: lp.Step, device: str, reps: int) -> dict:
-    """Median, p20 and p80 of ``step`` in milliseconds."""
+    """Median, p20 and p80 of ``step`` in milliseconds (one step alone)."""
     if device == "cuda":
         from triton.testing import do_bench
 
         times = do_bench(step, warmup=25, rep=200, quantiles=[q / 100 for q in QUANTILES])
-    else:
-        for _ in range(max(2, reps // 10)):
-            step()
-        samples = []
-        for _ in range(reps):
+        return dict(zip(("median_ms", "p20_ms", "p80_ms"), (round(t, 4) for t in times)))
+    return interleaved_ms({"step": step}, reps)["step"]
+
+
+def interleaved_ms(steps: dict[str, lp.Step], reps: int) -> dict[str, dict]:
+    """CPU timings of several steps taken in turns (rep by rep, rotating the order), so a burst of
+    load on a shared machine hits every provider alike and the ratios stay meaningful."""
+    names = list(steps)
+    for _ in range(max(2, reps // 10)):
+        for name in names:
+            steps[name]()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(reps):
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
             start = time.perf_counter()
-            step()
-            samples.append((time.perf_counter() - start) * 1e3)
-        times = np.percentile(samples, QUANTILES).tolist()
-    return dict(zip(("median_ms", "p20_ms", "p80_ms"), (round(t, 4) for t in times)))
+            steps[name]()
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: percentiles(samples[name]) for name in names}
 
 
 def copy_bandwidth_gbps(device: str) -> float:
@@ -119,15 +132,14 @@ def copy_bandwidth_gbps(device: str) -> float:
     return round(2 * src.nbytes / (ms * 1e-3) / 1e9, 1)
 
 
-def run_provider(name: str, case: lp.Case, inputs: lp.Inputs, device: str, reps: int) -> dict:
+def prepare_provider(name: str, case: lp.Case, inputs: lp.Inputs, device: str) -> tuple[lp.Step, dict]:
+    """The provider's step after its first call, and what that call cost (compilation, lazy imports)."""
     step = lp.setup(name, case, inputs)
     start = time.perf_counter()
-    lp.synchronized(step, device)()  # compilation (torch.compile, Triton JIT), lazy imports
+    lp.synchronized(step, device)()
     first_call_s = time.perf_counter() - start
-    result = time_ms(step, device, reps)
-    result["peak_extra_mb"] = round(lp.peak_extra_bytes(step, inputs) / 2**20, 2)
-    result["first_call_s"] = round(first_call_s, 3)
-    return result
+    peak_mb = round(lp.peak_extra_bytes(step, inputs) / 2**20, 2)
+    return step, {"peak_extra_mb": peak_mb, "first_call_s": round(first_call_s, 3)}
 
 
 def add_ratios(case_result: dict, copy_gbps: float | None) -> None:
@@ -152,14 +164,21 @@ def run_case(case: lp.Case, device: str, names: list[str], reps: int, copy_gbps:
         "bytes_moved": inputs.bytes_moved,
         "providers": {},
     }
+    steps = {}
     for name in names:
         print(f"{case.name} {name} ...", file=sys.stderr, flush=True)
         try:
-            result["providers"][name] = run_provider(name, case, inputs, device, reps)
+            steps[name], result["providers"][name] = prepare_provider(name, case, inputs, device)
+            if device == "cuda":
+                result["providers"][name].update(time_ms(steps[name], device, reps))
         except Exception as exc:  # one failing provider must not lose the others' numbers
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             result["providers"][name] = {"error": f"{type(exc).__name__}: {message}"}
+            steps.pop(name, None)
         inputs.logits.grad = None
+    if device == "cpu":
+        for name, timing in interleaved_ms(steps, reps).items():
+            result["providers"][name].update(timing)
     add_ratios(result, copy_gbps)
     return result
 
@@ -173,7 +192,9 @@ def header(device: str, reps: int, copy_gbps: float | None) -> dict:
         "timestamp": datetime.datetime.now().isoformat(timespec="seconds"),
         "versions": versions(),
         "method": {
-            "timer": "triton.testing.do_bench, L2 flushed" if device == "cuda" else f"perf_counter x {reps}",
+            "timer": "triton.testing.do_bench, L2 flushed"
+            if device == "cuda"
+            else f"perf_counter x {reps}, providers interleaved rep by rep",
             "memory": "CUDA: max_memory_allocated - baseline; CPU: peak of profiler allocation events "
             "(c10 CPU allocator) during one fwd+bwd; both include the new gradient",
             "bytes_moved": "2 * (logits + uint8 labels) read + gradient written",
