@@ -14,8 +14,15 @@ $(STAMP): requirements-dev.txt pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -r requirements-dev.txt
 	touch $(STAMP)
 
-build: $(STAMP)
+BUILT := $(VENV)/.built
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/*.cpp csrc/cpu/* csrc/cuda/*)
+
+# Rebuilds densefuse._C only when its sources change (an editable install builds from scratch).
+$(BUILT): $(STAMP) $(SOURCES)
 	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
+	touch $(BUILT)
+
+build: $(BUILT)
 
 test: build
 	$(BIN)/python -m pytest -q

@@ -34,7 +34,7 @@ def _extension():
         define_macros.append(("DENSEFUSE_X86", "1"))
     if _cuda_buildable():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         define_macros += [("DENSEFUSE_WITH_CUDA", "1"), ("DENSEFUSE_CUDA_ARCHS", f'"{archs}"')]
         return cpp_extension.CUDAExtension(

@@ -54,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="densefuse", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, compiled backends and devices")
-    sub.add_parser("bench", help="run the benchmark report (arguments go to benchmarks/report.py)")
+    sub.add_parser(
+        "bench", add_help=False, help="the benchmark report (arguments go to benchmarks/report.py)"
+    )
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         return _bench(rest)

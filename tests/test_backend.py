@@ -66,3 +66,26 @@ def test_info_reports_backends(capsys):
     report = cli.info()
     assert report["backends"]["cpu"] == cpu_backends()
     assert '"default_backend"' in capsys.readouterr().out
+
+
+def test_backward_runs_on_the_backend_forced_at_forward(monkeypatch):
+    """Autograd may run backward on another thread (CUDA): the forced backend travels with the graph."""
+    from densefuse.ops import loss_stats
+
+    seen = []
+    real = loss_stats._overlap_bwd
+
+    def spy(device):
+        seen.append(_backend.select(device))
+        return real(device)
+
+    monkeypatch.setattr(loss_stats, "_overlap_bwd", spy)
+    logits = torch.randn(1, 2, 8, requires_grad=True)
+    with densefuse.use_backend("torch"):
+        loss = loss_stats.overlap_stats(logits, torch.randint(0, 2, (1, 8)), "softmax").sum()
+    loss.backward()  # outside the block
+    assert seen == ["torch"]
+
+
+def test_triton_rejects_other_device_types():
+    assert "got mps tensors" in _backend.unavailable_reason("triton", "mps")

@@ -285,6 +285,31 @@ def test_torch_compile_fullgraph(compile_backend, rng):
     torch.testing.assert_close(grad, expected_grad)
 
 
+def test_torch_compile_monai_float_labels(rng):
+    """MONAI's convention (float labels [B, 1, ...], to_onehot_y) compiles without graph breaks."""
+    from densefuse.nn import DiceLoss, TverskyLoss
+
+    tversky = TverskyLoss(to_onehot_y=True, softmax=True)
+    dice = DiceLoss(softmax=True)  # C == 1 below: MONAI's single-channel warning path
+
+    def loss_fn(logits, labels, single):
+        return tversky(logits, labels) + dice(single, (labels > 0).float())
+
+    logits = torch.randn(2, 3, 5, 6, 7, generator=rng)
+    labels = make_target(rng, "labels_channel", 2, 3, (5, 6, 7)).float()
+    single = torch.randn(2, 1, 5, 6, 7, generator=rng)
+    with pytest.warns(UserWarning, match="single channel"):
+        expected = loss_fn(logits, labels, single)
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(logits, labels, single), expected)
+
+
+def test_target_requiring_grad_is_rejected():
+    logits, target = torch.randn(1, 2, 4), torch.rand(1, 2, 4, requires_grad=True)
+    with pytest.raises(ValueError, match=r"^target: gradients"):
+        overlap_stats(logits, target)
+
+
 @requires_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", cuda_backends())

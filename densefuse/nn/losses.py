@@ -58,7 +58,7 @@ def _prepare_target(target: Tensor, logits: Tensor, to_onehot_y: bool) -> Tensor
                 f"{channels} channels; set to_onehot_y=True or pass integer labels"
             )
         labels = target.long()
-        if not torch.equal(labels.to(target.dtype), target):
+        if _validate.value_checks_enabled() and not torch.equal(labels.to(target.dtype), target):
             raise ValueError("target: float labels must hold integer values; pass an integer label map")
         return labels
     if not target.is_floating_point() and target.dim() == logits.dim() and target.shape[1] == channels > 1:
@@ -67,7 +67,8 @@ def _prepare_target(target: Tensor, logits: Tensor, to_onehot_y: bool) -> Tensor
 
 
 def _single_channel_warning(setting: str) -> None:
-    warnings.warn(f"single channel prediction, `{setting}` ignored.", stacklevel=3)
+    if not torch.compiler.is_compiling():
+        warnings.warn(f"single channel prediction, `{setting}` ignored.", stacklevel=3)
 
 
 class _OverlapLoss(nn.Module):

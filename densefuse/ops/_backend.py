@@ -66,6 +66,8 @@ def unavailable_reason(backend: str, device_type: str | None = None) -> str | No
         if not torch.cuda.is_available():
             return "backend 'cuda' needs a CUDA device"
     if backend == "triton":
+        if device_type not in (None, "cpu", "cuda"):
+            return f"backend 'triton' runs on cuda (or interpreted cpu) tensors, got {device_type} tensors"
         if not _triton_importable():
             return "backend 'triton' needs the triton package"
         if device_type == "cpu" and not triton_interpreting():

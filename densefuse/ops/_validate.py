@@ -51,6 +51,8 @@ def normalize_target(target: object, logits: torch.Tensor, ignore_index: int | N
     """
     target = check_tensor("target", target)
     check_same_device("target", target, logits)
+    if target.requires_grad:
+        raise ValueError("target: gradients w.r.t. the target are not computed; pass target.detach()")
     batch, _, *spatial = logits.shape
     if target.dtype == torch.bool:
         target = target.view(torch.uint8)
