@@ -51,6 +51,7 @@ namespace {
 using math::select;
 
 constexpr int64_t kChunk = 16384;  // voxels per work item; fixed, so sums do not depend on threads
+constexpr int64_t kFusedBlock = 1024;  // block of the fused C == 1 kernels (block_size(1))
 
 // ------------------------------------------------------------------------------------------ math
 template <class To, class From>
@@ -462,6 +463,115 @@ DF_CLONES void one_hot(const T* cls, int64_t n, int64_t channels, T* g, int64_t 
   }
 }
 
+// ---------------------------------------------------------------------- fused single-class kernels
+// Fast path for C == 1, integer labels with stride 1, fp32 logits read in place and sigmoid or no
+// activation (focal: sigmoid): one loop per block reads the labels (as W: narrower labels are widened
+// first, see with_fused_block) and the logits, classifies the label as classify_labels does
+// (valid = label != ignore_index, g = valid & label == 1, out-of-range = valid & label not in {0, 1})
+// and applies the op, with no valid / one-hot buffers. Per-element values and the block's sums are
+// the same as those of the general path.
+template <class W>
+struct LabelVoxel {
+  float valid, g;
+  W bad;
+};
+
+template <class W>
+DF_INLINE LabelVoxel<W> classify_label(W label, const LabelRule<W> r, W no_ignore) {
+  const W keep = static_cast<W>(label != r.ignore) | no_ignore;
+  const W bad = keep & (static_cast<W>(label < 0) | static_cast<W>(label >= r.upper));
+  return {static_cast<float>(keep), static_cast<float>(keep & static_cast<W>(label == r.offset)), bad};
+}
+
+// acc[0..2] += (S_pg, S_p, S_g) of the block; counts[0] += out-of-range labels, counts[1] +=
+// non-finite logits.
+template <class W, bool SIGMOID>
+DF_CLONES void overlap_forward_fused(const float* x, const W* labels, int64_t n, const LabelRule<W> r, float* acc,
+                                     int64_t* counts) {
+  const W no_ignore = !r.has_ignore;
+  float s_pg = 0, s_p = 0, s_g = 0;
+  W bad_label = 0;
+  int32_t bad_x = 0;
+#pragma omp simd reduction(+ : s_pg, s_p, s_g, bad_label, bad_x)
+  for (int64_t i = 0; i < n; ++i) {
+    const LabelVoxel<W> v = classify_label(labels[i], r, no_ignore);
+    float p = x[i];
+    if constexpr (SIGMOID) p = sigmoid_at(x, i);
+    p *= v.valid;
+    s_pg += p * v.g;
+    s_p += p;
+    s_g += v.g;
+    bad_label += v.bad;
+    bad_x += math::nonfinite(x[i]);
+  }
+  acc[0] += s_pg;
+  acc[1] += s_p;
+  acc[2] += s_g;
+  counts[0] += bad_label;
+  counts[1] += bad_x;
+}
+
+// out[i] = dL/dx from grad = (dS_pg, dS_p, dS_g).
+template <class W, bool SIGMOID>
+DF_CLONES void overlap_backward_fused(const float* x, const W* labels, int64_t n, const LabelRule<W> r,
+                                      const float* grad, float* out) {
+  const W no_ignore = !r.has_ignore;
+  const float d_pg = grad[0], d_p = grad[1];
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const LabelVoxel<W> v = classify_label(labels[i], r, no_ignore);
+    float o = math::overlap_grad_p(v.g, v.valid, d_pg, d_p);
+    if constexpr (SIGMOID) {
+      const auto parts = math::sigmoid_parts<CpuMath>(x[i]);
+      o *= math::sigmoid_slope(parts.e, parts.r);
+    }
+    out[i] = o;
+  }
+}
+
+// Sigmoid focal term of a hard label, weighted by alpha (as focal_sigmoid_at).
+template <bool SQUARE>
+DF_INLINE math::ValueGrad<float> focal_label_at(float x, float g, const FocalParams<float> f) {
+  const auto term = math::focal_sigmoid<CpuMath, true, SQUARE>(x, g, f.gamma);
+  const float weight = math::alpha_weight(g, f.alpha_pos[0], f.alpha_neg[0]);
+  return {weight * term.value, weight * term.grad};
+}
+
+// acc[0] += sum of the focal loss, acc[1] += valid voxels; counts as overlap_forward_fused.
+template <class W, bool SQUARE>
+DF_CLONES void focal_forward_fused(const float* x, const W* labels, int64_t n, const LabelRule<W> r,
+                                   const FocalParams<float> f, float* acc, int64_t* counts) {
+  const W no_ignore = !r.has_ignore;
+  float sum = 0, count = 0;
+  W bad_label = 0;
+  int32_t bad_x = 0;
+#pragma omp simd reduction(+ : sum, count, bad_label, bad_x)
+  for (int64_t i = 0; i < n; ++i) {
+    const LabelVoxel<W> v = classify_label(labels[i], r, no_ignore);
+    sum += focal_label_at<SQUARE>(x[i], v.g, f).value * v.valid;
+    count += v.valid;
+    bad_label += v.bad;
+    bad_x += math::nonfinite(x[i]);
+  }
+  acc[0] += sum;
+  acc[1] += count;
+  counts[0] += bad_label;
+  counts[1] += bad_x;
+}
+
+// out[i] = dL/dx from grad = (dL/dsum, dL/dcount).
+template <class W, bool SQUARE>
+DF_CLONES void focal_backward_fused(const float* x, const W* labels, int64_t n, const LabelRule<W> r,
+                                    const FocalParams<float> f, const float* grad, float* out) {
+  const W no_ignore = !r.has_ignore;
+  const float coef = grad[0];
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const LabelVoxel<W> v = classify_label(labels[i], r, no_ignore);
+    out[i] = coef * v.valid * focal_label_at<SQUARE>(x[i], v.g, f).grad;
+  }
+}
+
 // ------------------------------------------------------------------------------- loading blocks
 template <class T>
 struct Tag {
@@ -688,6 +798,69 @@ FocalParams<T> focal_params(const LossStatsArgs& a, const std::vector<T>& ones) 
   return {static_cast<T>(a.gamma), alpha(a.alpha_pos), alpha(a.alpha_neg)};
 }
 
+// The fused kernels apply: one class, integer labels and fp32 logits both read in place, and an
+// activation other than softmax (overlap: sigmoid or none; focal: sigmoid).
+inline bool use_fused(const LossStatsArgs& a) {
+  return a.channels == 1 && !a.dense_target && a.logits_dtype == DType::Float32 && a.logits_stride[2] == 1 &&
+         a.target_stride[2] == 1 && a.activation != kActSoftmax;
+}
+
+// Runs the fused kernel for the block (b, v0, n <= block_size(1)): visit(x, labels, rule) with the labels
+// as W, widened first into a stack buffer unless already W (narrow labels in the fused loop would
+// make GCC pick a narrow vector width for all of it).
+template <class Visit>
+void with_fused_block(const LossStatsArgs& a, int64_t b, int64_t v0, int64_t n, Visit&& visit) {
+  const float* x = static_cast<const float*>(a.logits) + b * a.logits_stride[0] + v0;
+  visit_label(a.target_dtype, [&](auto tag) {
+    using L = typename decltype(tag)::type;
+    using W = Widened<L>;
+    const L* src = static_cast<const L*>(a.target) + b * a.target_stride[0] + v0;
+    if constexpr (std::is_same_v<L, W>) {
+      visit(x, src, LabelRule<W>(a));
+    } else {
+      alignas(64) W buffer[kFusedBlock];
+      TORCH_INTERNAL_ASSERT(n <= kFusedBlock);
+      widen_labels(src, 1, n, buffer);
+      visit(x, static_cast<const W*>(buffer), LabelRule<W>(a));
+    }
+  });
+}
+
+void forward_fused(LossKind kind, const LossStatsArgs& a, const FocalParams<float> f, int64_t b, int64_t v0,
+                   int64_t n, float* acc, Counts* cnt) {
+  int64_t bad[2] = {0, 0};  // labels, logits
+  with_fused_block(a, b, v0, n, [&](const float* x, const auto* labels, const auto rule) {
+    using W = std::remove_const_t<std::remove_pointer_t<decltype(labels)>>;
+    if (kind == LossKind::Overlap && a.activation == kActSigmoid) {
+      overlap_forward_fused<W, true>(x, labels, n, rule, acc, bad);
+    } else if (kind == LossKind::Overlap) {
+      overlap_forward_fused<W, false>(x, labels, n, rule, acc, bad);
+    } else if (f.gamma == 2.0f) {
+      focal_forward_fused<W, true>(x, labels, n, rule, f, acc, bad);
+    } else {
+      focal_forward_fused<W, false>(x, labels, n, rule, f, acc, bad);
+    }
+  });
+  cnt->labels += bad[0];
+  cnt->logits += bad[1];
+}
+
+void backward_fused(LossKind kind, const LossStatsArgs& a, const FocalParams<float> f, int64_t b, int64_t v0,
+                    int64_t n, const float* grad, float* out) {
+  with_fused_block(a, b, v0, n, [&](const float* x, const auto* labels, const auto rule) {
+    using W = std::remove_const_t<std::remove_pointer_t<decltype(labels)>>;
+    if (kind == LossKind::Overlap && a.activation == kActSigmoid) {
+      overlap_backward_fused<W, true>(x, labels, n, rule, grad, out);
+    } else if (kind == LossKind::Overlap) {
+      overlap_backward_fused<W, false>(x, labels, n, rule, grad, out);
+    } else if (f.gamma == 2.0f) {
+      focal_backward_fused<W, true>(x, labels, n, rule, f, grad, out);
+    } else {
+      focal_backward_fused<W, false>(x, labels, n, rule, f, grad, out);
+    }
+  });
+}
+
 template <class T>
 void forward(LossKind kind, const LossStatsArgs& a, T* stats, int64_t* flags) {
   const int64_t channels = a.channels;
@@ -697,10 +870,14 @@ void forward(LossKind kind, const LossStatsArgs& a, T* stats, int64_t* flags) {
   const FocalParams<T> focal = focal_params(a, ones);
   std::vector<T> partial(ch.items * channels * k, T(0));  // [B, chunks, C, K]
   std::vector<Counts> counts(ch.items);
+  const bool fused = use_fused(a);
   for_each_block<T>(a, ch, [&](BlockLoader<T>& loader, int64_t item, int64_t b, int64_t v0, int64_t n) {
     Counts& cnt = counts[item];
-    const Block<T> blk = loader.load(b, v0, n, &cnt);
     T* acc = partial.data() + item * channels * k;
+    if constexpr (std::is_same_v<T, float>) {
+      if (fused) return forward_fused(kind, a, focal, b, v0, n, acc, &cnt);
+    }
+    const Block<T> blk = loader.load(b, v0, n, &cnt);
     cnt.logits += kind == LossKind::Overlap ? overlap_forward_block(blk, a.activation, loader.softmax(), acc)
                                             : focal_forward_block(blk, a.activation, focal, loader.softmax(), acc);
   });
@@ -727,9 +904,13 @@ void backward(LossKind kind, const LossStatsArgs& a, const T* grad_stats, void* 
   const std::vector<T> ones(channels, T(1));
   const FocalParams<T> focal = focal_params(a, ones);
   Counts unused;
+  const bool fused = use_fused(a);
   for_each_block<T>(a, ch, [&](BlockLoader<T>& loader, int64_t, int64_t b, int64_t v0, int64_t n) {
-    const Block<T> blk = loader.load(b, v0, n, &unused);
     const T* grad = grad_stats + b * channels * k;
+    if constexpr (std::is_same_v<T, float>) {
+      if (fused) return backward_fused(kind, a, focal, b, v0, n, grad, static_cast<float*>(grad_logits) + b * voxels + v0);
+    }
+    const Block<T> blk = loader.load(b, v0, n, &unused);
     visit_float(a.logits_dtype, [&](auto tag) {
       using S = typename decltype(tag)::type;
       S* dst = static_cast<S*>(grad_logits) + b * channels * voxels + v0;
