@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from densefuse.ops import dense_block as ops
+
 IMPLEMENTATIONS = ("fused", "checkpoint", "naive")
 _recompute = threading.local()
 
@@ -176,18 +178,23 @@ class DenseBlock3d(nn.Module):
             raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
         if x.numel() == 0:
             raise ValueError(f"x: empty tensor of shape {tuple(x.shape)}")
-        if self.training and x.shape[0] * math.prod(x.shape[2:]) == 1:
+        if any(_batch_stats(n) for n in self._norms()) and x.shape[0] * math.prod(x.shape[2:]) == 1:
             raise ValueError(
                 f"x: batch statistics need more than one value per channel in training mode, got shape "
                 f"{tuple(x.shape)} (use a larger batch or patch, or eval mode)"
             )
         return x
 
+    def _norms(self) -> list[nn.BatchNorm3d]:
+        return [m for m in self.modules() if isinstance(m, nn.BatchNorm3d)]
+
     def forward(self, x: Tensor) -> Tensor:
         x = self._check_input(x)
         if self.implementation == "naive":
             return self._naive(x)
-        return self._checkpointed(x)
+        if self.implementation == "checkpoint":
+            return self._checkpointed(x)
+        return self._fused(x)
 
     def _naive(self, x: Tensor) -> Tensor:
         for layer in self.layers:
@@ -210,3 +217,238 @@ class DenseBlock3d(nn.Module):
                 h = head(*features)
             features.append(layer.tail(h))
         return torch.cat(features, dim=1)
+
+    def _fused(self, x: Tensor) -> Tensor:
+        modes = {_batch_stats(n) for n in self._norms()}
+        if len(modes) > 1:
+            raise ValueError(
+                "implementation='fused' needs every BatchNorm3d of the block in the same mode (all train or "
+                "all eval); use implementation='checkpoint' for a mix"
+            )
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        dropout = any(layer.dropout.training and layer.dropout.p > 0 for layer in self.layers)
+        seed = int(torch.randint(2**62, (), dtype=torch.int64)) if dropout else 0
+        params = [t for layer in self.layers for t in _layer_params(layer)]
+        plan = _Plan(self, modes.pop(), dtype, seed)
+        with torch.autocast(device, enabled=False):  # the dtypes are explicit from here on
+            return _FusedBlock.apply(x, plan, *params)
+
+
+# ------------------------------------------------------------------------------------ fused block
+def _batch_stats(norm: nn.BatchNorm3d) -> bool:
+    """Whether ``norm`` normalises with batch statistics (PyTorch: training, or no running stats)."""
+    return norm.training or norm.running_mean is None
+
+
+def _layer_params(layer: DenseLayer3d) -> list[Tensor]:
+    """norm1.weight, norm1.bias, conv1.weight (+ norm2.weight, norm2.bias, conv2.weight)."""
+    norms = [(layer.norm1, layer.conv1)] + ([] if layer.bottleneck is None else [(layer.norm2, layer.conv2)])
+    return [t for norm, conv in norms for t in (norm.weight, norm.bias, conv.weight)]
+
+
+def _update_running_stats(norm: nn.BatchNorm3d, mean: Tensor, var: Tensor, count: int) -> None:
+    """PyTorch's update: r = (1 - f) r + f s, f = momentum (None: 1 / batches seen), unbiased var."""
+    if norm.running_mean is None:
+        return
+    norm.num_batches_tracked.add_(1)
+    f = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+    norm.running_mean.mul_(1 - f).add_(mean.to(norm.running_mean.dtype), alpha=f)
+    norm.running_var.mul_(1 - f).add_((var * (count / (count - 1))).to(norm.running_var.dtype), alpha=f)
+
+
+class _Plan:
+    """What the fused block's autograd.Function needs besides tensors."""
+
+    def __init__(self, block: DenseBlock3d, batch_stats: bool, dtype: torch.dtype, seed: int):
+        self.block, self.batch_stats, self.dtype, self.seed = block, batch_stats, dtype, seed
+
+
+class _Stats:
+    """A BN's statistics as the fused ops take them: mean [C] and invstd = (var + eps)^-1/2, fp32."""
+
+    def __init__(self, mean: Tensor, var: Tensor, eps: float):
+        self.mean, self.invstd = mean, torch.rsqrt(var + eps)
+
+    @classmethod
+    def running(cls, norm: nn.BatchNorm3d, dtype: torch.dtype) -> _Stats:
+        return cls(norm.running_mean.to(dtype), norm.running_var.to(dtype), norm.eps)
+
+
+def _dropout_scale(layer: DenseLayer3d, index: int, plan: _Plan, like: Tensor) -> Tensor | None:
+    """The layer's dropout mask / (1 - p), drawn from a generator seeded per step and layer, so the
+    backward redraws the forward's mask; None without dropout."""
+    p = layer.dropout.p
+    if not (layer.dropout.training and p > 0):
+        return None
+    generator = torch.Generator(like.device).manual_seed(plan.seed + index)
+    keep = torch.empty(like.shape, dtype=like.dtype, device=like.device).bernoulli_(
+        1 - p, generator=generator
+    )
+    return keep.div_(1 - p)
+
+
+def _bn_relu(x: Tensor, stats: _Stats, norm: nn.BatchNorm3d, dtype: torch.dtype, spatial) -> Tensor:
+    """relu(norm(x)) of x [B, C, V] with the given statistics, as [B, C, *spatial] in ``dtype``."""
+    y = ops.bn_relu(x, stats.mean, stats.invstd, norm.weight, norm.bias, out_dtype=dtype)
+    return y.view(x.shape[0], -1, *spatial)
+
+
+def _bn_relu_backward(grad_y: Tensor, x: Tensor, stats: _Stats, norm: nn.BatchNorm3d, grad_x: Tensor):
+    """grad_x += d relu(norm(x)) / dx with fixed statistics -> (dweight, dbias)."""
+    grad_y = grad_y.view(x.shape)
+    return ops.bn_relu_backward_(grad_y, x, stats.mean, stats.invstd, norm.weight, norm.bias, grad_x)
+
+
+def _bottleneck(layer: DenseLayer3d, prefix: Tensor, stats: _Stats, dtype: torch.dtype) -> Tensor:
+    """z = conv1(relu(norm1(prefix))) [B, b*k, V] in ``dtype``, the normalised prefix never stored."""
+    norm = layer.norm1
+    return ops.bn_relu_conv1x1(
+        prefix, stats.mean, stats.invstd, norm.weight, norm.bias, layer.conv1.weight, out_dtype=dtype
+    )
+
+
+def _fold(a: Tensor, b: Tensor, stats: _Stats, norm: nn.BatchNorm3d, dweight: Tensor, dbias: Tensor):
+    """Adds one consumer's batch-statistics terms: a += w invstd dbias, b += w invstd^2 dweight."""
+    scale = norm.weight.to(a.dtype) * stats.invstd
+    a.add_(scale * dbias)
+    b.add_(scale * stats.invstd * dweight)
+
+
+class _FusedBlock(torch.autograd.Function):
+    """x [B, C_in, *S] -> buffer [B, C_out, *S]; params: _layer_params of every layer, in order.
+
+    Forward: x is copied into a preallocated buffer once; layer l reads the channel prefix
+    [0, n_l) and writes its k channels into [n_l, n_l + k). In batch-statistics mode each channel's
+    mean/var is computed once, when it is written, and shared by every later layer's norm1 (each
+    layer's running statistics are updated once, here). BN-ReLU(-Conv1x1x1) runs in the dense ops;
+    a normalised tensor lives only until the 3x3x3 convolution has read it.
+    Kept for backward: the buffer, the statistics ([C] per BN) and the dropout seed.
+
+    Backward, layers in reverse, one gradient buffer G [B, C_out, V] (fp32 for half buffers): when
+    layer l is reached every consumer of its channels has added g weight invstd into G, so their
+    batch-statistics terms are folded once (dense_bn_correction_ with the accumulated a, b); then
+    the layer's normalised input is recomputed for its weight gradients and freed, and its input
+    gradient accumulated into G[:, :n_l].
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, plan: _Plan, *params: Tensor) -> Tensor:
+        block, batch = plan.block, plan.batch_stats
+        batch_size, _, *spatial = x.shape
+        count = batch_size * math.prod(spatial)
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        buffer = x.new_empty((batch_size, block.out_channels, *spatial))
+        buffer[:, : block.in_channels] = x
+        flat = buffer.view(batch_size, block.out_channels, -1)
+        mean = var = None
+        if batch:
+            mean, var = flat.new_empty((2, block.out_channels), dtype=acc)
+            mean[: block.in_channels], var[: block.in_channels] = ops.channel_stats(
+                flat[:, : block.in_channels]
+            )
+        layer_stats = []
+        for index, layer in enumerate(block.layers):
+            n, k = layer.in_channels, layer.growth_rate
+            if batch:
+                _update_running_stats(layer.norm1, mean[:n], var[:n], count)
+                stats1 = _Stats(mean[:n], var[:n], layer.norm1.eps)
+            else:
+                stats1 = _Stats.running(layer.norm1, acc)
+            stats2 = None
+            if layer.bottleneck is None:
+                y = _bn_relu(flat[:, :n], stats1, layer.norm1, plan.dtype, spatial)
+            else:
+                z = _bottleneck(layer, flat[:, :n], stats1, plan.dtype)
+                if batch:
+                    mean2, var2 = ops.channel_stats(z)
+                    _update_running_stats(layer.norm2, mean2, var2, count)
+                    stats2 = _Stats(mean2, var2, layer.norm2.eps)
+                else:
+                    stats2 = _Stats.running(layer.norm2, acc)
+                y = _bn_relu(z, stats2, layer.norm2, plan.dtype, spatial)
+                del z
+            layer_stats.append((stats1, stats2))
+            out = F.conv3d(y, _layer_params(layer)[-1].to(plan.dtype), padding=1)
+            del y
+            scale = _dropout_scale(layer, index, plan, out)
+            buffer[:, n : n + k] = out if scale is None else out * scale
+            del out
+            if batch:
+                mean[n : n + k], var[n : n + k] = ops.channel_stats(flat[:, n : n + k])
+        ctx.plan, ctx.layer_stats, ctx.mean = plan, layer_stats, mean
+        ctx.save_for_backward(buffer)
+        return buffer
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        plan, (buffer,) = ctx.plan, ctx.saved_tensors
+        block, batch, dtype, mean = plan.block, plan.batch_stats, plan.dtype, ctx.mean
+        batch_size, channels, *spatial = buffer.shape
+        acc = torch.float64 if buffer.dtype == torch.float64 else torch.float32
+        flat = buffer.view(batch_size, channels, -1)
+        grad = grad_out.to(acc, memory_format=torch.contiguous_format, copy=True).view(flat.shape)
+        if batch:
+            a, b = flat.new_zeros((2, channels), dtype=acc)
+        grads: list[Tensor | None] = []
+        for index in reversed(range(block.num_layers)):
+            layer = block.layers[index]
+            n, k = layer.in_channels, layer.growth_rate
+            stats1, stats2 = ctx.layer_stats[index]
+            if batch:  # every consumer of channels [n, n + k) has contributed: fold their stats terms
+                own = slice(n, n + k)
+                ops.bn_stats_correction_(grad[:, own], flat[:, own], mean[own], a[own], b[own])
+            grad_conv = grad[:, n : n + k].to(dtype).contiguous().view(batch_size, k, *spatial)
+            scale = _dropout_scale(layer, index, plan, grad_conv)
+            if scale is not None:
+                grad_conv.mul_(scale)
+            weight3 = _layer_params(layer)[-1].to(dtype)
+            prefix = flat[:, :n]
+            if layer.bottleneck is None:
+                y = _bn_relu(prefix, stats1, layer.norm1, dtype, spatial)
+                dweight3 = _conv3x3_weight_grad(y, weight3, grad_conv)
+                del y
+                grad_y = F.grad.conv3d_input((batch_size, n, *spatial), weight3, grad_conv, padding=1)
+                dweight1, dbias1 = _bn_relu_backward(grad_y, prefix, stats1, layer.norm1, grad[:, :n])
+                del grad_y
+                layer_grads = [dweight1, dbias1, dweight3]
+            else:
+                z = _bottleneck(layer, prefix, stats1, dtype)
+                y = _bn_relu(z, stats2, layer.norm2, dtype, spatial)
+                dweight3 = _conv3x3_weight_grad(y, weight3, grad_conv)
+                grad_y = F.grad.conv3d_input(y.shape, weight3, grad_conv, padding=1)
+                del y
+                grad_z = torch.zeros(z.shape, dtype=acc, device=z.device)
+                dweight2, dbias2 = _bn_relu_backward(grad_y, z, stats2, layer.norm2, grad_z)
+                del grad_y
+                if batch:  # norm2 has one consumer: fold its stats terms at once
+                    a2, b2 = torch.zeros_like(stats2.mean), torch.zeros_like(stats2.mean)
+                    _fold(a2, b2, stats2, layer.norm2, dweight2, dbias2)
+                    ops.bn_stats_correction_(grad_z, z, stats2.mean, a2, b2)
+                del z
+                norm1 = layer.norm1
+                dweight1, dbias1, dconv1 = ops.bn_relu_conv1x1_backward_(
+                    grad_z.to(dtype), prefix, stats1.mean, stats1.invstd, norm1.weight, norm1.bias,
+                    layer.conv1.weight, grad[:, :n],
+                )  # fmt: skip
+                del grad_z
+                layer_grads = [dweight1, dbias1, dconv1, dweight2, dbias2, dweight3]
+            if batch:
+                _fold(a[:n], b[:n], stats1, layer.norm1, dweight1, dbias1)
+            params = _layer_params(layer)
+            grads[:0] = [g.to(p.dtype).view(p.shape) for g, p in zip(layer_grads, params)]
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            c_in = block.in_channels
+            if batch:
+                ops.bn_stats_correction_(grad[:, :c_in], flat[:, :c_in], mean[:c_in], a[:c_in], b[:c_in])
+            grad_x = grad[:, :c_in].to(buffer.dtype).reshape(batch_size, c_in, *spatial).contiguous()
+        return grad_x, None, *grads
+
+
+def _conv3x3_weight_grad(y: Tensor, weight: Tensor, grad_out: Tensor) -> Tensor:
+    """d conv3d(y, weight, padding=1) / d weight, given the output gradient [B, k, *S]."""
+    mask = (False, True, False)
+    return torch.ops.aten.convolution_backward(
+        grad_out, y, weight, None, [1] * 3, [1] * 3, [1] * 3, False, [0] * 3, 1, mask
+    )[1]
