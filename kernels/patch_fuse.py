@@ -1,0 +1,674 @@
+"""Triton kernels for weighted patch fusion (densefuse.ops.patch_fuse, DESIGN §3b).
+
+Four host functions with the signatures and results of the same-named oracles in
+densefuse.reference (that module defines the semantics; this one only computes them faster):
+
+    patch_scatter(acc, windows, starts, wz, wy, wx, floor)      -> flags int64 [2]   (fp32/fp64 atomics)
+    patch_gather(acc, windows, starts, wz, wy, wx, floor)       -> flags int64 [2]   (deterministic)
+    patch_normalize(acc, starts_z, starts_y, starts_x, wz, wy, wx, floor, activation)        -> None
+    patch_finalize(acc, starts_z, starts_y, starts_x, wz, wy, wx, floor, activation, output,
+                   threshold)                                    -> [B, C | 1, D, H, W]
+
+Inputs: acc [B, C, D, H, W] float32/float64 (contiguous); windows [N, C, rz, ry, rx] fp16/bf16/
+fp32/fp64 (contiguous); starts [N, 4] int64 (batch, z, y, x); wz, wy, wx 1-D in acc's dtype;
+per-axis grid starts int64 [Gz], [Gy], [Gx]. Everything is computed in acc's dtype.
+
+Math. Window n with starts[n] = (b, z_n, y_n, x_n) adds, at the voxels of the volume it covers,
+    acc[b, c, z, y, x] += w(z - z_n, y - y_n, x - x_n) * windows[n, c, z - z_n, y - y_n, x - x_n],
+    w(i, j, k) = max((wz[i] wy[j]) wx[k], floor)                (computed in-kernel from the vectors)
+Windows whose batch index is outside [0, B) or that miss the volume add nothing and are counted in
+flags[1]; flags[0] counts the NaN/Inf window values that land inside the volume (read in the
+windows' own dtype). The finaliser divides by the summed weight of the grid windows covering a voxel,
+    N(z, y, x) = sum over (a, b, c) in starts_z x starts_y x starts_x covering it of w(z-a, y-b, x-c),
+which for floor == 0 is the outer product (Sz(z) Sy(y)) Sx(x) of the axis sums
+    S(p) = sum over starts s (in order) with 0 <= p - s < len(w) of w[p - s],
+and with a floor the per-window max(...) summed over the covering grid windows in grid order (z, y, x
+starts), as the reference does; either way it is rebuilt per tile from the 1-D starts and weights,
+never stored as a volume. v = acc / N where N >= the dtype's smallest normal number, else 0 (voxels
+no window covers); then act(v) (none, sigmoid, softmax over C) as floats, or a uint8 mask:
+argmax_c v for softmax, [act(v) >= threshold] per channel otherwise, 0 where uncovered.
+
+Layouts. Tiles are [BLOCK_Z, BLOCK_Y, BLOCK_X] boxes, x contiguous in memory.
+  * scatter: one program per (window, channel, z block, y block) of the window; it loops over x in
+    chunks that start at a multiple of 4 voxels of acc, so that when W % 16 == 0 the compiler can
+    prove 16-byte alignment and emits vector atomics (atom.add.v4.f32 on sm_90). The (at most 3 + 3)
+    lanes of a chunk just outside the window add 0, which leaves acc unchanged.
+  * gather: one program per (b, c, acc tile). It walks the windows in index order, BLOCK_N at a time:
+    one vector test says whether any window of the chunk meets the tile, and only then are that
+    chunk's windows visited one by one; their weighted values are summed into a register tile from 0
+    and the tile is added to acc with one read and one write. No atomics on acc: the same bits on
+    every run. Each window value is read once, as in the scatter.
+  * normalize / finalize: one program per (b, z, y block, x block) holding every channel
+    [BLOCK_C, BLOCK_Y, BLOCK_X] (softmax and argmax need the whole channel axis).
+Index arithmetic: each program forms an int64 scalar base pointer (batch, channel and window terms
+can exceed 2**31); offsets inside a tile are int32, and the host checks that they fit (a plane of
+acc or a whole window of more than 2**31 / BLOCK_Z elements is rejected with a clear error).
+
+Scalars: Triton passes Python floats as fp32, so floor and threshold travel as three fp32 parts whose
+fp64 sum is the double exactly (fp32 kernels use the first part, the float32 rounding torch uses).
+
+Triton is imported at module import: import this module only where triton is installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from .loss_stats import _not_finite, _sigmoid
+
+__all__ = ["patch_finalize", "patch_gather", "patch_normalize", "patch_scatter"]
+
+_INT32_MAX = 2**31 - 1
+# Tile shapes. On the GPU (H100) a tile holds 2048 (scatter, normalize) or 4096 (gather) elements
+# with x and y blocks of at most 32 voxels (a 96-voxel window is 3 x 3 blocks, no idle lanes) and
+# 8 elements per thread. The interpreter pays per operation, not per element: larger tiles.
+_GPU_BLOCK_XY = 32
+_GPU_ELEMS = {"scatter": 2048, "gather": 4096, "finalize": 2048}
+_ELEMS_PER_THREAD = 8
+_INTERPRETER_BLOCK_XY = 64
+_INTERPRETER_ELEMS = 16384
+_BLOCK_N = 32  # windows per intersection test in the gather
+_MIN_BLOCK_V = 16  # voxels per finalize tile when BLOCK_C is large
+
+
+# ============================================================================== device helpers
+@triton.jit
+def _scalar(hi, mid, lo, DTYPE: tl.constexpr):
+    """A host float passed as three fp32 parts (see _parts), in DTYPE: exact for float64."""
+    if DTYPE == tl.float64:
+        value = (tl.cast(hi, tl.float64) + tl.cast(mid, tl.float64)) + tl.cast(lo, tl.float64)
+    else:
+        value = tl.cast(hi, tl.float32)
+    return value
+
+
+@triton.jit
+def _div(a, b):
+    """a / b correctly rounded (Triton's fp32 '/' is an approximation; fp64 '/' is exact already)."""
+    if a.dtype == tl.float32:
+        q = tl.math.div_rn(a, b)
+    else:
+        q = a / b
+    return q
+
+
+@triton.jit
+def _load_starts(starts_ptr, n, mask):
+    """(batch, z, y, x) int64 of window(s) n (a scalar or a vector; masked entries read -1)."""
+    row = starts_ptr + tl.cast(n, tl.int64) * 4
+    b = tl.load(row, mask=mask, other=-1)
+    z = tl.load(row + 1, mask=mask, other=-1)
+    y = tl.load(row + 2, mask=mask, other=-1)
+    x = tl.load(row + 3, mask=mask, other=-1)
+    return b, z, y, x
+
+
+@triton.jit
+def _overlaps(start, length, lo, hi):
+    """Whether [start, start + length) meets [lo, hi) (element-wise)."""
+    return (start < hi) & (start + length > lo)
+
+
+@triton.jit
+def _placed(b, z, y, x, B, D, H, W, RZ, RY, RX):
+    """Whether windows starting at (b, z, y, x) are added: batch in [0, B) and overlapping the volume."""
+    inside = _overlaps(z, RZ, 0, D) & _overlaps(y, RY, 0, H) & _overlaps(x, RX, 0, W)
+    return (b >= 0) & (b < B) & inside
+
+
+@triton.jit
+def _axis_weight(w_ptr, offs, length):
+    """(w[offs], 0 <= offs < length) for window-local indices offs along one axis; 0 outside the window."""
+    inside = (offs >= 0) & (offs < length)
+    return tl.load(w_ptr + offs, mask=inside, other=0.0), inside
+
+
+@triton.jit
+def _axis_sum(starts_ptr, n_starts, w_ptr, length, pos):
+    """S(pos) = sum over the starts s, in order, of w[pos - s] where 0 <= pos - s < length (like pos)."""
+    total = tl.zeros(pos.shape, w_ptr.dtype.element_ty)
+    for g in range(n_starts):
+        w, _ = _axis_weight(w_ptr, pos - tl.load(starts_ptr + g), length)
+        total += w
+    return total
+
+
+@triton.jit
+def _window_weight(wz, wy, wx, floor, HAS_FLOOR: tl.constexpr):
+    """max((wz[i] wy[j]) wx[k], floor) [Z, Y, X] from the axis weights [Z], [Y], [X]."""
+    w = (wz[:, None, None] * wy[None, :, None]) * wx[None, None, :]
+    if HAS_FLOOR:
+        w = tl.maximum(w, floor)
+    return w
+
+
+@triton.jit
+def _any(mask):
+    """Whether a 1-D mask has a true entry (a scalar)."""
+    return tl.max(mask.to(tl.int32), axis=0) > 0
+
+
+@triton.jit
+def _add_count(flags_ptr, counts):
+    """flags_ptr[0] += the sum of an int32 count tile (an int64 atomic, skipped when 0)."""
+    total = tl.sum(counts.to(tl.int64))
+    tl.atomic_add(flags_ptr, total, mask=total > 0)
+
+
+@triton.jit
+def _count_skipped(flags_ptr, starts_ptr, N, B, D, H, W, RZ, RY, RX, BLOCK_N: tl.constexpr):
+    """flags[1] += the number of windows that are not placed (see _placed)."""
+    skipped = tl.zeros([BLOCK_N], tl.int32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        valid = offs_n < N
+        b, z, y, x = _load_starts(starts_ptr, offs_n, valid)
+        skipped += (valid & ~_placed(b, z, y, x, B, D, H, W, RZ, RY, RX)).to(tl.int32)
+    _add_count(flags_ptr + 1, skipped)
+
+
+@triton.jit
+def _normalizer(
+    z, y, x, starts_z_ptr, starts_y_ptr, starts_x_ptr, GZ, GY, GX, wz_ptr, wy_ptr, wx_ptr, RZ, RY, RX,
+    floor, HAS_FLOOR: tl.constexpr,
+):  # fmt: skip
+    """N [Z, Y, X] at the voxels z [Z] x y [Y] x x [X] for the grid of per-axis starts [GZ], [GY], [GX].
+
+    No floor: (Sz Sy) Sx, the outer product of the axis sums. Floor: the clamped 3-D weight of every
+    grid window covering the voxel, summed in grid order; windows that miss the tile along an axis
+    are skipped there (they would add 0).
+    """
+    if HAS_FLOOR:
+        total = tl.zeros([z.shape[0], y.shape[0], x.shape[0]], wz_ptr.dtype.element_ty)
+        for a in range(GZ):
+            wz, cz = _axis_weight(wz_ptr, z - tl.load(starts_z_ptr + a), RZ)
+            if _any(cz):
+                for b in range(GY):
+                    wy, cy = _axis_weight(wy_ptr, y - tl.load(starts_y_ptr + b), RY)
+                    if _any(cy):
+                        for c in range(GX):
+                            wx, cx = _axis_weight(wx_ptr, x - tl.load(starts_x_ptr + c), RX)
+                            if _any(cx):
+                                cover = cz[:, None, None] & cy[None, :, None] & cx[None, None, :]
+                                w = _window_weight(wz, wy, wx, floor, True)
+                                total += tl.where(cover, w, 0.0)
+    else:
+        sz = _axis_sum(starts_z_ptr, GZ, wz_ptr, RZ, z)
+        sy = _axis_sum(starts_y_ptr, GY, wy_ptr, RY, y)
+        sx = _axis_sum(starts_x_ptr, GX, wx_ptr, RX, x)
+        total = (sz[:, None, None] * sy[None, :, None]) * sx[None, None, :]
+    return total
+
+
+@triton.jit
+def _activate(v, ACTIVATION: tl.constexpr):
+    """act(v) over a tile [BLOCK_C, Y, X]: 0 none, 1 sigmoid, 2 softmax over axis 0 (masked channels -inf)."""
+    if ACTIVATION == 1:
+        p, _, _ = _sigmoid(v)
+    elif ACTIVATION == 2:
+        e = tl.exp(v - tl.max(v, axis=0)[None, :, :])
+        p = e / tl.sum(e, axis=0)[None, :, :]
+    else:
+        p = v
+    return p
+
+
+# ===================================================================================== kernels
+@triton.jit
+def _scatter_kernel(
+    acc_ptr, win_ptr, starts_ptr, wz_ptr, wy_ptr, wx_ptr, flags_ptr, floor_hi, floor_mid, floor_lo,
+    C, B, D, H, W, RZ, RY, RX, tiles_z, tiles_y,
+    HAS_FLOOR: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_Z: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr,
+):  # fmt: skip
+    """acc += w * windows, grid (N * C * tiles_z * tiles_y,): program = (window n, channel c, z block,
+    y block) of the window [BLOCK_Z, BLOCK_Y] rows, looping over x; flags int64 [2] += counts."""
+    pid = tl.program_id(0)
+    ty = pid % tiles_y
+    tz = (pid // tiles_y) % tiles_z
+    nc = pid // (tiles_y * tiles_z)
+    n = nc // C
+    c = nc % C
+    sb, sz, sy, sx = _load_starts(starts_ptr, n, True)
+    placed = _placed(sb, sz, sy, sx, B, D, H, W, RZ, RY, RX)
+    first = (c == 0) & (tz == 0) & (ty == 0)
+    tl.atomic_add(flags_ptr + 1, (~placed).to(tl.int64), mask=first & ~placed)
+    if placed:  # then the starts lie in (-R, size): int32 from here on
+        sz = sz.to(tl.int32)
+        sy = sy.to(tl.int32)
+        sx = sx.to(tl.int32)
+        i = tz * BLOCK_Z + tl.arange(0, BLOCK_Z)  # window-local rows
+        j = ty * BLOCK_Y + tl.arange(0, BLOCK_Y)
+        wz, in_z = _axis_weight(wz_ptr, i, RZ)
+        wy, in_y = _axis_weight(wy_ptr, j, RY)
+        z = sz + i
+        y = sy + j
+        row_z = in_z & (z >= 0) & (z < D)
+        row_y = in_y & (y >= 0) & (y < H)
+        if _any(row_z) & _any(row_y):
+            rows = row_z[:, None, None] & row_y[None, :, None]
+            floor = _scalar(floor_hi, floor_mid, floor_lo, ACC_DTYPE)
+            z0 = sz + tz * BLOCK_Z
+            acc_base = acc_ptr + ((sb * C + c) * D + z0) * H * W
+            win_base = win_ptr + ((tl.cast(n, tl.int64) * C + c) * RZ + tz * BLOCK_Z) * RY * RX
+            dz = tl.arange(0, BLOCK_Z)
+            acc_rows = (dz * (H * W))[:, None, None] + (y * W)[None, :, None]
+            win_rows = (dz * (RY * RX))[:, None, None] + (j * RX)[None, :, None]
+            x_end = tl.minimum(sx + RX, W)
+            x_end4 = ((x_end + 3) // 4) * 4
+            n_bad = tl.zeros([BLOCK_Z, BLOCK_Y, BLOCK_X], tl.int32)
+            for x0 in range((tl.maximum(sx, 0) // 4) * 4, x_end, BLOCK_X):
+                x = tl.multiple_of(x0, 4) + tl.arange(0, BLOCK_X)
+                wx, in_x = _axis_weight(wx_ptr, x - sx, RX)
+                keep = rows & (in_x & (x < W))[None, None, :]
+                raw = tl.load(win_base + win_rows + (x - sx)[None, None, :], mask=keep, other=0.0)
+                n_bad += (keep & _not_finite(raw)).to(tl.int32)
+                value = _window_weight(wz, wy, wx, floor, HAS_FLOOR) * raw.to(ACC_DTYPE)
+                add = rows & ((x < x_end4) & (x < W))[None, None, :]
+                tl.atomic_add(acc_base + acc_rows + x[None, None, :], value, mask=add, sem="relaxed")
+            _add_count(flags_ptr, n_bad)
+
+
+@triton.jit
+def _gather_kernel(
+    acc_ptr, win_ptr, starts_ptr, wz_ptr, wy_ptr, wx_ptr, flags_ptr, floor_hi, floor_mid, floor_lo,
+    N, C, B, D, H, W, RZ, RY, RX, tiles_z, tiles_y, tiles_x,
+    HAS_FLOOR: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_Z: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr,
+):  # fmt: skip
+    """acc += sum over windows (index order) of w * windows, grid (B * C * tiles_z * tiles_y * tiles_x,):
+    program = (b, c, acc tile [BLOCK_Z, BLOCK_Y, BLOCK_X]); flags int64 [2] += counts."""
+    pid = tl.program_id(0)
+    tx = pid % tiles_x
+    ty = (pid // tiles_x) % tiles_y
+    tz = (pid // (tiles_x * tiles_y)) % tiles_z
+    bc = pid // (tiles_x * tiles_y * tiles_z)
+    b = bc // C
+    c = bc % C
+    z_lo = tz * BLOCK_Z
+    y_lo = ty * BLOCK_Y
+    x_lo = tx * BLOCK_X
+    z_hi = tl.minimum(z_lo + BLOCK_Z, D)
+    y_hi = tl.minimum(y_lo + BLOCK_Y, H)
+    x_hi = tl.minimum(x_lo + BLOCK_X, W)
+    z = z_lo + tl.arange(0, BLOCK_Z)
+    y = y_lo + tl.arange(0, BLOCK_Y)
+    x = x_lo + tl.arange(0, BLOCK_X)
+    inside = (z < D)[:, None, None] & (y < H)[None, :, None] & (x < W)[None, None, :]
+    floor = _scalar(floor_hi, floor_mid, floor_lo, ACC_DTYPE)
+    partial = tl.zeros([BLOCK_Z, BLOCK_Y, BLOCK_X], ACC_DTYPE)
+    n_bad = tl.zeros([BLOCK_Z, BLOCK_Y, BLOCK_X], tl.int32)
+    n_hits = 0
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        sb, sz, sy, sx = _load_starts(starts_ptr, offs_n, offs_n < N)
+        meets = _overlaps(sz, RZ, z_lo, z_hi) & _overlaps(sy, RY, y_lo, y_hi) & _overlaps(sx, RX, x_lo, x_hi)
+        if _any((offs_n < N) & (sb == b) & meets):
+            for n in range(n0, tl.minimum(n0 + BLOCK_N, N)):
+                sb, sz, sy, sx = _load_starts(starts_ptr, n, True)
+                meets = _overlaps(sz, RZ, z_lo, z_hi) & _overlaps(sy, RY, y_lo, y_hi)
+                if (sb == b) & meets & _overlaps(sx, RX, x_lo, x_hi):  # starts within int32 from here
+                    lz = z - sz.to(tl.int32)
+                    ly = y - sy.to(tl.int32)
+                    lx = x - sx.to(tl.int32)
+                    wz, in_z = _axis_weight(wz_ptr, lz, RZ)
+                    wy, in_y = _axis_weight(wy_ptr, ly, RY)
+                    wx, in_x = _axis_weight(wx_ptr, lx, RX)
+                    keep = inside & in_z[:, None, None] & in_y[None, :, None] & in_x[None, None, :]
+                    win_base = win_ptr + (tl.cast(n, tl.int64) * C + c) * (RZ * RY * RX)
+                    offs = (lz * (RY * RX))[:, None, None] + (ly * RX)[None, :, None] + lx[None, None, :]
+                    raw = tl.load(win_base + offs, mask=keep, other=0.0)
+                    n_bad += (keep & _not_finite(raw)).to(tl.int32)
+                    partial += _window_weight(wz, wy, wx, floor, HAS_FLOOR) * raw.to(ACC_DTYPE)
+                    n_hits += 1
+    if n_hits > 0:
+        acc_base = acc_ptr + ((b.to(tl.int64) * C + c) * D + z_lo) * H * W
+        offs = (tl.arange(0, BLOCK_Z) * (H * W))[:, None, None] + (y * W)[None, :, None] + x[None, None, :]
+        old = tl.load(acc_base + offs, mask=inside)
+        tl.store(acc_base + offs, old + partial, mask=inside)
+        _add_count(flags_ptr, n_bad)
+    if pid == 0:
+        _count_skipped(flags_ptr, starts_ptr, N, B, D, H, W, RZ, RY, RX, BLOCK_N)
+
+
+@triton.jit
+def _finalize_kernel(
+    acc_ptr, out_ptr, starts_z_ptr, starts_y_ptr, starts_x_ptr, wz_ptr, wy_ptr, wx_ptr,
+    floor_hi, floor_mid, floor_lo, thr_hi, thr_mid, thr_lo,
+    C, D, H, W, GZ, GY, GX, RZ, RY, RX, tiles_y, tiles_x,
+    HAS_FLOOR: tl.constexpr, ACTIVATION: tl.constexpr, OUTPUT: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    TINY: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr,
+):  # fmt: skip
+    """out = act(acc / N) (OUTPUT 0, acc's dtype, out may be acc) or a uint8 mask (OUTPUT 1), grid
+    (B * D * tiles_y * tiles_x,): program = (b, plane z, [BLOCK_Y, BLOCK_X] tile) x every channel."""
+    pid = tl.program_id(0)
+    tx = pid % tiles_x
+    ty = (pid // tiles_x) % tiles_y
+    bz = pid // (tiles_x * tiles_y)
+    z = bz % D
+    b = bz // D
+    oz = z + tl.arange(0, 1)
+    oy = ty * BLOCK_Y + tl.arange(0, BLOCK_Y)
+    ox = tx * BLOCK_X + tl.arange(0, BLOCK_X)
+    floor = _scalar(floor_hi, floor_mid, floor_lo, ACC_DTYPE)
+    norm = _normalizer(
+        oz, oy, ox, starts_z_ptr, starts_y_ptr, starts_x_ptr, GZ, GY, GX, wz_ptr, wy_ptr, wx_ptr,
+        RZ, RY, RX, floor, HAS_FLOOR,
+    )  # fmt: skip  [1, BLOCK_Y, BLOCK_X]
+    covered = norm >= tl.full([], TINY, ACC_DTYPE)
+    offs_c = tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C
+    inside = ((oy < H)[:, None] & (ox < W)[None, :])[None, :, :]
+    mask = c_mask[:, None, None] & inside
+    plane = ((oy * W)[:, None] + ox[None, :])[None, :, :]
+    item = (b.to(tl.int64) * C * D + z) * H * W  # offset of (b, channel 0, plane z)
+    offs = item + (offs_c.to(tl.int64) * D * H * W)[:, None, None] + plane
+    v = tl.load(acc_ptr + offs, mask=mask, other=0.0)
+    v = tl.where(covered, _div(v, tl.where(covered, norm, 1.0)), 0.0)
+    if ACTIVATION == 2:
+        v = tl.where(c_mask[:, None, None], v, float("-inf"))
+    if OUTPUT == 0:
+        p = tl.where(covered, _activate(v, ACTIVATION), 0.0)
+        tl.store(out_ptr + offs, p, mask=mask)
+    elif ACTIVATION == 2:
+        label = tl.argmax(v, axis=0, tie_break_left=True)[None, :, :]
+        label = tl.where(covered, label, 0).to(tl.uint8)
+        tl.store(out_ptr + (b.to(tl.int64) * D + z) * H * W + plane, label, mask=inside)
+    else:
+        threshold = _scalar(thr_hi, thr_mid, thr_lo, ACC_DTYPE)
+        hit = covered & (_activate(v, ACTIVATION) >= threshold)
+        tl.store(out_ptr + offs, hit.to(tl.uint8), mask=mask)
+
+
+# =============================================================================== host helpers
+def _parts(value: float) -> dict[str, float]:
+    """value as three fp32 numbers whose fp64 sum is value exactly (barring fp32 underflow)."""
+    parts = []
+    rest = float(value)
+    for _ in range(3):
+        part = float(torch.tensor(rest, dtype=torch.float32))
+        parts.append(part)
+        rest -= part
+    return dict(zip(("hi", "mid", "lo"), parts))
+
+
+def _scalar_args(name: str, value: float) -> dict[str, float]:
+    return {f"{name}_{k}": v for k, v in _parts(value).items()}
+
+
+def _tile(extent_z: int, extent_y: int, extent_x: int, device: torch.device, gpu_elems: int):
+    """(BLOCK_Z, BLOCK_Y, BLOCK_X, num_warps) for a box of the given extents: x and y blocks capped,
+    z filling the tile up to its element budget, every block a power of two (x at least 4)."""
+    if device.type == "cuda":
+        cap, elems = _GPU_BLOCK_XY, gpu_elems
+    else:
+        cap, elems = _INTERPRETER_BLOCK_XY, _INTERPRETER_ELEMS
+    block_x = max(4, min(triton.next_power_of_2(extent_x), cap))
+    block_y = min(triton.next_power_of_2(extent_y), cap, max(1, elems // block_x))
+    block_z = min(triton.next_power_of_2(extent_z), max(1, elems // (block_x * block_y)))
+    num_warps = min(8, max(1, block_z * block_y * block_x // (32 * _ELEMS_PER_THREAD)))
+    return block_z, block_y, block_x, num_warps
+
+
+def _check_int32(what: str, count: int) -> None:
+    if count > _INT32_MAX:
+        raise ValueError(f"{what}: {count} exceeds the int32 tile offsets of the triton kernels ({_INT32_MAX})")
+
+
+def _device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """Launches on the tensors' GPU whatever the current device is."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _check_acc(acc: torch.Tensor) -> None:
+    if acc.dim() != 5 or acc.dtype not in (torch.float32, torch.float64) or not acc.is_contiguous():
+        raise ValueError(
+            f"acc: expected a contiguous float32/float64 [B, C, D, H, W] tensor, got {acc.dtype} "
+            f"{tuple(acc.shape)}"
+        )
+
+
+def _check_vector(name: str, t: torch.Tensor, dtype: torch.dtype, device: torch.device, length: int | None):
+    if t.dim() != 1 or t.dtype != dtype or t.device != device or not t.is_contiguous() or t.numel() == 0:
+        raise ValueError(f"{name}: expected a non-empty contiguous 1-D {dtype} tensor on {device}")
+    if length is not None and t.numel() != length:
+        raise ValueError(f"{name}: expected length {length}, got {t.numel()}")
+
+
+def _window_launch(acc, windows, starts, wz, wy, wx, floor) -> dict:
+    """Kernel arguments shared by the scatter and the gather (after checking what they rely on)."""
+    _check_acc(acc)
+    batch, channels, *size = acc.shape
+    if windows.dim() != 5 or windows.shape[1] != channels or not windows.is_contiguous():
+        raise ValueError(f"windows: expected a contiguous [N, {channels}, rz, ry, rx] tensor")
+    if windows.device != acc.device or min(windows.shape[2:]) < 1:
+        raise ValueError(f"windows: expected non-empty windows on {acc.device}")
+    if tuple(starts.shape) != (windows.shape[0], 4) or starts.dtype != torch.int64:
+        raise ValueError(f"starts: expected int64 [{windows.shape[0]}, 4], got {starts.dtype} {tuple(starts.shape)}")
+    if starts.device != acc.device:
+        raise ValueError(f"starts: expected a tensor on {acc.device}")
+    roi = windows.shape[2:]
+    for name, w, r in zip(("wz", "wy", "wx"), (wz, wy, wx), roi):
+        _check_vector(name, w, acc.dtype, acc.device, r)
+    for name, s, r in zip("DHW", size, roi):
+        _check_int32(f"acc: size {name} plus the window size", s + r)
+    _check_int32("windows: voxels per window", roi[0] * roi[1] * roi[2])
+    return dict(
+        acc_ptr=acc,
+        win_ptr=windows,
+        starts_ptr=starts.contiguous(),
+        wz_ptr=wz,
+        wy_ptr=wy,
+        wx_ptr=wx,
+        **_scalar_args("floor", floor),
+        C=channels,
+        B=batch,
+        D=size[0],
+        H=size[1],
+        W=size[2],
+        RZ=roi[0],
+        RY=roi[1],
+        RX=roi[2],
+        HAS_FLOOR=floor > 0,
+        ACC_DTYPE=tl.float64 if acc.dtype == torch.float64 else tl.float32,
+    )
+
+
+# ============================================================================== public functions
+def patch_scatter(
+    acc: torch.Tensor,
+    windows: torch.Tensor,
+    starts: torch.Tensor,
+    wz: torch.Tensor,
+    wy: torch.Tensor,
+    wx: torch.Tensor,
+    floor: float,
+) -> torch.Tensor:
+    """acc [B, C, D, H, W] += w * windows [N, C, rz, ry, rx] at starts [N, 4], in one launch (atomics).
+
+    Mutates acc (contiguous float32/float64); windows any float dtype; starts int64 on acc's device;
+    wz, wy, wx [rz], [ry], [rx] in acc's dtype. Returns flags int64 [2] (NaN/Inf window values added,
+    windows skipped). Summation order varies between runs. See densefuse.reference.patch_scatter.
+    """
+    args = _window_launch(acc, windows, starts, wz, wy, wx, floor)
+    flags = torch.zeros(2, dtype=torch.int64, device=acc.device)
+    count, _, *roi = windows.shape
+    if count == 0:
+        return flags
+    block_z, block_y, block_x, num_warps = _tile(*roi, acc.device, _GPU_ELEMS["scatter"])
+    _check_int32("acc: tile offsets (H * W per plane)", (block_z + 1) * acc.shape[3] * acc.shape[4])
+    tiles_z, tiles_y = triton.cdiv(roi[0], block_z), triton.cdiv(roi[1], block_y)
+    programs = count * acc.shape[1] * tiles_z * tiles_y
+    _check_int32("windows: programs (N * C * tiles)", programs)
+    with _device_guard(acc.device):
+        _scatter_kernel[(programs,)](
+            flags_ptr=flags,
+            tiles_z=tiles_z,
+            tiles_y=tiles_y,
+            BLOCK_Z=block_z,
+            BLOCK_Y=block_y,
+            BLOCK_X=block_x,
+            num_warps=num_warps,
+            **args,
+        )
+    return flags
+
+
+def patch_gather(
+    acc: torch.Tensor,
+    windows: torch.Tensor,
+    starts: torch.Tensor,
+    wz: torch.Tensor,
+    wy: torch.Tensor,
+    wx: torch.Tensor,
+    floor: float,
+) -> torch.Tensor:
+    """patch_scatter computed output-stationary: every acc tile sums its windows in index order.
+
+    Same arguments and flags as patch_scatter; no atomics on acc, so the result is the same bits on
+    every run. See densefuse.reference.patch_gather.
+    """
+    args = _window_launch(acc, windows, starts, wz, wy, wx, floor)
+    flags = torch.zeros(2, dtype=torch.int64, device=acc.device)
+    count = windows.shape[0]
+    if count == 0:
+        return flags
+    batch, channels, *size = acc.shape
+    block_z, block_y, block_x, num_warps = _tile(*size, acc.device, _GPU_ELEMS["gather"])
+    _check_int32("acc: tile offsets (H * W per plane)", (block_z + 1) * size[1] * size[2])
+    tiles = [triton.cdiv(s, blk) for s, blk in zip(size, (block_z, block_y, block_x))]
+    programs = batch * channels * tiles[0] * tiles[1] * tiles[2]
+    _check_int32("acc: programs (B * C * tiles)", programs)
+    with _device_guard(acc.device):
+        _gather_kernel[(programs,)](
+            flags_ptr=flags,
+            N=count,
+            tiles_z=tiles[0],
+            tiles_y=tiles[1],
+            tiles_x=tiles[2],
+            BLOCK_N=min(_BLOCK_N, triton.next_power_of_2(count)),
+            BLOCK_Z=block_z,
+            BLOCK_Y=block_y,
+            BLOCK_X=block_x,
+            num_warps=num_warps,
+            **args,
+        )
+    return flags
+
+
+def _finalize(acc, out, starts, weights, floor, activation, output, threshold) -> None:
+    """Launches _finalize_kernel: acc -> out (out may be acc for output 0)."""
+    batch, channels, *size = acc.shape
+    for name, s in zip(("starts_z", "starts_y", "starts_x"), starts):
+        _check_vector(name, s, torch.int64, acc.device, None)
+    for name, w in zip(("wz", "wy", "wx"), weights):
+        _check_vector(name, w, acc.dtype, acc.device, None)
+    for name, s, w in zip("DHW", size, weights):
+        _check_int32(f"acc: size {name} plus the window size", s + w.numel())
+    block_c = triton.next_power_of_2(channels)
+    if acc.device.type == "cuda":
+        cap, voxels = 64, max(_MIN_BLOCK_V, _GPU_ELEMS["finalize"] // block_c)
+    else:
+        cap, voxels = _INTERPRETER_BLOCK_XY, max(_MIN_BLOCK_V, _INTERPRETER_ELEMS // block_c)
+    block_x = min(triton.next_power_of_2(size[2]), cap, voxels)
+    block_y = min(triton.next_power_of_2(size[1]), max(1, voxels // block_x))
+    num_warps = min(8, max(1, block_c * block_y * block_x // (32 * _ELEMS_PER_THREAD)))
+    _check_int32("acc: voxels per plane", size[1] * size[2])
+    tiles_y, tiles_x = triton.cdiv(size[1], block_y), triton.cdiv(size[2], block_x)
+    programs = batch * size[0] * tiles_y * tiles_x
+    _check_int32("acc: programs (B * D * tiles)", programs)
+    with _device_guard(acc.device):
+        _finalize_kernel[(programs,)](
+            acc,
+            out,
+            *starts,
+            *weights,
+            **_scalar_args("floor", floor),
+            **_scalar_args("thr", threshold),
+            C=channels,
+            D=size[0],
+            H=size[1],
+            W=size[2],
+            GZ=starts[0].numel(),
+            GY=starts[1].numel(),
+            GX=starts[2].numel(),
+            RZ=weights[0].numel(),
+            RY=weights[1].numel(),
+            RX=weights[2].numel(),
+            tiles_y=tiles_y,
+            tiles_x=tiles_x,
+            HAS_FLOOR=floor > 0,
+            ACTIVATION=activation,
+            OUTPUT=output,
+            ACC_DTYPE=tl.float64 if acc.dtype == torch.float64 else tl.float32,
+            TINY=torch.finfo(acc.dtype).tiny,
+            BLOCK_C=block_c,
+            BLOCK_Y=block_y,
+            BLOCK_X=block_x,
+            num_warps=num_warps,
+        )
+
+
+def _check_codes(activation: int, output: int) -> None:
+    if activation not in (0, 1, 2):
+        raise ValueError(f"activation: expected 0 (none), 1 (sigmoid) or 2 (softmax), got {activation!r}")
+    if output not in (0, 1):
+        raise ValueError(f"output: expected 0 (probabilities) or 1 (mask), got {output!r}")
+
+
+def patch_normalize(
+    acc: torch.Tensor,
+    starts_z: torch.Tensor,
+    starts_y: torch.Tensor,
+    starts_x: torch.Tensor,
+    wz: torch.Tensor,
+    wy: torch.Tensor,
+    wx: torch.Tensor,
+    floor: float,
+    activation: int,
+) -> None:
+    """In place: acc [B, C, D, H, W] (contiguous float32/float64) = act(acc / N), 0 where uncovered.
+
+    starts_* int64 [G*] (the per-axis grid starts) and wz, wy, wx (acc's dtype) on acc's device;
+    activation 0 none, 1 sigmoid, 2 softmax over C. See densefuse.reference.patch_normalize.
+    """
+    _check_acc(acc)
+    _check_codes(activation, 0)
+    _finalize(acc, acc, (starts_z, starts_y, starts_x), (wz, wy, wx), floor, activation, 0, 0.0)
+
+
+def patch_finalize(
+    acc: torch.Tensor,
+    starts_z: torch.Tensor,
+    starts_y: torch.Tensor,
+    starts_x: torch.Tensor,
+    wz: torch.Tensor,
+    wy: torch.Tensor,
+    wx: torch.Tensor,
+    floor: float,
+    activation: int,
+    output: int,
+    threshold: float,
+) -> torch.Tensor:
+    """act(acc / N) [B, C, D, H, W] in acc's dtype (output 0), or a uint8 mask (output 1): argmax over
+    C [B, 1, ...] for softmax, [act(v) >= threshold] [B, C, ...] otherwise; 0 where uncovered.
+
+    Arguments as patch_normalize (acc any float32/float64 layout; it is not modified). See
+    densefuse.reference.patch_finalize.
+    """
+    acc = acc.contiguous()
+    _check_acc(acc)
+    _check_codes(activation, output)
+    if output == 0:
+        out = torch.empty_like(acc)
+    else:
+        if activation == 2 and acc.shape[1] > 256:
+            raise ValueError(f"acc: an argmax mask is uint8, so at most 256 classes, got {acc.shape[1]}")
+        channels = 1 if activation == 2 else acc.shape[1]
+        out = acc.new_empty((acc.shape[0], channels, *acc.shape[2:]), dtype=torch.uint8)
+    _finalize(acc, out, (starts_z, starts_y, starts_x), (wz, wy, wx), floor, activation, output, threshold)
+    return out
