@@ -108,8 +108,8 @@ class _OverlapLoss(nn.Module):
         self.ignore_index = _validate.check_ignore_index(ignore_index)
         self.register_buffer("class_weight", _class_weight(weight))
 
-    def confusion(self, input: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(TP, FP, FN) per (batch, class) [B, C'] (or [C'] with batch=True), fp32/fp64."""
+    def overlap_sums(self, input: Tensor, target: Tensor) -> Tensor:
+        """(S_pg, S_p, S_g) per (batch, class) [B, C', 3] (or [C', 3] with batch=True), fp32/fp64."""
         logits = _validate.check_logits(input)
         channels = logits.shape[1]
         activation = "sigmoid" if self.sigmoid else "none"
@@ -129,10 +129,20 @@ class _OverlapLoss(nn.Module):
                 _single_channel_warning("include_background=False")
             else:
                 stats = stats[:, 1:]
-        if self.batch:
-            stats = stats.sum(0)
-        tp, s_p, s_g = stats.unbind(-1)
-        return tp, s_p - tp, s_g - tp
+        return stats.sum(0) if self.batch else stats
+
+    def ratio_score(self, stats: Tensor, numerator: Sequence[float], denominator: Sequence[float]) -> Tensor:
+        """1 - (stats . numerator + smooth_nr) / (stats . denominator + smooth_dr) over the last axis.
+
+        Every loss of the family is this ratio of two linear forms in (S_pg, S_p, S_g), since
+        TP = S_pg, FP = S_p - S_pg and FN = S_g - S_pg: one [3, 2] product and a division, five
+        autograd nodes on [B, C] tensors instead of a dozen. (Written as 1 - num / den, not
+        (den - num) / den, so that the gradient has no cancellation when num ~ den.)
+        """
+        rows = [[n, d] for n, d in zip(numerator, denominator)]
+        coefficients = stats.new_tensor([*rows, [self.smooth_nr, self.smooth_dr]])  # [4, 2]
+        num, den = (stats @ coefficients[:3] + coefficients[3]).unbind(-1)
+        return 1.0 - num / den
 
     def weighted(self, score: Tensor) -> Tensor:
         if self.class_weight is None or score.shape[-1] == 1:
@@ -187,8 +197,9 @@ class TverskyLoss(_OverlapLoss):
         self.beta = float(beta)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        tp, fp, fn = self.confusion(input, target)
-        score = 1.0 - (tp + self.smooth_nr) / (tp + self.alpha * fp + self.beta * fn + self.smooth_dr)
+        # TP + alpha FP + beta FN = (1 - alpha - beta) S_pg + alpha S_p + beta S_g
+        denominator = (1.0 - self.alpha - self.beta, self.alpha, self.beta)
+        score = self.ratio_score(self.overlap_sums(input, target), (1.0, 0.0, 0.0), denominator)
         return self.reduce(self.weighted(score))
 
 
@@ -241,9 +252,10 @@ class DiceLoss(_OverlapLoss):
         self.jaccard = jaccard
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        tp, fp, fn = self.confusion(input, target)
-        union = 2 * (tp + fp + fn) if self.jaccard else 2 * tp + fp + fn
-        score = self.weighted(1.0 - (2 * tp + self.smooth_nr) / (union + self.smooth_dr))
+        # 2 TP + FP + FN = S_p + S_g; jaccard: 2 (TP + FP + FN) = 2 (S_p + S_g - S_pg)
+        denominator = (-2.0, 2.0, 2.0) if self.jaccard else (0.0, 1.0, 1.0)
+        stats = self.overlap_sums(input, target)
+        score = self.weighted(self.ratio_score(stats, (2.0, 0.0, 0.0), denominator))
         if self.reduction == "none":
             return score.view(*score.shape[:2], *[1] * (input.dim() - 2))
         return self.reduce(score)
