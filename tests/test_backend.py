@@ -89,3 +89,24 @@ def test_backward_runs_on_the_backend_forced_at_forward(monkeypatch):
 
 def test_triton_rejects_other_device_types():
     assert "got mps tensors" in _backend.unavailable_reason("triton", "mps")
+
+
+def test_registry_falls_back_to_the_reference_only_when_not_forced():
+    """An op without a kernel for the default backend runs the reference; forcing that backend raises."""
+    present = {"torch": True, "cpp": False, "triton": True}
+    registry = _backend.Registry(
+        "demo_op",
+        {"torch": lambda: "reference", "cpp": lambda: "cpp kernel", "triton": lambda: "triton kernel"},
+        has_kernel=present.__getitem__,
+    )
+    cpu = torch.device("cpu")
+    assert registry.has("torch") and not registry.has("cpp") and not registry.has("cuda")
+    with _backend.use_backend("torch"):
+        assert registry(cpu) == "reference"
+    if "cpp" in cpu_backends():
+        assert registry(cpu) == "reference"  # the default (cpp) has no kernel for this op
+        with _backend.use_backend("cpp"), pytest.raises(RuntimeError, match="demo_op has no 'cpp' kernel"):
+            registry(cpu)
+    if "triton" in cpu_backends():
+        with _backend.use_backend("triton"):
+            assert registry(cpu) == "triton kernel"

@@ -129,17 +129,38 @@ def select(device: torch.device) -> str:
 
 
 class Registry:
-    """Per-op table of backend implementations: ``impls[backend] = fn`` (all share one signature)."""
+    """Per-op table of backend implementations: ``impls[backend] = fn`` (all share one signature).
 
-    def __init__(self, name: str, loaders: dict[str, Callable[[], Callable]]):
+    ``loaders`` maps each backend that may have a kernel to a function that imports it (lazily:
+    triton is imported only when the triton backend runs); ``has_kernel(backend)`` says whether
+    that kernel is really there (e.g. the compiled extension has the op), default: it is. Calling
+    the registry with a device picks the forced backend (an error if it has no kernel for this op)
+    or the device's default, falling back to the ``torch`` reference where the default has none.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        loaders: dict[str, Callable[[], Callable]],
+        has_kernel: Callable[[str], bool] | None = None,
+    ):
         self.name = name
-        self._loaders = loaders  # lazy: triton is imported only when the triton backend runs
+        self._loaders = loaders
+        self._has_kernel = has_kernel
+
+    def has(self, backend: str) -> bool:
+        """Whether this op has a ``backend`` kernel (whether or not it can run on this machine)."""
+        return backend in self._loaders and (self._has_kernel is None or self._has_kernel(backend))
 
     @functools.cache  # noqa: B019 - a handful of registries live for the whole process
     def impl(self, backend: str) -> Callable:
-        if backend not in self._loaders:
-            raise RuntimeError(f"densefuse: op {self.name} has no {backend!r} implementation")
+        if not self.has(backend):
+            hint = "use_backend('torch') runs the reference"
+            raise RuntimeError(f"densefuse: op {self.name} has no {backend!r} kernel; {hint}")
         return self._loaders[backend]()
 
     def __call__(self, device: torch.device) -> Callable:
-        return self.impl(select(device))
+        backend = select(device)
+        if forced_backend() is None and not self.has(backend):
+            backend = "torch"
+        return self.impl(backend)

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from densefuse import reference
 from densefuse.ops import _validate
-from densefuse.ops._backend import Registry, available_backends, extension, forced_backend, select
+from densefuse.ops._backend import Registry, available_backends, extension
 
 OP_NAMES = ("patch_scatter", "patch_gather", "patch_normalize", "patch_finalize")
 ACC_DTYPES = (torch.float32, torch.float64)
@@ -44,41 +44,19 @@ def _kernel_exists(name: str, backend: str) -> bool:
     return backend == "torch"
 
 
-def _missing(name: str, backend: str) -> RuntimeError:
-    return RuntimeError(
-        f"densefuse: op {name} has no {backend!r} kernel yet; use_backend('torch') runs the reference"
-    )
-
-
 def _loader(name: str, backend: str) -> Callable[[], Callable]:
-    def load() -> Callable:
-        if not _kernel_exists(name, backend):
-            raise _missing(name, backend)
-        if backend == "triton":
-            module = importlib.import_module("densefuse.kernels.patch_fuse")
-            if not hasattr(module, name):
-                raise _missing(name, backend)
-            return getattr(module, name)
-        return getattr(torch.ops.densefuse_ext, name)
-
-    return load
+    if backend == "triton":
+        return lambda: getattr(importlib.import_module("densefuse.kernels.patch_fuse"), name)
+    return lambda: getattr(torch.ops.densefuse_ext, name)
 
 
 def _registry(name: str) -> Registry:
     loaders = {backend: _loader(name, backend) for backend in ("cpp", "cuda", "triton")}
     loaders["torch"] = lambda: getattr(reference, name)
-    return Registry(name, loaders)
+    return Registry(name, loaders, has_kernel=lambda backend: _kernel_exists(name, backend))
 
 
 _scatter, _gather, _normalize, _finalize = (_registry(name) for name in OP_NAMES)
-
-
-def _implementation(registry: Registry, device: torch.device) -> Callable:
-    """The forced backend's kernel (an error if it has none), else the default's, else the reference."""
-    backend = select(device)
-    if forced_backend() is None and not _kernel_exists(registry.name, backend):
-        backend = "torch"
-    return registry.impl(backend)
 
 
 def implemented_backends(device_type: str) -> list[str]:
@@ -92,7 +70,7 @@ def patch_scatter_op(
     acc: Tensor, windows: Tensor, starts: Tensor, wz: Tensor, wy: Tensor, wx: Tensor, floor: float
 ) -> Tensor:
     """acc [B, C, D, H, W] += w * windows [N, C, rz, ry, rx] at starts [N, 4] -> flags int64 [2]."""
-    return _implementation(_scatter, acc.device)(acc, windows, starts, wz, wy, wx, floor)
+    return _scatter(acc.device)(acc, windows, starts, wz, wy, wx, floor)
 
 
 @torch.library.custom_op("densefuse::patch_gather_", mutates_args=("acc",))
@@ -100,7 +78,7 @@ def patch_gather_op(
     acc: Tensor, windows: Tensor, starts: Tensor, wz: Tensor, wy: Tensor, wx: Tensor, floor: float
 ) -> Tensor:
     """patch_scatter_ computed output-stationary (bit-identical across runs) -> flags int64 [2]."""
-    return _implementation(_gather, acc.device)(acc, windows, starts, wz, wy, wx, floor)
+    return _gather(acc.device)(acc, windows, starts, wz, wy, wx, floor)
 
 
 @patch_scatter_op.register_fake
@@ -122,7 +100,7 @@ def patch_normalize_op(
     activation: int,
 ) -> None:
     """acc = act(acc / N) in place (0 where no window covers)."""
-    _implementation(_normalize, acc.device)(acc, starts_z, starts_y, starts_x, wz, wy, wx, floor, activation)
+    _normalize(acc.device)(acc, starts_z, starts_y, starts_x, wz, wy, wx, floor, activation)
 
 
 @patch_normalize_op.register_fake
@@ -145,7 +123,7 @@ def patch_finalize_op(
     threshold: float,
 ) -> Tensor:
     """act(acc / N) [B, C, ...] in acc's dtype (output 0), or a uint8 mask (output 1)."""
-    impl = _implementation(_finalize, acc.device)
+    impl = _finalize(acc.device)
     return impl(acc, starts_z, starts_y, starts_x, wz, wy, wx, floor, activation, output, threshold)
 
 
