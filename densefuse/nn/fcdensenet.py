@@ -1,0 +1,207 @@
+"""FCDenseNet3d: the 3D fully convolutional DenseNet of Hashemi et al. (arXiv 1803.11078), on DenseBlock3d.
+
+Defaults reproduce the paper's network (growth k = 16, five down blocks, one bottleneck block and five
+up blocks of five layers each, bottleneck convolutions of 4k = 64 maps, dropout 0.2, BN eps 1.1e-5)::
+
+    input [B, 4, D, H, W]
+    stem        Conv 2x2x2 stride 2 (48) - ReLU - Conv 3x3x3 - BN-ReLU - Conv 3x3x3 - BN-ReLU - Conv 3x3x3
+    5 x down    DenseBlock3d (5 layers) -> skip;  BN-ReLU-Conv 1x1x1 (channels // 2) - Dropout - MaxPool 2
+    bottleneck  DenseBlock3d (5 layers); only its 80 new maps go up
+    5 x up      ConvTranspose 3x3x3 stride 2 of the 80 new maps (80) - ReLU, concatenated with the skip
+                of the matching down block; DenseBlock3d (5 layers); only its 80 new maps go up
+    head        ConvTranspose 2x2x2 stride 2 (48) - ReLU - Conv 1x1x1 -> logits [B, 1, D, H, W]
+
+Channels at 128^3 (stem output 48 maps at 64^3): down blocks 48->128, 64->144, 72->152, 76->156,
+78->158 (transitions down to 64, 72, 76, 78, 79), bottleneck 79->159, up blocks 80+158, 80+156, 80+152,
+80+144 and 80+128 in, 80 new maps out. With 4 inputs and 1 output that is 3,297,358 parameters, the
+paper's "about 3.3 M" (the dense layers' convolutions have no bias, as each feeds a BN; the stem,
+transition and head convolutions have one). Every DenseBlock3d runs the same
+``implementation`` ("fused" | "checkpoint" | "naive"); it can be changed after construction, and the
+parameters and buffers do not depend on it, so state_dicts move freely between implementations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from densefuse.nn.dense import DenseBlock3d
+
+
+class _TransitionDown(nn.Sequential):
+    """BN-ReLU-Conv1x1x1 (channels -> channels // 2) - Dropout - MaxPool 2: [B, C, D, H, W] ->
+    [B, C // 2, D/2, H/2, W/2]."""
+
+    def __init__(self, channels: int, dropout: float, eps: float, momentum: float) -> None:
+        super().__init__(
+            nn.BatchNorm3d(channels, eps=eps, momentum=momentum),
+            nn.ReLU(inplace=True),
+            nn.Conv3d(channels, channels // 2, kernel_size=1),
+            nn.Dropout(dropout),
+            nn.MaxPool3d(2),
+        )
+
+
+class _TransitionUp(nn.Sequential):
+    """ConvTranspose 3x3x3 stride 2 - ReLU: [B, C, D, H, W] -> [B, C, 2D, 2H, 2W]."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(
+            nn.ConvTranspose3d(channels, channels, 3, stride=2, padding=1, output_padding=1),
+            nn.ReLU(inplace=True),
+        )
+
+
+def _stem(in_channels: int, channels: int, convs: int, eps: float, momentum: float) -> nn.Sequential:
+    """Conv 2x2x2 stride 2 - ReLU, then ``convs`` 3x3x3 convolutions with BN-ReLU between them."""
+    modules: list[nn.Module] = [nn.Conv3d(in_channels, channels, 2, stride=2), nn.ReLU(inplace=True)]
+    for i in range(convs):
+        if i:
+            modules += [nn.BatchNorm3d(channels, eps=eps, momentum=momentum), nn.ReLU(inplace=True)]
+        modules.append(nn.Conv3d(channels, channels, 3, padding=1))
+    return nn.Sequential(*modules)
+
+
+class FCDenseNet3d(nn.Module):
+    """3D FC-DenseNet for segmentation: input [B, in_channels, D, H, W] -> logits [B, out_channels, D, H, W].
+
+    Args:
+        in_channels: input modalities (the paper: 4, T1/T2/PD/FLAIR).
+        out_channels: classes of logits (1 for a sigmoid lesion map).
+        growth_rate: k, maps each dense layer adds.
+        num_down_blocks: dense blocks on the way down (and up); the input's spatial sizes must be
+            multiples of ``2 * 2**num_down_blocks`` (the stem halves them once, each down block once).
+        layers_per_block: dense layers per block; an int for every block, or a sequence of
+            ``2 * num_down_blocks + 1`` counts (down blocks, the bottleneck block, up blocks).
+        bottleneck: width of each dense layer's 1x1x1 convolution as a multiple of k (4: 4k maps),
+            or None for layers of BN-ReLU-Conv3x3x3 only.
+        stem_channels: maps of the stem's convolutions.
+        stem_convs: 3x3x3 convolutions after the stem's strided 2x2x2 convolution.
+        head_channels: maps of the head's 2x2x2 transposed convolution (default: stem_channels).
+        dropout: dropout probability after each dense layer and each transition down.
+        eps, momentum: of every BatchNorm3d.
+        implementation: of every DenseBlock3d, "fused" | "checkpoint" | "naive" (see DenseBlock3d).
+
+    The forward works in the input's dtype (fp32, or bf16/fp16 under torch.autocast); the logits have
+    the dtype of the last convolution's output.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 4,
+        out_channels: int = 1,
+        growth_rate: int = 16,
+        num_down_blocks: int = 5,
+        layers_per_block: int | Sequence[int] = 5,
+        bottleneck: int | None = 4,
+        stem_channels: int = 48,
+        stem_convs: int = 3,
+        head_channels: int | None = None,
+        dropout: float = 0.2,
+        eps: float = 1.1e-5,
+        momentum: float = 0.1,
+        implementation: str = "fused",
+    ) -> None:
+        super().__init__()
+        for name, value, least in (
+            ("in_channels", in_channels, 1),
+            ("out_channels", out_channels, 1),
+            ("growth_rate", growth_rate, 1),
+            ("num_down_blocks", num_down_blocks, 0),
+            ("stem_channels", stem_channels, 1),
+            ("stem_convs", stem_convs, 0),
+        ):
+            if not isinstance(value, int) or value < least:
+                raise ValueError(f"{name}: expected an integer >= {least}, got {value!r}")
+        blocks = 2 * num_down_blocks + 1
+        layers = [layers_per_block] * blocks if isinstance(layers_per_block, int) else list(layers_per_block)
+        if len(layers) != blocks or not all(isinstance(n, int) and n >= 1 for n in layers):
+            raise ValueError(
+                f"layers_per_block: expected a positive integer or {blocks} of them (down blocks, bottleneck "
+                f"block, up blocks), got {layers_per_block!r}"
+            )
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.num_down_blocks = num_down_blocks
+        self.size_multiple = 2 * 2**num_down_blocks
+        block_args = {
+            "bottleneck": bottleneck,
+            "dropout": dropout,
+            "eps": eps,
+            "momentum": momentum,
+            "implementation": implementation,
+        }
+
+        self.stem = _stem(in_channels, stem_channels, stem_convs, eps, momentum)
+        self.down_blocks = nn.ModuleList()
+        self.transitions_down = nn.ModuleList()
+        skips = []
+        channels = stem_channels
+        for num_layers in layers[:num_down_blocks]:
+            block = DenseBlock3d(channels, growth_rate, num_layers, **block_args)
+            skips.append(block.out_channels)
+            self.down_blocks.append(block)
+            self.transitions_down.append(_TransitionDown(block.out_channels, dropout, eps, momentum))
+            channels = block.out_channels // 2
+        self.bottleneck_block = DenseBlock3d(channels, growth_rate, layers[num_down_blocks], **block_args)
+        new_maps = layers[num_down_blocks] * growth_rate
+        self.transitions_up = nn.ModuleList()
+        self.up_blocks = nn.ModuleList()
+        for num_layers, skip in zip(layers[num_down_blocks + 1 :], reversed(skips)):
+            self.transitions_up.append(_TransitionUp(new_maps))
+            block = DenseBlock3d(new_maps + skip, growth_rate, num_layers, **block_args)
+            self.up_blocks.append(block)
+            new_maps = num_layers * growth_rate
+        head_channels = stem_channels if head_channels is None else head_channels
+        self.head = nn.Sequential(
+            nn.ConvTranspose3d(new_maps, head_channels, 2, stride=2),
+            nn.ReLU(inplace=True),
+            nn.Conv3d(head_channels, out_channels, 1),
+        )
+        self._implementation = implementation
+
+    def dense_blocks(self) -> list[DenseBlock3d]:
+        """Every DenseBlock3d of the network: down blocks, the bottleneck block, up blocks."""
+        return [*self.down_blocks, self.bottleneck_block, *self.up_blocks]
+
+    @property
+    def implementation(self) -> str:
+        """The implementation every DenseBlock3d runs: "fused" | "checkpoint" | "naive" (settable)."""
+        return self._implementation
+
+    @implementation.setter
+    def implementation(self, value: str) -> None:
+        for block in self.dense_blocks():  # the first block rejects an unknown value, before any change
+            block.implementation = value
+        self._implementation = value
+
+    def check_input(self, x: Tensor) -> None:
+        """ValueError unless ``x`` is [B, in_channels, D, H, W] with D, H, W multiples of size_multiple."""
+        if x.dim() != 5 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"input: expected shape [B, {self.in_channels}, D, H, W], got {tuple(x.shape)}"
+            )
+        spatial = tuple(x.shape[2:])
+        m = self.size_multiple
+        if any(size % m for size in spatial):
+            padded = tuple(-(-size // m) * m for size in spatial)
+            raise ValueError(
+                f"input: spatial size {spatial} must be a multiple of {m} in every dimension (2 for the "
+                f"stem x 2^{self.num_down_blocks} for the down blocks); pad it to {padded} or crop it"
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [B, in_channels, D, H, W] -> logits [B, out_channels, D, H, W] (see check_input)."""
+        self.check_input(x)
+        x = self.stem(x)
+        skips = []
+        for block, down in zip(self.down_blocks, self.transitions_down):
+            x = block(x)
+            skips.append(x)
+            x = down(x)
+        x = self.bottleneck_block(x)[:, self.bottleneck_block.in_channels :]
+        for up, block, skip in zip(self.transitions_up, self.up_blocks, reversed(skips)):
+            x = block(torch.cat([up(x), skip], dim=1))[:, block.in_channels :]
+        return self.head(x)

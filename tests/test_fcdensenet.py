@@ -1,0 +1,135 @@
+"""FCDenseNet3d: the paper's architecture and parameter count, shapes, input checks, and the three
+dense-block implementations giving the same network (outputs, gradients, running statistics) with
+interchangeable state_dicts. Tiny networks at 16^3 keep it fast on a CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from densefuse.nn import FCDenseNet3d
+
+TINY = dict(growth_rate=4, num_down_blocks=2, layers_per_block=2, stem_channels=8, stem_convs=2)
+IMPLEMENTATIONS = ("naive", "checkpoint", "fused")
+
+
+def n_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_paper_defaults():
+    net = FCDenseNet3d()
+    assert n_params(net) == 3_297_358  # the paper's "about 3.3 M" (4 inputs, 1 output)
+    assert net.size_multiple == 64 and net.implementation == "fused"
+    assert [b.out_channels for b in net.down_blocks] == [128, 144, 152, 156, 158]
+    assert net.bottleneck_block.in_channels == 79 and net.bottleneck_block.out_channels == 159
+    assert [b.in_channels for b in net.up_blocks] == [238, 236, 232, 224, 208]
+    for block in net.dense_blocks():
+        assert (block.growth_rate, block.num_layers) == (16, 5)
+        layer = block.layers[0]
+        assert layer.conv1.out_channels == 64 and layer.dropout.p == 0.2
+        assert layer.norm1.eps == 1.1e-5
+    assert [t[0].out_channels for t in net.transitions_up] == [80] * 5
+    assert net.stem[0].stride == (2, 2, 2) and net.stem[0].out_channels == 48
+    assert net.head[0].in_channels == 80 and net.head[0].out_channels == 48
+    assert net.head[-1].out_channels == 1
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_forward_shape(rng, implementation):
+    net = FCDenseNet3d(in_channels=2, out_channels=3, implementation=implementation, **TINY)
+    x = torch.randn(2, 2, 16, 8, 24, generator=rng)
+    y = net(x)
+    assert y.shape == (2, 3, 16, 8, 24) and y.dtype == torch.float32
+    y.square().mean().backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_bf16_autocast(rng):
+    net = FCDenseNet3d(in_channels=1, **TINY)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = net(torch.randn(2, 1, 16, 16, 16, generator=rng))
+    assert y.shape == (2, 1, 16, 16, 16) and y.dtype == torch.bfloat16
+
+
+def test_input_checks():
+    net = FCDenseNet3d(in_channels=4, **TINY)
+    with pytest.raises(ValueError, match=r"input: spatial size \(16, 16, 12\) must be a multiple of 8"):
+        net(torch.zeros(1, 4, 16, 16, 12))
+    with pytest.raises(ValueError, match=r"input: expected shape \[B, 4, D, H, W\]"):
+        net(torch.zeros(1, 3, 16, 16, 16))
+    with pytest.raises(ValueError, match="input"):
+        net(torch.zeros(4, 16, 16, 16))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        (dict(layers_per_block=[2, 2, 2]), "layers_per_block"),  # 2 down blocks need 5 counts
+        (dict(layers_per_block=0), "layers_per_block"),
+        (dict(growth_rate=0), "growth_rate"),
+        (dict(num_down_blocks=-1), "num_down_blocks"),
+        (dict(in_channels=0), "in_channels"),
+        (dict(implementation="fast"), "implementation"),
+    ],
+)
+def test_bad_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        FCDenseNet3d(**{**TINY, **kwargs})
+
+
+def test_configurable_architecture(rng):
+    net = FCDenseNet3d(
+        in_channels=1,
+        growth_rate=3,
+        num_down_blocks=1,
+        layers_per_block=[1, 2, 3],
+        bottleneck=None,
+        stem_channels=6,
+        stem_convs=0,
+        head_channels=5,
+    )
+    assert net.size_multiple == 4
+    assert [b.num_layers for b in net.dense_blocks()] == [1, 2, 3]
+    assert not hasattr(net.down_blocks[0].layers[0], "conv2")  # BN-ReLU-Conv3x3x3 layers
+    assert net.transitions_up[0][0].in_channels == 6  # the bottleneck block's 2 * 3 new maps
+    assert net.head[0].in_channels == 9 and net.head[0].out_channels == 5
+    assert net(torch.randn(2, 1, 4, 8, 12, generator=rng)).shape == (2, 1, 4, 8, 12)
+
+
+def test_implementation_setter():
+    net = FCDenseNet3d(**TINY)
+    net.implementation = "checkpoint"
+    assert {b.implementation for b in net.dense_blocks()} == {"checkpoint"}
+    with pytest.raises(ValueError, match="implementation"):
+        net.implementation = "fast"
+    assert net.implementation == "checkpoint"
+    assert {b.implementation for b in net.dense_blocks()} == {"checkpoint"}
+
+
+def test_implementations_agree(rng):
+    """Same state_dict, dropout off: same logits, parameter gradients and running stats in train mode,
+    same logits in eval mode, whichever implementation runs the dense blocks."""
+    reference = FCDenseNet3d(in_channels=2, dropout=0.0, implementation="naive", **TINY)
+    state = {k: v.clone() for k, v in reference.state_dict().items()}
+    x = torch.randn(2, 2, 16, 16, 16, generator=rng)
+    results = {}
+    for implementation in IMPLEMENTATIONS:
+        net = FCDenseNet3d(in_channels=2, dropout=0.0, implementation=implementation, **TINY)
+        net.load_state_dict(state)
+        y = net(x)
+        y.square().mean().backward()
+        grads = {name: p.grad.clone() for name, p in net.named_parameters()}
+        net.eval()
+        with torch.no_grad():
+            y_eval = net(x)
+        results[implementation] = (y.detach(), grads, net.state_dict(), y_eval)
+    y0, g0, s0, e0 = results["naive"]
+    for implementation in ("checkpoint", "fused"):
+        y, g, s, e = results[implementation]
+        torch.testing.assert_close(y, y0, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(e, e0, rtol=1e-4, atol=1e-5)
+        for name in g0:
+            torch.testing.assert_close(g[name], g0[name], rtol=1e-3, atol=1e-5, msg=f"grad {name}")
+        for name in s0:
+            torch.testing.assert_close(s[name], s0[name], rtol=1e-4, atol=1e-6, msg=f"state {name}")
