@@ -9,22 +9,34 @@
 // One implementation per op validates the tensors, describes them as a LossStatsArgs (pointers +
 // strides + dtype codes) and hands that to the CPU kernels (csrc/cpu) or, for CUDA tensors, to the
 // CUDA launchers (csrc/cuda) on the current stream. Meta kernels give shapes for fake tensors.
+//
+// Patch fusion (densefuse/reference.py patch_*; csrc/patch_fuse_args.h):
+//   patch_scatter(acc! [B,C,D,H,W], windows [N,C,rz,ry,rx], starts [N,4], wz, wy, wx, floor) -> flags [2]
+//   patch_gather(...same...)                                                                -> flags [2]
+//   patch_normalize(acc!, starts_z, starts_y, starts_x, wz, wy, wx, floor, activation)      -> ()
+//   patch_finalize(acc, starts_z, starts_y, starts_x, wz, wy, wx, floor, activation, output, threshold)
+//                                                        -> act(acc / N) [B,C,...] or a uint8 mask
+// CPU for all four; CUDA (vector atomics) for patch_scatter.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "cpu/loss_stats.h"
+#include "cpu/patch_fuse.h"
 #include "loss_stats_args.h"
+#include "patch_fuse_args.h"
 
 #ifdef DENSEFUSE_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include "cuda/loss_stats.h"
+#include "cuda/patch_fuse.h"
 #endif
 
 namespace densefuse {
@@ -229,6 +241,192 @@ Tensor focal_stats_backward_meta(const Tensor&, const Tensor& logits, const Tens
   return grad_meta(logits);
 }
 
+// ------------------------------------------------------------------------------------ patch fusion
+// Inputs are validated at the Python boundary (densefuse/ops/patch_fuse.py); these checks keep a
+// direct torch.ops.densefuse_ext call from reading out of bounds and name the argument.
+DType float_code(const char* name, const Tensor& t) {
+  const auto code = dtype_code(t.scalar_type());
+  TORCH_CHECK(t.is_floating_point() && code, name, ": expected a float16/bfloat16/float32/float64 tensor, got ",
+              t.scalar_type());
+  return *code;
+}
+
+Tensor checked_acc(const Tensor& acc, bool in_place) {
+  TORCH_CHECK(acc.scalar_type() == at::kFloat || acc.scalar_type() == at::kDouble,
+              "acc: expected a float32/float64 accumulator, got ", acc.scalar_type());
+  TORCH_CHECK(acc.dim() == 5 && acc.numel() > 0, "acc: expected a non-empty [B, C, D, H, W] tensor, got shape ",
+              acc.sizes());
+  TORCH_CHECK(!in_place || acc.is_contiguous(), "acc: expected a contiguous tensor (it is written in place)");
+  return acc.contiguous();
+}
+
+// A small argument on acc's device (it may come from the CPU) in `dtype`, contiguous.
+Tensor to_acc_device(const char* name, const Tensor& t, const Tensor& acc, at::ScalarType dtype) {
+  TORCH_CHECK(t.device() == acc.device() || t.device().is_cpu(), name, ": expected a tensor on ", acc.device(),
+              " (or the CPU), got ", t.device());
+  return t.to(acc.device(), dtype).contiguous();
+}
+
+Tensor checked_ints(const char* name, const Tensor& t, const Tensor& acc) {
+  TORCH_CHECK(!t.is_floating_point() && !t.is_complex() && t.scalar_type() != at::kBool, name,
+              ": expected an integer tensor, got ", t.scalar_type());
+  return to_acc_device(name, t, acc, at::kLong);
+}
+
+// A 1-D weight vector in acc's dtype; length < 0: any length >= 1.
+Tensor checked_weights(const char* name, const Tensor& w, int64_t length, const Tensor& acc) {
+  TORCH_CHECK(w.is_floating_point(), name, ": expected a float weight vector, got ", w.scalar_type());
+  TORCH_CHECK(w.dim() == 1 && w.numel() >= 1 && (length < 0 || w.numel() == length), name,
+              ": expected a 1-D vector of length ", length < 0 ? std::string(">= 1") : std::to_string(length),
+              ", got shape ", w.sizes());
+  return to_acc_device(name, w, acc, acc.scalar_type());
+}
+
+void check_floor(double floor) {
+  TORCH_CHECK(std::isfinite(floor) && floor >= 0, "floor: expected a finite number >= 0, got ", floor);
+}
+
+void fill_volume(const Tensor& acc, int64_t& batch, int64_t& channels, int64_t (&size)[3]) {
+  batch = acc.size(0);
+  channels = acc.size(1);
+  for (int d = 0; d < 3; ++d) size[d] = acc.size(d + 2);
+}
+
+// Validated scatter inputs: the kernel arguments and the tensors they point into.
+struct ScatterCall {
+  Tensor acc, windows, starts, weights[3];
+  PatchScatterArgs args;
+};
+
+ScatterCall prepare_scatter(const Tensor& acc, const Tensor& windows, const Tensor& starts, const Tensor& wz,
+                            const Tensor& wy, const Tensor& wx, double floor) {
+  ScatterCall call;
+  call.acc = checked_acc(acc, true);
+  PatchScatterArgs& a = call.args;
+  a.windows_dtype = float_code("windows", windows);
+  TORCH_CHECK(windows.dim() == 5 && windows.size(1) == acc.size(1), "windows: expected shape [N, ", acc.size(1),
+              ", rz, ry, rx] (channels of acc), got ", windows.sizes());
+  TORCH_CHECK(windows.device() == acc.device(), "windows: expected a tensor on ", acc.device(), " like acc, got ",
+              windows.device());
+  call.windows = windows.contiguous();
+  call.starts = checked_ints("starts", starts, acc);
+  TORCH_CHECK(call.starts.dim() == 2 && call.starts.size(0) == windows.size(0) && call.starts.size(1) == 4,
+              "starts: expected shape (", windows.size(0), ", 4) = (batch, z, y, x) per window, got ", starts.sizes());
+  const char* names[3] = {"wz", "wy", "wx"};
+  const Tensor* vectors[3] = {&wz, &wy, &wx};
+  for (int d = 0; d < 3; ++d) {
+    TORCH_CHECK(windows.size(d + 2) >= 1, "windows: window size must be >= 1 along every axis, got ",
+                windows.sizes().slice(2));
+    call.weights[d] = checked_weights(names[d], *vectors[d], windows.size(d + 2), acc);
+    a.roi[d] = windows.size(d + 2);
+    a.weights[d] = call.weights[d].data_ptr();
+  }
+  check_floor(floor);
+  fill_volume(call.acc, a.batch, a.channels, a.size);
+  a.acc = call.acc.data_ptr();
+  a.acc_dtype = acc.scalar_type() == at::kDouble ? DType::Float64 : DType::Float32;
+  a.count = windows.size(0);
+  a.windows = call.windows.data_ptr();
+  a.starts = call.starts.data_ptr<int64_t>();
+  a.floor = floor;
+  return call;
+}
+
+// gather: the output-stationary CPU kernel (patch_gather is registered for the CPU only).
+Tensor run_scatter(const ScatterCall& call, bool gather) {
+  Tensor flags = at::zeros({2}, call.acc.options().dtype(at::kLong));
+  if (call.acc.is_cuda()) {
+#ifdef DENSEFUSE_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(call.acc.device());
+    const cudaError_t err =
+        cuda::launch_patch_scatter(call.args, flags.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream());
+    TORCH_CHECK(err == cudaSuccess, "densefuse: CUDA patch_scatter failed: ", cudaGetErrorString(err));
+#else
+    TORCH_CHECK(false, "densefuse._C was built without CUDA");
+#endif
+  } else if (call.args.count > 0) {
+    (gather ? cpu::patch_gather : cpu::patch_scatter)(call.args, flags.data_ptr<int64_t>());
+  }
+  return flags;
+}
+
+Tensor patch_scatter(const Tensor& acc, const Tensor& windows, const Tensor& starts, const Tensor& wz,
+                     const Tensor& wy, const Tensor& wx, double floor) {
+  return run_scatter(prepare_scatter(acc, windows, starts, wz, wy, wx, floor), false);
+}
+
+Tensor patch_gather(const Tensor& acc, const Tensor& windows, const Tensor& starts, const Tensor& wz,
+                    const Tensor& wy, const Tensor& wx, double floor) {
+  return run_scatter(prepare_scatter(acc, windows, starts, wz, wy, wx, floor), true);
+}
+
+// Validated finalise inputs.
+struct FinalizeCall {
+  Tensor acc, starts[3], weights[3];
+  PatchFinalizeArgs args;
+};
+
+FinalizeCall prepare_finalize(const Tensor& acc, bool in_place, const Tensor& starts_z, const Tensor& starts_y,
+                              const Tensor& starts_x, const Tensor& wz, const Tensor& wy, const Tensor& wx,
+                              double floor, int64_t activation, int64_t output, double threshold) {
+  FinalizeCall call;
+  call.acc = checked_acc(acc, in_place);
+  PatchFinalizeArgs& a = call.args;
+  const char* start_names[3] = {"starts_z", "starts_y", "starts_x"};
+  const char* weight_names[3] = {"wz", "wy", "wx"};
+  const Tensor* starts[3] = {&starts_z, &starts_y, &starts_x};
+  const Tensor* vectors[3] = {&wz, &wy, &wx};
+  for (int d = 0; d < 3; ++d) {
+    call.starts[d] = checked_ints(start_names[d], *starts[d], acc);
+    TORCH_CHECK(call.starts[d].dim() == 1, start_names[d], ": expected a 1-D tensor of window starts, got shape ",
+                starts[d]->sizes());
+    call.weights[d] = checked_weights(weight_names[d], *vectors[d], -1, acc);
+    a.starts[d] = call.starts[d].data_ptr<int64_t>();
+    a.grid[d] = call.starts[d].numel();
+    a.weights[d] = call.weights[d].data_ptr();
+    a.roi[d] = call.weights[d].numel();
+  }
+  check_floor(floor);
+  TORCH_CHECK(activation >= kActNone && activation <= kActSoftmax,
+              "activation: expected 0 (none), 1 (sigmoid) or 2 (softmax), got ", activation);
+  TORCH_CHECK(output == kOutProbabilities || output == kOutMask, "output: expected 0 (probabilities) or 1 (mask), got ",
+              output);
+  TORCH_CHECK(std::isfinite(threshold), "threshold: expected a finite number, got ", threshold);
+  TORCH_CHECK(output != kOutMask || activation != kActSoftmax || acc.size(1) <= 256,
+              "acc: an argmax mask is uint8, so at most 256 classes, got ", acc.size(1));
+  fill_volume(call.acc, a.batch, a.channels, a.size);
+  a.acc = call.acc.data_ptr();
+  a.acc_dtype = acc.scalar_type() == at::kDouble ? DType::Float64 : DType::Float32;
+  a.floor = floor;
+  a.activation = static_cast<int32_t>(activation);
+  a.output = static_cast<int32_t>(output);
+  a.threshold = threshold;
+  return call;
+}
+
+void patch_normalize(const Tensor& acc, const Tensor& starts_z, const Tensor& starts_y, const Tensor& starts_x,
+                     const Tensor& wz, const Tensor& wy, const Tensor& wx, double floor, int64_t activation) {
+  const FinalizeCall call = prepare_finalize(acc, true, starts_z, starts_y, starts_x, wz, wy, wx, floor, activation,
+                                             kOutProbabilities, 0.0);
+  cpu::patch_finalize(call.args, call.acc.data_ptr());
+}
+
+Tensor patch_finalize(const Tensor& acc, const Tensor& starts_z, const Tensor& starts_y, const Tensor& starts_x,
+                      const Tensor& wz, const Tensor& wy, const Tensor& wx, double floor, int64_t activation,
+                      int64_t output, double threshold) {
+  const FinalizeCall call = prepare_finalize(acc, false, starts_z, starts_y, starts_x, wz, wy, wx, floor, activation,
+                                             output, threshold);
+  Tensor out;
+  if (output == kOutProbabilities) {
+    out = at::empty(acc.sizes(), call.acc.options());
+  } else {
+    const int64_t channels = activation == kActSoftmax ? 1 : acc.size(1);
+    out = at::empty({acc.size(0), channels, acc.size(2), acc.size(3), acc.size(4)}, acc.options().dtype(at::kByte));
+  }
+  cpu::patch_finalize(call.args, out.data_ptr());
+  return out;
+}
+
 // The x86 code path the CPU kernels' target_clones resolve to on this machine.
 const char* cpu_isa() {
 #ifdef DENSEFUSE_CPU_CLONES
@@ -269,6 +467,18 @@ TORCH_LIBRARY(densefuse_ext, m) {
   m.def(
       "focal_stats_backward(Tensor grad_stats, Tensor logits, Tensor target, int activation, float gamma,"
       " Tensor? alpha_pos, Tensor? alpha_neg, int? ignore_index) -> Tensor");
+  m.def(
+      "patch_scatter(Tensor(a!) acc, Tensor windows, Tensor starts, Tensor wz, Tensor wy, Tensor wx, float floor)"
+      " -> Tensor");
+  m.def(
+      "patch_gather(Tensor(a!) acc, Tensor windows, Tensor starts, Tensor wz, Tensor wy, Tensor wx, float floor)"
+      " -> Tensor");
+  m.def(
+      "patch_normalize(Tensor(a!) acc, Tensor starts_z, Tensor starts_y, Tensor starts_x, Tensor wz, Tensor wy,"
+      " Tensor wx, float floor, int activation) -> ()");
+  m.def(
+      "patch_finalize(Tensor acc, Tensor starts_z, Tensor starts_y, Tensor starts_x, Tensor wz, Tensor wy, Tensor wx,"
+      " float floor, int activation, int output, float threshold) -> Tensor");
 }
 
 #define DENSEFUSE_IMPL_OPS(m, suffix)                                                \
@@ -277,10 +487,19 @@ TORCH_LIBRARY(densefuse_ext, m) {
   m.impl("focal_stats", &densefuse::focal_stats##suffix);                            \
   m.impl("focal_stats_backward", &densefuse::focal_stats_backward##suffix)
 
-TORCH_LIBRARY_IMPL(densefuse_ext, CPU, m) { DENSEFUSE_IMPL_OPS(m, ); }
+TORCH_LIBRARY_IMPL(densefuse_ext, CPU, m) {
+  DENSEFUSE_IMPL_OPS(m, );
+  m.impl("patch_scatter", &densefuse::patch_scatter);
+  m.impl("patch_gather", &densefuse::patch_gather);
+  m.impl("patch_normalize", &densefuse::patch_normalize);
+  m.impl("patch_finalize", &densefuse::patch_finalize);
+}
 
 #ifdef DENSEFUSE_WITH_CUDA
-TORCH_LIBRARY_IMPL(densefuse_ext, CUDA, m) { DENSEFUSE_IMPL_OPS(m, ); }
+TORCH_LIBRARY_IMPL(densefuse_ext, CUDA, m) {
+  DENSEFUSE_IMPL_OPS(m, );
+  m.impl("patch_scatter", &densefuse::patch_scatter);
+}
 #endif
 
 TORCH_LIBRARY_IMPL(densefuse_ext, Meta, m) { DENSEFUSE_IMPL_OPS(m, _meta); }

@@ -1,0 +1,473 @@
+// CPU patch-fusion kernels (semantics: densefuse/reference.py; layout: patch_fuse_args.h).
+//
+// Scatter and gather. Work item = one band of rows y of one (batch, z) plane of acc (a plane is one
+// band unless there are too few planes to keep every thread busy). A CSR index lists, per plane, the
+// placed windows that cross it, in window order. The thread that owns an item adds, for each of those
+// windows, each channel and each of the window's rows inside the band, one x run:
+//     out[x] += max((wz[i] * wy[j]) * wx[k], floor) * v[n, c, i, j, k]        (one SIMD loop)
+// counting non-finite v in the same loop. No two threads write the same voxel and each voxel gets
+// its windows in index order, so the result does not depend on the thread count and needs no
+// atomics (the scatter is deterministic too, with reference.patch_scatter's order). The gather adds
+// the windows of an item into a zeroed scratch box (their union) and then adds the box into acc, as
+// reference.patch_gather. An item's part of acc (H * W values per channel for a plane) stays in L2
+// while its windows stream through it once.
+//
+// Finalise. Work item = a run of (z, y) rows. Per row the normaliser N[x] is computed once and reused
+// for every (batch, channel): floor == 0: N = (Sz[z] * Sy[y]) * Sx[x] from three 1-D sums (never a
+// volume-sized map); floor > 0: the clamped weights of the covering grid windows summed in grid order
+// (a, b, c) from per-axis lists of covering starts, exactly as reference.fusion_normalizer. Then
+// v = acc / N (0 where N < the smallest normal T), the activation, and the output row.
+#include "cpu/patch_fuse.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <type_traits>
+#include <vector>
+
+#include "patch_math.h"
+
+namespace densefuse::cpu {
+namespace {
+
+using patch::AxisClip;
+
+constexpr int64_t kItemsPerThread = 4;  // scatter: split planes into row bands below this many items
+constexpr int64_t kRowGrain = 16384;    // finalise: voxels (rows x batch x channels) per chunk at least
+
+// --------------------------------------------------------------------------------- dispatch helpers
+template <class T>
+struct Tag {
+  using type = T;
+};
+
+template <class F>
+void visit_acc(DType dtype, F&& f) {
+  if (dtype == DType::Float64) {
+    f(Tag<double>{});
+  } else {
+    f(Tag<float>{});
+  }
+}
+
+template <class F>
+void visit_window(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::Float16: return f(Tag<c10::Half>{});
+    case DType::BFloat16: return f(Tag<c10::BFloat16>{});
+    case DType::Float32: return f(Tag<float>{});
+    case DType::Float64: return f(Tag<double>{});
+    default: TORCH_CHECK(false, "windows: expected a float16/bfloat16/float32/float64 tensor");
+  }
+}
+
+// The type a window value is tested for NaN/Inf in, before any rounding to acc's dtype.
+template <class S>
+using Wide = std::conditional_t<std::is_same_v<S, double>, double, float>;
+
+// fn(item, scratch) for every item in [0, items). Threads take the next item from a shared counter
+// (dynamic scheduling: a preempted or slower thread delays nobody); each owns one Scratch.
+template <class Scratch, class Fn>
+void parallel_items(int64_t items, Fn&& fn) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), items);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    Scratch scratch;
+    for (int64_t item = next++; item < items; item = next++) fn(item, scratch);
+  });
+}
+
+// ----------------------------------------------------------------------------------------- scatter
+// out[k] += w_k * v[k] for k < n, w_k = max(pzy * wx[k], floor) (no clamp unless CLAMP). Returns the
+// number of non-finite v[k].
+template <bool CLAMP, class T, class S>
+inline int64_t add_row(T* out, const S* v, const T* wx, T pzy, T floor, int64_t n) {
+  int64_t bad = 0;
+#pragma omp simd reduction(+ : bad)
+  for (int64_t k = 0; k < n; ++k) {
+    const Wide<S> x = static_cast<Wide<S>>(v[k]);
+    bad += math::nonfinite(x);
+    out[k] += patch::weight<CLAMP>(pzy, wx[k], floor) * static_cast<T>(x);
+  }
+  return bad;
+}
+
+struct Placed {
+  int64_t n;  // window index
+  patch::Placement at;
+};
+
+// The placed windows of a call and, per (batch, z) plane of acc, the ones that cross it (CSR, in
+// window order); the work items are (busy plane, band of rows).
+struct PlaneIndex {
+  std::vector<Placed> windows;
+  std::vector<int64_t> begin;    // [B * D + 1]: members[begin[p] .. begin[p + 1]) cross plane p
+  std::vector<int64_t> members;  // indices into windows
+  std::vector<int64_t> busy;     // planes with at least one window
+  int64_t skipped = 0;
+  int64_t bands = 1, band_rows = 0;
+
+  explicit PlaneIndex(const PatchScatterArgs& a) : begin(a.batch * a.size[0] + 1, 0) {
+    const int64_t depth = a.size[0];
+    for (int64_t n = 0; n < a.count; ++n) {
+      const patch::Placement at = patch::place_window(a.starts + 4 * n, a.roi, a.batch, a.size);
+      if (at.placed) {
+        windows.push_back({n, at});
+      } else {
+        ++skipped;
+      }
+    }
+    for (const Placed& w : windows) {
+      for (int64_t z = w.at.axis[0].lo; z < w.at.axis[0].hi; ++z) ++begin[w.at.batch * depth + z + 1];
+    }
+    std::partial_sum(begin.begin(), begin.end(), begin.begin());
+    members.resize(begin.back());
+    std::vector<int64_t> cursor(begin.begin(), begin.end() - 1);
+    for (int64_t k = 0; k < static_cast<int64_t>(windows.size()); ++k) {
+      const patch::Placement& at = windows[k].at;
+      for (int64_t z = at.axis[0].lo; z < at.axis[0].hi; ++z) members[cursor[at.batch * depth + z]++] = k;
+    }
+    for (int64_t p = 0; p + 1 < static_cast<int64_t>(begin.size()); ++p) {
+      if (begin[p + 1] > begin[p]) busy.push_back(p);
+    }
+    const int64_t height = a.size[1];
+    const int64_t wanted = kItemsPerThread * at::get_num_threads();
+    const int64_t planes = std::max<int64_t>(static_cast<int64_t>(busy.size()), 1);
+    bands = std::min<int64_t>(height, (wanted + planes - 1) / planes);
+    band_rows = (height + bands - 1) / bands;
+    bands = (height + band_rows - 1) / band_rows;
+  }
+
+  int64_t items() const { return static_cast<int64_t>(busy.size()) * bands; }
+};
+
+// A box of acc rows [y0, y1) x columns [x0, x1) inside one (batch, z) plane, for every channel.
+struct Box {
+  int64_t y0, y1, x0, x1;
+};
+
+template <class T, class S>
+class Scatter {
+ public:
+  Scatter(const PatchScatterArgs& a, const PlaneIndex& index)
+      : a_(a),
+        index_(index),
+        wz_(static_cast<const T*>(a.weights[0])),
+        wy_(static_cast<const T*>(a.weights[1])),
+        wx_(static_cast<const T*>(a.weights[2])),
+        floor_(static_cast<T>(a.floor)),
+        acc_(static_cast<T*>(a.acc)),
+        windows_(static_cast<const S*>(a.windows)),
+        volume_(a.size[0] * a.size[1] * a.size[2]) {}
+
+  // Adds the windows of `item` straight into acc (scatter) or through a zeroed scratch box (gather);
+  // returns the number of non-finite window values added.
+  int64_t run(int64_t item, bool gather, std::vector<T>& scratch) const {
+    const int64_t plane = index_.busy[item / index_.bands];
+    const int64_t band_lo = (item % index_.bands) * index_.band_rows;
+    const int64_t band_hi = std::min(band_lo + index_.band_rows, a_.size[1]);
+    const int64_t b = plane / a_.size[0], z = plane % a_.size[0];
+    const int64_t height = a_.size[1], width = a_.size[2];
+    T* acc_plane = acc_ + (b * a_.channels * a_.size[0] + z) * height * width;  // channel stride volume_
+    Box box{band_hi, band_lo, width, 0};
+    for (int64_t m = index_.begin[plane]; m < index_.begin[plane + 1]; ++m) {
+      const patch::Placement& at = index_.windows[index_.members[m]].at;
+      box = {std::min(box.y0, std::max(at.axis[1].lo, band_lo)), std::max(box.y1, std::min(at.axis[1].hi, band_hi)),
+             std::min(box.x0, at.axis[2].lo), std::max(box.x1, at.axis[2].hi)};
+    }
+    if (box.y0 >= box.y1) return 0;  // no window reaches this band
+    if (!gather) return add_windows(plane, z, band_lo, band_hi, acc_plane, volume_, width, Box{0, 0, 0, 0});
+    const int64_t rows = box.y1 - box.y0, cols = box.x1 - box.x0;
+    scratch.assign(a_.channels * rows * cols, T(0));
+    const int64_t bad = add_windows(plane, z, band_lo, band_hi, scratch.data(), rows * cols, cols, box);
+    for (int64_t c = 0; c < a_.channels; ++c) {
+      for (int64_t y = 0; y < rows; ++y) {
+        T* out = acc_plane + c * volume_ + (box.y0 + y) * width + box.x0;
+        const T* in = scratch.data() + (c * rows + y) * cols;
+#pragma omp simd
+        for (int64_t x = 0; x < cols; ++x) out[x] += in[x];
+      }
+    }
+    return bad;
+  }
+
+ private:
+  // For each window crossing `plane` (in window order), each channel and each of its rows in
+  // [band_lo, band_hi): dst[c * ld_c + (y - origin.y0) * ld_y + (x - origin.x0)] += w * v.
+  int64_t add_windows(int64_t plane, int64_t z, int64_t band_lo, int64_t band_hi, T* dst, int64_t ld_c,
+                      int64_t ld_y, Box origin) const {
+    const int64_t rz = a_.roi[0], ry = a_.roi[1], rx = a_.roi[2];
+    const bool clamp = a_.floor > 0;
+    int64_t bad = 0;
+    for (int64_t m = index_.begin[plane]; m < index_.begin[plane + 1]; ++m) {
+      const Placed& w = index_.windows[index_.members[m]];
+      const AxisClip& ys = w.at.axis[1];
+      const AxisClip& xs = w.at.axis[2];
+      const int64_t y_lo = std::max(ys.lo, band_lo), y_hi = std::min(ys.hi, band_hi);
+      const int64_t i = z - w.at.axis[0].start, nx = xs.hi - xs.lo;
+      const T* wx = wx_ + xs.offset();
+      for (int64_t c = 0; c < a_.channels; ++c) {
+        const S* src = windows_ + ((w.n * a_.channels + c) * rz + i) * ry * rx + xs.offset();
+        T* out = dst + c * ld_c + (xs.lo - origin.x0);
+        for (int64_t y = y_lo; y < y_hi; ++y) {
+          const int64_t j = y - ys.start;
+          const T pzy = wz_[i] * wy_[j];
+          T* row = out + (y - origin.y0) * ld_y;
+          bad += clamp ? add_row<true>(row, src + j * rx, wx, pzy, floor_, nx)
+                       : add_row<false>(row, src + j * rx, wx, pzy, floor_, nx);
+        }
+      }
+    }
+    return bad;
+  }
+
+  const PatchScatterArgs& a_;
+  const PlaneIndex& index_;
+  const T *wz_, *wy_, *wx_;
+  const T floor_;
+  T* acc_;
+  const S* windows_;
+  const int64_t volume_;  // D * H * W: the channel stride of acc
+};
+
+void scatter(const PatchScatterArgs& a, bool gather, int64_t* flags) {
+  const PlaneIndex index(a);
+  std::atomic<int64_t> bad{0};
+  visit_acc(a.acc_dtype, [&](auto acc_tag) {
+    using T = typename decltype(acc_tag)::type;
+    visit_window(a.windows_dtype, [&](auto window_tag) {
+      const Scatter<T, typename decltype(window_tag)::type> kernel(a, index);
+      parallel_items<std::vector<T>>(index.items(), [&](int64_t item, std::vector<T>& scratch) {
+        const int64_t found = kernel.run(item, gather, scratch);
+        if (found) bad += found;
+      });
+    });
+  });
+  flags[0] = bad;
+  flags[1] = index.skipped;
+}
+
+// -------------------------------------------------------------------------------------- normaliser
+// Per coordinate of one axis, the window indices (coordinate - start) of the starts whose window
+// covers it, in the order of the starts (CSR over the coordinates).
+struct AxisCover {
+  std::vector<int64_t> begin, index;
+
+  AxisCover(const int64_t* starts, int64_t count, int64_t length, int64_t size) : begin(size + 1, 0) {
+    for (int64_t s = 0; s < count; ++s) {
+      const AxisClip clip = patch::clip_axis(starts[s], length, size);
+      for (int64_t v = clip.lo; v < clip.hi; ++v) ++begin[v + 1];
+    }
+    std::partial_sum(begin.begin(), begin.end(), begin.begin());
+    index.resize(begin.back());
+    std::vector<int64_t> cursor(begin.begin(), begin.end() - 1);
+    for (int64_t s = 0; s < count; ++s) {
+      const AxisClip clip = patch::clip_axis(starts[s], length, size);
+      for (int64_t v = clip.lo; v < clip.hi; ++v) index[cursor[v]++] = v - starts[s];
+    }
+  }
+};
+
+// N(z, y, x) of reference.fusion_normalizer, one row (z, y) at a time.
+template <class T>
+class Normalizer {
+ public:
+  explicit Normalizer(const PatchFinalizeArgs& a)
+      : a_(a),
+        floor_(static_cast<T>(a.floor)),
+        w_{static_cast<const T*>(a.weights[0]), static_cast<const T*>(a.weights[1]),
+           static_cast<const T*>(a.weights[2])},
+        cover_z_(a.starts[0], a.grid[0], a.roi[0], a.size[0]),
+        cover_y_(a.starts[1], a.grid[1], a.roi[1], a.size[1]) {
+    for (int64_t s = 0; s < a.grid[2]; ++s) {
+      const AxisClip clip = patch::clip_axis(a.starts[2][s], a.roi[2], a.size[2]);
+      if (!clip.empty()) x_clips_.push_back(clip);
+    }
+    if (a.floor <= 0) {
+      for (int d = 0; d < 3; ++d) sums_[d] = axis_sum(d);
+    }
+  }
+
+  // n[x] = N(z, y, x) for x in [0, W).
+  void row(int64_t z, int64_t y, T* n) const {
+    const int64_t width = a_.size[2];
+    if (a_.floor <= 0) {
+      const T zy = sums_[0][z] * sums_[1][y];
+      const T* sx = sums_[2].data();
+#pragma omp simd
+      for (int64_t x = 0; x < width; ++x) n[x] = zy * sx[x];
+      return;
+    }
+    std::fill(n, n + width, T(0));
+    for (int64_t p = cover_z_.begin[z]; p < cover_z_.begin[z + 1]; ++p) {
+      const T wz = w_[0][cover_z_.index[p]];
+      for (int64_t q = cover_y_.begin[y]; q < cover_y_.begin[y + 1]; ++q) {
+        const T pzy = wz * w_[1][cover_y_.index[q]];
+        for (const AxisClip& clip : x_clips_) {
+          const T* wx = w_[2] + clip.offset();
+          T* out = n + clip.lo;
+          const int64_t len = clip.hi - clip.lo;
+#pragma omp simd
+          for (int64_t k = 0; k < len; ++k) out[k] += patch::weight<true>(pzy, wx[k], floor_);
+        }
+      }
+    }
+  }
+
+ private:
+  // reference.axis_normalizer: S[v] = sum over the starts s (in order) covering v of w[v - s].
+  std::vector<T> axis_sum(int d) const {
+    std::vector<T> sum(a_.size[d], T(0));
+    for (int64_t s = 0; s < a_.grid[d]; ++s) {
+      const AxisClip clip = patch::clip_axis(a_.starts[d][s], a_.roi[d], a_.size[d]);
+      for (int64_t v = clip.lo; v < clip.hi; ++v) sum[v] += w_[d][v - clip.start];
+    }
+    return sum;
+  }
+
+  const PatchFinalizeArgs& a_;
+  const T floor_;
+  const T* w_[3];
+  AxisCover cover_z_, cover_y_;
+  std::vector<AxisClip> x_clips_;
+  std::vector<T> sums_[3];
+};
+
+// ------------------------------------------------------------------------------------------ finalise
+template <class T>
+inline T sigmoid(T v) {
+  return T(1) / (T(1) + std::exp(-v));
+}
+
+// Finalises rows (z, y) of every (batch, channel): the activation and output of PatchFinalizeArgs.
+template <class T>
+class Finalizer {
+ public:
+  Finalizer(const PatchFinalizeArgs& a, const Normalizer<T>& norm, void* out)
+      : a_(a), norm_(norm), acc_(static_cast<const T*>(a.acc)), out_(out), volume_(a.size[0] * a.size[1] * a.size[2]) {}
+
+  void rows(int64_t r0, int64_t r1) const {
+    const int64_t channels = a_.channels, height = a_.size[1], width = a_.size[2];
+    std::vector<T> n(width), values(channels * width);
+    std::vector<uint8_t> covered(width);
+    const T tiny = std::numeric_limits<T>::min();
+    for (int64_t r = r0; r < r1; ++r) {
+      norm_.row(r / height, r % height, n.data());
+      for (int64_t x = 0; x < width; ++x) covered[x] = n[x] >= tiny;
+      for (int64_t b = 0; b < a_.batch; ++b) {
+        const int64_t offset = b * channels * volume_ + r * width;  // (b, 0, z, y, 0)
+        for (int64_t c = 0; c < channels; ++c) {
+          divide(acc_ + offset + c * volume_, n.data(), covered.data(), values.data() + c * width, width);
+        }
+        if (a_.output == kOutProbabilities) {
+          probabilities(values.data(), covered.data(), static_cast<T*>(out_) + offset);
+        } else if (a_.activation == kActSoftmax) {
+          argmax(values.data(), covered.data(), static_cast<uint8_t*>(out_) + b * volume_ + r * width);
+        } else {
+          threshold(values.data(), covered.data(), static_cast<uint8_t*>(out_) + offset);
+        }
+      }
+    }
+  }
+
+ private:
+  // v[x] = acc[x] / n[x] where covered, else 0.
+  static void divide(const T* acc, const T* n, const uint8_t* covered, T* v, int64_t width) {
+#pragma omp simd
+    for (int64_t x = 0; x < width; ++x) {
+      const T q = acc[x] / n[x];
+      v[x] = covered[x] ? q : T(0);
+    }
+  }
+
+  // out (channel stride volume_) = act(v), 0 where not covered.
+  void probabilities(const T* v, const uint8_t* covered, T* out) const {
+    const int64_t channels = a_.channels, width = a_.size[2];
+    if (a_.activation == kActSoftmax) {
+      for (int64_t x = 0; x < width; ++x) {
+        if (!covered[x]) {
+          for (int64_t c = 0; c < channels; ++c) out[c * volume_ + x] = T(0);
+          continue;
+        }
+        T max = v[x];
+        for (int64_t c = 1; c < channels; ++c) max = v[c * width + x] > max ? v[c * width + x] : max;
+        T sum = 0;
+        for (int64_t c = 0; c < channels; ++c) sum += std::exp(v[c * width + x] - max);
+        for (int64_t c = 0; c < channels; ++c) out[c * volume_ + x] = std::exp(v[c * width + x] - max) / sum;
+      }
+      return;
+    }
+    for (int64_t c = 0; c < channels; ++c) {
+      const T* vc = v + c * width;
+      T* oc = out + c * volume_;
+      if (a_.activation == kActSigmoid) {
+        for (int64_t x = 0; x < width; ++x) oc[x] = covered[x] ? sigmoid(vc[x]) : T(0);
+      } else {
+        std::copy(vc, vc + width, oc);
+      }
+    }
+  }
+
+  // out[x] = the first class with the largest v (NaN counts as the largest, as torch.argmax), 0 where
+  // not covered.
+  void argmax(const T* v, const uint8_t* covered, uint8_t* out) const {
+    const int64_t width = a_.size[2];
+    for (int64_t x = 0; x < width; ++x) {
+      T best = v[x];
+      int64_t arg = 0;
+      for (int64_t c = 1; c < a_.channels && best == best; ++c) {
+        const T value = v[c * width + x];
+        if (value > best || value != value) {
+          best = value;
+          arg = c;
+        }
+      }
+      out[x] = covered[x] ? static_cast<uint8_t>(arg) : uint8_t(0);
+    }
+  }
+
+  // out (channel stride volume_) = [act(v) >= threshold] where covered, the threshold rounded to T.
+  void threshold(const T* v, const uint8_t* covered, uint8_t* out) const {
+    const int64_t width = a_.size[2];
+    const T level = static_cast<T>(a_.threshold);
+    const bool sig = a_.activation == kActSigmoid;
+    for (int64_t c = 0; c < a_.channels; ++c) {
+      const T* vc = v + c * width;
+      uint8_t* oc = out + c * volume_;
+      for (int64_t x = 0; x < width; ++x) oc[x] = covered[x] && (sig ? sigmoid(vc[x]) : vc[x]) >= level;
+    }
+  }
+
+  const PatchFinalizeArgs& a_;
+  const Normalizer<T>& norm_;
+  const T* acc_;
+  void* out_;
+  const int64_t volume_;
+};
+
+}  // namespace
+
+void patch_scatter(const PatchScatterArgs& args, int64_t* flags) { scatter(args, false, flags); }
+
+void patch_gather(const PatchScatterArgs& args, int64_t* flags) { scatter(args, true, flags); }
+
+void patch_finalize(const PatchFinalizeArgs& args, void* out) {
+  visit_acc(args.acc_dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const Normalizer<T> norm(args);
+    const Finalizer<T> finalizer(args, norm, out);
+    const int64_t rows = args.size[0] * args.size[1];
+    const int64_t per_row = args.batch * args.channels * args.size[2];
+    at::parallel_for(0, rows, std::max<int64_t>(1, kRowGrain / per_row),
+                     [&](int64_t r0, int64_t r1) { finalizer.rows(r0, r1); });
+  });
+}
+
+}  // namespace densefuse::cpu
