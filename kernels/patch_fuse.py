@@ -28,21 +28,22 @@ never stored as a volume. v = acc / N where N >= the dtype's smallest normal num
 no window covers); then act(v) (none, sigmoid, softmax over C) as floats, or a uint8 mask:
 argmax_c v for softmax, [act(v) >= threshold] per channel otherwise, 0 where uncovered.
 
-Layouts. Tiles are [BLOCK_Z, BLOCK_Y, BLOCK_X] boxes, x contiguous in memory.
-  * scatter: one program per (window, channel, z block, y block) of the window; it loops over x in
-    chunks that start at a multiple of 4 voxels of acc, so that when W % 16 == 0 the compiler can
-    prove 16-byte alignment and emits vector atomics (atom.add.v4.f32 on sm_90). The (at most 3 + 3)
-    lanes of a chunk just outside the window add 0, which leaves acc unchanged.
+Layouts. A tile is BLOCK_R rows x BLOCK_X columns, x contiguous in memory; a row is a (z, y) pair
+r = z H + y of acc (rows are contiguous too: row r starts at r W) or r = i ry + j of a window.
+  * scatter: one program per (window, channel, BLOCK_R window rows); it loops over x in chunks that
+    start at a multiple of 4 voxels of acc, so that when W % 16 == 0 the compiler can prove 16-byte
+    alignment and emits vector atomics (atom.add.v4.f32 on sm_90). The (at most 3 + 3) lanes of a
+    chunk just outside the window add 0, which leaves acc unchanged.
   * gather: one program per (b, c, acc tile). It walks the windows in index order, BLOCK_N at a time:
-    one vector test says whether any window of the chunk meets the tile, and only then are that
-    chunk's windows visited one by one; their weighted values are summed into a register tile from 0
-    and the tile is added to acc with one read and one write. No atomics on acc: the same bits on
-    every run. Each window value is read once, as in the scatter.
-  * normalize / finalize: one program per (b, z, y block, x block) holding every channel
-    [BLOCK_C, BLOCK_Y, BLOCK_X] (softmax and argmax need the whole channel axis).
-Index arithmetic: each program forms an int64 scalar base pointer (batch, channel and window terms
-can exceed 2**31); offsets inside a tile are int32, and the host checks that they fit (a plane of
-acc or a whole window of more than 2**31 / BLOCK_Z elements is rejected with a clear error).
+    one vector test says whether any window of the chunk meets the tile's bounding box, and only then
+    are that chunk's windows visited one by one; their weighted values are summed into a register
+    tile from 0 and the tile is added to acc with one read and one write. No atomics on acc: the same
+    bits on every run. Each window value inside the volume is read once, as in the scatter.
+  * normalize / finalize: one program per (b, acc tile) holding every channel [BLOCK_C, BLOCK_R,
+    BLOCK_X] (softmax and argmax need the whole channel axis).
+Index arithmetic: each program forms an int64 scalar base offset (batch, channel, window and row
+terms can exceed 2**31); offsets inside a tile are int32, and the host checks that they fit (rows of
+more than 2**31 voxels per tile or window are rejected with a clear error, never wrapped).
 
 Scalars: Triton passes Python floats as fp32, so floor and threshold travel as three fp32 parts whose
 fp64 sum is the double exactly (fp32 kernels use the first part, the float32 rounding torch uses).
@@ -63,16 +64,17 @@ from .loss_stats import _not_finite, _sigmoid
 __all__ = ["patch_finalize", "patch_gather", "patch_normalize", "patch_scatter"]
 
 _INT32_MAX = 2**31 - 1
-# Tile shapes. On the GPU (H100) a tile holds 2048 (scatter, normalize) or 4096 (gather) elements
-# with x and y blocks of at most 32 voxels (a 96-voxel window is 3 x 3 blocks, no idle lanes) and
-# 8 elements per thread. The interpreter pays per operation, not per element: larger tiles.
-_GPU_BLOCK_XY = 32
+# Tiles are BLOCK_R rows x BLOCK_X columns (x contiguous). On the GPU (H100) a tile holds 2048
+# (scatter, finalize; divided among the channels there) or 4096 (gather) fp32 elements, half as many
+# fp64, 8 per thread; scatter chunks are 32 wide (a 96-voxel row is 3 chunks, no idle lanes), acc
+# tiles 64 (192 = 3 x 64). The interpreter pays per operation, not per element: larger tiles.
+_GPU_BLOCK_X = {"scatter": 32, "gather": 64, "finalize": 64}
 _GPU_ELEMS = {"scatter": 2048, "gather": 4096, "finalize": 2048}
 _ELEMS_PER_THREAD = 8
-_INTERPRETER_BLOCK_XY = 64
+_INTERPRETER_BLOCK_X = 64
 _INTERPRETER_ELEMS = 16384
+_MIN_TILE_VOXELS = 16  # voxels per finalize tile however many channels
 _BLOCK_N = 32  # windows per intersection test in the gather
-_MIN_BLOCK_V = 16  # voxels per finalize tile when BLOCK_C is large
 
 
 # ============================================================================== device helpers
@@ -138,9 +140,9 @@ def _axis_sum(starts_ptr, n_starts, w_ptr, length, pos):
 
 
 @triton.jit
-def _window_weight(wz, wy, wx, floor, HAS_FLOOR: tl.constexpr):
-    """max((wz[i] wy[j]) wx[k], floor) [Z, Y, X] from the axis weights [Z], [Y], [X]."""
-    w = (wz[:, None, None] * wy[None, :, None]) * wx[None, None, :]
+def _window_weight(wzy, wx, floor, HAS_FLOOR: tl.constexpr):
+    """max((wz[i] wy[j]) wx[k], floor) [R, X] from the row weights wz[i] wy[j] [R] and wx [X]."""
+    w = wzy[:, None] * wx[None, :]
     if HAS_FLOOR:
         w = tl.maximum(w, floor)
     return w
@@ -156,7 +158,7 @@ def _any(mask):
 def _add_count(flags_ptr, counts):
     """flags_ptr[0] += the sum of an int32 count tile (an int64 atomic, skipped when 0)."""
     total = tl.sum(counts.to(tl.int64))
-    tl.atomic_add(flags_ptr, total, mask=total > 0)
+    tl.atomic_add(flags_ptr, total, mask=total > 0, sem="relaxed")
 
 
 @triton.jit
@@ -176,37 +178,36 @@ def _normalizer(
     z, y, x, starts_z_ptr, starts_y_ptr, starts_x_ptr, GZ, GY, GX, wz_ptr, wy_ptr, wx_ptr, RZ, RY, RX,
     floor, HAS_FLOOR: tl.constexpr,
 ):  # fmt: skip
-    """N [Z, Y, X] at the voxels z [Z] x y [Y] x x [X] for the grid of per-axis starts [GZ], [GY], [GX].
+    """N [R, X] at the voxels (z[r], y[r], x) (rows z, y [R], columns x [X]) of the grid of per-axis
+    starts [GZ], [GY], [GX].
 
-    No floor: (Sz Sy) Sx, the outer product of the axis sums. Floor: the clamped 3-D weight of every
-    grid window covering the voxel, summed in grid order; windows that miss the tile along an axis
-    are skipped there (they would add 0).
+    No floor: (Sz Sy) Sx from the axis sums. Floor: the clamped 3-D weight of every grid window
+    covering the voxel, summed in grid order; windows that miss the tile along an axis are skipped
+    there (they would add 0).
     """
     if HAS_FLOOR:
-        total = tl.zeros([z.shape[0], y.shape[0], x.shape[0]], wz_ptr.dtype.element_ty)
+        total = tl.zeros([z.shape[0], x.shape[0]], wz_ptr.dtype.element_ty)
         for a in range(GZ):
             wz, cz = _axis_weight(wz_ptr, z - tl.load(starts_z_ptr + a), RZ)
             if _any(cz):
                 for b in range(GY):
                     wy, cy = _axis_weight(wy_ptr, y - tl.load(starts_y_ptr + b), RY)
-                    if _any(cy):
+                    rows = cz & cy
+                    if _any(rows):
                         for c in range(GX):
                             wx, cx = _axis_weight(wx_ptr, x - tl.load(starts_x_ptr + c), RX)
                             if _any(cx):
-                                cover = cz[:, None, None] & cy[None, :, None] & cx[None, None, :]
-                                w = _window_weight(wz, wy, wx, floor, True)
-                                total += tl.where(cover, w, 0.0)
+                                w = _window_weight(wz * wy, wx, floor, True)
+                                total += tl.where(rows[:, None] & cx[None, :], w, 0.0)
     else:
-        sz = _axis_sum(starts_z_ptr, GZ, wz_ptr, RZ, z)
-        sy = _axis_sum(starts_y_ptr, GY, wy_ptr, RY, y)
-        sx = _axis_sum(starts_x_ptr, GX, wx_ptr, RX, x)
-        total = (sz[:, None, None] * sy[None, :, None]) * sx[None, None, :]
+        szy = _axis_sum(starts_z_ptr, GZ, wz_ptr, RZ, z) * _axis_sum(starts_y_ptr, GY, wy_ptr, RY, y)
+        total = szy[:, None] * _axis_sum(starts_x_ptr, GX, wx_ptr, RX, x)[None, :]
     return total
 
 
 @triton.jit
 def _activate(v, ACTIVATION: tl.constexpr):
-    """act(v) over a tile [BLOCK_C, Y, X]: 0 none, 1 sigmoid, 2 softmax over axis 0 (masked channels -inf)."""
+    """act(v) over a tile [BLOCK_C, R, X]: 0 none, 1 sigmoid, 2 softmax over axis 0 (masked channels -inf)."""
     if ACTIVATION == 1:
         p, _, _ = _sigmoid(v)
     elif ACTIVATION == 2:
@@ -221,113 +222,112 @@ def _activate(v, ACTIVATION: tl.constexpr):
 @triton.jit
 def _scatter_kernel(
     acc_ptr, win_ptr, starts_ptr, wz_ptr, wy_ptr, wx_ptr, flags_ptr, floor_hi, floor_mid, floor_lo,
-    C, B, D, H, W, RZ, RY, RX, tiles_z, tiles_y,
-    HAS_FLOOR: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    BLOCK_Z: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr,
+    C, B, D, H, W, RZ, RY, RX, tiles_r,
+    HAS_FLOOR: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_X: tl.constexpr,
 ):  # fmt: skip
-    """acc += w * windows, grid (N * C * tiles_z * tiles_y,): program = (window n, channel c, z block,
-    y block) of the window [BLOCK_Z, BLOCK_Y] rows, looping over x; flags int64 [2] += counts."""
+    """acc += w * windows, grid (N * C * tiles_r,): program = (window n, channel c, BLOCK_R rows
+    r = i RY + j of the window), looping over x; flags int64 [2] += counts."""
     pid = tl.program_id(0)
-    ty = pid % tiles_y
-    tz = (pid // tiles_y) % tiles_z
-    nc = pid // (tiles_y * tiles_z)
+    tr = pid % tiles_r
+    nc = pid // tiles_r
     n = nc // C
     c = nc % C
     sb, sz, sy, sx = _load_starts(starts_ptr, n, True)
     placed = _placed(sb, sz, sy, sx, B, D, H, W, RZ, RY, RX)
-    first = (c == 0) & (tz == 0) & (ty == 0)
-    tl.atomic_add(flags_ptr + 1, (~placed).to(tl.int64), mask=first & ~placed)
+    first = (c == 0) & (tr == 0)
+    tl.atomic_add(flags_ptr + 1, (~placed).to(tl.int64), mask=first & ~placed, sem="relaxed")
     if placed:  # then the starts lie in (-R, size): int32 from here on
-        sz = sz.to(tl.int32)
-        sy = sy.to(tl.int32)
-        sx = sx.to(tl.int32)
-        i = tz * BLOCK_Z + tl.arange(0, BLOCK_Z)  # window-local rows
-        j = ty * BLOCK_Y + tl.arange(0, BLOCK_Y)
-        wz, in_z = _axis_weight(wz_ptr, i, RZ)
-        wy, in_y = _axis_weight(wy_ptr, j, RY)
-        z = sz + i
-        y = sy + j
-        row_z = in_z & (z >= 0) & (z < D)
-        row_y = in_y & (y >= 0) & (y < H)
-        if _any(row_z) & _any(row_y):
-            rows = row_z[:, None, None] & row_y[None, :, None]
+        z_n = sz.to(tl.int32)
+        y_n = sy.to(tl.int32)
+        x_n = sx.to(tl.int32)
+        r0 = tr * BLOCK_R
+        r = r0 + tl.arange(0, BLOCK_R)
+        wz, in_z = _axis_weight(wz_ptr, r // RY, RZ)
+        wy, _ = _axis_weight(wy_ptr, r % RY, RY)
+        z = z_n + r // RY
+        y = y_n + r % RY
+        rows = in_z & (z >= 0) & (z < D) & (y >= 0) & (y < H)
+        if _any(rows):
             floor = _scalar(floor_hi, floor_mid, floor_lo, ACC_DTYPE)
-            z0 = sz + tz * BLOCK_Z
+            z0 = z_n + r0 // RY  # the plane of the tile's first row
             acc_base = acc_ptr + ((sb * C + c) * D + z0) * H * W
-            win_base = win_ptr + ((tl.cast(n, tl.int64) * C + c) * RZ + tz * BLOCK_Z) * RY * RX
-            dz = tl.arange(0, BLOCK_Z)
-            acc_rows = (dz * (H * W))[:, None, None] + (y * W)[None, :, None]
-            win_rows = (dz * (RY * RX))[:, None, None] + (j * RX)[None, :, None]
-            x_end = tl.minimum(sx + RX, W)
+            win_base = win_ptr + ((tl.cast(n, tl.int64) * C + c) * RZ * RY + r0) * RX
+            acc_rows = ((z - z0) * H + y) * W
+            win_rows = (r - r0) * RX
+            wzy = wz * wy
+            x_end = tl.minimum(x_n + RX, W)
             x_end4 = ((x_end + 3) // 4) * 4
-            n_bad = tl.zeros([BLOCK_Z, BLOCK_Y, BLOCK_X], tl.int32)
-            for x0 in range((tl.maximum(sx, 0) // 4) * 4, x_end, BLOCK_X):
+            n_bad = tl.zeros([BLOCK_R, BLOCK_X], tl.int32)
+            for x0 in range((tl.maximum(x_n, 0) // 4) * 4, x_end, BLOCK_X):
                 x = tl.multiple_of(x0, 4) + tl.arange(0, BLOCK_X)
-                wx, in_x = _axis_weight(wx_ptr, x - sx, RX)
-                keep = rows & (in_x & (x < W))[None, None, :]
-                raw = tl.load(win_base + win_rows + (x - sx)[None, None, :], mask=keep, other=0.0)
+                wx, in_x = _axis_weight(wx_ptr, x - x_n, RX)
+                keep = rows[:, None] & (in_x & (x < W))[None, :]
+                raw = tl.load(win_base + win_rows[:, None] + (x - x_n)[None, :], mask=keep, other=0.0)
                 n_bad += (keep & _not_finite(raw)).to(tl.int32)
-                value = _window_weight(wz, wy, wx, floor, HAS_FLOOR) * raw.to(ACC_DTYPE)
-                add = rows & ((x < x_end4) & (x < W))[None, None, :]
-                tl.atomic_add(acc_base + acc_rows + x[None, None, :], value, mask=add, sem="relaxed")
+                value = _window_weight(wzy, wx, floor, HAS_FLOOR) * raw.to(ACC_DTYPE)
+                add = rows[:, None] & ((x < x_end4) & (x < W))[None, :]
+                tl.atomic_add(acc_base + acc_rows[:, None] + x[None, :], value, mask=add, sem="relaxed")
             _add_count(flags_ptr, n_bad)
 
 
 @triton.jit
 def _gather_kernel(
     acc_ptr, win_ptr, starts_ptr, wz_ptr, wy_ptr, wx_ptr, flags_ptr, floor_hi, floor_mid, floor_lo,
-    N, C, B, D, H, W, RZ, RY, RX, tiles_z, tiles_y, tiles_x,
+    N, C, B, D, H, W, RZ, RY, RX, tiles_r, tiles_x,
     HAS_FLOOR: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_Z: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_X: tl.constexpr,
 ):  # fmt: skip
-    """acc += sum over windows (index order) of w * windows, grid (B * C * tiles_z * tiles_y * tiles_x,):
-    program = (b, c, acc tile [BLOCK_Z, BLOCK_Y, BLOCK_X]); flags int64 [2] += counts."""
+    """acc += sum over windows (index order) of w * windows, grid (B * C * tiles_r * tiles_x,):
+    program = (b, c, tile of BLOCK_R rows r = z H + y x BLOCK_X columns of acc); flags += counts."""
     pid = tl.program_id(0)
     tx = pid % tiles_x
-    ty = (pid // tiles_x) % tiles_y
-    tz = (pid // (tiles_x * tiles_y)) % tiles_z
-    bc = pid // (tiles_x * tiles_y * tiles_z)
+    tr = (pid // tiles_x) % tiles_r
+    bc = pid // (tiles_x * tiles_r)
     b = bc // C
     c = bc % C
-    z_lo = tz * BLOCK_Z
-    y_lo = ty * BLOCK_Y
+    r_lo = tr * BLOCK_R
+    r_hi = tl.minimum(r_lo + BLOCK_R, D * H)
     x_lo = tx * BLOCK_X
-    z_hi = tl.minimum(z_lo + BLOCK_Z, D)
-    y_hi = tl.minimum(y_lo + BLOCK_Y, H)
     x_hi = tl.minimum(x_lo + BLOCK_X, W)
-    z = z_lo + tl.arange(0, BLOCK_Z)
-    y = y_lo + tl.arange(0, BLOCK_Y)
+    r = r_lo + tl.arange(0, BLOCK_R)
+    z = r // H
+    y = r % H
     x = x_lo + tl.arange(0, BLOCK_X)
-    inside = (z < D)[:, None, None] & (y < H)[None, :, None] & (x < W)[None, None, :]
+    inside = (r < D * H)[:, None] & (x < W)[None, :]
+    # The tile's bounding box: its rows span planes [z_lo, z_hi), rows [y_lo, y_hi) if in one plane.
+    z_lo = r_lo // H
+    z_hi = (r_hi - 1) // H + 1
+    y_lo = tl.where(z_hi - z_lo == 1, r_lo % H, 0)
+    y_hi = tl.where(z_hi - z_lo == 1, (r_hi - 1) % H + 1, H)
     floor = _scalar(floor_hi, floor_mid, floor_lo, ACC_DTYPE)
-    partial = tl.zeros([BLOCK_Z, BLOCK_Y, BLOCK_X], ACC_DTYPE)
-    n_bad = tl.zeros([BLOCK_Z, BLOCK_Y, BLOCK_X], tl.int32)
+    partial = tl.zeros([BLOCK_R, BLOCK_X], ACC_DTYPE)
+    n_bad = tl.zeros([BLOCK_R, BLOCK_X], tl.int32)
     n_hits = 0
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         sb, sz, sy, sx = _load_starts(starts_ptr, offs_n, offs_n < N)
-        meets = _overlaps(sz, RZ, z_lo, z_hi) & _overlaps(sy, RY, y_lo, y_hi) & _overlaps(sx, RX, x_lo, x_hi)
-        if _any((offs_n < N) & (sb == b) & meets):
+        chunk = _overlaps(sz, RZ, z_lo, z_hi) & _overlaps(sy, RY, y_lo, y_hi) & _overlaps(sx, RX, x_lo, x_hi)
+        if _any((offs_n < N) & (sb == b) & chunk):
             for n in range(n0, tl.minimum(n0 + BLOCK_N, N)):
-                sb, sz, sy, sx = _load_starts(starts_ptr, n, True)
-                meets = _overlaps(sz, RZ, z_lo, z_hi) & _overlaps(sy, RY, y_lo, y_hi)
-                if (sb == b) & meets & _overlaps(sx, RX, x_lo, x_hi):  # starts within int32 from here
-                    lz = z - sz.to(tl.int32)
-                    ly = y - sy.to(tl.int32)
-                    lx = x - sx.to(tl.int32)
+                wb, wz0, wy0, wx0 = _load_starts(starts_ptr, n, True)
+                meets = _overlaps(wz0, RZ, z_lo, z_hi) & _overlaps(wy0, RY, y_lo, y_hi)
+                if (wb == b) & meets & _overlaps(wx0, RX, x_lo, x_hi):  # starts within int32 from here
+                    lz = z - wz0.to(tl.int32)
+                    ly = y - wy0.to(tl.int32)
+                    lx = x - wx0.to(tl.int32)
                     wz, in_z = _axis_weight(wz_ptr, lz, RZ)
                     wy, in_y = _axis_weight(wy_ptr, ly, RY)
                     wx, in_x = _axis_weight(wx_ptr, lx, RX)
-                    keep = inside & in_z[:, None, None] & in_y[None, :, None] & in_x[None, None, :]
+                    keep = inside & (in_z & in_y)[:, None] & in_x[None, :]
                     win_base = win_ptr + (tl.cast(n, tl.int64) * C + c) * (RZ * RY * RX)
-                    offs = (lz * (RY * RX))[:, None, None] + (ly * RX)[None, :, None] + lx[None, None, :]
+                    offs = ((lz * RY + ly) * RX)[:, None] + lx[None, :]
                     raw = tl.load(win_base + offs, mask=keep, other=0.0)
                     n_bad += (keep & _not_finite(raw)).to(tl.int32)
-                    partial += _window_weight(wz, wy, wx, floor, HAS_FLOOR) * raw.to(ACC_DTYPE)
+                    partial += _window_weight(wz * wy, wx, floor, HAS_FLOOR) * raw.to(ACC_DTYPE)
                     n_hits += 1
     if n_hits > 0:
-        acc_base = acc_ptr + ((b.to(tl.int64) * C + c) * D + z_lo) * H * W
-        offs = (tl.arange(0, BLOCK_Z) * (H * W))[:, None, None] + (y * W)[None, :, None] + x[None, None, :]
+        acc_base = acc_ptr + ((b.to(tl.int64) * C + c) * D * H + r_lo) * W
+        offs = ((r - r_lo) * W)[:, None] + x[None, :]
         old = tl.load(acc_base + offs, mask=inside)
         tl.store(acc_base + offs, old + partial, mask=inside)
         _add_count(flags_ptr, n_bad)
@@ -339,45 +339,41 @@ def _gather_kernel(
 def _finalize_kernel(
     acc_ptr, out_ptr, starts_z_ptr, starts_y_ptr, starts_x_ptr, wz_ptr, wy_ptr, wx_ptr,
     floor_hi, floor_mid, floor_lo, thr_hi, thr_mid, thr_lo,
-    C, D, H, W, GZ, GY, GX, RZ, RY, RX, tiles_y, tiles_x,
+    C, D, H, W, GZ, GY, GX, RZ, RY, RX, tiles_r, tiles_x,
     HAS_FLOOR: tl.constexpr, ACTIVATION: tl.constexpr, OUTPUT: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    TINY: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr,
+    TINY: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_X: tl.constexpr,
 ):  # fmt: skip
     """out = act(acc / N) (OUTPUT 0, acc's dtype, out may be acc) or a uint8 mask (OUTPUT 1), grid
-    (B * D * tiles_y * tiles_x,): program = (b, plane z, [BLOCK_Y, BLOCK_X] tile) x every channel."""
+    (B * tiles_r * tiles_x,): program = (b, BLOCK_R rows r = z H + y x BLOCK_X columns) x every channel."""
     pid = tl.program_id(0)
     tx = pid % tiles_x
-    ty = (pid // tiles_x) % tiles_y
-    bz = pid // (tiles_x * tiles_y)
-    z = bz % D
-    b = bz // D
-    oz = z + tl.arange(0, 1)
-    oy = ty * BLOCK_Y + tl.arange(0, BLOCK_Y)
-    ox = tx * BLOCK_X + tl.arange(0, BLOCK_X)
+    tr = (pid // tiles_x) % tiles_r
+    b = pid // (tiles_x * tiles_r)
+    r0 = tr * BLOCK_R
+    r = r0 + tl.arange(0, BLOCK_R)
+    x = tx * BLOCK_X + tl.arange(0, BLOCK_X)
     floor = _scalar(floor_hi, floor_mid, floor_lo, ACC_DTYPE)
     norm = _normalizer(
-        oz, oy, ox, starts_z_ptr, starts_y_ptr, starts_x_ptr, GZ, GY, GX, wz_ptr, wy_ptr, wx_ptr,
+        r // H, r % H, x, starts_z_ptr, starts_y_ptr, starts_x_ptr, GZ, GY, GX, wz_ptr, wy_ptr, wx_ptr,
         RZ, RY, RX, floor, HAS_FLOOR,
-    )  # fmt: skip  [1, BLOCK_Y, BLOCK_X]
-    covered = norm >= tl.full([], TINY, ACC_DTYPE)
+    )  # fmt: skip
+    covered = (norm >= tl.full([], TINY, ACC_DTYPE))[None, :, :]
     offs_c = tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
-    inside = ((oy < H)[:, None] & (ox < W)[None, :])[None, :, :]
+    inside = ((r < D * H)[:, None] & (x < W)[None, :])[None, :, :]
     mask = c_mask[:, None, None] & inside
-    plane = ((oy * W)[:, None] + ox[None, :])[None, :, :]
-    item = (b.to(tl.int64) * C * D + z) * H * W  # offset of (b, channel 0, plane z)
-    offs = item + (offs_c.to(tl.int64) * D * H * W)[:, None, None] + plane
+    tile = (((r - r0) * W)[:, None] + x[None, :])[None, :, :]
+    offs = (b.to(tl.int64) * C * D * H + r0) * W + (offs_c.to(tl.int64) * D * H * W)[:, None, None] + tile
     v = tl.load(acc_ptr + offs, mask=mask, other=0.0)
-    v = tl.where(covered, _div(v, tl.where(covered, norm, 1.0)), 0.0)
+    v = tl.where(covered, _div(v, tl.where(covered, norm[None, :, :], 1.0)), 0.0)
     if ACTIVATION == 2:
         v = tl.where(c_mask[:, None, None], v, float("-inf"))
     if OUTPUT == 0:
         p = tl.where(covered, _activate(v, ACTIVATION), 0.0)
         tl.store(out_ptr + offs, p, mask=mask)
     elif ACTIVATION == 2:
-        label = tl.argmax(v, axis=0, tie_break_left=True)[None, :, :]
-        label = tl.where(covered, label, 0).to(tl.uint8)
-        tl.store(out_ptr + (b.to(tl.int64) * D + z) * H * W + plane, label, mask=inside)
+        label = tl.where(covered, tl.argmax(v, axis=0, tie_break_left=True)[None, :, :], 0)
+        tl.store(out_ptr + (b.to(tl.int64) * D * H + r0) * W + tile, label.to(tl.uint8), mask=inside)
     else:
         threshold = _scalar(thr_hi, thr_mid, thr_lo, ACC_DTYPE)
         hit = covered & (_activate(v, ACTIVATION) >= threshold)
@@ -400,23 +396,35 @@ def _scalar_args(name: str, value: float) -> dict[str, float]:
     return {f"{name}_{k}": v for k, v in _parts(value).items()}
 
 
-def _tile(extent_z: int, extent_y: int, extent_x: int, device: torch.device, gpu_elems: int):
-    """(BLOCK_Z, BLOCK_Y, BLOCK_X, num_warps) for a box of the given extents: x and y blocks capped,
-    z filling the tile up to its element budget, every block a power of two (x at least 4)."""
+def _tile(rows: int, width: int, device: torch.device, dtype: torch.dtype, kind: str, channels: int = 1):
+    """(BLOCK_R, BLOCK_X, num_warps) for a tile of rows x columns (x at least 4, powers of two).
+
+    GPU: _GPU_ELEMS[kind] elements (half for float64, divided among BLOCK_C channels), x at most
+    _GPU_BLOCK_X[kind]; the interpreter: fewer, larger tiles.
+    """
     if device.type == "cuda":
-        cap, elems = _GPU_BLOCK_XY, gpu_elems
+        cap, elems = _GPU_BLOCK_X[kind], _GPU_ELEMS[kind] // (2 if dtype == torch.float64 else 1)
     else:
-        cap, elems = _INTERPRETER_BLOCK_XY, _INTERPRETER_ELEMS
-    block_x = max(4, min(triton.next_power_of_2(extent_x), cap))
-    block_y = min(triton.next_power_of_2(extent_y), cap, max(1, elems // block_x))
-    block_z = min(triton.next_power_of_2(extent_z), max(1, elems // (block_x * block_y)))
-    num_warps = min(8, max(1, block_z * block_y * block_x // (32 * _ELEMS_PER_THREAD)))
-    return block_z, block_y, block_x, num_warps
+        cap, elems = _INTERPRETER_BLOCK_X, _INTERPRETER_ELEMS
+    elems = max(_MIN_TILE_VOXELS, elems // channels)
+    block_x = max(4, min(triton.next_power_of_2(width), cap, elems))
+    block_r = min(triton.next_power_of_2(rows), max(1, elems // block_x))
+    num_warps = min(8, max(1, channels * block_r * block_x // (32 * _ELEMS_PER_THREAD)))
+    return block_r, block_x, num_warps
 
 
 def _check_int32(what: str, count: int) -> None:
     if count > _INT32_MAX:
-        raise ValueError(f"{what}: {count} exceeds the int32 tile offsets of the triton kernels ({_INT32_MAX})")
+        raise ValueError(
+            f"{what}: {count} exceeds the int32 tile offsets of the triton kernels ({_INT32_MAX})"
+        )
+
+
+def _check_extents(size: list[int], roi: list[int]) -> None:
+    """Coordinates (plus a window size) and row indices r = z H + y (plus a tile) fit int32."""
+    for name, s, r in zip("DHW", size, roi):
+        _check_int32(f"acc: size {name} plus the window size", s + r)
+    _check_int32("acc: rows D * H", size[0] * size[1] + _INTERPRETER_ELEMS)
 
 
 def _device_guard(device: torch.device) -> contextlib.AbstractContextManager:
@@ -448,14 +456,15 @@ def _window_launch(acc, windows, starts, wz, wy, wx, floor) -> dict:
     if windows.device != acc.device or min(windows.shape[2:]) < 1:
         raise ValueError(f"windows: expected non-empty windows on {acc.device}")
     if tuple(starts.shape) != (windows.shape[0], 4) or starts.dtype != torch.int64:
-        raise ValueError(f"starts: expected int64 [{windows.shape[0]}, 4], got {starts.dtype} {tuple(starts.shape)}")
+        raise ValueError(
+            f"starts: expected int64 [{windows.shape[0]}, 4], got {starts.dtype} {tuple(starts.shape)}"
+        )
     if starts.device != acc.device:
         raise ValueError(f"starts: expected a tensor on {acc.device}")
     roi = windows.shape[2:]
     for name, w, r in zip(("wz", "wy", "wx"), (wz, wy, wx), roi):
         _check_vector(name, w, acc.dtype, acc.device, r)
-    for name, s, r in zip("DHW", size, roi):
-        _check_int32(f"acc: size {name} plus the window size", s + r)
+    _check_extents(size, roi)
     _check_int32("windows: voxels per window", roi[0] * roi[1] * roi[2])
     return dict(
         acc_ptr=acc,
@@ -499,18 +508,17 @@ def patch_scatter(
     count, _, *roi = windows.shape
     if count == 0:
         return flags
-    block_z, block_y, block_x, num_warps = _tile(*roi, acc.device, _GPU_ELEMS["scatter"])
-    _check_int32("acc: tile offsets (H * W per plane)", (block_z + 1) * acc.shape[3] * acc.shape[4])
-    tiles_z, tiles_y = triton.cdiv(roi[0], block_z), triton.cdiv(roi[1], block_y)
-    programs = count * acc.shape[1] * tiles_z * tiles_y
+    block_r, block_x, num_warps = _tile(roi[0] * roi[1], roi[2], acc.device, acc.dtype, "scatter")
+    planes = block_r // roi[1] + 2  # planes of acc a tile's rows can touch, plus one
+    _check_int32("acc: tile offsets (planes per tile * H * W)", planes * acc.shape[3] * acc.shape[4])
+    tiles_r = triton.cdiv(roi[0] * roi[1], block_r)
+    programs = count * acc.shape[1] * tiles_r
     _check_int32("windows: programs (N * C * tiles)", programs)
     with _device_guard(acc.device):
         _scatter_kernel[(programs,)](
             flags_ptr=flags,
-            tiles_z=tiles_z,
-            tiles_y=tiles_y,
-            BLOCK_Z=block_z,
-            BLOCK_Y=block_y,
+            tiles_r=tiles_r,
+            BLOCK_R=block_r,
             BLOCK_X=block_x,
             num_warps=num_warps,
             **args,
@@ -537,22 +545,20 @@ def patch_gather(
     count = windows.shape[0]
     if count == 0:
         return flags
-    batch, channels, *size = acc.shape
-    block_z, block_y, block_x, num_warps = _tile(*size, acc.device, _GPU_ELEMS["gather"])
-    _check_int32("acc: tile offsets (H * W per plane)", (block_z + 1) * size[1] * size[2])
-    tiles = [triton.cdiv(s, blk) for s, blk in zip(size, (block_z, block_y, block_x))]
-    programs = batch * channels * tiles[0] * tiles[1] * tiles[2]
+    batch, channels, depth, height, width = acc.shape
+    block_r, block_x, num_warps = _tile(depth * height, width, acc.device, acc.dtype, "gather")
+    _check_int32("acc: tile offsets (rows per tile * W)", (block_r + 1) * width)
+    tiles_r, tiles_x = triton.cdiv(depth * height, block_r), triton.cdiv(width, block_x)
+    programs = batch * channels * tiles_r * tiles_x
     _check_int32("acc: programs (B * C * tiles)", programs)
     with _device_guard(acc.device):
         _gather_kernel[(programs,)](
             flags_ptr=flags,
             N=count,
-            tiles_z=tiles[0],
-            tiles_y=tiles[1],
-            tiles_x=tiles[2],
+            tiles_r=tiles_r,
+            tiles_x=tiles_x,
             BLOCK_N=min(_BLOCK_N, triton.next_power_of_2(count)),
-            BLOCK_Z=block_z,
-            BLOCK_Y=block_y,
+            BLOCK_R=block_r,
             BLOCK_X=block_x,
             num_warps=num_warps,
             **args,
@@ -567,20 +573,15 @@ def _finalize(acc, out, starts, weights, floor, activation, output, threshold) -
         _check_vector(name, s, torch.int64, acc.device, None)
     for name, w in zip(("wz", "wy", "wx"), weights):
         _check_vector(name, w, acc.dtype, acc.device, None)
-    for name, s, w in zip("DHW", size, weights):
-        _check_int32(f"acc: size {name} plus the window size", s + w.numel())
+    _check_extents(size, [w.numel() for w in weights])
     block_c = triton.next_power_of_2(channels)
-    if acc.device.type == "cuda":
-        cap, voxels = 64, max(_MIN_BLOCK_V, _GPU_ELEMS["finalize"] // block_c)
-    else:
-        cap, voxels = _INTERPRETER_BLOCK_XY, max(_MIN_BLOCK_V, _INTERPRETER_ELEMS // block_c)
-    block_x = min(triton.next_power_of_2(size[2]), cap, voxels)
-    block_y = min(triton.next_power_of_2(size[1]), max(1, voxels // block_x))
-    num_warps = min(8, max(1, block_c * block_y * block_x // (32 * _ELEMS_PER_THREAD)))
-    _check_int32("acc: voxels per plane", size[1] * size[2])
-    tiles_y, tiles_x = triton.cdiv(size[1], block_y), triton.cdiv(size[2], block_x)
-    programs = batch * size[0] * tiles_y * tiles_x
-    _check_int32("acc: programs (B * D * tiles)", programs)
+    block_r, block_x, num_warps = _tile(
+        size[0] * size[1], size[2], acc.device, acc.dtype, "finalize", block_c
+    )
+    _check_int32("acc: tile offsets (rows per tile * W)", (block_r + 1) * size[2])
+    tiles_r, tiles_x = triton.cdiv(size[0] * size[1], block_r), triton.cdiv(size[2], block_x)
+    programs = batch * tiles_r * tiles_x
+    _check_int32("acc: programs (B * tiles)", programs)
     with _device_guard(acc.device):
         _finalize_kernel[(programs,)](
             acc,
@@ -599,7 +600,7 @@ def _finalize(acc, out, starts, weights, floor, activation, output, threshold) -
             RZ=weights[0].numel(),
             RY=weights[1].numel(),
             RX=weights[2].numel(),
-            tiles_y=tiles_y,
+            tiles_r=tiles_r,
             tiles_x=tiles_x,
             HAS_FLOOR=floor > 0,
             ACTIVATION=activation,
@@ -607,7 +608,7 @@ def _finalize(acc, out, starts, weights, floor, activation, output, threshold) -
             ACC_DTYPE=tl.float64 if acc.dtype == torch.float64 else tl.float32,
             TINY=torch.finfo(acc.dtype).tiny,
             BLOCK_C=block_c,
-            BLOCK_Y=block_y,
+            BLOCK_R=block_r,
             BLOCK_X=block_x,
             num_warps=num_warps,
         )
