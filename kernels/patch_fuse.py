@@ -69,7 +69,7 @@ _INT32_MAX = 2**31 - 1
 # fp64, 8 per thread; scatter chunks are 32 wide (a 96-voxel row is 3 chunks, no idle lanes), acc
 # tiles 64 (192 = 3 x 64). The interpreter pays per operation, not per element: larger tiles.
 _GPU_BLOCK_X = {"scatter": 32, "gather": 64, "finalize": 64}
-_GPU_ELEMS = {"scatter": 2048, "gather": 4096, "finalize": 2048}
+_GPU_ELEMS = {"scatter": 2048, "gather": 2048, "finalize": 2048}
 _ELEMS_PER_THREAD = 8
 _INTERPRETER_BLOCK_X = 64
 _INTERPRETER_ELEMS = 16384
