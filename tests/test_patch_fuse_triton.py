@@ -124,6 +124,17 @@ def test_many_windows_on_the_same_voxels(small_tiles, rng):
     assert torch.equal(gathered, expected) and torch.equal(gathered, again)
 
 
+def test_gather_tile_bounds_miss_no_window(small_tiles, rng):
+    """Tiles of 32 rows, some inside one plane of 37 rows: windows through every plane, starting at
+    every row from one above the plane on, pass the tile bounding-box tests (the reference's bits)."""
+    size, roi = (3, 37, 4), (3, 2, 3)
+    starts = torch.tensor([(0, 0, y, y % 5 - 2) for y in range(-1, size[1])])
+    win = torch.randn(len(starts), 1, *roi, generator=rng)
+    w = weights(rng, roi, torch.float32)
+    gathered, flags, expected, _ = run_both("gather", torch.zeros(1, 1, *size), win, starts, w, 0.0)
+    assert flags.tolist() == [0, 0] and torch.equal(gathered, expected)
+
+
 def test_no_windows_is_a_no_op():
     acc = torch.ones(1, 2, 3, 3, 3)
     for kernel in KERNELS.values():
