@@ -116,6 +116,12 @@ def _overlaps(start, length, lo, hi):
 
 
 @triton.jit
+def _span(v):
+    """[min, max + 1) of a 1-D integer vector, as two scalars."""
+    return tl.min(v, axis=0), tl.max(v, axis=0) + 1
+
+
+@triton.jit
 def _placed(b, z, y, x, B, D, H, W, RZ, RY, RX):
     """Whether windows starting at (b, z, y, x) are added: batch in [0, B) and overlapping the volume."""
     inside = _overlaps(z, RZ, 0, D) & _overlaps(y, RY, 0, H) & _overlaps(x, RX, 0, W)
@@ -182,21 +188,27 @@ def _normalizer(
     starts [GZ], [GY], [GX].
 
     No floor: (Sz Sy) Sx from the axis sums. Floor: the clamped 3-D weight of every grid window
-    covering the voxel, summed in grid order; windows that miss the tile along an axis are skipped
-    there (they would add 0).
+    covering the voxel, summed in grid order; windows that miss the tile's bounding box along an axis
+    are skipped there (scalar tests; they would add 0).
     """
     if HAS_FLOOR:
+        z_lo, z_hi = _span(z)
+        y_lo, y_hi = _span(y)
+        x_lo, x_hi = _span(x)
         total = tl.zeros([z.shape[0], x.shape[0]], wz_ptr.dtype.element_ty)
         for a in range(GZ):
-            wz, cz = _axis_weight(wz_ptr, z - tl.load(starts_z_ptr + a), RZ)
-            if _any(cz):
+            start_z = tl.load(starts_z_ptr + a)
+            if _overlaps(start_z, RZ, z_lo, z_hi):
+                wz, cz = _axis_weight(wz_ptr, z - start_z, RZ)
                 for b in range(GY):
-                    wy, cy = _axis_weight(wy_ptr, y - tl.load(starts_y_ptr + b), RY)
-                    rows = cz & cy
-                    if _any(rows):
+                    start_y = tl.load(starts_y_ptr + b)
+                    if _overlaps(start_y, RY, y_lo, y_hi):
+                        wy, cy = _axis_weight(wy_ptr, y - start_y, RY)
+                        rows = cz & cy
                         for c in range(GX):
-                            wx, cx = _axis_weight(wx_ptr, x - tl.load(starts_x_ptr + c), RX)
-                            if _any(cx):
+                            start_x = tl.load(starts_x_ptr + c)
+                            if _overlaps(start_x, RX, x_lo, x_hi):
+                                wx, cx = _axis_weight(wx_ptr, x - start_x, RX)
                                 w = _window_weight(wz * wy, wx, floor, True)
                                 total += tl.where(rows[:, None] & cx[None, :], w, 0.0)
     else:
@@ -286,19 +298,15 @@ def _gather_kernel(
     b = bc // C
     c = bc % C
     r_lo = tr * BLOCK_R
-    r_hi = tl.minimum(r_lo + BLOCK_R, D * H)
-    x_lo = tx * BLOCK_X
-    x_hi = tl.minimum(x_lo + BLOCK_X, W)
     r = r_lo + tl.arange(0, BLOCK_R)
     z = r // H
     y = r % H
-    x = x_lo + tl.arange(0, BLOCK_X)
+    x = tx * BLOCK_X + tl.arange(0, BLOCK_X)
     inside = (r < D * H)[:, None] & (x < W)[None, :]
-    # The tile's bounding box: its rows span planes [z_lo, z_hi), rows [y_lo, y_hi) if in one plane.
-    z_lo = r_lo // H
-    z_hi = (r_hi - 1) // H + 1
-    y_lo = tl.where(z_hi - z_lo == 1, r_lo % H, 0)
-    y_hi = tl.where(z_hi - z_lo == 1, (r_hi - 1) % H + 1, H)
+    # The tile's bounding box (rows past the end make it larger, never smaller).
+    z_lo, z_hi = _span(z)
+    y_lo, y_hi = _span(y)
+    x_lo, x_hi = _span(x)
     floor = _scalar(floor_hi, floor_mid, floor_lo, ACC_DTYPE)
     partial = tl.zeros([BLOCK_R, BLOCK_X], ACC_DTYPE)
     n_bad = tl.zeros([BLOCK_R, BLOCK_X], tl.int32)
