@@ -42,8 +42,9 @@ r = z H + y of acc (rows are contiguous too: row r starts at r W) or r = i ry + 
   * normalize / finalize: one program per (b, acc tile) holding every channel [BLOCK_C, BLOCK_R,
     BLOCK_X] (softmax and argmax need the whole channel axis).
 Index arithmetic: each program forms an int64 scalar base offset (batch, channel, window and row
-terms can exceed 2**31); offsets inside a tile are int32, and the host checks that they fit (rows of
-more than 2**31 voxels per tile or window are rejected with a clear error, never wrapped).
+terms can exceed 2**31); offsets inside a tile or a window are int32, and the host checks that they
+fit (a window of 2**31 voxels, or a few planes of acc spanning 2**31, is a clear error, never a
+wrapped offset).
 
 Scalars: Triton passes Python floats as fp32, so floor and threshold travel as three fp32 parts whose
 fp64 sum is the double exactly (fp32 kernels use the first part, the float32 rounding torch uses).
@@ -64,12 +65,13 @@ from .loss_stats import _not_finite, _sigmoid
 __all__ = ["patch_finalize", "patch_gather", "patch_normalize", "patch_scatter"]
 
 _INT32_MAX = 2**31 - 1
-# Tiles are BLOCK_R rows x BLOCK_X columns (x contiguous). On the GPU (H100) a tile holds 2048
-# (scatter, finalize; divided among the channels there) or 4096 (gather) fp32 elements, half as many
-# fp64, 8 per thread; scatter chunks are 32 wide (a 96-voxel row is 3 chunks, no idle lanes), acc
-# tiles 64 (192 = 3 x 64). The interpreter pays per operation, not per element: larger tiles.
+# Tiles are BLOCK_R rows x BLOCK_X columns (x contiguous). On the GPU (H100) a tile holds 2048 fp32
+# elements (1024 fp64; in the finaliser shared by the channel block), 8 per thread (<= ~80 registers
+# for fp32, no spills, with ptxas for sm_90); scatter chunks are 32 wide (a 96-voxel row is 3 chunks,
+# no idle lanes), acc tiles 64 (192 = 3 x 64). The interpreter pays per operation, not per element,
+# so it gets larger tiles.
 _GPU_BLOCK_X = {"scatter": 32, "gather": 64, "finalize": 64}
-_GPU_ELEMS = {"scatter": 2048, "gather": 2048, "finalize": 2048}
+_GPU_ELEMS = 2048
 _ELEMS_PER_THREAD = 8
 _INTERPRETER_BLOCK_X = 64
 _INTERPRETER_ELEMS = 16384
@@ -407,11 +409,11 @@ def _scalar_args(name: str, value: float) -> dict[str, float]:
 def _tile(rows: int, width: int, device: torch.device, dtype: torch.dtype, kind: str, channels: int = 1):
     """(BLOCK_R, BLOCK_X, num_warps) for a tile of rows x columns (x at least 4, powers of two).
 
-    GPU: _GPU_ELEMS[kind] elements (half for float64, divided among BLOCK_C channels), x at most
-    _GPU_BLOCK_X[kind]; the interpreter: fewer, larger tiles.
+    GPU: _GPU_ELEMS elements (half for float64) shared by ``channels`` (the finaliser's channel
+    block), x at most _GPU_BLOCK_X[kind]; the interpreter: fewer, larger tiles.
     """
     if device.type == "cuda":
-        cap, elems = _GPU_BLOCK_X[kind], _GPU_ELEMS[kind] // (2 if dtype == torch.float64 else 1)
+        cap, elems = _GPU_BLOCK_X[kind], _GPU_ELEMS // (2 if dtype == torch.float64 else 1)
     else:
         cap, elems = _INTERPRETER_BLOCK_X, _INTERPRETER_ELEMS
     elems = max(_MIN_TILE_VOXELS, elems // channels)

@@ -214,7 +214,7 @@ def test_gpu_tiles_are_powers_of_two_within_budget(kind):
         block_r, block_x, num_warps = kp._tile(rows, width, cuda, dtype, kind, channels)
         assert block_x >= 4 and block_r >= 1 and 1 <= num_warps <= 8
         assert block_r & (block_r - 1) == 0 and block_x & (block_x - 1) == 0
-        assert block_r * block_x * channels <= max(kp._GPU_ELEMS[kind], kp._MIN_TILE_VOXELS * channels)
+        assert block_r * block_x * channels <= max(kp._GPU_ELEMS, kp._MIN_TILE_VOXELS * channels)
 
 
 # ---------------------------------------------------------------------------------------------- GPU
