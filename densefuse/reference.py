@@ -410,33 +410,23 @@ def patch_finalize(
 # [B, C_total, V]; these ops read a channel prefix or slice of it, x [B, C, V] (a view, any strides,
 # any float dtype). Per-channel statistics and BN parameters are [C] in the accumulation dtype (fp32;
 # fp64 for fp64 x). With pre = (x - mean) * invstd * weight + bias, a layer's input is relu(pre):
-# BN-affine + ReLU with given statistics. Work runs DENSE_CHANNEL_BLOCK channels at a time, so the
-# temporaries stay O(B * DENSE_CHANNEL_BLOCK * V) beside the outputs.
-
-DENSE_CHANNEL_BLOCK = 16
-
-
-def _channel_blocks(channels: int) -> list[slice]:
-    return [slice(c, min(c + DENSE_CHANNEL_BLOCK, channels)) for c in range(0, channels, DENSE_CHANNEL_BLOCK)]
+# BN-affine + ReLU with given statistics, i.e. eval-mode batch norm with running variance
+# invstd^-2 and eps 0 (how BN's native backward kernel is used below).
 
 
 def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean [C], biased variance [C]) of x [B, C, V] over its B*V values per channel.
 
-    Accumulation dtype; numerically stable (torch.var_mean: Welford, never E[x^2] - E[x]^2).
+    Accumulation dtype; numerically stable (BN's two-pass kernel: mean, then the sum of squared
+    deviations; never E[x^2] - E[x]^2).
     """
-    acc = accumulate_dtype(x.dtype)
-    mean = x.new_empty(x.shape[1], dtype=acc)
-    var = torch.empty_like(mean)
-    for c in _channel_blocks(x.shape[1]):
-        var[c], mean[c] = torch.var_mean(x[:, c].to(acc), dim=(0, 2), correction=0)
-    return mean, var
+    return torch.batch_norm_update_stats(x.to(accumulate_dtype(x.dtype)), None, None, 0.0)
 
 
-def _bn_affine(mean, invstd, weight, bias):
-    """(scale, shift) [C, 1] with pre = x * scale + shift."""
+def _pre(x, mean, invstd, weight, bias):
+    """pre = x * scale + shift in the accumulation dtype, scale = weight invstd, shift = bias - mean scale."""
     scale = weight * invstd
-    return scale[:, None], (bias - mean * scale)[:, None]
+    return torch.addcmul((bias - mean * scale)[:, None], x, scale[:, None])
 
 
 def bn_relu(
@@ -447,13 +437,8 @@ def bn_relu(
     bias: torch.Tensor,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """y = relu((x - mean) * invstd * weight + bias): [B, C, V] in out_dtype, computed in the acc dtype."""
-    acc = accumulate_dtype(x.dtype)
-    scale, shift = _bn_affine(mean, invstd, weight, bias)
-    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    for c in _channel_blocks(x.shape[1]):
-        y[:, c] = torch.relu(torch.addcmul(shift[c], x[:, c].to(acc), scale[c]))
-    return y
+    """y = relu((x - mean) * invstd * weight + bias): [B, C, V] in out_dtype."""
+    return _pre(x, mean, invstd, weight, bias).relu_().to(out_dtype)
 
 
 def bn_relu_backward(
@@ -471,16 +456,16 @@ def bn_relu_backward(
     (sum g * xhat, sum g) over B*V, xhat = (x - mean) * invstd. The batch-statistics terms are
     bn_stats_correction's.
     """
-    acc = accumulate_dtype(x.dtype)
-    scale, shift = _bn_affine(mean, invstd, weight, bias)
-    dweight, dbias = torch.empty_like(mean), torch.empty_like(mean)
-    for c in _channel_blocks(x.shape[1]):
-        xc = x[:, c].to(acc)
-        g = torch.where(torch.addcmul(shift[c], xc, scale[c]) > 0, grad_y[:, c].to(acc), 0)
-        grad_x[:, c] += g * scale[c]
-        dbias[c] = g.sum(dim=(0, 2))
-        dweight[c] = (g * (xc - mean[c, None])).sum(dim=(0, 2)) * invstd[c]
+    pre = _pre(x, mean, invstd, weight, bias)
+    g = torch.ops.aten.threshold_backward(grad_y.to(pre.dtype), pre, 0.0)
+    grad_in, dweight, dbias = torch.ops.aten.native_batch_norm_backward(
+        g, x.to(pre.dtype), weight, mean, invstd.pow(-2), None, None, False, 0.0, [True, True, True]
+    )
+    grad_x += grad_in
     return dweight, dbias
+
+
+DENSE_CHANNEL_BLOCK = 64  # bn_relu_conv1x1(_backward): input channels per GEMM, bounds the temporaries
 
 
 def _rounded(t: torch.Tensor, dtype: torch.dtype, acc: torch.dtype) -> torch.Tensor:
@@ -500,13 +485,15 @@ def bn_relu_conv1x1(
     """1x1x1 convolution of bn_relu(x): out [B, C_out, V] = conv_weight [C_out, C] @ relu(pre).
 
     Both GEMM operands are rounded to out_dtype (as a convolution under autocast), the products are
-    summed in the accumulation dtype and the result is rounded to out_dtype.
+    summed in the accumulation dtype and the result is rounded to out_dtype. Runs DENSE_CHANNEL_BLOCK
+    input channels at a time, so relu(pre) is never stored whole.
     """
     acc = accumulate_dtype(x.dtype)
     out = x.new_zeros((x.shape[0], conv_weight.shape[0], x.shape[2]), dtype=acc)
-    for c in _channel_blocks(x.shape[1]):
+    for c0 in range(0, x.shape[1], DENSE_CHANNEL_BLOCK):
+        c = slice(c0, c0 + DENSE_CHANNEL_BLOCK)
         y = bn_relu(x[:, c], mean[c], invstd[c], weight[c], bias[c], out_dtype).to(acc)
-        out += _rounded(conv_weight[:, c], out_dtype, acc) @ y
+        out.baddbmm_(_rounded(conv_weight[:, c], out_dtype, acc).expand(x.shape[0], -1, -1), y)
     return out.to(out_dtype)
 
 
@@ -524,17 +511,19 @@ def bn_relu_conv1x1_backward(
 
     grad_y = conv_weight^T @ grad_out, then bn_relu_backward; returns (dweight [C], dbias [C],
     dconv_weight [C_out, C] = sum_b grad_out[b] @ relu(pre[b])^T), all in the accumulation dtype.
-    GEMM operands are rounded to grad_out's dtype.
+    GEMM operands are rounded to grad_out's dtype; DENSE_CHANNEL_BLOCK input channels at a time.
     """
     acc = accumulate_dtype(x.dtype)
     dtype = grad_out.dtype
     grad_out = grad_out.to(acc)
     dweight, dbias = torch.empty_like(mean), torch.empty_like(mean)
     dconv = conv_weight.new_empty(conv_weight.shape, dtype=acc)
-    for c in _channel_blocks(x.shape[1]):
+    for c0 in range(0, x.shape[1], DENSE_CHANNEL_BLOCK):
+        c = slice(c0, c0 + DENSE_CHANNEL_BLOCK)
         y = bn_relu(x[:, c], mean[c], invstd[c], weight[c], bias[c], dtype).to(acc)
-        dconv[:, c] = (grad_out @ y.transpose(1, 2)).sum(dim=0)
-        grad_y = _rounded(conv_weight[:, c], dtype, acc).T @ grad_out
+        dconv[:, c] = torch.bmm(grad_out, y.transpose(1, 2)).sum(dim=0)
+        del y
+        grad_y = torch.bmm(_rounded(conv_weight[:, c], dtype, acc).T.expand(x.shape[0], -1, -1), grad_out)
         dweight[c], dbias[c] = bn_relu_backward(
             grad_y, x[:, c], mean[c], invstd[c], weight[c], bias[c], grad_x[:, c]
         )
@@ -550,8 +539,5 @@ def bn_stats_correction(
     that normalise it with the shared mean: a = sum_l weight_l invstd_l dbias_l,
     b = sum_l weight_l invstd_l^2 dweight_l (invstd_l, dweight_l, dbias_l of layer l).
     """
-    acc = accumulate_dtype(x.dtype)
     count = x.shape[0] * x.shape[2]
-    for c in _channel_blocks(x.shape[1]):
-        centered = x[:, c].to(acc) - mean[c, None]
-        grad_x[:, c] -= (a[c, None] + centered * b[c, None]) / count
+    grad_x -= torch.addcmul(((a - mean * b) / count)[:, None], x.to(a.dtype), (b / count)[:, None])

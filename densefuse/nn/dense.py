@@ -288,16 +288,73 @@ def _dropout_scale(layer: DenseLayer3d, index: int, plan: _Plan, like: Tensor) -
     return keep.div_(1 - p)
 
 
-def _bn_relu(x: Tensor, stats: _Stats, norm: nn.BatchNorm3d, dtype: torch.dtype, spatial) -> Tensor:
-    """relu(norm(x)) of x [B, C, V] with the given statistics, as [B, C, *spatial] in ``dtype``."""
-    y = ops.bn_relu(x, stats.mean, stats.invstd, norm.weight, norm.bias, out_dtype=dtype)
-    return y.view(x.shape[0], -1, *spatial)
+# Input channels per partial 3x3x3 convolution: conv(y, w) = sum over channel blocks c of
+# conv(y[:, c], w[:, c]), so a normalised input (and the copies a convolution library makes of its
+# input) exists one block at a time; 64 keeps the GEMM's reduction dim (64 * 27) efficient.
+CONV_CHANNEL_BLOCK = 64
 
 
-def _bn_relu_backward(grad_y: Tensor, x: Tensor, stats: _Stats, norm: nn.BatchNorm3d, grad_x: Tensor):
-    """grad_x += d relu(norm(x)) / dx with fixed statistics -> (dweight, dbias)."""
-    grad_y = grad_y.view(x.shape)
-    return ops.bn_relu_backward_(grad_y, x, stats.mean, stats.invstd, norm.weight, norm.bias, grad_x)
+def _channel_blocks(channels: int) -> list[slice]:
+    return [slice(c, min(c + CONV_CHANNEL_BLOCK, channels)) for c in range(0, channels, CONV_CHANNEL_BLOCK)]
+
+
+def _conv3x3_forward(
+    x: Tensor, stats: _Stats, norm: nn.BatchNorm3d, weight: Tensor, dtype: torch.dtype, spatial
+) -> Tensor:
+    """conv3d(relu(norm(x)), weight, padding=1) for x [B, C, V] with fixed statistics: [B, k, *S].
+
+    Summed over input-channel blocks in the accumulation dtype; the result is in ``dtype``.
+    """
+    out = None
+    for c in _channel_blocks(x.shape[1]):
+        y = ops.bn_relu(
+            x[:, c], stats.mean[c], stats.invstd[c], norm.weight[c], norm.bias[c], out_dtype=dtype
+        )
+        part = F.conv3d(y.view(x.shape[0], -1, *spatial), weight[:, c].to(dtype), padding=1)
+        del y
+        out = part.to(stats.mean.dtype) if out is None else out.add_(part)
+    return out.to(dtype)
+
+
+def _conv3x3_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    stats: _Stats,
+    norm: nn.BatchNorm3d,
+    weight: Tensor,
+    grad_x: Tensor,
+    dtype: torch.dtype,
+    spatial,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward of _conv3x3_forward with fixed statistics, block by block: grad_x [B, C, V] +=
+    the input gradient; returns norm's (dweight, dbias) and the convolution's weight gradient."""
+    dweight, dbias = torch.empty((2, x.shape[1]), dtype=stats.mean.dtype, device=x.device)
+    dconv = torch.empty(weight.shape, dtype=dtype, device=x.device)
+    mask = (True, True, False)
+    for c in _channel_blocks(x.shape[1]):
+        y = ops.bn_relu(
+            x[:, c], stats.mean[c], stats.invstd[c], norm.weight[c], norm.bias[c], out_dtype=dtype
+        )
+        w = weight[:, c].to(dtype)
+        grad_y, dconv[:, c] = torch.ops.aten.convolution_backward(
+            grad_out,
+            y.view(x.shape[0], -1, *spatial),
+            w,
+            None,
+            [1] * 3,
+            [1] * 3,
+            [1] * 3,
+            False,
+            [0] * 3,
+            1,
+            mask,
+        )[:2]
+        del y
+        dweight[c], dbias[c] = ops.bn_relu_backward_(
+            grad_y.view(x[:, c].shape), x[:, c], stats.mean[c], stats.invstd[c], norm.weight[c], norm.bias[c],
+            grad_x[:, c],
+        )  # fmt: skip
+    return dweight, dbias, dconv
 
 
 def _bottleneck(layer: DenseLayer3d, prefix: Tensor, stats: _Stats, dtype: torch.dtype) -> Tensor:
@@ -322,19 +379,19 @@ class _FusedBlock(torch.autograd.Function):
     [0, n_l) and writes its k channels into [n_l, n_l + k). In batch-statistics mode each channel's
     mean/var is computed once, when it is written, and shared by every later layer's norm1 (each
     layer's running statistics are updated once, here). BN-ReLU(-Conv1x1x1) runs in the dense ops;
-    a normalised tensor lives only until the 3x3x3 convolution has read it.
-    Kept for backward: the buffer, the statistics ([C] per BN) and the dropout seed.
+    a normalised tensor lives only until the 3x3x3 convolution has read it (one channel block at a
+    time). Kept for backward: the buffer, the statistics ([C] per BN) and the dropout seed.
 
     Backward, layers in reverse, one gradient buffer G [B, C_out, V] (fp32 for half buffers): when
     layer l is reached every consumer of its channels has added g weight invstd into G, so their
     batch-statistics terms are folded once (dense_bn_correction_ with the accumulated a, b); then
-    the layer's normalised input is recomputed for its weight gradients and freed, and its input
-    gradient accumulated into G[:, :n_l].
+    the layer's normalised input is recomputed block by block for the weight gradients, and its
+    input gradient accumulated into G[:, :n_l].
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, plan: _Plan, *params: Tensor) -> Tensor:
-        block, batch = plan.block, plan.batch_stats
+        block, batch, dtype = plan.block, plan.batch_stats, plan.dtype
         batch_size, _, *spatial = x.shape
         count = batch_size * math.prod(spatial)
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -344,9 +401,8 @@ class _FusedBlock(torch.autograd.Function):
         mean = var = None
         if batch:
             mean, var = flat.new_empty((2, block.out_channels), dtype=acc)
-            mean[: block.in_channels], var[: block.in_channels] = ops.channel_stats(
-                flat[:, : block.in_channels]
-            )
+            c_in = block.in_channels
+            mean[:c_in], var[:c_in] = ops.channel_stats(flat[:, :c_in])
         layer_stats = []
         for index, layer in enumerate(block.layers):
             n, k = layer.in_channels, layer.growth_rate
@@ -357,20 +413,18 @@ class _FusedBlock(torch.autograd.Function):
                 stats1 = _Stats.running(layer.norm1, acc)
             stats2 = None
             if layer.bottleneck is None:
-                y = _bn_relu(flat[:, :n], stats1, layer.norm1, plan.dtype, spatial)
+                out = _conv3x3_forward(flat[:, :n], stats1, layer.norm1, layer.conv1.weight, dtype, spatial)
             else:
-                z = _bottleneck(layer, flat[:, :n], stats1, plan.dtype)
+                z = _bottleneck(layer, flat[:, :n], stats1, dtype)
                 if batch:
                     mean2, var2 = ops.channel_stats(z)
                     _update_running_stats(layer.norm2, mean2, var2, count)
                     stats2 = _Stats(mean2, var2, layer.norm2.eps)
                 else:
                     stats2 = _Stats.running(layer.norm2, acc)
-                y = _bn_relu(z, stats2, layer.norm2, plan.dtype, spatial)
+                out = _conv3x3_forward(z, stats2, layer.norm2, layer.conv2.weight, dtype, spatial)
                 del z
             layer_stats.append((stats1, stats2))
-            out = F.conv3d(y, _layer_params(layer)[-1].to(plan.dtype), padding=1)
-            del y
             scale = _dropout_scale(layer, index, plan, out)
             buffer[:, n : n + k] = out if scale is None else out * scale
             del out
@@ -390,7 +444,7 @@ class _FusedBlock(torch.autograd.Function):
         grad = grad_out.to(acc, memory_format=torch.contiguous_format, copy=True).view(flat.shape)
         if batch:
             a, b = flat.new_zeros((2, channels), dtype=acc)
-        grads: list[Tensor | None] = []
+        grads: list[Tensor] = []
         for index in reversed(range(block.num_layers)):
             layer = block.layers[index]
             n, k = layer.in_channels, layer.growth_rate
@@ -402,27 +456,20 @@ class _FusedBlock(torch.autograd.Function):
             scale = _dropout_scale(layer, index, plan, grad_conv)
             if scale is not None:
                 grad_conv.mul_(scale)
-            weight3 = _layer_params(layer)[-1].to(dtype)
             prefix = flat[:, :n]
             if layer.bottleneck is None:
-                y = _bn_relu(prefix, stats1, layer.norm1, dtype, spatial)
-                dweight3 = _conv3x3_weight_grad(y, weight3, grad_conv)
-                del y
-                grad_y = F.grad.conv3d_input((batch_size, n, *spatial), weight3, grad_conv, padding=1)
-                dweight1, dbias1 = _bn_relu_backward(grad_y, prefix, stats1, layer.norm1, grad[:, :n])
-                del grad_y
-                layer_grads = [dweight1, dbias1, dweight3]
+                dweight1, dbias1, dconv1 = _conv3x3_backward(
+                    grad_conv, prefix, stats1, layer.norm1, layer.conv1.weight, grad[:, :n], dtype, spatial
+                )
+                layer_grads = [dweight1, dbias1, dconv1]
             else:
                 z = _bottleneck(layer, prefix, stats1, dtype)
-                y = _bn_relu(z, stats2, layer.norm2, dtype, spatial)
-                dweight3 = _conv3x3_weight_grad(y, weight3, grad_conv)
-                grad_y = F.grad.conv3d_input(y.shape, weight3, grad_conv, padding=1)
-                del y
                 grad_z = torch.zeros(z.shape, dtype=acc, device=z.device)
-                dweight2, dbias2 = _bn_relu_backward(grad_y, z, stats2, layer.norm2, grad_z)
-                del grad_y
+                dweight2, dbias2, dconv2 = _conv3x3_backward(
+                    grad_conv, z, stats2, layer.norm2, layer.conv2.weight, grad_z, dtype, spatial
+                )
                 if batch:  # norm2 has one consumer: fold its stats terms at once
-                    a2, b2 = torch.zeros_like(stats2.mean), torch.zeros_like(stats2.mean)
+                    a2, b2 = torch.zeros((2, z.shape[1]), dtype=acc, device=z.device)
                     _fold(a2, b2, stats2, layer.norm2, dweight2, dbias2)
                     ops.bn_stats_correction_(grad_z, z, stats2.mean, a2, b2)
                 del z
@@ -432,7 +479,7 @@ class _FusedBlock(torch.autograd.Function):
                     layer.conv1.weight, grad[:, :n],
                 )  # fmt: skip
                 del grad_z
-                layer_grads = [dweight1, dbias1, dconv1, dweight2, dbias2, dweight3]
+                layer_grads = [dweight1, dbias1, dconv1, dweight2, dbias2, dconv2]
             if batch:
                 _fold(a[:n], b[:n], stats1, layer.norm1, dweight1, dbias1)
             params = _layer_params(layer)
@@ -444,11 +491,3 @@ class _FusedBlock(torch.autograd.Function):
                 ops.bn_stats_correction_(grad[:, :c_in], flat[:, :c_in], mean[:c_in], a[:c_in], b[:c_in])
             grad_x = grad[:, :c_in].to(buffer.dtype).reshape(batch_size, c_in, *spatial).contiguous()
         return grad_x, None, *grads
-
-
-def _conv3x3_weight_grad(y: Tensor, weight: Tensor, grad_out: Tensor) -> Tensor:
-    """d conv3d(y, weight, padding=1) / d weight, given the output gradient [B, k, *S]."""
-    mask = (False, True, False)
-    return torch.ops.aten.convolution_backward(
-        grad_out, y, weight, None, [1] * 3, [1] * 3, [1] * 3, False, [0] * 3, 1, mask
-    )[1]
