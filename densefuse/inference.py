@@ -144,10 +144,60 @@ def read_window(
     return x
 
 
-def _read_batch(
-    x: Tensor, positions: Sequence[Position], roi: Sequence[int], mode: str, cval: float
-) -> Tensor:
-    return torch.stack([read_window(x[p[0]], p[1:], roi, mode, cval) for p in positions])
+def _copy_window(
+    dst: Tensor, x: Tensor, start: Sequence[int], roi: Sequence[int], mode: str, cval: float
+) -> None:
+    """dst [C, *roi] = read_window(x, start, roi, mode, cval), written in place.
+
+    Inside the volume and with constant padding this is one copy of the part inside (after filling
+    dst with cval), with no temporary; the other padding modes gather through read_window.
+    """
+    size = x.shape[1:]
+    inside = [slice(max(s, 0), min(s + r, n)) for s, r, n in zip(start, roi, size)]
+    if all(s >= 0 and s + r <= n for s, r, n in zip(start, roi, size)):
+        dst.copy_(x[(slice(None), *inside)])
+    elif mode == "constant":
+        dst.fill_(cval)
+        if all(part.start < part.stop for part in inside):
+            local = [slice(part.start - s, part.stop - s) for part, s in zip(inside, start)]
+            dst[(slice(None), *local)].copy_(x[(slice(None), *inside)])
+    else:
+        dst.copy_(read_window(x, start, roi, mode, cval))
+
+
+def _unshared(t: Tensor) -> bool:
+    """Whether nothing but ``t`` uses t's memory (no other tensor or view of it is alive).
+
+    Counts the users of the storage (torch._C._storage_Use_Count: the tensors on it, plus its Python
+    object held here); False where torch does not expose the count.
+    """
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if use_count is None:
+        return False
+    storage = t.untyped_storage()
+    return use_count(storage._cdata) <= 2
+
+
+class _WindowReader:
+    """Reads batches of windows of x [B, C, *spatial] (3-D) into one tensor [n, C, *roi] (x's dtype).
+
+    The batch tensor is reused for the next batch when nothing holds it any more (the predictor kept
+    no reference to it or to a view of it), which saves allocating, and page-faulting, a batch of
+    windows per step; when something does hold it, the next batch gets a new tensor.
+    """
+
+    def __init__(self, x: Tensor, roi: Sequence[int], mode: str, cval: float):
+        self.x, self.roi, self.mode, self.cval = x, tuple(roi), mode, cval
+        self._buffer: Tensor | None = None
+
+    def read(self, positions: Sequence[Position]) -> Tensor:
+        count = len(positions)
+        if self._buffer is None or self._buffer.shape[0] < count or not _unshared(self._buffer):
+            self._buffer = self.x.new_empty((count, self.x.shape[1], *self.roi))
+        batch = self._buffer[:count]
+        for window, (b, *start) in zip(batch, positions):
+            _copy_window(window, self.x[b], start, self.roi, self.mode, self.cval)
+        return batch
 
 
 def _flatten(out: object) -> tuple[list | None, list[Tensor]]:
@@ -258,56 +308,97 @@ def sliding_window_inference(
     lift = (1,) * (3 - dims)
     x3 = inputs.reshape(batch, -1, *lift, *size)
     cond3 = None if condition is None else condition.reshape(*condition.shape[:2], *lift, *size)
-    roi3, size3 = (*lift, *roi), (*lift, *size)
-    starts = window_grid(size, roi, overlap, (0,) * dims)
-    starts3 = ([0],) * (3 - dims) + starts
+    starts3 = ([0],) * (3 - dims) + window_grid(size, roi, overlap, (0,) * dims)
     floating = inputs.is_floating_point()
     acc_dtype = reference.accumulate_dtype(inputs.dtype) if floating else torch.float32
     weights = [
         w.to(device, acc_dtype) for w in [torch.ones(1, dtype=torch.float64)] * (3 - dims) + list(vectors)
     ]
-    padded_before = [(max(s, r) - s) // 2 for s, r in zip(size, roi)]
     positions = [
         (b, z, y, x) for b in range(batch) for z in starts3[0] for y in starts3[1] for x in starts3[2]
     ]
-
-    accs: list[Tensor] = []
-    keys = None
-    flags = torch.zeros(2, dtype=torch.int64, device=device)
+    run = _WindowPredictor(predictor, x3, cond3, roi, padding_mode, cval, sw_device, with_coord, args, kwargs)
+    fusion = _Fusion(batch, size, roi, weights, floor, acc_dtype, device)
     for chunk in tqdm(_batches(positions, sw_batch_size), disable=not progress):
-        win = _read_batch(x3, chunk, roi3, padding_mode, cval).reshape(len(chunk), -1, *roi).to(sw_device)
-        if cond3 is not None:
-            cond = _read_batch(cond3, chunk, roi3, padding_mode, cval)
-            kwargs["condition"] = cond.reshape(len(chunk), -1, *roi).to(sw_device)
-        if with_coord:
-            coords = [
-                [slice(p[0], p[0] + 1), slice(None)]
-                + [slice(s + pb, s + pb + r) for s, pb, r in zip(p[4 - dims :], padded_before, roi)]
-                for p in chunk
-            ]
-            out = predictor(win, coords, *args, **kwargs)
-        else:
-            out = predictor(win, *args, **kwargs)
-        keys, outs = _flatten(out)
-        if accs and len(outs) != len(accs):
-            raise ValueError(f"predictor: returned {len(outs)} outputs, earlier {len(accs)}")
-        starts_t = torch.tensor(chunk, dtype=torch.int64)
-        for i, o in enumerate(outs):
-            o = _check_prediction(o, len(chunk), roi, accs[i].shape[1] if i < len(accs) else None)
-            if len(accs) <= i:
-                accs.append(torch.zeros((batch, o.shape[1], *size3), dtype=acc_dtype, device=device))
-            o = o.reshape(len(chunk), -1, *roi3).to(device)
-            flags += patch_scatter(accs[i], o, starts_t, *weights, floor, check_values=False)
-    check_patch_flags(flags, "predictor")
+        fusion.add(run(chunk), chunk)  # no reference to the batch outlives the step (_WindowReader)
+    return fusion.result(starts3, inputs.dtype if floating else torch.float32)
 
-    out_dtype = inputs.dtype if floating else torch.float32
-    results = []
-    for acc in accs:
-        fused = patch_finalize(acc, *starts3, *weights, floor, inplace=True)
-        results.append(fused.reshape(batch, -1, *size).to(out_dtype))
-    if keys is not None:
-        return dict(zip(keys, results))
-    return results[0] if len(results) == 1 else tuple(results)
+
+class _WindowPredictor:
+    """MONAI's predictor call on a batch of windows, ``predictor(windows [n, C_in, *roi], ...)``.
+
+    The windows (and MONAI's ``condition`` keyword, windowed the same way) are read from the 3-D-lifted
+    volume and moved to ``sw_device``; with ``with_coord`` the second argument is MONAI's list of window
+    slices per window, in the coordinates of MONAI's padded volume.
+    """
+
+    def __init__(self, predictor, x3, cond3, roi, padding_mode, cval, sw_device, with_coord, args, kwargs):
+        self.predictor, self.roi, self.sw_device = predictor, tuple(roi), sw_device
+        roi3 = (1,) * (3 - len(roi)) + self.roi
+        self.windows = _WindowReader(x3, roi3, padding_mode, cval)
+        self.conditions = None if cond3 is None else _WindowReader(cond3, roi3, padding_mode, cval)
+        size = x3.shape[5 - len(roi) :]
+        self.padded_before = [(max(s, r) - s) // 2 for s, r in zip(size, roi)] if with_coord else None
+        self.args, self.kwargs = args, kwargs
+
+    def _read(self, reader: _WindowReader, chunk: Sequence[Position]) -> Tensor:
+        return reader.read(chunk).reshape(len(chunk), -1, *self.roi).to(self.sw_device)
+
+    def __call__(self, chunk: Sequence[Position]) -> object:
+        kwargs = dict(self.kwargs)
+        if self.conditions is not None:
+            kwargs["condition"] = self._read(self.conditions, chunk)
+        windows_in = self._read(self.windows, chunk)
+        if self.padded_before is None:
+            return self.predictor(windows_in, *self.args, **kwargs)
+        dims = len(self.roi)
+        coords = [
+            [slice(p[0], p[0] + 1), slice(None)]
+            + [slice(s + pb, s + pb + r) for s, pb, r in zip(p[4 - dims :], self.padded_before, self.roi)]
+            for p in chunk
+        ]
+        return self.predictor(windows_in, coords, *self.args, **kwargs)
+
+
+class _Fusion:
+    """The accumulators of sliding_window_inference: one [B, C_k, *size3] per predictor output k, with
+    size3 the spatial size lifted to 3-D by leading ones (the fusion ops are 3-D)."""
+
+    def __init__(self, batch, size, roi, weights, floor, dtype, device):
+        lift = (1,) * (3 - len(size))
+        self.batch, self.size, self.roi = batch, tuple(size), tuple(roi)
+        self.size3, self.roi3 = (*lift, *size), (*lift, *roi)
+        self.weights, self.floor, self.dtype, self.device = weights, floor, dtype, device
+        self.accs: list[Tensor] = []
+        self.keys: list | None = None
+        self.flags = torch.zeros(2, dtype=torch.int64, device=device)
+
+    def add(self, out: object, chunk: Sequence[Position]) -> None:
+        """Scatters the predictor's output ``out`` for the windows at ``chunk`` into the accumulators."""
+        self.keys, outs = _flatten(out)
+        if self.accs and len(outs) != len(self.accs):
+            raise ValueError(f"predictor: returned {len(outs)} outputs, earlier {len(self.accs)}")
+        starts = torch.tensor(chunk, dtype=torch.int64)
+        for i, o in enumerate(outs):
+            channels = self.accs[i].shape[1] if i < len(self.accs) else None
+            o = _check_prediction(o, len(chunk), self.roi, channels)
+            if len(self.accs) <= i:
+                shape = (self.batch, o.shape[1], *self.size3)
+                self.accs.append(torch.zeros(shape, dtype=self.dtype, device=self.device))
+            o = o.reshape(len(chunk), -1, *self.roi3).to(self.device)
+            flags = patch_scatter(self.accs[i], o, starts, *self.weights, self.floor, check_values=False)
+            self.flags += flags
+
+    def result(self, starts3, dtype: torch.dtype) -> Tensor | tuple[Tensor, ...] | dict[Any, Tensor]:
+        """The fused outputs [B, C_k, *spatial] in ``dtype``, in the predictor's structure."""
+        check_patch_flags(self.flags, "predictor")
+        results = []
+        for acc in self.accs:
+            fused = patch_finalize(acc, *starts3, *self.weights, self.floor, inplace=True)
+            results.append(fused.reshape(self.batch, -1, *self.size).to(dtype))
+        if self.keys is not None:
+            return dict(zip(self.keys, results))
+        return results[0] if len(results) == 1 else tuple(results)
 
 
 # ------------------------------------------------------------------------------ the paper's predictor
@@ -465,10 +556,11 @@ class SlidingWindowPredictor:
         bar = tqdm(
             total=len(groups) * math.ceil(len(groups[0]) / self.sw_batch_size), disable=not self.progress
         )
+        reader = _WindowReader(image, self.roi, self.padding, self.cval)
         for k, group in enumerate(groups):
             for chunk in _batches(group, self.sw_batch_size):
-                windows_in = _read_batch(image, chunk, self.roi, self.padding, self.cval).to(model_device)
-                fuse.add(self._predict(windows_in, fuse.channels).to(device), chunk)
+                # no reference to the batch of windows outlives the step (see _WindowReader)
+                fuse.add(self._predict(reader.read(chunk).to(model_device), fuse.channels).to(device), chunk)
                 bar.update()
             fuse.group_done(k, self.output, finish)
         bar.close()

@@ -7,6 +7,7 @@ scatter vs the deterministic gather; the normaliser and the finaliser's outputs;
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import pytest
@@ -276,3 +277,126 @@ def test_opcheck(backend, rng):
     torch.library.opcheck(pf.patch_normalize_op, (acc.clone(), *grid, *grid_weights, 0.0, 2))
     for activation, output in [(0, 0), (1, 0), (1, 1), (2, 1)]:
         torch.library.opcheck(pf.patch_finalize_op, (acc, *grid, *grid_weights, 0.0, activation, output, 0.5))
+
+
+# ------------------------------------------------------------------------------- the cpp backend
+# Its scatter is plane-stationary (each (batch, z) plane of acc, or a band of its rows, is written
+# by one thread, windows in index order), so scatter and gather are both deterministic.
+requires_cpp = pytest.mark.skipif("cpp" not in BACKENDS, reason="needs densefuse._C")
+SCATTER_CASES = [  # (batch, channels, size, roi, count)
+    (1, 2, (1, 37, 29), (1, 5, 7), 60),  # a single plane (split into row bands), many windows per voxel
+    (2, 3, (9, 11, 13), (4, 3, 5), 40),
+    (1, 1, (4, 3, 300), (2, 2, 130), 12),  # long rows, windows wider than half the volume
+    (1, 1, (6, 7, 8), (1, 2, 3), 3000),  # large N
+]
+
+
+@contextlib.contextmanager
+def threads(count: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@requires_cpp
+@pytest.mark.parametrize("floor", [0.0, 0.2])
+@pytest.mark.parametrize("case", SCATTER_CASES, ids=str)
+def test_cpp_scatter_and_gather_are_deterministic(case, floor, rng):
+    """The same bits for 1, 2 and 3 threads, and the reference's values."""
+    batch, channels, size, roi, count = case
+    win, starts, weights = random_case(rng, batch, channels, size, roi, count)
+    acc = torch.randn(batch, channels, *size, generator=rng, dtype=torch.float64)
+    expected = acc.clone()
+    reference.patch_scatter(expected, win, starts, *weights, floor)
+    for op in (pf.patch_scatter_op, pf.patch_gather_op):
+        runs = []
+        for count_threads in (1, 2, 3):
+            runs.append(acc.clone())
+            with densefuse.use_backend("cpp"), threads(count_threads):
+                assert op(runs[-1], win, starts, *weights, floor).tolist() == [0, 0]
+        assert all(torch.equal(run, runs[0]) for run in runs[1:]), op
+        torch.testing.assert_close(runs[0], expected, rtol=1e-12, atol=1e-12)
+
+
+@requires_cpp
+def test_cpp_scatter_many_windows_on_one_voxel(rng):
+    """200 windows at the same place: every voxel inside gets 200 additions."""
+    win = torch.randn(200, 2, 3, 4, 5, generator=rng, dtype=torch.float64)
+    starts = torch.tensor([[0, -1, 2, -3]] * 200)
+    weights = [torch.rand(r, generator=rng, dtype=torch.float64) + 0.1 for r in (3, 4, 5)]
+    expected = torch.zeros(1, 2, 4, 6, 5, dtype=torch.float64)
+    reference.patch_scatter(expected, win, starts, *weights, 0.0)
+    for deterministic in (False, True):
+        acc = torch.zeros(1, 2, 4, 6, 5, dtype=torch.float64)
+        with densefuse.use_backend("cpp"):
+            patch_scatter(acc, win, starts, *weights, deterministic=deterministic)
+        torch.testing.assert_close(acc, expected, rtol=1e-12, atol=1e-12)
+
+
+@requires_cpp
+def test_cpp_flags_count_exactly(rng):
+    """Non-finite values are counted in the windows' dtype (an fp64 value that overflows fp32 is not
+    one); starts far outside the volume (int64 extremes) are skipped without overflow."""
+    win = torch.randn(5, 1, 3, 3, 3, generator=rng, dtype=torch.float64)
+    win[0, 0, 0, 0, 0] = float("nan")
+    win[0, 0, 1, 1, 1] = float("inf")
+    win[1, 0, 2, 2, 2] = 1e300  # finite in fp64, inf once rounded to the fp32 accumulator
+    win[2, 0, 0, 0, 0] = float("-inf")  # lands outside the volume: not counted
+    big = 2**63 - 1
+    starts = torch.tensor([[0, 0, 0, 0], [0, 1, 1, 1], [0, -1, 0, 0], [0, big, 0, 0], [0, 0, -big, 0]])
+    ones = torch.ones(3, dtype=torch.float64)
+    with densefuse.use_backend("cpp"):
+        flags = patch_scatter(torch.zeros(1, 1, 4, 4, 4), win, starts, ones, ones, ones, check_values=False)
+    assert flags.tolist() == [2, 2]
+
+
+@requires_cpp
+@pytest.mark.parametrize("floor", [0.0, 0.4])
+@pytest.mark.parametrize("grid", GRIDS, ids=str)
+def test_cpp_finalize_is_the_reference_bit_for_bit(grid, floor, rng):
+    """Values and threshold masks (no transcendental functions involved) equal the reference's bits."""
+    size, roi, starts = grid
+    weights = [torch.rand(r, generator=rng, dtype=torch.float64) + 0.05 for r in roi]
+    grid_t = [torch.tensor(s) for s in starts]
+    acc = torch.randn(2, 3, *size, generator=rng, dtype=torch.float64)
+    for output in (0, 1):
+        expected = reference.patch_finalize(acc, *grid_t, *weights, floor, 0, output, 0.1)
+        with densefuse.use_backend("cpp"):
+            ours = pf.patch_finalize_op(acc, *grid_t, *weights, floor, 0, output, 0.1)
+        assert torch.equal(ours, expected)
+
+
+@requires_cpp
+def test_cpp_finalize_a_large_volume_in_parallel(rng):
+    """Many rows split over threads: the same bits for any thread count."""
+    size = (23, 41, 37)
+    grid = [list(range(-4, s, 5)) for s in size]
+    weights = [windows.spline(8, torch.float32)] * 3
+    acc = torch.randn(1, 4, *size, generator=rng)
+    runs = []
+    for count_threads in (1, 2):
+        with densefuse.use_backend("cpp"), threads(count_threads):
+            runs.append(patch_finalize(acc, *grid, *weights, 0.01, activation="softmax"))
+    assert torch.equal(runs[0], runs[1])
+    with densefuse.use_backend("torch"):
+        torch.testing.assert_close(runs[0], patch_finalize(acc, *grid, *weights, 0.01, activation="softmax"))
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or "cuda" not in densefuse.available_backends("cuda"),
+    reason="needs a CUDA device and densefuse._C built with CUDA",
+)
+@pytest.mark.parametrize("acc_dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("width", [64, 66, 67])  # float4, float2 and scalar atomics
+def test_cuda_scatter_matches_the_reference(acc_dtype, width, rng):
+    win, starts, weights = random_case(rng, 2, 3, (9, 11, width), (4, 5, 33), 40, torch.float16)
+    expected = torch.zeros(2, 3, 9, 11, width, dtype=torch.float64)
+    reference.patch_scatter(expected, win.double(), starts, *weights, 0.1)
+    acc = torch.zeros(2, 3, 9, 11, width, dtype=acc_dtype, device="cuda")
+    args = [t.cuda() for t in (win, starts, *[w.to(acc_dtype) for w in weights])]
+    flags = torch.ops.densefuse_ext.patch_scatter(acc, *args, 0.1)
+    assert flags.tolist() == [0, 0]
+    torch.testing.assert_close(acc.cpu().double(), expected, rtol=1e-5, atol=1e-5)

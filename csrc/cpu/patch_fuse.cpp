@@ -17,6 +17,9 @@
 // volume-sized map); floor > 0: the clamped weights of the covering grid windows summed in grid order
 // (a, b, c) from per-axis lists of covering starts, exactly as reference.fusion_normalizer. Then
 // v = acc / N (0 where N < the smallest normal T), the activation, and the output row.
+//
+// The entry points of both (scatter_item, finalize_rows) are compiled once per x86-64 level and picked
+// at load time, as the loss kernels; everything they call in their loops is inlined (PF_INLINE).
 #include "cpu/patch_fuse.h"
 
 #include <ATen/Parallel.h>
@@ -32,7 +35,15 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/loss_stats.h"  // DENSEFUSE_CPU_CLONES: whether kernels are cloned per x86-64 level
 #include "patch_math.h"
+
+#ifdef DENSEFUSE_CPU_CLONES
+#define PF_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define PF_CLONES
+#endif
+#define PF_INLINE inline __attribute__((always_inline))
 
 namespace densefuse::cpu {
 namespace {
@@ -85,18 +96,26 @@ void parallel_items(int64_t items, Fn&& fn) {
 }
 
 // ----------------------------------------------------------------------------------------- scatter
-// out[k] += w_k * v[k] for k < n, w_k = max(pzy * wx[k], floor) (no clamp unless CLAMP). Returns the
-// number of non-finite v[k].
-template <bool CLAMP, class T, class S>
-inline int64_t add_row(T* out, const S* v, const T* wx, T pzy, T floor, int64_t n) {
+template <class S>
+PF_INLINE int64_t count_nonfinite(const S* v, int64_t n) {
   int64_t bad = 0;
-#pragma omp simd reduction(+ : bad)
-  for (int64_t k = 0; k < n; ++k) {
-    const Wide<S> x = static_cast<Wide<S>>(v[k]);
-    bad += math::nonfinite(x);
-    out[k] += patch::weight<CLAMP>(pzy, wx[k], floor) * static_cast<T>(x);
-  }
+  for (int64_t k = 0; k < n; ++k) bad += math::nonfinite(static_cast<Wide<S>>(v[k]));
   return bad;
+}
+
+// out[k] += w_k * v[k] for k < n, w_k = max(pzy * wx[k], floor) (no clamp unless CLAMP). Returns the
+// number of non-finite v[k]: the loop only sums the products on the side (one add per element); a
+// row whose sum is not finite (a non-finite value, or an overflow) is then counted exactly.
+template <bool CLAMP, class T, class S>
+PF_INLINE int64_t add_row(T* out, const S* v, const T* wx, T pzy, T floor, int64_t n) {
+  T probe = 0;
+#pragma omp simd reduction(+ : probe)
+  for (int64_t k = 0; k < n; ++k) {
+    const T product = patch::weight<CLAMP>(pzy, wx[k], floor) * static_cast<T>(v[k]);
+    out[k] += product;
+    probe += product;
+  }
+  return math::nonfinite(probe) ? count_nonfinite(v, n) : 0;
 }
 
 struct Placed {
@@ -169,7 +188,7 @@ class Scatter {
 
   // Adds the windows of `item` straight into acc (scatter) or through a zeroed scratch box (gather);
   // returns the number of non-finite window values added.
-  int64_t run(int64_t item, bool gather, std::vector<T>& scratch) const {
+  PF_INLINE int64_t run(int64_t item, bool gather, std::vector<T>& scratch) const {
     const int64_t plane = index_.busy[item / index_.bands];
     const int64_t band_lo = (item % index_.bands) * index_.band_rows;
     const int64_t band_hi = std::min(band_lo + index_.band_rows, a_.size[1]);
@@ -201,7 +220,7 @@ class Scatter {
  private:
   // For each window crossing `plane` (in window order), each channel and each of its rows in
   // [band_lo, band_hi): dst[c * ld_c + (y - origin.y0) * ld_y + (x - origin.x0)] += w * v.
-  int64_t add_windows(int64_t plane, int64_t z, int64_t band_lo, int64_t band_hi, T* dst, int64_t ld_c,
+  PF_INLINE int64_t add_windows(int64_t plane, int64_t z, int64_t band_lo, int64_t band_hi, T* dst, int64_t ld_c,
                       int64_t ld_y, Box origin) const {
     const int64_t rz = a_.roi[0], ry = a_.roi[1], rx = a_.roi[2];
     const bool clamp = a_.floor > 0;
@@ -237,6 +256,11 @@ class Scatter {
   const int64_t volume_;  // D * H * W: the channel stride of acc
 };
 
+template <class T, class S>
+PF_CLONES int64_t scatter_item(const Scatter<T, S>& kernel, int64_t item, bool gather, std::vector<T>* scratch) {
+  return kernel.run(item, gather, *scratch);
+}
+
 void scatter(const PatchScatterArgs& a, bool gather, int64_t* flags) {
   const PlaneIndex index(a);
   std::atomic<int64_t> bad{0};
@@ -245,7 +269,7 @@ void scatter(const PatchScatterArgs& a, bool gather, int64_t* flags) {
     visit_window(a.windows_dtype, [&](auto window_tag) {
       const Scatter<T, typename decltype(window_tag)::type> kernel(a, index);
       parallel_items<std::vector<T>>(index.items(), [&](int64_t item, std::vector<T>& scratch) {
-        const int64_t found = kernel.run(item, gather, scratch);
+        const int64_t found = scatter_item(kernel, item, gather, &scratch);
         if (found) bad += found;
       });
     });
@@ -296,7 +320,7 @@ class Normalizer {
   }
 
   // n[x] = N(z, y, x) for x in [0, W).
-  void row(int64_t z, int64_t y, T* n) const {
+  PF_INLINE void row(int64_t z, int64_t y, T* n) const {
     const int64_t width = a_.size[2];
     if (a_.floor <= 0) {
       const T zy = sums_[0][z] * sums_[1][y];
@@ -342,82 +366,82 @@ class Normalizer {
 
 // ------------------------------------------------------------------------------------------ finalise
 template <class T>
-inline T sigmoid(T v) {
+PF_INLINE T sigmoid(T v) {
   return T(1) / (T(1) + std::exp(-v));
 }
 
 // Finalises rows (z, y) of every (batch, channel): the activation and output of PatchFinalizeArgs.
+// "Covered" is n[x] >= the smallest normal T; every output is 0 elsewhere.
 template <class T>
 class Finalizer {
  public:
   Finalizer(const PatchFinalizeArgs& a, const Normalizer<T>& norm, void* out)
       : a_(a), norm_(norm), acc_(static_cast<const T*>(a.acc)), out_(out), volume_(a.size[0] * a.size[1] * a.size[2]) {}
 
-  void rows(int64_t r0, int64_t r1) const {
+  // Probabilities are divided straight into out (which may be acc) and activated there; masks go
+  // through a [C, W] buffer of values.
+  PF_INLINE void rows(int64_t r0, int64_t r1) const {
     const int64_t channels = a_.channels, height = a_.size[1], width = a_.size[2];
-    std::vector<T> n(width), values(channels * width);
-    std::vector<uint8_t> covered(width);
-    const T tiny = std::numeric_limits<T>::min();
+    const bool mask = a_.output == kOutMask;
+    std::vector<T> n(width), values(mask ? channels * width : 0);
     for (int64_t r = r0; r < r1; ++r) {
       norm_.row(r / height, r % height, n.data());
-      for (int64_t x = 0; x < width; ++x) covered[x] = n[x] >= tiny;
       for (int64_t b = 0; b < a_.batch; ++b) {
         const int64_t offset = b * channels * volume_ + r * width;  // (b, 0, z, y, 0)
+        T* probs = mask ? nullptr : static_cast<T*>(out_) + offset;
         for (int64_t c = 0; c < channels; ++c) {
-          divide(acc_ + offset + c * volume_, n.data(), covered.data(), values.data() + c * width, width);
+          divide(acc_ + offset + c * volume_, n.data(), mask ? values.data() + c * width : probs + c * volume_);
         }
-        if (a_.output == kOutProbabilities) {
-          probabilities(values.data(), covered.data(), static_cast<T*>(out_) + offset);
+        if (!mask) {
+          activate(probs, n.data());
         } else if (a_.activation == kActSoftmax) {
-          argmax(values.data(), covered.data(), static_cast<uint8_t*>(out_) + b * volume_ + r * width);
+          argmax(values.data(), n.data(), static_cast<uint8_t*>(out_) + b * volume_ + r * width);
         } else {
-          threshold(values.data(), covered.data(), static_cast<uint8_t*>(out_) + offset);
+          threshold(values.data(), n.data(), static_cast<uint8_t*>(out_) + offset);
         }
       }
     }
   }
 
  private:
+  static PF_INLINE bool covered(T n) { return n >= std::numeric_limits<T>::min(); }
+
   // v[x] = acc[x] / n[x] where covered, else 0.
-  static void divide(const T* acc, const T* n, const uint8_t* covered, T* v, int64_t width) {
+  PF_INLINE void divide(const T* acc, const T* n, T* v) const {
+    const int64_t width = a_.size[2];
 #pragma omp simd
     for (int64_t x = 0; x < width; ++x) {
       const T q = acc[x] / n[x];
-      v[x] = covered[x] ? q : T(0);
+      v[x] = covered(n[x]) ? q : T(0);
     }
   }
 
-  // out (channel stride volume_) = act(v), 0 where not covered.
-  void probabilities(const T* v, const uint8_t* covered, T* out) const {
+  // p (channel stride volume_) = act(p) in place where covered (sigmoid, or softmax over C).
+  PF_INLINE void activate(T* p, const T* n) const {
     const int64_t channels = a_.channels, width = a_.size[2];
-    if (a_.activation == kActSoftmax) {
-      for (int64_t x = 0; x < width; ++x) {
-        if (!covered[x]) {
-          for (int64_t c = 0; c < channels; ++c) out[c * volume_ + x] = T(0);
-          continue;
-        }
-        T max = v[x];
-        for (int64_t c = 1; c < channels; ++c) max = v[c * width + x] > max ? v[c * width + x] : max;
-        T sum = 0;
-        for (int64_t c = 0; c < channels; ++c) sum += std::exp(v[c * width + x] - max);
-        for (int64_t c = 0; c < channels; ++c) out[c * volume_ + x] = std::exp(v[c * width + x] - max) / sum;
+    if (a_.activation == kActSigmoid) {
+      for (int64_t c = 0; c < channels; ++c) {
+        T* pc = p + c * volume_;
+        for (int64_t x = 0; x < width; ++x) pc[x] = covered(n[x]) ? sigmoid(pc[x]) : T(0);
       }
-      return;
-    }
-    for (int64_t c = 0; c < channels; ++c) {
-      const T* vc = v + c * width;
-      T* oc = out + c * volume_;
-      if (a_.activation == kActSigmoid) {
-        for (int64_t x = 0; x < width; ++x) oc[x] = covered[x] ? sigmoid(vc[x]) : T(0);
-      } else {
-        std::copy(vc, vc + width, oc);
+    } else if (a_.activation == kActSoftmax) {
+      for (int64_t x = 0; x < width; ++x) {
+        if (!covered(n[x])) continue;  // every channel is 0 already
+        T max = p[x];
+        for (int64_t c = 1; c < channels; ++c) max = p[c * volume_ + x] > max ? p[c * volume_ + x] : max;
+        T sum = 0;
+        for (int64_t c = 0; c < channels; ++c) {
+          T& value = p[c * volume_ + x];
+          value = std::exp(value - max);
+          sum += value;
+        }
+        for (int64_t c = 0; c < channels; ++c) p[c * volume_ + x] /= sum;
       }
     }
   }
 
-  // out[x] = the first class with the largest v (NaN counts as the largest, as torch.argmax), 0 where
-  // not covered.
-  void argmax(const T* v, const uint8_t* covered, uint8_t* out) const {
+  // out[x] = the first class with the largest v (NaN counts as the largest, as in torch.argmax).
+  PF_INLINE void argmax(const T* v, const T* n, uint8_t* out) const {
     const int64_t width = a_.size[2];
     for (int64_t x = 0; x < width; ++x) {
       T best = v[x];
@@ -429,19 +453,19 @@ class Finalizer {
           arg = c;
         }
       }
-      out[x] = covered[x] ? static_cast<uint8_t>(arg) : uint8_t(0);
+      out[x] = covered(n[x]) ? static_cast<uint8_t>(arg) : uint8_t(0);
     }
   }
 
-  // out (channel stride volume_) = [act(v) >= threshold] where covered, the threshold rounded to T.
-  void threshold(const T* v, const uint8_t* covered, uint8_t* out) const {
+  // out (channel stride volume_) = [act(v) >= threshold], the threshold rounded to T as torch does.
+  PF_INLINE void threshold(const T* v, const T* n, uint8_t* out) const {
     const int64_t width = a_.size[2];
     const T level = static_cast<T>(a_.threshold);
     const bool sig = a_.activation == kActSigmoid;
     for (int64_t c = 0; c < a_.channels; ++c) {
       const T* vc = v + c * width;
       uint8_t* oc = out + c * volume_;
-      for (int64_t x = 0; x < width; ++x) oc[x] = covered[x] && (sig ? sigmoid(vc[x]) : vc[x]) >= level;
+      for (int64_t x = 0; x < width; ++x) oc[x] = covered(n[x]) && (sig ? sigmoid(vc[x]) : vc[x]) >= level;
     }
   }
 
@@ -451,6 +475,11 @@ class Finalizer {
   void* out_;
   const int64_t volume_;
 };
+
+template <class T>
+PF_CLONES void finalize_rows(const Finalizer<T>& finalizer, int64_t r0, int64_t r1) {
+  finalizer.rows(r0, r1);
+}
 
 }  // namespace
 
@@ -466,7 +495,7 @@ void patch_finalize(const PatchFinalizeArgs& args, void* out) {
     const int64_t rows = args.size[0] * args.size[1];
     const int64_t per_row = args.batch * args.channels * args.size[2];
     at::parallel_for(0, rows, std::max<int64_t>(1, kRowGrain / per_row),
-                     [&](int64_t r0, int64_t r1) { finalizer.rows(r0, r1); });
+                     [&](int64_t r0, int64_t r1) { finalize_rows(finalizer, r0, r1); });
   });
 }
 

@@ -1,0 +1,193 @@
+"""Contenders for the sliding-window fusion benchmarks, used by test_bench_fusion.py (pytest-benchmark).
+
+One setup function per provider, each returning ``step()``: one sliding-window inference over a
+fixed volume, with MONAI's arguments (roi, sw_batch_size, overlap 0.5, mode "gaussian"):
+
+    densefuse-<backend>  densefuse.inference.sliding_window_inference under densefuse.use_backend(<backend>)
+    monai                monai.inferers.sliding_window_inference with the same arguments
+
+Cases: "fusion" runs the identity predictor, so the fusion machinery is all that is timed (window
+extraction, weights, scatter, normalisation); "model" runs a small 3-D conv net (end to end, the
+net included). Steps run under torch.inference_mode().
+
+Memory: ``peak_extra_bytes`` is the peak of the bytes allocated during one step above the level
+before it, the output included (CUDA: max_memory_allocated; CPU: the allocator events of the
+profiler, as loss_providers.peak_extra_bytes). ``memory_bound_bytes`` is what densefuse promises
+to stay within: the output plus one batch of windows (plus one batch of predictions for a model).
+
+    PYTHONPATH=benchmarks python benchmarks/fusion_providers.py [--reps 30]
+
+prints medians over ``reps`` rounds with the providers interleaved round by round, and the ratios to
+MONAI (what the README quotes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import loss_providers as lp
+import torch
+from torch import Tensor
+
+import densefuse
+import densefuse.inference
+from densefuse.ops import patch_fuse
+
+Step = Callable[[], object]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark case: a volume [B, C, D, H, W] tiled by windows of ``roi`` at 50 % overlap."""
+
+    kind: str  # "fusion" (identity predictor) | "model" (small 3-D conv net)
+    shape: tuple[int, ...]
+    roi: int
+    sw_batch_size: int = 4
+    mode: str = "gaussian"
+    overlap: float = 0.5
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}-{'x'.join(map(str, self.shape))}-roi{self.roi}-bs{self.sw_batch_size}"
+
+    @property
+    def out_channels(self) -> int:
+        return self.shape[1] if self.kind == "fusion" else MODEL_OUT_CHANNELS
+
+
+MODEL_OUT_CHANNELS = 2
+CASES = {
+    "cpu": [Case("fusion", (1, 1, 160, 192, 160), 96), Case("model", (1, 1, 128, 128, 128), 64)],
+    "cuda": [Case("fusion", (1, 1, 192, 224, 192), 96), Case("model", (1, 1, 192, 224, 192), 96)],
+}
+
+
+def small_net(in_channels: int, seed: int = 0) -> torch.nn.Module:
+    """Conv3d(C_in, 8, 3) -> ReLU -> Conv3d(8, 2, 1): a real model, cheap enough for a CPU benchmark."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Conv3d(in_channels, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv3d(8, MODEL_OUT_CHANNELS, 1),
+    ).eval()
+
+
+@dataclass
+class Inputs:
+    volume: Tensor  # [B, C, D, H, W] fp32
+    predictor: Callable[[Tensor], Tensor]
+
+
+def make_inputs(case: Case, device: str, seed: int = 0) -> Inputs:
+    gen = torch.Generator(device).manual_seed(seed)
+    volume = torch.randn(case.shape, generator=gen, device=device)
+    if case.kind == "fusion":
+        return Inputs(volume, lambda t: t)
+    return Inputs(volume, small_net(case.shape[1], seed).to(device))
+
+
+# ------------------------------------------------------------------------------ one setup per provider
+def _sliding_window(function: Callable, case: Case, inputs: Inputs) -> Step:
+    def step() -> object:
+        with torch.inference_mode():
+            return function(
+                inputs.volume, case.roi, case.sw_batch_size, inputs.predictor, case.overlap, case.mode
+            )
+
+    return step
+
+
+def setup_densefuse(backend: str, case: Case, inputs: Inputs) -> Step:
+    step = _sliding_window(densefuse.inference.sliding_window_inference, case, inputs)
+
+    def in_backend() -> object:
+        with densefuse.use_backend(backend):
+            return step()
+
+    return in_backend
+
+
+def setup_monai(case: Case, inputs: Inputs) -> Step:
+    from monai.inferers import sliding_window_inference
+
+    return _sliding_window(sliding_window_inference, case, inputs)
+
+
+def providers(device_type: str) -> list[str]:
+    """densefuse on every backend with fusion kernels on ``device_type`` (not the Triton interpreter
+    on CPU), and MONAI."""
+    backends = patch_fuse.implemented_backends(device_type)
+    if device_type == "cpu" and "triton" in backends:  # the interpreter (TRITON_INTERPRET=1) is a test aid
+        backends.remove("triton")
+    return [f"densefuse-{b}" for b in backends] + ["monai"]
+
+
+def setup(provider: str, case: Case, inputs: Inputs) -> Step:
+    """``step()``: one sliding-window inference of ``case`` by ``provider`` on ``inputs``."""
+    if provider.startswith("densefuse-"):
+        return setup_densefuse(provider.removeprefix("densefuse-"), case, inputs)
+    if provider == "monai":
+        return setup_monai(case, inputs)
+    raise ValueError(f"provider: expected one of densefuse-<backend> or monai, got {provider!r}")
+
+
+def synchronized(step: Step, device: str) -> Step:
+    """``step`` followed by a device synchronisation, for wall-clock timers (``step`` itself on CPU)."""
+    return lp.synchronized(step, device)
+
+
+# -------------------------------------------------------------------------------------------- memory
+def peak_extra_bytes(step: Step, device: str) -> int:
+    """Peak bytes allocated during one ``step()`` above the level before it, the output included."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    return lp._cpu_peak_extra_bytes(step)
+
+
+def memory_bound_bytes(case: Case) -> int:
+    """The output [B, C_out, ...] plus one batch of windows [sw_batch_size, C_in, roi^3] (and, for a
+    model, one batch of its predictions), fp32: densefuse's peak extra memory stays within this."""
+    batch, channels, *size = case.shape
+    windows = case.sw_batch_size * case.roi**3
+    predictions = windows * case.out_channels if case.kind == "model" else 0
+    return 4 * (batch * case.out_channels * math.prod(size) + windows * channels + predictions)
+
+
+# ----------------------------------------------------------------------------------------- the CLI
+def main(argv: list[str] | None = None) -> None:
+    from report import interleaved_ms
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=30, help="interleaved rounds per case")
+    parser.add_argument("--kind", choices=("fusion", "model"), help="only this kind of case")
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for case in CASES[device]:
+        if args.kind is not None and case.kind != args.kind:
+            continue
+        inputs = make_inputs(case, device)
+        steps = {name: synchronized(setup(name, case, inputs), device) for name in providers(device)}
+        timings = interleaved_ms(steps, args.reps)
+        monai_ms = timings["monai"]["median_ms"]
+        print(f"{case.name} ({device}, {torch.get_num_threads()} threads, {args.reps} interleaved rounds)")
+        for name, timing in timings.items():
+            peak_mb = peak_extra_bytes(steps[name], device) / 2**20
+            print(
+                f"  {name:<16} median {timing['median_ms']:8.2f} ms  (p20 {timing['p20_ms']:.2f}, "
+                f"p80 {timing['p80_ms']:.2f})  x{monai_ms / timing['median_ms']:5.2f} vs MONAI  "
+                f"peak extra {peak_mb:7.1f} MB"
+            )
+        print(f"  memory bound (output + one batch): {memory_bound_bytes(case) / 2**20:.1f} MB")
+
+
+if __name__ == "__main__":
+    main()
