@@ -123,6 +123,32 @@ def test_identity_predictor_returns_the_input(backend, mode, rng):
         torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-6)
 
 
+def test_window_batches_a_predictor_keeps_are_never_overwritten(rng):
+    """The batch of windows is reused for the next step only when nothing holds it any more."""
+    x = torch.randn(1, 2, 11, 9, 10, generator=rng)
+    kept, views = [], []
+
+    def keeping(t):
+        kept.append(t)  # the batch itself
+        return t
+
+    def keeping_a_view(t):
+        views.append(t[:, :1])  # a view of the batch
+        return t.clone()
+
+    for predictor, store in [(keeping, kept), (keeping_a_view, views)]:
+        y = sliding_window_inference(x, (6, 5, 4), 2, predictor, 0.5, "gaussian", padding_mode="reflect")
+        torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-6)
+        windows = [inference.read_window(x[0], p[1:], (6, 5, 4), "reflect") for p in _positions(x, (6, 5, 4))]
+        stored = torch.cat(store)
+        assert torch.equal(stored, torch.stack(windows)[:, : stored.shape[1]])
+
+
+def _positions(x, roi):
+    grid = inference.window_grid(x.shape[2:], roi, (0.5,) * 3, (0, 0, 0))
+    return [(0, z, y, w) for z in grid[0] for y in grid[1] for w in grid[2]]
+
+
 def test_user_weight_vectors(backend, rng):
     x = torch.randn(1, 1, 12, 10, 9, generator=rng)
     net = random_conv(rng, 1, 2)
