@@ -70,7 +70,9 @@ def _tile_ptrs(ptr, b, offs_r, offs_v, stride_b, stride_r, stride_v):
 @triton.jit
 def _dot(a, b, acc, USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """acc + a @ b: tl.dot, or an exact broadcast-multiply-sum (fp64)."""
-    if USE_DOT:
+    if USE_DOT == 2:  # the interpreter: half-precision tl.dot is wrong there, fp32 of the same operands
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    elif USE_DOT == 1:
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     else:
         acc += tl.sum(a.to(acc.dtype)[:, :, None] * b.to(acc.dtype)[None, :, :], axis=1)
@@ -279,7 +281,9 @@ def _row_grid(x: torch.Tensor) -> tuple[tuple[int, int, int], int, int]:
 def _gemm_args(x: torch.Tensor, dtype: torch.dtype) -> dict:
     """Compile-time arguments of the GEMM kernels for compute dtype ``dtype``."""
     block_m, block_n, block_k = _GEMM_BLOCKS[_kind(x)]
-    use_dot = dtype != torch.float64
+    # 0: FMA loop (fp64); 1: tl.dot; 2: tl.dot on fp32 copies of the rounded operands (the interpreter's
+    # bf16/fp16 tl.dot returns garbage in triton 3.6; the products are exact in fp32 either way).
+    use_dot = 0 if dtype == torch.float64 else (2 if x.device.type == "cpu" else 1)
     precision = "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "ieee"
     return dict(ACC=_TL_DTYPES[_acc(x)], DOT=_TL_DTYPES[dtype], USE_DOT=use_dot, INPUT_PRECISION=precision,
                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)  # fmt: skip

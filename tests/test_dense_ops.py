@@ -1,0 +1,292 @@
+"""The fused dense-block ops (densefuse.ops.dense_block) on every backend here.
+
+Each op, through its public wrapper, against a plain float64 formula written here (so the torch
+backend, densefuse.reference, is checked too), on channel slices of a bigger buffer (the way a
+dense block calls them), odd sizes, fp32/fp64 and bf16 GEMM operands; the in-place accumulation
+semantics; gradcheck in float64 of the autograd formulas (statistics -> BN-ReLU(-Conv1x1x1) is
+batch norm); the shared-statistics correction against per-layer batch norm; opcheck; bad input.
+Triton runs under TRITON_INTERPRET=1 without a GPU (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import cpu_backends, cuda_backends, requires_cuda
+
+import densefuse
+from densefuse.ops import dense_block as ops
+
+BACKENDS = [b for b in cpu_backends() if b in ("torch", "triton")]
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=2e-5, atol=2e-5)}
+
+
+def channel_slice(rng, batch, channels, voxels, dtype, offset=3, total=None):
+    """A [B, C, V] view of channels [offset, offset + C) of a [B, total, V] buffer (non-contiguous)."""
+    total = total or channels + offset + 2
+    buffer = torch.randn(batch, total, voxels, generator=rng, dtype=torch.float64) * 2 + 0.5
+    return buffer.to(dtype)[:, offset : offset + channels]
+
+
+def bn_params(rng, channels, dtype):
+    """(mean, invstd, weight, bias) [C] with a mix of active and inactive ReLU units."""
+    mean = torch.randn(channels, generator=rng, dtype=torch.float64) * 0.5
+    invstd = torch.rand(channels, generator=rng, dtype=torch.float64) + 0.5
+    weight = torch.randn(channels, generator=rng, dtype=torch.float64)
+    bias = torch.randn(channels, generator=rng, dtype=torch.float64) * 0.5
+    return [t.to(dtype) for t in (mean, invstd, weight, bias)]
+
+
+def plain_pre(x, mean, invstd, weight, bias):
+    """(x - mean) invstd weight + bias in float64."""
+    x, mean, invstd, weight, bias = (t.double() for t in (x, mean, invstd, weight, bias))
+    return ((x - mean[:, None]) * invstd[:, None]) * weight[:, None] + bias[:, None]
+
+
+def close(actual, expected, dtype):
+    torch.testing.assert_close(actual, expected.to(actual.dtype), **TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(2, 5, 37), (1, 3, 1000), (3, 17, 7)], ids=str)
+def test_channel_stats(backend, dtype, shape, rng):
+    x = channel_slice(rng, *shape, dtype) + 1e3  # offset mean: E[x^2] - E[x]^2 would lose digits
+    with densefuse.use_backend(backend):
+        mean, var = ops.channel_stats(x.view(*shape[:2], 1, 1, -1))  # [B, C, *spatial] accepted
+    expected_var, expected_mean = torch.var_mean(x.double(), dim=(0, 2), correction=0)
+    assert mean.dtype == var.dtype == dtype
+    close(mean, expected_mean, dtype)
+    torch.testing.assert_close(var, expected_var.to(dtype), rtol=1e-4 if dtype == torch.float32 else 1e-9,
+                               atol=1e-6)  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_bn_relu_and_backward(backend, dtype, rng):
+    batch, channels, voxels = 2, 19, 61
+    x = channel_slice(rng, batch, channels, voxels, dtype)
+    params = bn_params(rng, channels, dtype)
+    grad_y = torch.randn(batch, channels, voxels, generator=rng, dtype=dtype)
+    grad_buffer = torch.randn(batch, channels + 4, voxels, generator=rng, dtype=dtype)
+    before = grad_buffer.clone()
+    with densefuse.use_backend(backend):
+        y = ops.bn_relu(x, *params)
+        dweight, dbias = ops.bn_relu_backward_(grad_y, x, *params, grad_buffer[:, 2 : 2 + channels])
+    pre = plain_pre(x, *params)
+    close(y, pre.relu(), dtype)
+    g = grad_y.double() * (pre > 0)
+    mean, invstd, weight, _ = (t.double() for t in params)
+    close(
+        grad_buffer[:, 2 : 2 + channels], before[:, 2 : 2 + channels] + g * (weight * invstd)[:, None], dtype
+    )
+    assert torch.equal(grad_buffer[:, :2], before[:, :2]) and torch.equal(grad_buffer[:, -2:], before[:, -2:])
+    close(dbias, g.sum(dim=(0, 2)), dtype)
+    close(dweight, (g * (x.double() - mean[:, None]) * invstd[:, None]).sum(dim=(0, 2)), dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(2, 37, 23, 300), (1, 70, 64, 33), (3, 5, 3, 17)], ids=str)
+def test_bn_relu_conv1x1_and_backward(backend, dtype, shape, rng):
+    batch, channels, channels_out, voxels = shape
+    x = channel_slice(rng, batch, channels, voxels, dtype)
+    params = bn_params(rng, channels, dtype)
+    conv_weight = torch.randn(channels_out, channels, 1, 1, 1, generator=rng, dtype=dtype) / channels**0.5
+    grad_out = torch.randn(batch, channels_out, voxels, generator=rng, dtype=dtype)
+    grad_x = torch.randn(batch, channels, voxels, generator=rng, dtype=dtype)
+    before = grad_x.clone()
+    with densefuse.use_backend(backend):
+        out = ops.bn_relu_conv1x1(x, *params, conv_weight)
+        dweight, dbias, dconv = ops.bn_relu_conv1x1_backward_(grad_out, x, *params, conv_weight, grad_x)
+    pre = plain_pre(x, *params)
+    w = conv_weight.double().flatten(1)
+    close(out, w @ pre.relu(), dtype)
+    g = (w.T @ grad_out.double()) * (pre > 0)
+    mean, invstd, weight, _ = (t.double() for t in params)
+    close(grad_x, before + g * (weight * invstd)[:, None], dtype)
+    close(dbias, g.sum(dim=(0, 2)), dtype)
+    close(dweight, (g * (x.double() - mean[:, None]) * invstd[:, None]).sum(dim=(0, 2)), dtype)
+    close(dconv, (grad_out.double() @ pre.relu().transpose(1, 2)).sum(0), dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bn_relu_conv1x1_bf16_operands(backend, rng):
+    """fp32 x, bf16 compute (autocast): operands rounded to bf16, fp32 accumulation, bf16 result."""
+    batch, channels, channels_out, voxels = 2, 40, 16, 130
+    x = channel_slice(rng, batch, channels, voxels, torch.float32)
+    params = bn_params(rng, channels, torch.float32)
+    conv_weight = torch.randn(channels_out, channels, generator=rng) / channels**0.5
+    with densefuse.use_backend(backend):
+        out = ops.bn_relu_conv1x1(x, *params, conv_weight, out_dtype=torch.bfloat16)
+        y = ops.bn_relu(x, *params, out_dtype=torch.bfloat16)
+    assert out.dtype == y.dtype == torch.bfloat16
+    y_ref = plain_pre(x, *params).relu()
+    # One rounding to bf16: relative error <= 2^-8 to nearest, < 2^-7 by truncation (the Triton
+    # interpreter's fp32 -> bf16 conversion truncates); the GEMM rounds each operand, then the sum.
+    torch.testing.assert_close(y.double(), y_ref, rtol=2**-7, atol=0)
+    bound = (conv_weight.double().abs() @ y_ref.abs()) * 2**-6 + (conv_weight.double() @ y_ref).abs() * 2**-7
+    assert ((out.double() - conv_weight.double() @ y_ref).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_stats_correction(backend, dtype, rng):
+    batch, channels, voxels = 3, 9, 41
+    x = channel_slice(rng, batch, channels, voxels, dtype)
+    mean = x.double().mean(dim=(0, 2)).to(dtype)
+    a, b = (torch.randn(channels, generator=rng, dtype=dtype) for _ in range(2))
+    grad_x = torch.randn(batch, channels, voxels, generator=rng, dtype=dtype)
+    expected = grad_x.double() - (
+        a.double()[:, None] + (x.double() - mean.double()[:, None]) * b.double()[:, None]
+    ) / (batch * voxels)
+    with densefuse.use_backend(backend):
+        ops.bn_stats_correction_(grad_x, x, mean, a, b)
+    close(grad_x, expected, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shared_statistics_gradient_is_batch_norm(backend, rng):
+    """Two layers normalise the same channels with the shared batch statistics (their own gamma/beta):
+    accumulate both backwards, fold the stats terms once -> the sum of two batch-norm gradients."""
+    batch, channels, voxels, eps = 2, 6, 50, 1e-5
+    x = channel_slice(rng, batch, channels, voxels, torch.float64)
+    layers = [bn_params(rng, channels, torch.float64)[2:] for _ in range(2)]  # (weight, bias) each
+    grads_y = [torch.randn(batch, channels, voxels, generator=rng, dtype=torch.float64) for _ in layers]
+    leaf = x.detach().clone().requires_grad_()
+    loss = sum(
+        (F.relu(F.batch_norm(leaf, None, None, w, b, training=True, eps=eps)) * gy).sum()
+        for (w, b), gy in zip(layers, grads_y)
+    )
+    (expected,) = torch.autograd.grad(loss, leaf)
+    with densefuse.use_backend(backend):
+        mean, var = ops.channel_stats(x)
+        invstd = torch.rsqrt(var + eps)
+        grad_x = torch.zeros_like(x)
+        a, b = torch.zeros(channels, dtype=torch.float64), torch.zeros(channels, dtype=torch.float64)
+        for (weight, bias), grad_y in zip(layers, grads_y):
+            dweight, dbias = ops.bn_relu_backward_(grad_y, x, mean, invstd, weight, bias, grad_x)
+            a += weight * invstd * dbias
+            b += weight * invstd**2 * dweight
+        ops.bn_stats_correction_(grad_x, x, mean, a, b)
+    close(grad_x, expected, torch.float64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_composition_is_batch_norm_relu(backend, rng):
+    """channel_stats -> bn_relu(_conv1x1) with autograd == F.batch_norm(training) -> relu (-> conv)."""
+    batch, channels, eps = 2, 5, 1e-5
+    x = torch.randn(batch, channels, 3, 4, 5, generator=rng, dtype=torch.float64) * 2 + 1
+    weight, bias = (
+        torch.randn(channels, generator=rng, dtype=torch.float64),
+        torch.randn(channels, dtype=torch.float64),
+    )
+    conv = torch.randn(4, channels, 1, 1, 1, generator=rng, dtype=torch.float64)
+    grad = torch.randn(batch, 4, 3, 4, 5, generator=rng, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias, conv)]
+
+    def fused(x, weight, bias, conv):
+        mean, var = ops.channel_stats(x)
+        return ops.bn_relu_conv1x1(x, mean, torch.rsqrt(var + eps), weight, bias, conv)
+
+    def naive(x, weight, bias, conv):
+        return F.conv3d(F.relu(F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)), conv)
+
+    with densefuse.use_backend(backend):
+        out = fused(*leaves)
+        grads = torch.autograd.grad(out, leaves, grad)
+    expected = naive(*leaves)
+    expected_grads = torch.autograd.grad(expected, leaves, grad)
+    close(out, expected, torch.float64)
+    for actual, wanted in zip(grads, expected_grads):
+        close(actual, wanted, torch.float64)
+
+
+@pytest.mark.parametrize("backend", ["torch"])  # triton: checked against the formulas above (slow here)
+def test_gradcheck_float64(backend, rng):
+    x = torch.randn(2, 3, 2, 2, 3, generator=rng, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, generator=rng, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, generator=rng, dtype=torch.float64, requires_grad=True)
+    conv = torch.randn(4, 3, generator=rng, dtype=torch.float64, requires_grad=True)
+
+    def batch_norm_relu(x, weight, bias):
+        mean, var = ops.channel_stats(x)
+        return ops.bn_relu(x, mean, torch.rsqrt(var + 0.1), weight, bias)
+
+    def batch_norm_relu_conv(x, weight, bias, conv):
+        mean, var = ops.channel_stats(x)
+        return ops.bn_relu_conv1x1(x, mean, torch.rsqrt(var + 0.1), weight, bias, conv)
+
+    with densefuse.use_backend(backend):
+        assert torch.autograd.gradcheck(batch_norm_relu, (x, weight, bias))
+        assert torch.autograd.gradcheck(batch_norm_relu_conv, (x, weight, bias, conv))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend, rng):
+    x = channel_slice(rng, 2, 5, 24, torch.float32)
+    params = bn_params(rng, 5, torch.float32)
+    conv = torch.randn(3, 5, generator=rng)
+    grad_x = torch.zeros(2, 5, 24)
+    with densefuse.use_backend(backend):
+        torch.library.opcheck(ops.channel_stats_op, (x,))
+        torch.library.opcheck(ops.bn_relu_op, (x, *params, torch.float32))
+        torch.library.opcheck(ops.bn_relu_conv1x1_op, (x, *params, conv, torch.float32))
+        torch.library.opcheck(ops.bn_relu_backward_op, (torch.randn(2, 5, 24), x, *params, grad_x))
+        torch.library.opcheck(
+            ops.bn_relu_conv1x1_backward_op, (torch.randn(2, 3, 24), x, *params, conv, grad_x)
+        )
+        torch.library.opcheck(ops.bn_stats_correction_op, (grad_x, x, params[0], params[2], params[3]))
+
+
+def test_bad_input_is_rejected(rng):
+    x = torch.randn(2, 4, 10)
+    mean, invstd, weight, bias = bn_params(rng, 4, torch.float32)
+    with pytest.raises(ValueError, match=r"^weight: expected a float tensor of shape \(4,\)"):
+        ops.bn_relu(x, mean, invstd, weight[:3], bias)
+    with pytest.raises(ValueError, match=r"^x: expected a non-empty tensor \[B, C, \*spatial\]"):
+        ops.channel_stats(torch.randn(4, 10))
+    with pytest.raises(TypeError, match=r"^x: expected a floating-point tensor"):
+        ops.channel_stats(torch.ones(2, 4, 10, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"^conv_weight: expected \[C_out, 4\]"):
+        ops.bn_relu_conv1x1(x, mean, invstd, weight, bias, torch.randn(3, 5))
+    with pytest.raises(ValueError, match=r"^grad_y: expected shape \(2, 4, 10\)"):
+        ops.bn_relu_backward_(torch.randn(2, 4, 9), x, mean, invstd, weight, bias, torch.zeros(2, 4, 10))
+    with pytest.raises(ValueError, match=r"^grad_x: updated in place"):
+        grad_x = torch.zeros(2, 4, 3, 4)[..., :3]  # spatial dims not viewable as one
+        ops.bn_stats_correction_(grad_x, torch.randn(2, 4, 3, 3), mean, weight, bias)
+    with pytest.raises(TypeError, match=r"^out_dtype: expected one of"):
+        ops.bn_relu(x, mean, invstd, weight, bias, out_dtype=torch.int32)
+    with densefuse.use_backend("torch"), pytest.raises(ValueError, match=r"^mean: expected a tensor on"):
+        ops.bn_relu(x, mean.to("meta"), invstd, weight, bias)
+
+
+@pytest.mark.skipif("cpp" not in cpu_backends(), reason="needs the compiled extension")
+def test_forced_backend_without_kernel_is_a_clear_error(rng):
+    x = torch.randn(2, 4, 10)
+    with densefuse.use_backend("cpp"), pytest.raises(RuntimeError, match="no 'cpp' kernel"):
+        ops.channel_stats(x)
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", cuda_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_backends_match_torch(backend, dtype, rng):
+    batch, channels, channels_out, voxels = 2, 150, 64, 33 * 35 * 37
+    x = channel_slice(rng, batch, channels, voxels, torch.float32).cuda()
+    params = [t.cuda() for t in bn_params(rng, channels, torch.float32)]
+    conv = (torch.randn(channels_out, channels, generator=rng) / channels**0.5).cuda()
+    grad_out = torch.randn(batch, channels_out, voxels, generator=rng).to(dtype).cuda()
+    results = {}
+    for name in ("torch", backend):
+        grad_x = torch.zeros(batch, channels, voxels, device="cuda")
+        with densefuse.use_backend(name):
+            stats = ops.channel_stats(x)
+            out = ops.bn_relu_conv1x1(x, *params, conv, out_dtype=dtype)
+            grads = ops.bn_relu_conv1x1_backward_(grad_out, x, *params, conv, grad_x)
+        results[name] = (*stats, out.float(), grad_x, *grads)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=2e-3, atol=2e-3)  # TF32
+    for actual, expected in zip(results[backend], results["torch"]):
+        torch.testing.assert_close(actual, expected, **tol)
