@@ -65,8 +65,9 @@ def run_both(kernel, acc, win, starts, w, floor):
 # ------------------------------------------------------------------------------- scatter and gather
 @pytest.mark.parametrize("kernel", ["scatter", "gather"])
 def test_windows_over_every_edge(small_tiles, kernel, rng):
-    """Every combination of edge positions, NaNs only outside the volume plus one inside, windows
-    that miss the volume or name a batch item out of range: values and flags as the reference."""
+    """Every edge position on every axis, a NaN outside the volume (never read) and an Inf inside,
+    windows that miss the volume or name a batch item out of range, guards around acc and windows:
+    values and flags as the reference, nothing touched outside acc."""
     batch, channels, size, roi = 2, 1, (5, 9, 17), (7, 5, 11)  # rz > D: windows cover both z edges
     grid = edge_starts(size, roi)
     corners = [(0, -6, -4, -10), (1, 0, 0, 0)]  # see the NaN and the Inf below
