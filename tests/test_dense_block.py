@@ -1,0 +1,238 @@
+"""DenseLayer3d / DenseBlock3d: the naive, checkpoint and fused implementations agree.
+
+With the same weights and dropout off: outputs, every parameter gradient, the input gradient and
+the running statistics after several training steps, then eval outputs, for bottleneck and plain
+layers, odd spatial sizes and batch 1..3 (float64: exact up to rounding; float32: fp32 tolerance).
+The fused block also on the Triton backend (interpreter), under autocast, in eval mode with
+gradients, with dropout (forward/backward consistency by gradcheck), with small convolution channel
+blocks; state_dict interchange; bad input.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import cpu_backends
+
+import densefuse
+from densefuse.nn import DenseBlock3d, DenseLayer3d
+from densefuse.nn import dense as dense_module
+
+IMPLEMENTATIONS = ("naive", "checkpoint", "fused")
+CASES = [  # (batch, in_channels, growth, layers, bottleneck, spatial)
+    (2, 5, 3, 3, 2, (5, 6, 7)),
+    (1, 4, 2, 2, None, (3, 5, 4)),
+    (3, 6, 4, 2, 4, (1, 3, 5)),
+    (2, 3, 3, 3, None, (4, 3, 2)),
+]
+
+
+def loss_weights(out: torch.Tensor) -> torch.Tensor:
+    """Fixed non-uniform weights: loss = sum(out * weights) gives every output a distinct gradient."""
+    return torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out).sin() + 0.3
+
+
+def train_steps(block: DenseBlock3d, x: torch.Tensor, steps: int = 3):
+    """Runs ``steps`` training steps (gradients accumulate); returns what must agree."""
+    block.train()
+    x = x.detach().clone().requires_grad_()
+    for _ in range(steps):
+        out = block(x)
+        (out * loss_weights(out)).sum().backward()
+    grads = {name: p.grad.clone() for name, p in block.named_parameters()}
+    buffers = {name: b.clone() for name, b in block.named_buffers()}
+    return out.detach(), x.grad, grads, buffers
+
+
+def assert_all_close(actual, expected, **tol):
+    if isinstance(actual, dict):
+        assert actual.keys() == expected.keys()
+        for key in actual:
+            torch.testing.assert_close(actual[key], expected[key], msg=key, **tol)
+    else:
+        torch.testing.assert_close(actual, expected, **tol)
+
+
+def scaled_close(actual, expected, rel):
+    """|actual - expected| <= rel * max|expected| per tensor (sums of many terms: no elementwise rtol)."""
+    if isinstance(actual, dict):
+        for key in actual:
+            scaled_close(actual[key], expected[key], rel)
+        return
+    scale = expected.abs().max().clamp(min=1)
+    assert (actual - expected).abs().max() <= rel * scale, ((actual - expected).abs().max(), scale)
+
+
+def make_blocks(case, dtype=torch.float64, momentum=0.1, seed=0):
+    batch, c_in, growth, layers, bottleneck, spatial = case
+    torch.manual_seed(seed)
+    block = DenseBlock3d(c_in, growth, layers, bottleneck=bottleneck, momentum=momentum).to(dtype)
+    with torch.no_grad():  # non-trivial affine parameters
+        for module in block.modules():
+            if isinstance(module, torch.nn.BatchNorm3d):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.3, 0.3)
+    x = torch.randn(batch, c_in, *spatial, dtype=dtype) * 1.5 + 0.2
+    blocks = {}
+    for implementation in IMPLEMENTATIONS:
+        blocks[implementation] = copy.deepcopy(block)
+        blocks[implementation].implementation = implementation
+    return blocks, x
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_implementations_agree_float64(case, momentum, monkeypatch):
+    monkeypatch.setattr(dense_module, "CONV_CHANNEL_BLOCK", 4)  # several 3x3x3 channel blocks
+    blocks, x = make_blocks(case, momentum=momentum)
+    expected = train_steps(blocks["naive"], x)
+    for implementation in ("checkpoint", "fused"):
+        got = train_steps(blocks[implementation], x)
+        for actual, wanted in zip(got, expected):
+            assert_all_close(actual, wanted, rtol=1e-9, atol=1e-9)
+    blocks_eval = {name: block.eval() for name, block in blocks.items()}
+    with torch.no_grad():
+        outs = {name: block(x) for name, block in blocks_eval.items()}
+    for implementation in ("checkpoint", "fused"):
+        torch.testing.assert_close(outs[implementation], outs["naive"], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("bottleneck", [4, None])
+def test_implementations_agree_float32(bottleneck):
+    case = (2, 7, 4, 3, bottleneck, (5, 7, 6))
+    blocks, x = make_blocks(case, dtype=torch.float32)
+    expected = train_steps(blocks["naive"], x)
+    for implementation in ("checkpoint", "fused"):
+        got = train_steps(blocks[implementation], x)
+        for actual, wanted in zip(got, expected):
+            scaled_close(actual, wanted, 1e-5)
+        blocks[implementation].eval()
+    blocks["naive"].eval()
+    for implementation in ("checkpoint", "fused"):
+        scaled_close(blocks[implementation](x), blocks["naive"](x), 1e-5)
+
+
+@pytest.mark.skipif("triton" not in cpu_backends(), reason="needs triton (interpreter)")
+@pytest.mark.parametrize("bottleneck", [2, None])
+def test_fused_on_triton_backend(bottleneck):
+    blocks, x = make_blocks((2, 4, 3, 2, bottleneck, (3, 4, 5)))
+    expected = train_steps(blocks["naive"], x, steps=2)
+    with densefuse.use_backend("triton"):
+        got = train_steps(blocks["fused"], x, steps=2)
+    for actual, wanted in zip(got, expected):
+        assert_all_close(actual, wanted, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("bottleneck", [2, None])
+def test_eval_mode_with_gradients(bottleneck):
+    """Frozen BN (running statistics) while training the convolutions: fused keeps memory low too."""
+    blocks, x = make_blocks((2, 5, 3, 3, bottleneck, (4, 5, 3)))
+    for block in blocks.values():
+        train_steps(block, x, steps=1)  # non-trivial running statistics
+        block.zero_grad()
+    results = {}
+    for name, block in blocks.items():
+        block.eval()
+        leaf = x.clone().requires_grad_()
+        out = block(leaf)
+        (out * loss_weights(out)).sum().backward()
+        results[name] = (out, leaf.grad, {n: p.grad for n, p in block.named_parameters()})
+    for name in ("checkpoint", "fused"):
+        for actual, wanted in zip(results[name], results["naive"]):
+            assert_all_close(actual, wanted, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("bottleneck", [2, None])
+def test_autocast_bf16(bottleneck):
+    """Convolutions in bf16, batch statistics in fp32: close to the naive block under autocast."""
+    blocks, x = make_blocks((2, 6, 4, 2, bottleneck, (5, 4, 6)), dtype=torch.float32)
+    results = {}
+    for name in ("naive", "fused"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results[name] = train_steps(blocks[name], x, steps=1)
+    out, buffers = results["fused"][0], results["fused"][3]
+    assert out.dtype == torch.float32  # x's dtype, as torch.cat of fp32 x and bf16 maps
+    for actual, wanted in zip(results["fused"], results["naive"]):
+        scaled_close(actual, wanted, 3e-2)
+    scaled_close(buffers, results["naive"][3], 1e-2)
+
+
+def test_dropout_forward_backward_consistent():
+    """With dropout the fused backward redraws the forward's mask: gradcheck with a fixed seed."""
+    block = DenseBlock3d(2, 2, 2, bottleneck=None, dropout=0.3).double()
+    x = torch.randn(2, 2, 2, 3, 2, dtype=torch.double, requires_grad=True)
+
+    def run(x):
+        torch.manual_seed(7)
+        return block(x)
+
+    assert torch.autograd.gradcheck(run, (x,), fast_mode=True)
+    out = run(x)
+    new = out[:, 3:]
+    assert 0 < (new == 0).double().mean() < 0.7  # some maps dropped, not all
+    torch.manual_seed(7)
+    assert torch.equal(block(x), out)
+
+
+def test_state_dicts_are_interchangeable():
+    blocks, x = make_blocks((2, 4, 3, 2, 2, (3, 3, 3)))
+    train_steps(blocks["fused"], x, steps=2)
+    state = blocks["fused"].state_dict()
+    assert all(state.keys() == b.state_dict().keys() for b in blocks.values())
+    assert "layers.1.norm2.running_var" in state and "layers.0.conv2.weight" in state
+    naive = DenseBlock3d(4, 3, 2, bottleneck=2, implementation="naive").double()
+    naive.load_state_dict(state)
+    naive.eval(), blocks["fused"].eval()
+    torch.testing.assert_close(naive(x), blocks["fused"](x))
+
+
+def test_layer_matches_monai_names_and_shapes():
+    layer = DenseLayer3d(10, 4, bottleneck=4, dropout=0.2)
+    assert [name for name, _ in layer.named_children()] == ["norm1", "conv1", "norm2", "conv2", "dropout"]
+    assert layer.conv1.weight.shape == (16, 10, 1, 1, 1) and layer.conv2.weight.shape == (4, 16, 3, 3, 3)
+    assert layer.norm1.eps == 1.1e-5
+    plain = DenseLayer3d(10, 4, bottleneck=None)
+    assert plain.conv1.weight.shape == (4, 10, 3, 3, 3) and not hasattr(plain, "conv2")
+    assert plain(torch.randn(2, 10, 3, 4, 5)).shape == (2, 4, 3, 4, 5)
+    block = DenseBlock3d(10, 4, 3)
+    assert block.out_channels == 22 and [layer.in_channels for layer in block.layers] == [10, 14, 18]
+
+
+def test_no_grad_and_input_without_grad():
+    blocks, x = make_blocks((2, 4, 3, 2, None, (3, 4, 3)))
+    with torch.no_grad():  # training mode: the running statistics are updated all the same
+        torch.testing.assert_close(blocks["fused"](x), blocks["naive"](x))
+    for block in (blocks["naive"], blocks["fused"]):
+        block(x).sum().backward()  # x does not require grad; the parameters do
+    for name, param in blocks["fused"].named_parameters():
+        torch.testing.assert_close(param.grad, blocks["naive"].get_parameter(name).grad)
+    assert_all_close(dict(blocks["fused"].named_buffers()), dict(blocks["naive"].named_buffers()))
+
+
+def test_bad_input():
+    block = DenseBlock3d(4, 2, 2)
+    with pytest.raises(ValueError, match=r"^x: expected shape \[B, 4, D, H, W\] \(in_channels=4\), got"):
+        block(torch.randn(2, 5, 3, 3, 3))
+    with pytest.raises(ValueError, match=r"^x: expected shape"):
+        block(torch.randn(2, 4, 3, 3))
+    with pytest.raises(TypeError, match=r"^x: expected a floating-point tensor"):
+        block(torch.ones(2, 4, 3, 3, 3, dtype=torch.int64))
+    for implementation in IMPLEMENTATIONS:
+        block.implementation = implementation
+        with pytest.raises(ValueError, match=r"^x: batch statistics need more than one value per channel"):
+            block(torch.randn(1, 4, 1, 1, 1))
+    block.eval()
+    assert block(torch.randn(1, 4, 1, 1, 1)).shape == (1, 8, 1, 1, 1)  # eval mode: fine
+    with pytest.raises(ValueError, match=r"^implementation: expected one of"):
+        block.implementation = "fast"
+    block.train()
+    block.layers[1].norm1.eval()
+    block.implementation = "fused"
+    with pytest.raises(ValueError, match=r"needs every BatchNorm3d of the block in the same mode"):
+        block(torch.randn(2, 4, 2, 2, 2))
+    with pytest.raises(ValueError, match=r"^growth_rate: expected a positive int"):
+        DenseBlock3d(4, 0, 2)
+    with pytest.raises(ValueError, match=r"^dropout: expected a probability in \[0, 1\)"):
+        DenseLayer3d(4, 2, dropout=1.0)
