@@ -5,10 +5,11 @@
 // placed windows that cross it, in window order. The thread that owns an item adds, for each of those
 // windows, each channel and each of the window's rows inside the band, one x run:
 //     out[x] += max((wz[i] * wy[j]) * wx[k], floor) * v[n, c, i, j, k]        (one SIMD loop)
-// counting non-finite v in the same loop. No two threads write the same voxel and each voxel gets
-// its windows in index order, so the result does not depend on the thread count and needs no
-// atomics (the scatter is deterministic too, with reference.patch_scatter's order). The gather adds
-// the windows of an item into a zeroed scratch box (their union) and then adds the box into acc, as
+// summing the products on the side: a row whose sum is not finite has its non-finite v counted. No
+// two threads write the same voxel and each voxel gets its windows in index order (the order of
+// reference.patch_scatter), so the result does not depend on the thread count and needs no atomics:
+// the scatter is deterministic too, and as fast as the gather or faster. The gather adds the
+// windows of an item into a zeroed scratch box (their union) and then adds the box into acc, as
 // reference.patch_gather. An item's part of acc (H * W values per channel for a plane) stays in L2
 // while its windows stream through it once.
 //
