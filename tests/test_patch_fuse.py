@@ -385,6 +385,29 @@ def test_cpp_finalize_a_large_volume_in_parallel(rng):
         torch.testing.assert_close(runs[0], patch_finalize(acc, *grid, *weights, 0.01, activation="softmax"))
 
 
+EXT_BAD_INPUT = [  # direct torch.ops.densefuse_ext calls still check what the kernels index with
+    (lambda a, w, s, *v: (a.int(), w, s, *v), "acc: expected a float32/float64"),
+    (lambda a, w, s, *v: (a, w[:, :2], s, *v), r"windows: expected shape \[N, 3, rz, ry, rx\]"),
+    (lambda a, w, s, *v: (a, w, s[:, :3], *v), r"starts: expected shape \(4, 4\)"),
+    (lambda a, w, s, *v: (a, w, s.float(), *v), "starts: expected an integer tensor"),
+    (lambda a, w, s, *v: (a, w, s, v[0], torch.ones(3), v[2]), "wy: expected a 1-D vector of length 4"),
+    (lambda a, w, s, *v: (a.transpose(3, 4), w, s, *v), "acc: expected a contiguous tensor"),
+]
+
+
+@requires_cpp
+@pytest.mark.parametrize(("mutate", "message"), EXT_BAD_INPUT)
+def test_cpp_ops_check_their_arguments(mutate, message):
+    for name in ("patch_scatter", "patch_gather"):
+        with pytest.raises(RuntimeError, match=message):
+            getattr(torch.ops.densefuse_ext, name)(*mutate(*_case()), 0.0)
+    acc, grid, weights = torch.zeros(1, 1, 2, 2, 2), [torch.tensor([0])] * 3, _case()[3:]
+    with pytest.raises(RuntimeError, match=r"activation: expected 0 \(none\), 1 \(sigmoid\) or 2"):
+        torch.ops.densefuse_ext.patch_finalize(acc, *grid, *weights, 0.0, 3, 0, 0.5)
+    with pytest.raises(RuntimeError, match="starts_y: expected a 1-D tensor"):
+        torch.ops.densefuse_ext.patch_normalize(acc, grid[0], grid[1][None], grid[2], *weights, 0.0, 0)
+
+
 @pytest.mark.skipif(
     not torch.cuda.is_available() or "cuda" not in densefuse.available_backends("cuda"),
     reason="needs a CUDA device and densefuse._C built with CUDA",
