@@ -2,11 +2,16 @@
 
 densefuse info                     versions, compiled backends, what runs on which device
 densefuse bench [report args...]   the benchmark report (benchmarks/report.py, source checkout)
+densefuse profile-memory [...]     peak memory and step time of training steps over patch/batch sizes,
+                                   implementations and dtypes -> JSON + PNG
+densefuse plan --memory 24GiB (--patch 128 | --batch 2)
+                                   the largest batch (or patch) that fits, from a fitted memory model
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import runpy
 import sys
@@ -50,18 +55,343 @@ def _bench(args: list[str]) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+# ------------------------------------------------------------------------------ argument types
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _bottleneck(text: str) -> int | None:
+    return None if text.lower() == "none" else _positive_int(text)
+
+
+def _size(text: str) -> int:
+    from densefuse.profile import parse_size
+
+    try:
+        return parse_size(text, "--memory")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
+    return value
+
+
+def _add_measure_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by profile-memory and plan: the network, the contenders, the device, repetitions."""
+    from densefuse.profile import DTYPES, IMPLEMENTATIONS, TARGETS
+
+    net = parser.add_argument_group(
+        "network (default: the paper's FCDenseNet3d, 4 inputs, 1 output; a block: its first dense block)"
+    )
+    net.add_argument("--target", choices=TARGETS, help="the whole FCDenseNet3d (default) or one DenseBlock3d")
+    net.add_argument(
+        "--in-channels", type=_positive_int, help="model inputs (4) or block input channels (48)"
+    )
+    net.add_argument("--out-channels", type=_positive_int, help="model output classes (1)")
+    net.add_argument("--growth", type=_positive_int, help="growth rate k (16)")
+    net.add_argument("--layers", type=_positive_int, help="dense layers per block (5)")
+    net.add_argument(
+        "--down-blocks", type=int, help="model down blocks (5); patches must be multiples of 2*2^n"
+    )
+    net.add_argument("--bottleneck", type=_bottleneck, help="1x1x1 width as a multiple of k (4), or none")
+    net.add_argument("--dropout", type=float, help="dropout probability (0.2)")
+    parser.add_argument(
+        "--implementations", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS)
+    )
+    parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu or cuda[:i] (default: cuda if any)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=_positive_int,
+        default=2,
+        help="steps before the measured ones (2: the first CPU steps create oneDNN primitives)",
+    )
+    parser.add_argument("--reps", type=_positive_int, default=3, help="measured steps per point (3)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+_NETWORK_OPTIONS = {
+    "target": "target",
+    "in_channels": "in_channels",
+    "out_channels": "out_channels",
+    "growth": "growth_rate",
+    "layers": "num_layers",
+    "down_blocks": "num_down_blocks",
+    "bottleneck": "bottleneck",
+    "dropout": "dropout",
+}
+
+
+def _network(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """The Network the options describe (defaults: the paper's; a block's input: 48 channels)."""
+    from densefuse.profile import Network
+
+    given = {
+        field: getattr(args, opt) for opt, field in _NETWORK_OPTIONS.items() if getattr(args, opt) is not None
+    }
+    if given.get("target") == "block":
+        given.setdefault("in_channels", 48)
+    if given.get("num_down_blocks", 0) < 0:
+        parser.error(f"--down-blocks: expected an integer >= 0, got {given['num_down_blocks']}")
+    if not 0 <= given.get("dropout", 0) < 1:
+        parser.error(f"--dropout: expected a probability in [0, 1), got {given['dropout']}")
+    return Network(**given)
+
+
+def _check_device(device: str, parser: argparse.ArgumentParser) -> None:
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        parser.error(f"--device: expected cpu or cuda[:i], got {device!r}")
+    if kind not in ("cpu", "cuda"):
+        parser.error(f"--device: expected cpu or cuda[:i], got {device!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
+
+
+def _check_patches(patches: list[int], multiple: int, option: str, parser: argparse.ArgumentParser) -> None:
+    bad = [p for p in patches if p % multiple]
+    if bad:
+        parser.error(
+            f"{option}: patch sizes must be multiples of {multiple} for this network (2 x 2^down-blocks), "
+            f"got {bad}"
+        )
+
+
+# --------------------------------------------------------------------------------- profile-memory
+def _profile_memory(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from densefuse import profile
+
+    network = _network(args, parser)
+    _check_device(args.device, parser)
+    m = network.size_multiple
+    patches = args.patches or [m, 2 * m]
+    _check_patches(patches, m, "--patches", parser)
+    points = profile.grid(args.implementations, args.dtypes, args.batches, patches)
+    rows = profile.sweep(network, points, args.device, args.warmup, args.reps, progress=not args.quiet)
+    doc = profile.report(network, rows, args.device, args.warmup, args.reps)
+    out = args.out or Path(f"memory-{doc['slug']}-{doc['date']}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(_profile_table(rows))
+    print(f"\nwrote {out}", file=sys.stderr)
+    if not args.no_plot:
+        try:
+            profile.plot(doc, out.with_suffix(".png"))
+            print(f"wrote {out.with_suffix('.png')}", file=sys.stderr)
+        except ImportError:
+            print("no plot: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
+    return 0
+
+
+def _profile_table(rows: list[dict]) -> str:
+    """Markdown table of a sweep, with each point's memory and time relative to naive at the same size."""
+    from densefuse.profile import format_size
+
+    naive = {
+        (r["dtype"], r["batch"], r["patch"]): r
+        for r in rows
+        if r["implementation"] == "naive" and "peak_bytes" in r
+    }
+    lines = [
+        "| implementation | dtype | batch | patch | peak memory | vs naive | median step | vs naive |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        head = f"| {r['implementation']} | {r['dtype']} | {r['batch']} | {r['patch']}^3 |"
+        if "error" in r:
+            lines.append(f"{head} {r['error']} | | | |")
+            continue
+        base = naive.get((r["dtype"], r["batch"], r["patch"]))
+        mem_ratio = f"{r['peak_bytes'] / base['peak_bytes']:.2f}x" if base else ""
+        time_ratio = f"{r['median_ms'] / base['median_ms']:.2f}x" if base else ""
+        step = f"{r['median_ms'] / 1e3:.3g} s"
+        lines.append(f"{head} {format_size(r['peak_bytes'])} | {mem_ratio} | {step} | {time_ratio} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ plan
+def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from densefuse import profile
+
+    _check_device(args.device, parser)
+    if args.profile is not None:
+        given = [f"--{opt.replace('_', '-')}" for opt in _NETWORK_OPTIONS if getattr(args, opt) is not None]
+        given += [
+            opt for opt in ("--fit-batches", "--fit-patches") if getattr(args, opt[2:].replace("-", "_"))
+        ]
+        if given:
+            parser.error(
+                f"--profile: the network and the fit points come from the file; leave out {' '.join(given)}"
+            )
+        try:
+            network, rows, device = profile.load_report(args.profile)
+        except ValueError as exc:
+            parser.error(f"--profile: {exc}")
+        if args.check and device["type"] != torch.device(args.device).type:
+            parser.error(
+                f"--check: {args.profile} was measured on {device['type']}, --device is {args.device}"
+            )
+        rows = [r for r in rows if r["implementation"] in args.implementations and r["dtype"] in args.dtypes]
+        source = f"{args.profile} ({device['name']})"
+    else:
+        network = _network(args, parser)
+        fit_patches = args.fit_patches or [network.size_multiple]
+        _check_patches(fit_patches, network.size_multiple, "--fit-patches", parser)
+    if args.patch is not None:
+        _check_patches([args.patch], network.size_multiple, "--patch", parser)
+    if args.profile is None:
+        points = profile.grid(args.implementations, args.dtypes, args.fit_batches or [2, 3, 4], fit_patches)
+        rows = profile.sweep(network, points, args.device, args.warmup, args.reps, progress=not args.quiet)
+        source = f"{len(rows)} points measured here on {profile.device_info(args.device)['name']}"
+    try:
+        models = profile.fit_memory_models(rows)
+    except ValueError as exc:
+        failed = [
+            f"{r['implementation']} {r['dtype']} b{r['batch']} {r['patch']}^3: {r['error']}"
+            for r in rows
+            if "error" in r
+        ]
+        detail = f" (failed points: {'; '.join(failed)})" if failed else ""
+        print(f"densefuse plan: cannot fit a memory model: {exc}{detail}", file=sys.stderr)
+        return 1
+    budget = args.memory * (1 - args.headroom)
+    planned = profile.plan(models, budget, network.size_multiple, patch=args.patch, batch=args.batch)
+    if args.check:
+        planned = profile.check_plan(network, planned, args.device, args.warmup, args.reps, not args.quiet)
+    doc = {
+        "memory_bytes": args.memory,
+        "headroom": args.headroom,
+        "budget_bytes": budget,
+        "network": dataclasses.asdict(network),
+        "fit_source": source,
+        "plans": planned,
+    }
+    if args.out:
+        args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(_plan_text(doc, batch_planned=args.patch is not None))
+    return 0
+
+
+def _plan_text(doc: dict, batch_planned: bool) -> str:
+    from densefuse.profile import format_size
+
+    memory, budget = format_size(doc["memory_bytes"]), format_size(doc["budget_bytes"])
+    head = ["implementation", "dtype", "a", "b per voxel", "fit residual", "batch", "patch"]
+    head += ["predicted peak", "measured", "error"]
+    lines = [
+        f"Budget {memory} - {doc['headroom']:.0%} headroom = {budget}; memory model "
+        f"peak = a + b * batch * patch^3 fitted to {doc['fit_source']}.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for r in doc["plans"]:
+        fits = r["predicted_bytes"] is not None
+        batch = (str(r["batch"]) if fits else "none fits") if batch_planned else str(r["batch"])
+        patch = f"{r['patch']}^3" if fits or batch_planned else "none fits"
+        measured = format_size(r["measured_bytes"]) if "measured_bytes" in r else r.get("check_error", "")
+        error = f"{r['prediction_error']:+.1%}" if "prediction_error" in r else ""
+        cells = [
+            r["implementation"],
+            r["dtype"],
+            format_size(r["intercept_bytes"]),
+            format_size(r["bytes_per_voxel"]),
+            f"{r['fit_max_rel_residual']:.1%}",
+            batch,
+            patch,
+            format_size(r["predicted_bytes"]) if fits else "",
+            measured,
+            error,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ main
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="densefuse", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, compiled backends and devices")
     sub.add_parser(
         "bench", add_help=False, help="the benchmark report (arguments go to benchmarks/report.py)"
     )
+
+    prof = sub.add_parser(
+        "profile-memory",
+        help="peak memory and step time of training steps -> JSON + PNG",
+        description="Peak memory and median time of a training step (forward, loss, backward, Adam step) of "
+        "an FCDenseNet3d or a DenseBlock3d, for every patch size x batch size x implementation x dtype. "
+        "See densefuse.profile for what is counted.",
+    )
+    _add_measure_options(prof)
+    prof.set_defaults(handler=_profile_memory, subparser=prof)
+    prof.add_argument(
+        "--patches", nargs="+", type=_positive_int, help="cube sides (default: m and 2m, m the multiple)"
+    )
+    prof.add_argument("--batches", nargs="+", type=_positive_int, default=[1], help="batch sizes (1)")
+    prof.add_argument(
+        "--out", type=Path, help="JSON path (default: ./memory-<device>-<date>.json; PNG next to it)"
+    )
+    prof.add_argument("--no-plot", action="store_true", help="no PNG")
+
+    plan = sub.add_parser(
+        "plan",
+        help="the largest batch (or patch) that fits a memory budget",
+        description="Fits peak = a + b * batch * patch^3 per implementation and dtype to a few measured "
+        "training steps (measured now, small, or read from a profile-memory JSON) and predicts the largest "
+        "batch for --patch, or the largest patch for --batch, that fits --memory minus --headroom.",
+    )
+    plan.add_argument("--memory", type=_size, required=True, help="the budget, e.g. 24GiB, 8GB, 512MiB")
+    want = plan.add_mutually_exclusive_group(required=True)
+    want.add_argument("--patch", type=_positive_int, help="cube side: plan the largest batch")
+    want.add_argument("--batch", type=_positive_int, help="plan the largest cube side")
+    plan.add_argument(
+        "--headroom",
+        type=_fraction,
+        default=0.1,
+        help="fraction of --memory kept free for the CUDA context, fragmentation and fit error (0.1)",
+    )
+    plan.add_argument("--profile", type=Path, help="fit to this profile-memory JSON instead of measuring")
+    plan.add_argument(
+        "--fit-batches", nargs="+", type=_positive_int, help="batches measured for the fit (2 3 4)"
+    )
+    plan.add_argument("--fit-patches", nargs="+", type=_positive_int, help="patches measured for the fit (m)")
+    plan.add_argument(
+        "--check", action="store_true", help="measure each planned configuration and report the error"
+    )
+    plan.add_argument("--out", type=Path, help="also write the plan as JSON")
+    _add_measure_options(plan)
+    plan.set_defaults(handler=_plan, subparser=plan)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         return _bench(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command in ("profile-memory", "plan"):
+        return args.handler(args, args.subparser)
     print(json.dumps(info(), indent=2))
     return 0
 

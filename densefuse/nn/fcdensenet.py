@@ -180,9 +180,7 @@ class FCDenseNet3d(nn.Module):
     def check_input(self, x: Tensor) -> None:
         """ValueError unless ``x`` is [B, in_channels, D, H, W] with D, H, W multiples of size_multiple."""
         if x.dim() != 5 or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"input: expected shape [B, {self.in_channels}, D, H, W], got {tuple(x.shape)}"
-            )
+            raise ValueError(f"input: expected shape [B, {self.in_channels}, D, H, W], got {tuple(x.shape)}")
         spatial = tuple(x.shape[2:])
         m = self.size_multiple
         if any(size % m for size in spatial):

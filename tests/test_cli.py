@@ -1,0 +1,174 @@
+"""The ``densefuse`` command: profile-memory and plan (argument checks, outputs), with the measurements
+replaced by a synthetic memory model except in one real end-to-end profile-memory run."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from densefuse import cli, profile
+
+TINY = ["--growth", "4", "--layers", "2", "--down-blocks", "2"]  # patches: multiples of 8
+A = {"naive": 2e8, "checkpoint": 1.5e8, "fused": 1e8}  # synthetic peak = A + B * batch * patch^3
+B = {"naive": 4000.0, "checkpoint": 2000.0, "fused": 1000.0}
+
+
+def fake_measure(network, point, device="cpu", warmup=2, reps=3):
+    return {
+        **vars(point),
+        "peak_bytes": int(A[point.implementation] + B[point.implementation] * point.voxels),
+        "median_ms": 1.0,
+    }
+
+
+@pytest.fixture
+def synthetic(monkeypatch):
+    """profile.measure returns the synthetic model above; the calls are recorded."""
+    calls = []
+
+    def measure(network, point, *args):
+        calls.append((network, point))
+        return fake_measure(network, point)
+
+    monkeypatch.setattr(profile, "measure", measure)
+    return calls
+
+
+@pytest.fixture
+def profile_json(tmp_path, synthetic):
+    out = tmp_path / "prof.json"
+    args = ["profile-memory", *TINY, "--patches", "16", "32", "--batches", "1", "2", "--dtypes", "fp32"]
+    assert (
+        cli.main([*args, "--implementations", "naive", "fused", "--out", str(out), "--no-plot", "--quiet"])
+        == 0
+    )
+    return out
+
+
+def run_error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_profile_memory_json(capsys, profile_json, synthetic):
+    doc = json.loads(profile_json.read_text())
+    assert doc["network"]["num_down_blocks"] == 2 and doc["network"]["growth_rate"] == 4
+    assert doc["device"]["type"] == "cpu" and doc["date"] and doc["versions"]["torch"] == torch.__version__
+    assert len(doc["results"]) == 8 == len(synthetic)
+    assert {(r["implementation"], r["batch"], r["patch"]) for r in doc["results"]} == {
+        (i, b, p) for i in ("naive", "fused") for b in (1, 2) for p in (16, 32)
+    }
+    table = capsys.readouterr().out
+    assert "| fused | fp32 | 2 | 32^3 | 158 MiB | 0.36x |" in table  # (1e8 + 1000 v) / (2e8 + 4000 v)
+
+
+def test_plan_from_profile(profile_json, synthetic, capsys, tmp_path):
+    out = tmp_path / "plan.json"
+    budget = 2e8 + 4000.0 * 3 * 32**3 + 10  # naive fits batch 3 at 32^3
+    argv = ["plan", "--profile", str(profile_json), "--memory", f"{budget:.0f}", "--headroom", "0"]
+    assert cli.main([*argv, "--patch", "32", "--out", str(out)]) == 0
+    plans = {p["implementation"]: p for p in json.loads(out.read_text())["plans"]}
+    assert plans["naive"]["batch"] == 3
+    assert plans["fused"]["batch"] == int((budget - 1e8) / (1000 * 32**3))
+    text = capsys.readouterr().out
+    assert "| naive | fp32 |" in text and "headroom" in text
+    assert cli.main([*argv, "--batch", "3", "--out", str(out)]) == 0
+    plans = {p["implementation"]: p for p in json.loads(out.read_text())["plans"]}
+    assert plans["naive"]["patch"] == 32 and plans["fused"]["patch"] == 48
+
+
+def test_plan_measures_on_the_spot_and_checks(synthetic, capsys):
+    argv = [
+        "plan",
+        "--memory",
+        "1GiB",
+        "--patch",
+        "64",
+        *TINY,
+        "--implementations",
+        "fused",
+        "--dtypes",
+        "bf16",
+    ]
+    assert cli.main([*argv, "--check", "--quiet"]) == 0
+    fit_points = [(p.batch, p.patch) for _, p in synthetic]
+    expected_batch = int((0.9 * 2**30 - 1e8) / (1000 * 64**3))
+    assert fit_points == [(2, 8), (3, 8), (4, 8), (expected_batch, 64)]  # default fit points, then the check
+    text = capsys.readouterr().out
+    assert f"| {expected_batch} | 64^3 |" in text and re.search(r"\| [+-]0\.0% \|$", text, re.MULTILINE)
+
+
+def test_plan_nothing_fits(synthetic, capsys):
+    assert cli.main(["plan", "--memory", "100MB", "--patch", "64", *TINY, "--quiet"]) == 0
+    assert "none fits" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["plan", "--memory", "lots", "--patch", "64"], "--memory: expected a size like 24GiB"),
+        (["plan", "--memory", "-2GiB", "--patch", "64"], "--memory"),
+        (["plan", "--memory", "8GB"], "one of the arguments --patch --batch is required"),
+        (["plan", "--memory", "8GB", "--patch", "64", "--batch", "2"], "not allowed with argument"),
+        (["plan", "--patch", "64"], "--memory"),
+        (["plan", "--memory", "8GB", "--patch", "0"], "--patch: expected a positive integer"),
+        (["plan", "--memory", "8GB", "--patch", "96"], "--patch: patch sizes must be multiples of 64"),
+        (["plan", "--memory", "8GB", "--patch", "64", "--headroom", "1"], "--headroom: expected a fraction"),
+        (["plan", "--memory", "8GB", "--patch", "64", "--device", "tpu"], "--device: expected cpu or cuda"),
+        (["plan", "--memory", "8GB", "--patch", "64", "--dtypes", "fp16"], "invalid choice: 'fp16'"),
+        (
+            ["plan", "--memory", "8GB", "--patch", "64", "--profile", "missing.json"],
+            "--profile: missing.json",
+        ),
+        (["profile-memory", "--patches", "48"], "--patches: patch sizes must be multiples of 64"),
+        (["profile-memory", "--down-blocks", "-1"], "--down-blocks: expected an integer >= 0"),
+        (["profile-memory", "--dropout", "1.5"], "--dropout: expected a probability"),
+        (["profile-memory", "--target", "layer"], "invalid choice: 'layer'"),
+        (["info", "--verbose"], "unrecognized arguments: --verbose"),
+    ],
+)
+def test_bad_arguments(capsys, argv, message):
+    assert message in run_error(capsys, argv)
+
+
+def test_plan_profile_excludes_network_options(profile_json, capsys):
+    err = run_error(
+        capsys, ["plan", "--profile", str(profile_json), "--memory", "8GB", "--patch", "16", "--growth", "8"]
+    )
+    assert "leave out --growth" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
+def test_cuda_device_without_cuda(capsys):
+    assert "no CUDA device here" in run_error(
+        capsys, ["plan", "--memory", "8GB", "--patch", "64", "--device", "cuda"]
+    )
+
+
+def test_profile_memory_end_to_end(tmp_path, capsys):
+    """One real point (a child process) through the whole command: JSON, Markdown table, PNG."""
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "memory.json"
+    argv = ["profile-memory", "--target", "block", "--in-channels", "8", "--growth", "4", "--layers", "2"]
+    argv += [
+        "--patches",
+        "8",
+        "--implementations",
+        "fused",
+        "--dtypes",
+        "fp32",
+        "--warmup",
+        "1",
+        "--reps",
+        "1",
+    ]
+    assert cli.main([*argv, "--out", str(out), "--quiet"]) == 0
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["peak_bytes"] > 0 and row["median_ms"] > 0, row
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| fused | fp32 | 1 | 8^3 |" in capsys.readouterr().out
