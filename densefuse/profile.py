@@ -178,10 +178,14 @@ def grid(
     return [Point(i, d, b, p) for i in implementations for d in dtypes for b in batches for p in patches]
 
 
-class _TrainingStep:
-    """``step()``: forward (under autocast for bf16), loss, backward, Adam step on a fixed random batch."""
+class TrainingStep:
+    """``step()``: one training step of ``network`` at ``point`` on a fixed random batch: forward (under
+    autocast for bf16), loss (see the module docstring), backward, Adam step (lr 1e-3). The inputs are
+    x [batch, in_channels, patch, patch, patch] fp32 (a block's: bf16 for "bf16") and for a model uint8
+    labels [batch, patch, patch, patch]; the network is freshly initialised (seed 0) on ``device``."""
 
-    def __init__(self, network: Network, point: Point, device: torch.device) -> None:
+    def __init__(self, network: Network, point: Point, device: str | torch.device) -> None:
+        device = torch.device(device)
         torch.manual_seed(0)
         self.net = network.build(point.implementation).to(device)
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=1e-3)
@@ -257,7 +261,7 @@ def _measure_here(network: Network, point: Point, device: str, warmup: int, reps
         torch.cuda.synchronize(dev)
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated(dev)
-    step = _TrainingStep(network, point, dev)
+    step = TrainingStep(network, point, dev)
     for _ in range(warmup):
         step()
     if cuda:
