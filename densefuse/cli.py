@@ -346,7 +346,13 @@ def _parser() -> argparse.ArgumentParser:
     prof.add_argument(
         "--patches", nargs="+", type=_positive_int, help="cube sides (default: m and 2m, m the multiple)"
     )
-    prof.add_argument("--batches", nargs="+", type=_positive_int, default=[1], help="batch sizes (1)")
+    prof.add_argument(
+        "--batches",
+        nargs="+",
+        type=_positive_int,
+        default=[2],
+        help="batch sizes (2; batch 1 at the smallest patch leaves one voxel per channel for the deepest BN)",
+    )
     prof.add_argument(
         "--out", type=Path, help="JSON path (default: ./memory-<device>-<date>.json; PNG next to it)"
     )

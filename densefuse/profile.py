@@ -42,7 +42,6 @@ import math
 import os
 import platform
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -248,6 +247,8 @@ def _peak_rss_bytes() -> int:
     peak = _proc_status_bytes("VmHWM")
     if peak is not None:
         return peak
+    import resource  # POSIX only: no peak resident set on Windows
+
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
     return scale * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 

@@ -185,8 +185,8 @@ def test_cuda_prediction_within_ten_percent():
     net = Network(num_down_blocks=3)  # the paper's widths, patches multiples of 16
     for impl in ("naive", "checkpoint", "fused"):
         for dtype in ("fp32", "bf16"):
-            rows = [profile.measure(net, Point(impl, dtype, b, 32), "cuda", reps=1) for b in (2, 3, 4)]
+            rows = [profile.measure(net, Point(impl, dtype, b, 64), "cuda", reps=1) for b in (1, 2, 3)]
             model = profile.fit_memory_models(rows)[(impl, dtype)]
-            check = profile.measure(net, Point(impl, dtype, 2, 96), "cuda", reps=1)  # 13.5x the largest fit
-            error = (model.predict(2, 96) - check["peak_bytes"]) / check["peak_bytes"]
+            check = profile.measure(net, Point(impl, dtype, 2, 128), "cuda", reps=1)  # 5.3x the largest fit
+            error = (model.predict(2, 128) - check["peak_bytes"]) / check["peak_bytes"]
             assert math.isfinite(error) and abs(error) < 0.10, (impl, dtype, rows, check)
