@@ -22,7 +22,7 @@ from densefuse.nn import dense as dense_module
 
 IMPLEMENTATIONS = ("naive", "checkpoint", "fused")
 CASES = [  # (batch, in_channels, growth, layers, bottleneck, spatial)
-    (2, 5, 3, 3, 2, (5, 6, 7)),
+    (2, 5, 3, 3, 2, (3, 4, 5)),
     (1, 4, 2, 2, None, (3, 5, 4)),
     (3, 6, 4, 2, 4, (1, 3, 5)),
     (2, 3, 3, 3, None, (4, 3, 2)),
@@ -85,7 +85,8 @@ def make_blocks(case, dtype=torch.float64, momentum=0.1, seed=0):
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_implementations_agree_float64(case, momentum, monkeypatch):
-    monkeypatch.setattr(dense_module, "CONV_CHANNEL_BLOCK", 4)  # several 3x3x3 channel blocks
+    monkeypatch.setattr(dense_module, "CONV_CHANNEL_BLOCK", {"cpu": 4, "cuda": 4})  # several channel blocks
+    monkeypatch.setattr(dense_module, "FREE_BEFORE_INPUT_GRAD", {"cpu": momentum is None})  # both paths
     blocks, x = make_blocks(case, momentum=momentum)
     expected = train_steps(blocks["naive"], x)
     for implementation in ("checkpoint", "fused"):
