@@ -19,7 +19,7 @@ loss_providers.peak_extra_bytes), the output, the input gradient and the paramet
 included. Targets (the issue): the fused step's peak extra memory <= 0.25 x naive and <= 0.8 x
 checkpoint, its time <= 1.05 x naive on a GPU (1.15 x on CPU).
 
-    PYTHONPATH=benchmarks python benchmarks/dense_providers.py [--reps 10] [--out FILE.json]
+    PYTHONPATH=benchmarks python benchmarks/dense_providers.py [--reps 10] [--threads N] [--out FILE.json]
 
 times the providers interleaved round by round (report.interleaved_ms), prints medians, peak extra
 memory and the ratios, and writes them to benchmarks/results/dense-<device>-<date>.json.
@@ -167,7 +167,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=10, help="interleaved rounds per case")
     parser.add_argument("--case", type=int, action="append", help="only these indices of CASES[device]")
     parser.add_argument("--out", type=Path, help="JSON file (default: results/dense-<device>-<date>.json)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     info = report.device_info(device)
     results = {"device": info, "date": datetime.date.today().isoformat(), "versions": report.versions(),
@@ -192,7 +195,8 @@ def main(argv: list[str] | None = None) -> None:
                 line += "  " + "  ".join(f"{k} {v:.3f}" for k, v in row["ratios"].items())
             print(line)
         results["cases"].append({"case": asdict(case), "name": case.name, "providers": rows})
-    out = args.out or report.RESULTS / f"dense-{report.slug(info)}-{results['date']}.json"
+    threads = f"-{torch.get_num_threads()}t" if device == "cpu" else ""
+    out = args.out or report.RESULTS / f"dense-{report.slug(info)}{threads}-{results['date']}.json"
     out.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {out}")
 

@@ -457,9 +457,14 @@ def bn_relu_backward(
     bn_stats_correction's.
     """
     pre = _pre(x, mean, invstd, weight, bias)
-    g = torch.ops.aten.threshold_backward(grad_y.to(pre.dtype), pre, 0.0)
+    return _bn_backward(torch.ops.aten.threshold_backward(grad_y.to(pre.dtype), pre, 0.0), x, mean, invstd,
+                        weight, grad_x)  # fmt: skip
+
+
+def _bn_backward(g, x, mean, invstd, weight, grad_x):
+    """grad_x += g * weight * invstd -> (sum g * xhat, sum g): BN's eval-mode backward kernel."""
     grad_in, dweight, dbias = torch.ops.aten.native_batch_norm_backward(
-        g, x.to(pre.dtype), weight, mean, invstd.pow(-2), None, None, False, 0.0, [True, True, True]
+        g, x.to(g.dtype), weight, mean, invstd.pow(-2), None, None, False, 0.0, [True, True, True]
     )
     grad_x += grad_in
     return dweight, dbias
@@ -489,11 +494,12 @@ def bn_relu_conv1x1(
     input channels at a time, so relu(pre) is never stored whole.
     """
     acc = accumulate_dtype(x.dtype)
-    out = x.new_zeros((x.shape[0], conv_weight.shape[0], x.shape[2]), dtype=acc)
+    out = None
     for c0 in range(0, x.shape[1], DENSE_CHANNEL_BLOCK):
         c = slice(c0, c0 + DENSE_CHANNEL_BLOCK)
         y = bn_relu(x[:, c], mean[c], invstd[c], weight[c], bias[c], out_dtype).to(acc)
-        out.baddbmm_(_rounded(conv_weight[:, c], out_dtype, acc).expand(x.shape[0], -1, -1), y)
+        w = _rounded(conv_weight[:, c], out_dtype, acc).expand(x.shape[0], -1, -1)
+        out = torch.bmm(w, y) if out is None else out.baddbmm_(w, y)
     return out.to(out_dtype)
 
 
@@ -509,7 +515,7 @@ def bn_relu_conv1x1_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of bn_relu_conv1x1 (statistics held fixed); grad_x [B, C, V] is accumulated in place.
 
-    grad_y = conv_weight^T @ grad_out, then bn_relu_backward; returns (dweight [C], dbias [C],
+    grad_y = conv_weight^T @ grad_out, then as bn_relu_backward; returns (dweight [C], dbias [C],
     dconv_weight [C_out, C] = sum_b grad_out[b] @ relu(pre[b])^T), all in the accumulation dtype.
     GEMM operands are rounded to grad_out's dtype; DENSE_CHANNEL_BLOCK input channels at a time.
     """
@@ -522,11 +528,10 @@ def bn_relu_conv1x1_backward(
         c = slice(c0, c0 + DENSE_CHANNEL_BLOCK)
         y = bn_relu(x[:, c], mean[c], invstd[c], weight[c], bias[c], dtype).to(acc)
         dconv[:, c] = torch.bmm(grad_out, y.transpose(1, 2)).sum(dim=0)
-        del y
         grad_y = torch.bmm(_rounded(conv_weight[:, c], dtype, acc).T.expand(x.shape[0], -1, -1), grad_out)
-        dweight[c], dbias[c] = bn_relu_backward(
-            grad_y, x[:, c], mean[c], invstd[c], weight[c], bias[c], grad_x[:, c]
-        )
+        g = torch.ops.aten.threshold_backward(grad_y, y, 0.0)  # y > 0 where pre > 0 (but fp16 underflow)
+        del y, grad_y
+        dweight[c], dbias[c] = _bn_backward(g, x[:, c], mean[c], invstd[c], weight[c], grad_x[:, c])
     return dweight, dbias, dconv
 
 
