@@ -31,9 +31,11 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from densefuse.ops import dense_block as ops
+from densefuse.ops._backend import forced_backend, use_backend
 
 IMPLEMENTATIONS = ("fused", "checkpoint", "naive")
 _recompute = threading.local()
@@ -259,10 +261,12 @@ def _update_running_stats(norm: nn.BatchNorm3d, mean: Tensor, var: Tensor, count
 
 
 class _Plan:
-    """What the fused block's autograd.Function needs besides tensors."""
+    """What the fused block's autograd.Function needs besides tensors (the backend forced at forward
+    time is re-applied in backward, which autograd may run on another thread)."""
 
     def __init__(self, block: DenseBlock3d, batch_stats: bool, dtype: torch.dtype, seed: int):
         self.block, self.batch_stats, self.dtype, self.seed = block, batch_stats, dtype, seed
+        self.backend = forced_backend()
 
 
 class _Stats:
@@ -448,7 +452,14 @@ class _FusedBlock(torch.autograd.Function):
         return buffer
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: Tensor):
+        backend = ctx.plan.backend
+        with use_backend(backend) if backend is not None else contextlib.nullcontext():
+            return _FusedBlock._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out: Tensor):
         plan, (buffer,) = ctx.plan, ctx.saved_tensors
         block, batch, dtype, mean = plan.block, plan.batch_stats, plan.dtype, ctx.mean
         batch_size, channels, *spatial = buffer.shape
