@@ -14,7 +14,7 @@ import copy
 
 import pytest
 import torch
-from conftest import cpu_backends
+from conftest import cpu_backends, requires_cuda
 
 import densefuse
 from densefuse.nn import DenseBlock3d, DenseLayer3d
@@ -247,3 +247,23 @@ def test_bad_input():
         DenseBlock3d(4, 0, 2)
     with pytest.raises(ValueError, match=r"^dropout: expected a probability in \[0, 1\)"):
         DenseLayer3d(4, 2, dropout=1.0)
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("bottleneck", [4, None])
+def test_cuda_fused_matches_naive_with_less_memory(bottleneck, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 GEMMs on both sides
+    blocks, x = make_blocks((2, 24, 8, 4, bottleneck, (17, 19, 21)), dtype=torch.float32)
+    x = x.cuda()
+    peaks, results = {}, {}
+    for name in ("naive", "fused"):
+        block = blocks[name].cuda()
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        results[name] = train_steps(block, x, steps=2)
+        peaks[name] = torch.cuda.max_memory_allocated() - base
+    for actual, wanted in zip(results["fused"], results["naive"]):
+        scaled_close(actual, wanted, 1e-4)
+    assert peaks["fused"] < 0.6 * peaks["naive"], peaks
