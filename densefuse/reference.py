@@ -456,17 +456,17 @@ def bn_relu_backward(
     (sum g * xhat, sum g) over B*V, xhat = (x - mean) * invstd. The batch-statistics terms are
     bn_stats_correction's.
     """
-    pre = _pre(x, mean, invstd, weight, bias)
-    return _bn_backward(torch.ops.aten.threshold_backward(grad_y.to(pre.dtype), pre, 0.0), x, mean, invstd,
-                        weight, grad_x)  # fmt: skip
+    g = _pre(x, mean, invstd, weight, bias)  # becomes g in place: grad_y where pre > 0, else 0
+    torch.ops.aten.threshold_backward.grad_input(grad_y.to(g.dtype), g, 0.0, grad_input=g)
+    return _bn_backward(g, x, mean, invstd, weight, grad_x)
 
 
 def _bn_backward(g, x, mean, invstd, weight, grad_x):
-    """grad_x += g * weight * invstd -> (sum g * xhat, sum g): BN's eval-mode backward kernel."""
-    grad_in, dweight, dbias = torch.ops.aten.native_batch_norm_backward(
-        g, x.to(g.dtype), weight, mean, invstd.pow(-2), None, None, False, 0.0, [True, True, True]
+    """grad_x += g * weight * invstd in place -> (sum g * xhat, sum g) (BN's eval-mode reduction)."""
+    _, dweight, dbias = torch.ops.aten.native_batch_norm_backward(
+        g, x.to(g.dtype), weight, mean, invstd.pow(-2), None, None, False, 0.0, [False, True, True]
     )
-    grad_x += grad_in
+    grad_x.addcmul_(g, (weight * invstd)[:, None])
     return dweight, dbias
 
 

@@ -343,12 +343,14 @@ def _conv3x3_backward(
     stats: _Stats,
     norm: nn.BatchNorm3d,
     weight: Tensor,
-    grad_x: Tensor,
+    grad_x: Tensor | None,
     dtype: torch.dtype,
     spatial,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Backward of _conv3x3_forward with fixed statistics, block by block: grad_x [B, C, V] +=
-    the input gradient; returns norm's (dweight, dbias) and the convolution's weight gradient."""
+    the input gradient (None: a zero tensor in the accumulation dtype, allocated once the first
+    block's temporaries are freed); returns norm's (dweight, dbias), the convolution's weight
+    gradient and grad_x."""
     dweight, dbias = torch.empty((2, x.shape[1]), dtype=stats.mean.dtype, device=x.device)
     dconv = torch.empty(weight.shape, dtype=dtype, device=x.device)
     conv_args = (None, [1] * 3, [1] * 3, [1] * 3, False, [0] * 3, 1)
@@ -367,11 +369,13 @@ def _conv3x3_backward(
                 grad_out, y, w, *conv_args, (True, True, False)
             )[:2]
             del y
+        if grad_x is None:
+            grad_x = torch.zeros(x.shape, dtype=stats.mean.dtype, device=x.device)
         dweight[c], dbias[c] = ops.bn_relu_backward_(
             grad_y.view(x[:, c].shape), x[:, c], stats.mean[c], stats.invstd[c], norm.weight[c], norm.bias[c],
             grad_x[:, c],
         )  # fmt: skip
-    return dweight, dbias, dconv
+    return dweight, dbias, dconv, grad_x
 
 
 def _bottleneck(layer: DenseLayer3d, prefix: Tensor, stats: _Stats, dtype: torch.dtype) -> Tensor:
@@ -482,15 +486,14 @@ class _FusedBlock(torch.autograd.Function):
                 grad_conv.mul_(scale)
             prefix = flat[:, :n]
             if layer.bottleneck is None:
-                dweight1, dbias1, dconv1 = _conv3x3_backward(
+                dweight1, dbias1, dconv1, _ = _conv3x3_backward(
                     grad_conv, prefix, stats1, layer.norm1, layer.conv1.weight, grad[:, :n], dtype, spatial
                 )
                 layer_grads = [dweight1, dbias1, dconv1]
             else:
                 z = _bottleneck(layer, prefix, stats1, dtype)
-                grad_z = torch.zeros(z.shape, dtype=acc, device=z.device)
-                dweight2, dbias2, dconv2 = _conv3x3_backward(
-                    grad_conv, z, stats2, layer.norm2, layer.conv2.weight, grad_z, dtype, spatial
+                dweight2, dbias2, dconv2, grad_z = _conv3x3_backward(
+                    grad_conv, z, stats2, layer.norm2, layer.conv2.weight, None, dtype, spatial
                 )
                 if batch:  # norm2 has one consumer: fold its stats terms at once
                     a2, b2 = torch.zeros((2, z.shape[1]), dtype=acc, device=z.device)
