@@ -12,10 +12,11 @@ net included). Steps run under torch.inference_mode().
 
 Memory: ``peak_extra_bytes`` is the peak of the bytes allocated during one step above the level
 before it, the output included (CUDA: max_memory_allocated; CPU: the allocator events of the
-profiler, as loss_providers.peak_extra_bytes). ``memory_bound_bytes`` is what densefuse promises
-to stay within: the output plus one batch of windows (plus one batch of predictions for a model).
+profiler, as loss_providers.peak_extra_bytes). ``memory_bound_bytes`` is what densefuse's fusion
+stays within: the output plus one batch of windows (a model's own activations come on top).
 
-    PYTHONPATH=benchmarks python benchmarks/fusion_providers.py [--reps 30]
+    PYTHONPATH=benchmarks python benchmarks/fusion_providers.py [--reps 30] [--kind fusion]
+        [--providers densefuse-cpp]
 
 prints medians over ``reps`` rounds with the providers interleaved round by round, and the ratios to
 MONAI (what the README quotes).
@@ -67,12 +68,12 @@ CASES = {
 
 
 def small_net(in_channels: int, seed: int = 0) -> torch.nn.Module:
-    """Conv3d(C_in, 8, 3) -> ReLU -> Conv3d(8, 2, 1): a real model, cheap enough for a CPU benchmark."""
+    """Conv3d(C_in, 4, 3) -> ReLU -> Conv3d(4, 2, 1): a real model, cheap enough for a CPU benchmark."""
     torch.manual_seed(seed)
     return torch.nn.Sequential(
-        torch.nn.Conv3d(in_channels, 8, 3, padding=1),
+        torch.nn.Conv3d(in_channels, 4, 3, padding=1),
         torch.nn.ReLU(),
-        torch.nn.Conv3d(8, MODEL_OUT_CHANNELS, 1),
+        torch.nn.Conv3d(4, MODEL_OUT_CHANNELS, 1),
     ).eval()
 
 
@@ -154,12 +155,10 @@ def peak_extra_bytes(step: Step, device: str) -> int:
 
 
 def memory_bound_bytes(case: Case) -> int:
-    """The output [B, C_out, ...] plus one batch of windows [sw_batch_size, C_in, roi^3] (and, for a
-    model, one batch of its predictions), fp32: densefuse's peak extra memory stays within this."""
+    """The output [B, C_out, ...] plus one batch of windows [sw_batch_size, C_in, roi^3], fp32: with the
+    identity predictor (case "fusion") densefuse's peak extra memory stays within this."""
     batch, channels, *size = case.shape
-    windows = case.sw_batch_size * case.roi**3
-    predictions = windows * case.out_channels if case.kind == "model" else 0
-    return 4 * (batch * case.out_channels * math.prod(size) + windows * channels + predictions)
+    return 4 * (batch * case.out_channels * math.prod(size) + case.sw_batch_size * channels * case.roi**3)
 
 
 # ----------------------------------------------------------------------------------------- the CLI
@@ -169,13 +168,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=30, help="interleaved rounds per case")
     parser.add_argument("--kind", choices=("fusion", "model"), help="only this kind of case")
+    parser.add_argument("--providers", help="comma-separated subset of the providers (monai is always run)")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for case in CASES[device]:
         if args.kind is not None and case.kind != args.kind:
             continue
         inputs = make_inputs(case, device)
-        steps = {name: synchronized(setup(name, case, inputs), device) for name in providers(device)}
+        names = providers(device)
+        if args.providers is not None:
+            names = [n for n in names if n in args.providers.split(",") or n == "monai"]
+        steps = {name: synchronized(setup(name, case, inputs), device) for name in names}
         timings = interleaved_ms(steps, args.reps)
         monai_ms = timings["monai"]["median_ms"]
         print(f"{case.name} ({device}, {torch.get_num_threads()} threads, {args.reps} interleaved rounds)")
@@ -186,7 +189,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"p80 {timing['p80_ms']:.2f})  x{monai_ms / timing['median_ms']:5.2f} vs MONAI  "
                 f"peak extra {peak_mb:7.1f} MB"
             )
-        print(f"  memory bound (output + one batch): {memory_bound_bytes(case) / 2**20:.1f} MB")
+        if case.kind == "fusion":
+            print(f"  memory bound (output + one batch): {memory_bound_bytes(case) / 2**20:.1f} MB")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Sliding-window inference (fusion only, and end to end with a small 3-D conv net): densefuse backends
 vs MONAI. Cases and providers: fusion_providers.py. One benchmark group per (case, device).
 
-densefuse's peak extra memory is checked against its bound (the output plus one batch of windows).
+With the identity predictor, the peak extra memory of densefuse's kernel backends (not the torch
+reference) is checked against its bound (the output plus one batch of windows).
 """
 
 from __future__ import annotations
@@ -41,5 +42,5 @@ def test_sliding_window(benchmark, fusion_case, memory_log):
     benchmark.group = group
     benchmark.extra_info.update(provider=provider, device=device, case=case.name, peak_extra_mb=peak / 2**20)
     benchmark.pedantic(fp.synchronized(step, device), rounds=ROUNDS[device], warmup_rounds=WARMUP[device])
-    if provider.startswith("densefuse-"):
+    if case.kind == "fusion" and provider.startswith("densefuse-") and provider != "densefuse-torch":
         assert peak <= fp.memory_bound_bytes(case) + 2**20, "peak extra memory above output + one batch"
