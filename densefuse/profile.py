@@ -393,6 +393,35 @@ def device_slug(info: dict) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:60]
 
 
+def _git_commit() -> str | None:
+    """The source checkout's commit ("<sha>" or "<sha>-dirty"), None outside a git checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        )
+        dirty = subprocess.run(
+            [
+                "git",
+                "-C",
+                str(root),
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "densefuse",
+                "kernels",
+                "csrc",
+            ],
+            capture_output=True,
+            text=True,
+        )
+    except OSError:  # no git
+        return None
+    if sha.returncode:
+        return None
+    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
 def report(network: Network, rows: list[dict], device: str, warmup: int, reps: int) -> dict:
     """The JSON document of a sweep: device, date, versions, network, method, one row per point."""
     info = device_info(device)
@@ -404,6 +433,7 @@ def report(network: Network, rows: list[dict], device: str, warmup: int, reps: i
             "python": platform.python_version(),
             "torch": torch.__version__,
             "densefuse": densefuse.__version__,
+            "git": _git_commit(),
             "densefuse_backends": densefuse.available_backends(info["type"]),
         },
         "network": dataclasses.asdict(network),
