@@ -50,7 +50,7 @@ __all__ = [
 
 _BLOCK_V = {"cuda": 1024, "cpu": 4096}  # row kernels; the interpreter pays per program, not per element
 _GEMM_BLOCKS = {"cuda": (64, 128, 32), "cpu": (64, 256, 64)}  # (BLOCK_M, BLOCK_N, BLOCK_K)
-_DW_PROGRAMS = {"cuda": 256, "cpu": 4}  # split of the dW reduction over B*V
+_DW_PROGRAMS = {"cuda": 64, "cpu": 4}  # split of the dW reduction over B*V (x the K, M tiles)
 
 
 # ============================================================================== device helpers
