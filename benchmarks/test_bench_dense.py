@@ -1,8 +1,9 @@
 """Dense-block training step: naive vs checkpoint vs fused (densefuse.nn.DenseBlock3d), same process.
 
 Cases and providers: dense_providers.py. One benchmark group per (case, device); peak extra memory
-is logged for every provider, and each fused provider is checked against the memory targets
-(<= 0.25 x naive, <= 0.8 x checkpoint, both measured here).
+is logged for every provider; on the issue's target block each fused provider is checked against
+the memory targets (<= 0.25 x naive, <= 0.8 x checkpoint, both measured here), elsewhere against
+checkpoint's memory only. Times are not asserted (shared machines).
 """
 
 from __future__ import annotations
@@ -44,4 +45,6 @@ def test_dense_block_step(benchmark, dense_case, memory_log):
         rows = {name: {"peak_extra_mb": peak_mb(case, device, name)} for name in ("naive", "checkpoint")}
         rows[provider] = {"peak_extra_mb": peak}
         ratio = dp.ratios(rows, provider)
-        assert all(dp.meets_targets(ratio, device).values()), ratio
+        if case.target:
+            assert all(dp.meets_targets(ratio, device).values()), ratio
+        assert ratio["memory_vs_checkpoint"] <= dp.TARGETS["memory_vs_checkpoint"], ratio
