@@ -301,3 +301,20 @@ def test_cuda_backends_match_torch(backend, dtype, rng):
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=2e-3, atol=2e-3)  # TF32
     for actual, expected in zip(results[backend], results["torch"]):
         torch.testing.assert_close(actual, expected, **tol)
+
+
+def test_torch_compile_fullgraph(rng):
+    """The ops trace without graph breaks (fake kernels, autograd formulas) and give eager's results."""
+
+    def batch_norm_relu_conv(x, weight, bias, conv):
+        mean, var = ops.channel_stats(x)
+        return ops.bn_relu_conv1x1(x, mean, torch.rsqrt(var + 1e-5), weight, bias, conv).square().sum()
+
+    shapes = [(2, 5, 3, 4, 5), (5,), (5,), (4, 5)]
+    leaves = [torch.randn(shape, generator=rng).requires_grad_() for shape in shapes]
+    expected = batch_norm_relu_conv(*leaves)
+    compiled = torch.compile(batch_norm_relu_conv, fullgraph=True, backend="aot_eager")
+    value = compiled(*leaves)
+    torch.testing.assert_close(value, expected)
+    for actual, wanted in zip(torch.autograd.grad(value, leaves), torch.autograd.grad(expected, leaves)):
+        torch.testing.assert_close(actual, wanted)
