@@ -115,6 +115,12 @@ def use_backend(backend: str) -> Iterator[str]:
         stack.pop()
 
 
+def forced_backend_scope(backend: str | None) -> contextlib.AbstractContextManager:
+    """use_backend(backend), or nothing when None: re-applies at backward time the backend forced at
+    forward time (autograd may run the backward on another thread, whose use_backend() stack is empty)."""
+    return use_backend(backend) if backend is not None else contextlib.nullcontext()
+
+
 def default_backend(device_type: str) -> str:
     order = ("triton", "cuda", "torch") if device_type == "cuda" else ("cpp", "torch")
     return next(b for b in order if unavailable_reason(b, device_type) is None)

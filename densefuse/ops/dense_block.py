@@ -33,10 +33,8 @@ from torch import Tensor
 
 from densefuse import reference
 from densefuse.ops import _validate
-from densefuse.ops._backend import Registry, forced_backend, select
-from densefuse.ops.loss_stats import _forced_backend_scope
+from densefuse.ops._backend import Registry, forced_backend, forced_backend_scope
 
-_KERNEL_BACKENDS = ("torch", "triton")
 OP_NAMES = (
     "channel_stats",
     "bn_relu",
@@ -51,18 +49,8 @@ def _triton_loader(name: str) -> Callable[[], Callable]:
     return lambda: getattr(importlib.import_module("densefuse.kernels.dense_block"), name)
 
 
-def _missing_loader(name: str, backend: str) -> Callable[[], Callable]:
-    def load() -> Callable:
-        raise RuntimeError(
-            f"densefuse: op {name} has no {backend!r} kernel; use_backend('torch') runs the reference"
-        )
-
-    return load
-
-
 def _registry(name: str) -> Registry:
-    loaders = {backend: _missing_loader(name, backend) for backend in ("cpp", "cuda")}
-    loaders.update(torch=lambda: getattr(reference, name), triton=_triton_loader(name))
+    loaders = {"torch": lambda: getattr(reference, name), "triton": _triton_loader(name)}
     return Registry(name, loaders)
 
 
@@ -70,11 +58,8 @@ _REGISTRIES = {name: _registry(name) for name in OP_NAMES}
 
 
 def _impl(name: str, device: torch.device) -> Callable:
-    """The forced backend's kernel, else the device default's where it has one, else the reference."""
-    backend = select(device)
-    if forced_backend() is None and backend not in _KERNEL_BACKENDS:
-        backend = "torch"
-    return _REGISTRIES[name].impl(backend)
+    """The forced backend's kernel (an error if it has none), else the default's, else the reference."""
+    return _REGISTRIES[name](device)
 
 
 def _param_like(x: Tensor) -> Tensor:
@@ -150,7 +135,7 @@ def _bn_relu_setup(ctx, inputs, output):
 def _bn_relu_backward(ctx, grad_y):
     x, mean, invstd, weight, bias = ctx.saved_tensors
     grad_x = torch.zeros_like(x)
-    with _forced_backend_scope(ctx.backend):
+    with forced_backend_scope(ctx.backend):
         dweight, dbias = bn_relu_backward_op(grad_y, x, mean, invstd, weight, bias, grad_x)
     return grad_x, *_stats_grads(dweight, dbias, invstd, weight), dweight, dbias, None
 
@@ -208,7 +193,7 @@ def _conv1x1_setup(ctx, inputs, output):
 def _conv1x1_backward(ctx, grad_out):
     x, mean, invstd, weight, bias, conv_weight = ctx.saved_tensors
     grad_x = torch.zeros_like(x)
-    with _forced_backend_scope(ctx.backend):
+    with forced_backend_scope(ctx.backend):
         dweight, dbias, dconv = bn_relu_conv1x1_backward_op(
             grad_out.contiguous(), x, mean, invstd, weight, bias, conv_weight, grad_x
         )

@@ -12,7 +12,6 @@ value checks cost no extra pass. Shapes, dtypes and label conventions: densefuse
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -20,7 +19,7 @@ from torch import Tensor
 
 from densefuse import reference
 from densefuse.ops import _validate
-from densefuse.ops._backend import Registry, extension, forced_backend, use_backend
+from densefuse.ops._backend import Registry, extension, forced_backend, forced_backend_scope
 
 
 def _ext_op(name: str):
@@ -92,12 +91,6 @@ def _(grad_stats, logits, target, activation, ignore_index):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
-def _forced_backend_scope(backend: str | None):
-    """The backend forced at forward time, re-applied in backward: autograd may run the backward on
-    another thread (CUDA), where the thread-local use_backend() stack is empty."""
-    return use_backend(backend) if backend is not None else contextlib.nullcontext()
-
-
 def _overlap_setup(ctx, inputs, output):
     logits, target, ctx.activation, ctx.ignore_index = inputs
     ctx.backend = forced_backend()
@@ -106,7 +99,7 @@ def _overlap_setup(ctx, inputs, output):
 
 def _overlap_backward(ctx, grad_stats, _grad_flags):
     logits, target = ctx.saved_tensors
-    with _forced_backend_scope(ctx.backend):
+    with forced_backend_scope(ctx.backend):
         grad = overlap_stats_backward_op(
             grad_stats.contiguous(), logits, target, ctx.activation, ctx.ignore_index
         )
@@ -165,7 +158,7 @@ def _focal_setup(ctx, inputs, output):
 
 def _focal_backward(ctx, grad_stats, _grad_flags):
     logits, target, alpha_pos, alpha_neg = ctx.saved_tensors
-    with _forced_backend_scope(ctx.backend):
+    with forced_backend_scope(ctx.backend):
         grad = focal_stats_backward_op(
             grad_stats.contiguous(), logits, target, ctx.activation, ctx.gamma, alpha_pos, alpha_neg,
             ctx.ignore_index,

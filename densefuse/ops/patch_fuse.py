@@ -37,8 +37,11 @@ ACC_DTYPES = (torch.float32, torch.float64)
 
 def _kernel_exists(name: str, backend: str) -> bool:
     """Whether ``backend`` has a kernel for op ``name`` (without importing triton)."""
-    if backend in ("cpp", "cuda"):
-        return extension() is not None and hasattr(torch.ops.densefuse_ext, name)
+    if backend in ("cpp", "cuda"):  # the extension registers some ops for the CPU dispatch key only
+        key = "CPU" if backend == "cpp" else "CUDA"
+        return extension() is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"densefuse_ext::{name}", key
+        )
     if backend == "triton":
         return importlib.util.find_spec("densefuse.kernels.patch_fuse") is not None
     return backend == "torch"
