@@ -141,7 +141,7 @@ def peak_extra_bytes(step: Step, device: str) -> int:
         step()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    return lp._cpu_peak_extra_bytes(step)
+    return lp.cpu_peak_extra_bytes(step)
 
 
 def ratios(results: dict[str, dict], provider: str) -> dict[str, float]:

@@ -151,7 +151,7 @@ def peak_extra_bytes(step: Step, device: str) -> int:
         step()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    return lp._cpu_peak_extra_bytes(step)
+    return lp.cpu_peak_extra_bytes(step)
 
 
 def memory_bound_bytes(case: Case) -> int:

@@ -184,10 +184,10 @@ def peak_extra_bytes(step: Step, inputs: Inputs) -> int:
         step()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    return _cpu_peak_extra_bytes(step)
+    return cpu_peak_extra_bytes(step)
 
 
-def _cpu_peak_extra_bytes(step: Step) -> int:
+def cpu_peak_extra_bytes(step: Step) -> int:
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 

@@ -75,7 +75,7 @@ def peak_extra_mb(case: ModelCase, device: str, implementation: str) -> float:
         step()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    return lp._cpu_peak_extra_bytes(step) / 2**20
+    return lp.cpu_peak_extra_bytes(step) / 2**20
 
 
 @pytest.mark.parametrize("model_case", MATRIX, ids=[f"{d}-{c.name}-{i}" for d, c, i in MATRIX])
