@@ -25,9 +25,12 @@ MONAI (what the README quotes).
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import loss_providers as lp
 import torch
@@ -163,14 +166,18 @@ def memory_bound_bytes(case: Case) -> int:
 
 # ----------------------------------------------------------------------------------------- the CLI
 def main(argv: list[str] | None = None) -> None:
-    from report import interleaved_ms
+    import report
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=30, help="interleaved rounds per case")
     parser.add_argument("--kind", choices=("fusion", "model"), help="only this kind of case")
     parser.add_argument("--providers", help="comma-separated subset of the providers (monai is always run)")
+    parser.add_argument("--out", type=Path, help="JSON file (default: results/fusion-<device>-<date>.json)")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    info = report.device_info(device)
+    results = {"device": info, "date": datetime.date.today().isoformat(), "versions": report.versions(),
+               "reps": args.reps, "threads": torch.get_num_threads(), "cases": []}  # fmt: skip
     for case in CASES[device]:
         if args.kind is not None and case.kind != args.kind:
             continue
@@ -179,18 +186,27 @@ def main(argv: list[str] | None = None) -> None:
         if args.providers is not None:
             names = [n for n in names if n in args.providers.split(",") or n == "monai"]
         steps = {name: synchronized(setup(name, case, inputs), device) for name in names}
-        timings = interleaved_ms(steps, args.reps)
+        timings = report.interleaved_ms(steps, args.reps)
         monai_ms = timings["monai"]["median_ms"]
         print(f"{case.name} ({device}, {torch.get_num_threads()} threads, {args.reps} interleaved rounds)")
+        rows = {}
         for name, timing in timings.items():
             peak_mb = peak_extra_bytes(steps[name], device) / 2**20
+            rows[name] = {**timing, "peak_extra_mb": round(peak_mb, 1),
+                          "speedup_vs_monai": round(monai_ms / timing["median_ms"], 3)}  # fmt: skip
             print(
                 f"  {name:<16} median {timing['median_ms']:8.2f} ms  (p20 {timing['p20_ms']:.2f}, "
                 f"p80 {timing['p80_ms']:.2f})  x{monai_ms / timing['median_ms']:5.2f} vs MONAI  "
                 f"peak extra {peak_mb:7.1f} MB"
             )
+        entry = {"case": asdict(case), "name": case.name, "providers": rows}
         if case.kind == "fusion":
-            print(f"  memory bound (output + one batch): {memory_bound_bytes(case) / 2**20:.1f} MB")
+            entry["memory_bound_mb"] = round(memory_bound_bytes(case) / 2**20, 1)
+            print(f"  memory bound (output + one batch): {entry['memory_bound_mb']:.1f} MB")
+        results["cases"].append(entry)
+    out = args.out or report.RESULTS / f"fusion-{report.slug(info)}-{results['date']}.json"
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
