@@ -171,4 +171,4 @@ def test_profile_memory_end_to_end(tmp_path, capsys):
     (row,) = json.loads(out.read_text())["results"]
     assert row["peak_bytes"] > 0 and row["median_ms"] > 0, row
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| fused | fp32 | 1 | 8^3 |" in capsys.readouterr().out
+    assert "| fused | fp32 | 2 | 8^3 |" in capsys.readouterr().out  # batch 2 by default
