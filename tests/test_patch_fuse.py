@@ -212,6 +212,21 @@ BAD_SCATTER = [
         "wy: expected a 1-D vector of length 4",
     ),
     (lambda a, w, s, *v: (a, w, s, v[0].int(), *v[1:]), TypeError, "wz: expected a float weight vector"),
+    (
+        lambda a, w, s, *v: (a, w, s, torch.tensor([1.0, float("nan"), 1.0]), *v[1:]),
+        ValueError,
+        "wz: expected finite weights >= 0, found 1 negative or NaN/Inf",
+    ),
+    (
+        lambda a, w, s, *v: (a, w, s, v[0], -v[1], v[2]),
+        ValueError,
+        "wy: expected finite weights >= 0, found 4 negative",
+    ),
+    (
+        lambda a, w, s, *v: (a, w, s, *v[:2], torch.tensor([1.0, 1e300, 1.0, 1.0, 1.0], dtype=torch.float64)),
+        ValueError,  # finite in float64, Inf in acc's float32
+        "wx: expected finite weights >= 0, found 1",
+    ),
     (lambda a, w, s, *v: (a, w, s, *v, -1.0), ValueError, "floor: expected a finite number >= 0"),
     (lambda a, w, s, *v: (a, w, s, *v, float("nan")), ValueError, "floor: expected a finite number"),
     (lambda a, w, s, *v: (a, w, s + torch.tensor([0, 9, 0, 0]), *v), ValueError, "starts: 4 windows lie"),
@@ -233,6 +248,8 @@ BAD_FINALIZE = [
     (dict(starts_z=[0.5]), ValueError, "starts_z: expected a 1-D sequence of integer"),
     (dict(starts_x=torch.zeros(2, 2, dtype=torch.int64)), ValueError, "starts_x: expected a 1-D"),
     (dict(wy=torch.ones(2, 2)), ValueError, "wy: expected a 1-D vector of length >= 1"),
+    (dict(wz=torch.tensor([0.5, -0.5])), ValueError, "wz: expected finite weights >= 0, found 1 negative"),
+    (dict(wx=torch.full((4,), float("inf"))), ValueError, "wx: expected finite weights >= 0, found 4"),
     (dict(activation="relu"), ValueError, "activation: expected one of"),
     (dict(output="labels"), ValueError, "output: expected one of"),
     (dict(threshold=float("inf")), ValueError, "threshold: expected a finite number"),
@@ -247,6 +264,13 @@ def test_bad_finalize_input(backend, change, error, message):
     args.update(change)
     with pytest.raises(error, match=message):
         patch_finalize(**args)
+
+
+def test_weights_on_the_cpu_are_checked_even_without_value_checks():
+    acc, win, starts, wz, wy, wx = _case()
+    with pytest.raises(ValueError, match="wz: expected finite weights >= 0"):
+        patch_scatter(acc, win, starts, wz * float("nan"), wy, wx, check_values=False)
+    assert torch.equal(acc, torch.zeros_like(acc))  # nothing was added
 
 
 def test_argmax_mask_needs_at_most_256_classes():

@@ -166,10 +166,14 @@ def _check_windows(windows: object, acc: Tensor) -> Tensor:
     return windows.contiguous()
 
 
-def _to_acc_device(name: str, tensor: Tensor, acc: Tensor, dtype: torch.dtype) -> Tensor:
+def _check_small_device(name: str, tensor: Tensor, acc: Tensor) -> None:
     """Small tensors may come from the CPU; anything on a third device is an error."""
     if tensor.device != acc.device and tensor.device.type != "cpu":
         raise ValueError(f"{name}: expected a tensor on {acc.device} (or the CPU), got {tensor.device}")
+
+
+def _to_acc_device(name: str, tensor: Tensor, acc: Tensor, dtype: torch.dtype) -> Tensor:
+    _check_small_device(name, tensor, acc)
     return tensor.to(device=acc.device, dtype=dtype).contiguous()
 
 
@@ -196,18 +200,37 @@ def _check_axis_starts(name: str, starts: object, acc: Tensor) -> Tensor:
     return _to_acc_device(name, starts, acc, torch.int64)
 
 
-def _check_weights(vectors: Sequence[object], lengths: Sequence[int] | None, acc: Tensor) -> list[Tensor]:
-    """wz, wy, wx as 1-D vectors in acc's dtype on acc's device (lengths checked when given)."""
+def _check_weights(
+    vectors: Sequence[object], lengths: Sequence[int] | None, acc: Tensor, check_values: bool = True
+) -> list[Tensor]:
+    """wz, wy, wx as 1-D vectors in acc's dtype on acc's device (lengths checked when given).
+
+    Their values must be finite and >= 0 (a NaN or negative weight would silently zero or corrupt the
+    fused output): vectors on the CPU are checked before they move (no device sync); vectors already
+    on acc's device cost one sync for the three, and are skipped when ``check_values`` is False. No
+    value check when value checks are off (DENSEFUSE_CHECK_VALUES=0, torch.compile).
+    """
+    names = ("wz", "wy", "wx")
     checked = []
-    for i, (name, w) in enumerate(zip(("wz", "wy", "wx"), vectors)):
+    for i, (name, w) in enumerate(zip(names, vectors)):
         w = _validate.check_tensor(name, w)
         if not w.is_floating_point():
             raise TypeError(f"{name}: expected a float weight vector, got {w.dtype}")
         if w.dim() != 1 or w.numel() == 0 or (lengths is not None and w.numel() != lengths[i]):
             expected = "length >= 1" if lengths is None else f"length {lengths[i]} (the window size)"
             raise ValueError(f"{name}: expected a 1-D vector of {expected}, got shape {tuple(w.shape)}")
-        checked.append(_to_acc_device(name, w, acc, acc.dtype))
-    return checked
+        _check_small_device(name, w, acc)
+        checked.append(w.to(acc.dtype))  # in acc's dtype first: a weight may overflow to Inf there
+    if _validate.value_checks_enabled():
+        tested = [(n, w) for n, w in zip(names, checked) if check_values or w.device.type == "cpu"]
+        counts = [(~(torch.isfinite(w) & (w >= 0))).sum() for _, w in tested]
+        on_device = [c for c in counts if c.device.type != "cpu"]
+        synced = iter(torch.stack(on_device).tolist() if on_device else ())
+        for (name, _), count in zip(tested, counts):
+            bad = int(count) if count.device.type == "cpu" else next(synced)
+            if bad:
+                raise ValueError(f"{name}: expected finite weights >= 0, found {bad} negative or NaN/Inf")
+    return [_to_acc_device(name, w, acc, acc.dtype) for name, w in zip(names, checked)]
 
 
 def _check_number(name: str, value: object, low: float | None = None) -> float:
@@ -258,12 +281,14 @@ def patch_scatter(
         windows: [N, C, rz, ry, rx] float16/bfloat16/float32/float64 on acc's device.
         starts: [N, 4] integer (batch, z, y, x), on acc's device or the CPU; z, y, x may be negative
             or run past the end as long as each window overlaps the volume.
-        wz, wy, wx: float 1-D weights of lengths rz, ry, rx (densefuse.windows), >= 0.
+        wz, wy, wx: float 1-D weights of lengths rz, ry, rx (densefuse.windows), finite and >= 0
+            (ValueError otherwise).
         floor: lower bound of the 3-D weight (0: separable, MONAI's clamp: windows.monai_floor).
         deterministic: use the output-stationary gather (same bits on every run); default
             torch.are_deterministic_algorithms_enabled().
-        check_values: raise ValueError for NaN/Inf window values (in the volume) and windows that
-            miss the volume; False leaves that to the caller (check_patch_flags), saving a sync.
+        check_values: raise ValueError for NaN/Inf window values (in the volume), windows that
+            miss the volume and bad weights; False leaves that to the caller (check_patch_flags),
+            saving a sync (weights on the CPU are still checked: that needs no sync).
 
     Returns flags int64 [2] on acc's device: (NaN/Inf window values added, windows skipped).
     """
@@ -272,7 +297,7 @@ def patch_scatter(
         raise ValueError("acc: expected a contiguous tensor (it is written in place)")
     windows = _check_windows(windows, acc)
     starts = _check_starts(starts, acc, windows.shape[0])
-    wz, wy, wx = _check_weights((wz, wy, wx), windows.shape[2:], acc)
+    wz, wy, wx = _check_weights((wz, wy, wx), windows.shape[2:], acc, check_values)
     floor = _check_number("floor", floor, 0.0)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
