@@ -467,7 +467,7 @@ def plot(doc: dict, path: str | Path) -> None:
 
     rows = [r for r in doc["results"] if "peak_bytes" in r]
     batches = sorted({r["batch"] for r in rows}) or [1]
-    fig, axes = plt.subplots(2, len(batches), figsize=(5 * len(batches), 7), squeeze=False)
+    fig, axes = plt.subplots(2, len(batches), figsize=(max(5.5 * len(batches), 6.5), 7.5), squeeze=False)
     for col, batch in enumerate(batches):
         for color, impl in enumerate(IMPLEMENTATIONS):
             for dtype, style in zip(DTYPES, ("-", "--")):
@@ -494,7 +494,7 @@ def plot(doc: dict, path: str | Path) -> None:
         what = f"FCDenseNet3d ({net['num_down_blocks']} down blocks, k={net['growth_rate']})"
     else:
         what = f"DenseBlock3d ({net['in_channels']} in, {net['num_layers']} layers, k={net['growth_rate']})"
-    fig.suptitle(f"{what} training step, {doc['device']['name']}, {doc['date']}")
+    fig.suptitle(f"{what} training step\n{doc['device']['name']}, {doc['date']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
