@@ -187,6 +187,47 @@ def test_dropout_forward_backward_consistent():
     assert torch.equal(block(x), out)
 
 
+@pytest.mark.parametrize("bottleneck", [2, None])
+def test_fused_backward_uses_the_parameters_it_was_given(bottleneck):
+    """torch.func.functional_call with other parameters: naive's output and gradients (the backward
+    uses the tensors the forward received, not the module's own parameters)."""
+    blocks, x = make_blocks((2, 4, 3, 2, bottleneck, (3, 4, 3)))
+    params = {n: (p.detach() * 1.5 + 0.1).requires_grad_() for n, p in blocks["naive"].named_parameters()}
+    results = {}
+    for name in ("naive", "fused"):
+        out = torch.func.functional_call(blocks[name], params, (x,))
+        grads = torch.autograd.grad((out * loss_weights(out)).sum(), list(params.values()))
+        results[name] = (out, *grads)
+    for actual, wanted in zip(results["fused"], results["naive"]):
+        torch.testing.assert_close(actual, wanted, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("implementation", ["naive", "fused"])
+def test_parameter_changed_in_place_before_backward_is_an_error(implementation):
+    blocks, x = make_blocks((2, 4, 3, 2, 2, (3, 3, 3)))
+    block = blocks[implementation]
+    out = block(x)
+    with torch.no_grad():
+        block.layers[1].norm1.weight.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+def test_fused_backward_uses_the_forward_dropout_mode():
+    """Switching to eval mode between forward and backward does not change the dropout mask used."""
+    block = DenseBlock3d(2, 2, 2, bottleneck=None, dropout=0.3).double()
+    x = torch.randn(2, 2, 2, 3, 2, dtype=torch.double, requires_grad=True)
+    grads = []
+    for switch in (False, True):
+        block.train()
+        torch.manual_seed(7)
+        out = block(x)
+        if switch:
+            block.eval()
+        grads.append(torch.autograd.grad((out * loss_weights(out)).sum(), x)[0])
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+
+
 def test_state_dicts_are_interchangeable():
     blocks, x = make_blocks((2, 4, 3, 2, 2, (3, 3, 3)))
     train_steps(blocks["fused"], x, steps=2)

@@ -26,7 +26,8 @@ import contextlib
 import itertools
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -250,6 +251,21 @@ def _layer_params(layer: DenseLayer3d) -> list[Tensor]:
     return [t for norm, conv in norms for t in (norm.weight, norm.bias, conv.weight)]
 
 
+class _Stage(NamedTuple):
+    """One BN -> ReLU -> conv stage's parameters, as _FusedBlock received them (never the module's:
+    under torch.func.functional_call they differ, and the backward must see the forward's tensors)."""
+
+    weight: Tensor
+    bias: Tensor
+    conv: Tensor
+
+
+def _stages(block: DenseBlock3d, params: Sequence[Tensor]) -> list[list[_Stage]]:
+    """``params`` (_layer_params of every layer, in order) as each layer's [stage 1(, stage 2)]."""
+    triples = iter(_Stage(*params[i : i + 3]) for i in range(0, len(params), 3))
+    return [[next(triples) for _ in range(1 if layer.bottleneck is None else 2)] for layer in block.layers]
+
+
 def _update_running_stats(norm: nn.BatchNorm3d, mean: Tensor, var: Tensor, count: int) -> None:
     """PyTorch's update: r = (1 - f) r + f s, f = momentum (None: 1 / batches seen), unbiased var."""
     if norm.running_mean is None:
@@ -261,12 +277,14 @@ def _update_running_stats(norm: nn.BatchNorm3d, mean: Tensor, var: Tensor, count
 
 
 class _Plan:
-    """What the fused block's autograd.Function needs besides tensors (the backend forced at forward
-    time is re-applied in backward, which autograd may run on another thread)."""
+    """What the fused block's autograd.Function needs besides tensors, fixed at forward time: the
+    backend forced then (re-applied in backward, which autograd may run on another thread) and each
+    layer's dropout probability (0: none; the module may be switched to eval before backward)."""
 
     def __init__(self, block: DenseBlock3d, batch_stats: bool, dtype: torch.dtype, seed: int):
         self.block, self.batch_stats, self.dtype, self.seed = block, batch_stats, dtype, seed
         self.backend = forced_backend()
+        self.dropout = [layer.dropout.p if layer.dropout.training else 0.0 for layer in block.layers]
 
 
 class _Stats:
@@ -277,14 +295,15 @@ class _Stats:
 
     @classmethod
     def running(cls, norm: nn.BatchNorm3d, dtype: torch.dtype) -> _Stats:
-        return cls(norm.running_mean.to(dtype), norm.running_var.to(dtype), norm.eps)
+        """A copy of the running statistics (backward needs them as they were in the forward)."""
+        return cls(norm.running_mean.to(dtype, copy=True), norm.running_var.to(dtype), norm.eps)
 
 
-def _dropout_scale(layer: DenseLayer3d, index: int, plan: _Plan, like: Tensor) -> Tensor | None:
-    """The layer's dropout mask / (1 - p), drawn from a generator seeded per step and layer, so the
-    backward redraws the forward's mask; None without dropout."""
-    p = layer.dropout.p
-    if not (layer.dropout.training and p > 0):
+def _dropout_scale(index: int, plan: _Plan, like: Tensor) -> Tensor | None:
+    """Layer ``index``'s dropout mask / (1 - p), drawn from a generator seeded per step and layer, so
+    the backward redraws the forward's mask; None without dropout."""
+    p = plan.dropout[index]
+    if p == 0:
         return None
     generator = torch.Generator(like.device).manual_seed(plan.seed + index)
     keep = torch.empty(like.shape, dtype=like.dtype, device=like.device).bernoulli_(
@@ -312,24 +331,22 @@ def _channel_blocks(channels: int, device: torch.device) -> list[slice]:
     return [slice(start, stop) for start, stop in itertools.pairwise(bounds)]
 
 
-def _block_input(x: Tensor, c: slice, stats: _Stats, norm: nn.BatchNorm3d, dtype: torch.dtype, spatial):
+def _block_input(x: Tensor, c: slice, stats: _Stats, stage: _Stage, dtype: torch.dtype, spatial):
     """relu(norm(x[:, c])) with fixed statistics as [B, |c|, *spatial] in ``dtype``."""
-    y = ops.bn_relu(x[:, c], stats.mean[c], stats.invstd[c], norm.weight[c], norm.bias[c], out_dtype=dtype)
+    y = ops.bn_relu(x[:, c], stats.mean[c], stats.invstd[c], stage.weight[c], stage.bias[c], out_dtype=dtype)
     return y.view(x.shape[0], -1, *spatial)
 
 
-def _conv3x3_forward(
-    x: Tensor, stats: _Stats, norm: nn.BatchNorm3d, weight: Tensor, dtype: torch.dtype, spatial
-) -> Tensor:
-    """conv3d(relu(norm(x)), weight, padding=1) for x [B, C, V] with fixed statistics: [B, k, *S].
+def _conv3x3_forward(x: Tensor, stats: _Stats, stage: _Stage, dtype: torch.dtype, spatial) -> Tensor:
+    """conv3d(relu(norm(x)), stage.conv, padding=1) for x [B, C, V] with fixed statistics: [B, k, *S].
 
     Summed over input-channel blocks in the accumulation dtype; the result is in ``dtype``.
     """
     blocks = _channel_blocks(x.shape[1], x.device)
     out = None
     for c in blocks:
-        y = _block_input(x, c, stats, norm, dtype, spatial)
-        part = F.conv3d(y, weight[:, c].to(dtype), padding=1)
+        y = _block_input(x, c, stats, stage, dtype, spatial)
+        part = F.conv3d(y, stage.conv[:, c].to(dtype), padding=1)
         del y
         if len(blocks) > 1:  # partial sums in the accumulation dtype
             part = part.to(stats.mean.dtype)
@@ -341,22 +358,21 @@ def _conv3x3_backward(
     grad_out: Tensor,
     x: Tensor,
     stats: _Stats,
-    norm: nn.BatchNorm3d,
-    weight: Tensor,
+    stage: _Stage,
     grad_x: Tensor | None,
     dtype: torch.dtype,
     spatial,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Backward of _conv3x3_forward with fixed statistics, block by block: grad_x [B, C, V] +=
     the input gradient (None: a zero tensor in the accumulation dtype, allocated once the first
-    block's temporaries are freed); returns norm's (dweight, dbias), the convolution's weight
+    block's temporaries are freed); returns the norm's (dweight, dbias), the convolution's weight
     gradient and grad_x."""
     dweight, dbias = torch.empty((2, x.shape[1]), dtype=stats.mean.dtype, device=x.device)
-    dconv = torch.empty(weight.shape, dtype=dtype, device=x.device)
+    dconv = torch.empty(stage.conv.shape, dtype=dtype, device=x.device)
     conv_args = (None, [1] * 3, [1] * 3, [1] * 3, False, [0] * 3, 1)
     for c in _channel_blocks(x.shape[1], x.device):
-        y = _block_input(x, c, stats, norm, dtype, spatial)
-        w = weight[:, c].to(dtype)
+        y = _block_input(x, c, stats, stage, dtype, spatial)
+        w = stage.conv[:, c].to(dtype)
         if FREE_BEFORE_INPUT_GRAD.get(x.device.type, True):  # the input gradient needs only y's shape
             dconv[:, c] = torch.ops.aten.convolution_backward(
                 grad_out, y, w, *conv_args, (False, True, False)
@@ -372,23 +388,22 @@ def _conv3x3_backward(
         if grad_x is None:
             grad_x = torch.zeros(x.shape, dtype=stats.mean.dtype, device=x.device)
         dweight[c], dbias[c] = ops.bn_relu_backward_(
-            grad_y.view(x[:, c].shape), x[:, c], stats.mean[c], stats.invstd[c], norm.weight[c], norm.bias[c],
-            grad_x[:, c],
+            grad_y.view(x[:, c].shape), x[:, c], stats.mean[c], stats.invstd[c], stage.weight[c],
+            stage.bias[c], grad_x[:, c],
         )  # fmt: skip
     return dweight, dbias, dconv, grad_x
 
 
-def _bottleneck(layer: DenseLayer3d, prefix: Tensor, stats: _Stats, dtype: torch.dtype) -> Tensor:
+def _bottleneck(prefix: Tensor, stats: _Stats, stage: _Stage, dtype: torch.dtype) -> Tensor:
     """z = conv1(relu(norm1(prefix))) [B, b*k, V] in ``dtype``, the normalised prefix never stored."""
-    norm = layer.norm1
     return ops.bn_relu_conv1x1(
-        prefix, stats.mean, stats.invstd, norm.weight, norm.bias, layer.conv1.weight, out_dtype=dtype
+        prefix, stats.mean, stats.invstd, stage.weight, stage.bias, stage.conv, out_dtype=dtype
     )
 
 
-def _fold(a: Tensor, b: Tensor, stats: _Stats, norm: nn.BatchNorm3d, dweight: Tensor, dbias: Tensor):
+def _fold(a: Tensor, b: Tensor, stats: _Stats, weight: Tensor, dweight: Tensor, dbias: Tensor):
     """Adds one consumer's batch-statistics terms: a += w invstd dbias, b += w invstd^2 dweight."""
-    scale = norm.weight.to(a.dtype) * stats.invstd
+    scale = weight.to(a.dtype) * stats.invstd
     a.add_(scale * dbias)
     b.add_(scale * stats.invstd * dweight)
 
@@ -401,7 +416,9 @@ class _FusedBlock(torch.autograd.Function):
     mean/var is computed once, when it is written, and shared by every later layer's norm1 (each
     layer's running statistics are updated once, here). BN-ReLU(-Conv1x1x1) runs in the dense ops;
     a normalised tensor lives only until the 3x3x3 convolution has read it (one channel block at a
-    time). Kept for backward: the buffer, the statistics ([C] per BN) and the dropout seed.
+    time). Kept for backward: the buffer, the parameters (the tensors received here: autograd's
+    version counters catch an in-place change before backward), the statistics ([C] per BN) and the
+    dropout seed.
 
     Backward, layers in reverse, one gradient buffer G [B, C_out, V] (fp32 for half buffers): when
     layer l is reached every consumer of its channels has added g weight invstd into G, so their
@@ -425,7 +442,7 @@ class _FusedBlock(torch.autograd.Function):
             c_in = block.in_channels
             mean[:c_in], var[:c_in] = ops.channel_stats(flat[:, :c_in])
         layer_stats = []
-        for index, layer in enumerate(block.layers):
+        for index, (layer, stages) in enumerate(zip(block.layers, _stages(block, params))):
             n, k = layer.in_channels, layer.growth_rate
             if batch:
                 _update_running_stats(layer.norm1, mean[:n], var[:n], count)
@@ -434,25 +451,25 @@ class _FusedBlock(torch.autograd.Function):
                 stats1 = _Stats.running(layer.norm1, acc)
             stats2 = None
             if layer.bottleneck is None:
-                out = _conv3x3_forward(flat[:, :n], stats1, layer.norm1, layer.conv1.weight, dtype, spatial)
+                out = _conv3x3_forward(flat[:, :n], stats1, stages[0], dtype, spatial)
             else:
-                z = _bottleneck(layer, flat[:, :n], stats1, dtype)
+                z = _bottleneck(flat[:, :n], stats1, stages[0], dtype)
                 if batch:
                     mean2, var2 = ops.channel_stats(z)
                     _update_running_stats(layer.norm2, mean2, var2, count)
                     stats2 = _Stats(mean2, var2, layer.norm2.eps)
                 else:
                     stats2 = _Stats.running(layer.norm2, acc)
-                out = _conv3x3_forward(z, stats2, layer.norm2, layer.conv2.weight, dtype, spatial)
+                out = _conv3x3_forward(z, stats2, stages[1], dtype, spatial)
                 del z
             layer_stats.append((stats1, stats2))
-            scale = _dropout_scale(layer, index, plan, out)
+            scale = _dropout_scale(index, plan, out)
             buffer[:, n : n + k] = out if scale is None else out * scale
             del out
             if batch:
                 mean[n : n + k], var[n : n + k] = ops.channel_stats(flat[:, n : n + k])
         ctx.plan, ctx.layer_stats, ctx.mean = plan, layer_stats, mean
-        ctx.save_for_backward(buffer)
+        ctx.save_for_backward(buffer, *params)
         return buffer
 
     @staticmethod
@@ -464,7 +481,7 @@ class _FusedBlock(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_out: Tensor):
-        plan, (buffer,) = ctx.plan, ctx.saved_tensors
+        plan, (buffer, *params) = ctx.plan, ctx.saved_tensors
         block, batch, dtype, mean = plan.block, plan.batch_stats, plan.dtype, ctx.mean
         batch_size, channels, *spatial = buffer.shape
         acc = torch.float64 if buffer.dtype == torch.float64 else torch.float32
@@ -473,44 +490,44 @@ class _FusedBlock(torch.autograd.Function):
         if batch:
             a, b = flat.new_zeros((2, channels), dtype=acc)
         grads: list[Tensor] = []
+        stages = _stages(block, params)
         for index in reversed(range(block.num_layers)):
-            layer = block.layers[index]
+            layer, (stage1, *stage2) = block.layers[index], stages[index]
             n, k = layer.in_channels, layer.growth_rate
             stats1, stats2 = ctx.layer_stats[index]
             if batch:  # every consumer of channels [n, n + k) has contributed: fold their stats terms
                 own = slice(n, n + k)
                 ops.bn_stats_correction_(grad[:, own], flat[:, own], mean[own], a[own], b[own])
             grad_conv = grad[:, n : n + k].to(dtype).contiguous().view(batch_size, k, *spatial)
-            scale = _dropout_scale(layer, index, plan, grad_conv)
+            scale = _dropout_scale(index, plan, grad_conv)
             if scale is not None:
                 grad_conv.mul_(scale)
             prefix = flat[:, :n]
             if layer.bottleneck is None:
                 dweight1, dbias1, dconv1, _ = _conv3x3_backward(
-                    grad_conv, prefix, stats1, layer.norm1, layer.conv1.weight, grad[:, :n], dtype, spatial
+                    grad_conv, prefix, stats1, stage1, grad[:, :n], dtype, spatial
                 )
                 layer_grads = [dweight1, dbias1, dconv1]
             else:
-                z = _bottleneck(layer, prefix, stats1, dtype)
+                z = _bottleneck(prefix, stats1, stage1, dtype)
                 dweight2, dbias2, dconv2, grad_z = _conv3x3_backward(
-                    grad_conv, z, stats2, layer.norm2, layer.conv2.weight, None, dtype, spatial
+                    grad_conv, z, stats2, stage2[0], None, dtype, spatial
                 )
                 if batch:  # norm2 has one consumer: fold its stats terms at once
                     a2, b2 = torch.zeros((2, z.shape[1]), dtype=acc, device=z.device)
-                    _fold(a2, b2, stats2, layer.norm2, dweight2, dbias2)
+                    _fold(a2, b2, stats2, stage2[0].weight, dweight2, dbias2)
                     ops.bn_stats_correction_(grad_z, z, stats2.mean, a2, b2)
                 del z
-                norm1 = layer.norm1
                 dweight1, dbias1, dconv1 = ops.bn_relu_conv1x1_backward_(
-                    grad_z.to(dtype), prefix, stats1.mean, stats1.invstd, norm1.weight, norm1.bias,
-                    layer.conv1.weight, grad[:, :n],
+                    grad_z.to(dtype), prefix, stats1.mean, stats1.invstd, stage1.weight, stage1.bias,
+                    stage1.conv, grad[:, :n],
                 )  # fmt: skip
                 del grad_z
                 layer_grads = [dweight1, dbias1, dconv1, dweight2, dbias2, dconv2]
             if batch:
-                _fold(a[:n], b[:n], stats1, layer.norm1, dweight1, dbias1)
-            params = _layer_params(layer)
-            grads[:0] = [g.to(p.dtype).view(p.shape) for g, p in zip(layer_grads, params)]
+                _fold(a[:n], b[:n], stats1, stage1.weight, dweight1, dbias1)
+            layer_params = [t for stage in stages[index] for t in stage]
+            grads[:0] = [g.to(p.dtype).view(p.shape) for g, p in zip(layer_grads, layer_params)]
         grad_x = None
         if ctx.needs_input_grad[0]:
             c_in = block.in_channels
