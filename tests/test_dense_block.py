@@ -228,6 +228,46 @@ def test_fused_backward_uses_the_forward_dropout_mode():
     torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
 
 
+def test_sync_batch_norm():
+    """After convert_sync_batchnorm: fused refuses training (its statistics would be per process) and
+    names the way out; fused eval (running statistics) and checkpoint training match naive."""
+    blocks, x = make_blocks((2, 4, 3, 2, 2, (3, 4, 3)))
+    blocks = {name: torch.nn.SyncBatchNorm.convert_sync_batchnorm(b) for name, b in blocks.items()}
+    with pytest.raises(
+        ValueError,
+        match=r"^DenseBlock3d\(in_channels=4, growth_rate=3, num_layers=2\): .*"
+        r"layers\.0\.norm1 is a SyncBatchNorm in training mode.*implementation='checkpoint'",
+    ):
+        blocks["fused"](x)
+    expected = train_steps(blocks["naive"], x, steps=1)
+    for actual, wanted in zip(train_steps(blocks["checkpoint"], x, steps=1), expected):
+        assert_all_close(actual, wanted, rtol=1e-9, atol=1e-9)
+    blocks["fused"].load_state_dict(blocks["naive"].state_dict())
+    blocks["fused"].eval(), blocks["naive"].eval()
+    torch.testing.assert_close(blocks["fused"](x), blocks["naive"](x), rtol=1e-9, atol=1e-9)
+
+
+class _GlobalStatsBatchNorm3d(torch.nn.BatchNorm3d):
+    """Stands in for SyncBatchNorm under DDP: its forward is not F.batch_norm of the local input."""
+
+    def forward(self, x):
+        return super().forward(x * 1.5 + 0.25)
+
+
+def test_checkpoint_recomputation_runs_the_norms_own_forward():
+    """Checkpoint recomputes each BN with the module's forward (SyncBatchNorm synchronises again),
+    not F.batch_norm of the local batch; running statistics are still updated once."""
+    blocks, x = make_blocks((2, 4, 3, 2, 2, (3, 4, 3)))
+    for block in (blocks["naive"], blocks["checkpoint"]):
+        for layer in block.layers:
+            state = layer.norm1.state_dict()
+            layer.norm1 = _GlobalStatsBatchNorm3d(layer.norm1.num_features).double()
+            layer.norm1.load_state_dict(state)
+    expected = train_steps(blocks["naive"], x, steps=2)
+    for actual, wanted in zip(train_steps(blocks["checkpoint"], x, steps=2), expected):
+        assert_all_close(actual, wanted, rtol=1e-9, atol=1e-9)
+
+
 def test_state_dicts_are_interchangeable():
     blocks, x = make_blocks((2, 4, 3, 2, 2, (3, 3, 3)))
     train_steps(blocks["fused"], x, steps=2)
@@ -282,7 +322,7 @@ def test_bad_input():
     block.train()
     block.layers[1].norm1.eval()
     block.implementation = "fused"
-    with pytest.raises(ValueError, match=r"needs every BatchNorm3d of the block in the same mode"):
+    with pytest.raises(ValueError, match=r"needs every BatchNorm of the block in the same mode"):
         block(torch.randn(2, 4, 2, 2, 2))
     with pytest.raises(ValueError, match=r"^growth_rate: expected a positive int"):
         DenseBlock3d(4, 0, 2)

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
 from densefuse.ops import dense_block as ops
@@ -57,13 +58,13 @@ def _checkpoint_contexts() -> tuple[contextlib.AbstractContextManager, contextli
     return contextlib.nullcontext(), _recomputing()
 
 
-def _norm_relu(norm: nn.BatchNorm3d, x: Tensor) -> Tensor:
-    """relu(norm(x)); during checkpoint recomputation the running statistics are not updated a second
-    time (copies take the update, so that the op saves the same tensors as in the forward)."""
+def _norm_relu(norm: _BatchNorm, x: Tensor) -> Tensor:
+    """relu(norm(x)); during checkpoint recomputation the norm's own forward runs again (SyncBatchNorm
+    synchronises its statistics again) on copies of its buffers, so that the running statistics are
+    not updated a second time."""
     if norm.training and getattr(_recompute, "active", False):
-        mean, var = norm.running_mean, norm.running_var
-        mean, var = (None, None) if mean is None else (mean.clone(), var.clone())
-        x = F.batch_norm(x, mean, var, norm.weight, norm.bias, True, 0.0, norm.eps)
+        buffers = {name: buffer.clone() for name, buffer in norm.named_buffers()}
+        x = torch.func.functional_call(norm, buffers, (x,))
     else:
         x = norm(x)
     return F.relu(x, inplace=True)
@@ -132,7 +133,9 @@ class DenseBlock3d(nn.Module):
     ("fused" | "checkpoint" | "naive", settable at any time) changes how, not what, is computed (see
     the module docstring). The output's dtype is x's; under torch.autocast the convolutions run in the
     autocast dtype and the batch statistics in fp32. Callers that need only the new maps slice
-    ``out[:, in_channels:]`` (a view).
+    ``out[:, in_channels:]`` (a view). After ``nn.SyncBatchNorm.convert_sync_batchnorm`` (DDP), train
+    with "checkpoint" or "naive" ("fused" computes batch statistics per process, so it refuses
+    SyncBatchNorm in training mode and serves it in eval mode).
     """
 
     def __init__(
@@ -182,15 +185,17 @@ class DenseBlock3d(nn.Module):
             raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
         if x.numel() == 0:
             raise ValueError(f"x: empty tensor of shape {tuple(x.shape)}")
-        if any(_batch_stats(n) for n in self._norms()) and x.shape[0] * math.prod(x.shape[2:]) == 1:
+        if any(_batch_stats(n) for n in self._norms().values()) and x.shape[0] * math.prod(x.shape[2:]) == 1:
             raise ValueError(
                 f"x: batch statistics need more than one value per channel in training mode, got shape "
                 f"{tuple(x.shape)} (use a larger batch or patch, or eval mode)"
             )
         return x
 
-    def _norms(self) -> list[nn.BatchNorm3d]:
-        return [m for m in self.modules() if isinstance(m, nn.BatchNorm3d)]
+    def _norms(self) -> dict[str, _BatchNorm]:
+        """Every batch norm of the block by name (BatchNorm3d, or SyncBatchNorm after
+        nn.SyncBatchNorm.convert_sync_batchnorm)."""
+        return {name: m for name, m in self.named_modules() if isinstance(m, _BatchNorm)}
 
     def forward(self, x: Tensor) -> Tensor:
         x = self._check_input(x)
@@ -223,11 +228,21 @@ class DenseBlock3d(nn.Module):
         return torch.cat(features, dim=1)
 
     def _fused(self, x: Tensor) -> Tensor:
-        modes = {_batch_stats(n) for n in self._norms()}
+        norms = self._norms()
+        modes = {_batch_stats(n) for n in norms.values()}
         if len(modes) > 1:
             raise ValueError(
-                "implementation='fused' needs every BatchNorm3d of the block in the same mode (all train or "
+                "implementation='fused' needs every BatchNorm of the block in the same mode (all train or "
                 "all eval); use implementation='checkpoint' for a mix"
+            )
+        synced = [name for name, n in norms.items() if isinstance(n, nn.SyncBatchNorm) and n.training]
+        if synced:
+            raise ValueError(
+                f"DenseBlock3d(in_channels={self.in_channels}, growth_rate={self.growth_rate}, "
+                f"num_layers={self.num_layers}): {synced[0]} is a SyncBatchNorm in training mode, whose "
+                "statistics are synchronised across processes; implementation='fused' computes them per "
+                "process. Use implementation='checkpoint' (or 'naive') to train with SyncBatchNorm; "
+                "'fused' serves it in eval mode"
             )
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
@@ -240,7 +255,7 @@ class DenseBlock3d(nn.Module):
 
 
 # ------------------------------------------------------------------------------------ fused block
-def _batch_stats(norm: nn.BatchNorm3d) -> bool:
+def _batch_stats(norm: _BatchNorm) -> bool:
     """Whether ``norm`` normalises with batch statistics (PyTorch: training, or no running stats)."""
     return norm.training or norm.running_mean is None
 
@@ -266,7 +281,7 @@ def _stages(block: DenseBlock3d, params: Sequence[Tensor]) -> list[list[_Stage]]
     return [[next(triples) for _ in range(1 if layer.bottleneck is None else 2)] for layer in block.layers]
 
 
-def _update_running_stats(norm: nn.BatchNorm3d, mean: Tensor, var: Tensor, count: int) -> None:
+def _update_running_stats(norm: _BatchNorm, mean: Tensor, var: Tensor, count: int) -> None:
     """PyTorch's update: r = (1 - f) r + f s, f = momentum (None: 1 / batches seen), unbiased var."""
     if norm.running_mean is None:
         return
@@ -294,7 +309,7 @@ class _Stats:
         self.mean, self.invstd = mean, torch.rsqrt(var + eps)
 
     @classmethod
-    def running(cls, norm: nn.BatchNorm3d, dtype: torch.dtype) -> _Stats:
+    def running(cls, norm: _BatchNorm, dtype: torch.dtype) -> _Stats:
         """A copy of the running statistics (backward needs them as they were in the forward)."""
         return cls(norm.running_mean.to(dtype, copy=True), norm.running_var.to(dtype), norm.eps)
 
