@@ -17,14 +17,21 @@
 //   patch_finalize(acc, starts_z, starts_y, starts_x, wz, wy, wx, floor, activation, output, threshold)
 //                                                        -> act(acc / N) [B,C,...] or a uint8 mask
 // CPU for all four; CUDA (vector atomics) for patch_scatter.
+//
+// build_info() reports what was compiled, including "ops": the ops registered per dispatch key, as
+// recorded by the TORCH_LIBRARY_IMPL blocks at the end (densefuse/ops asks it which backends have
+// kernels, instead of a private torch dispatcher query).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <map>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #include "cpu/loss_stats.h"
 #include "cpu/patch_fuse.h"
@@ -438,6 +445,29 @@ const char* cpu_isa() {
 #endif
 }
 
+// The densefuse_ext ops each TORCH_LIBRARY_IMPL block below registered, per dispatch key ("cpu",
+// "cuda", "meta"), recorded as they register (at load time): build_info()["ops"].
+std::map<std::string, std::vector<std::string>>& registered_ops() {
+  static std::map<std::string, std::vector<std::string>> ops;
+  return ops;
+}
+
+// m.impl(name, fn) that also records `name` under `key` for build_info().
+class Registrar {
+ public:
+  Registrar(torch::Library& m, const char* key) : m_(m), names_(registered_ops()[key]) {}
+
+  template <class Fn>
+  void impl(const char* name, Fn&& fn) {
+    m_.impl(name, std::forward<Fn>(fn));
+    names_.emplace_back(name);
+  }
+
+ private:
+  torch::Library& m_;
+  std::vector<std::string>& names_;
+};
+
 pybind11::dict build_info() {
   pybind11::dict info;
   info["cpu"] = true;
@@ -450,6 +480,9 @@ pybind11::dict build_info() {
 #endif
   info["openmp_threads"] = at::get_num_threads();
   info["cpu_isa"] = cpu_isa();
+  pybind11::dict ops;
+  for (const auto& [key, names] : registered_ops()) ops[pybind11::str(key)] = names;
+  info["ops"] = ops;
   return info;
 }
 
@@ -481,30 +514,37 @@ TORCH_LIBRARY(densefuse_ext, m) {
       " float floor, int activation, int output, float threshold) -> Tensor");
 }
 
-#define DENSEFUSE_IMPL_OPS(m, suffix)                                                \
-  m.impl("overlap_stats", &densefuse::overlap_stats##suffix);                        \
-  m.impl("overlap_stats_backward", &densefuse::overlap_stats_backward##suffix);      \
-  m.impl("focal_stats", &densefuse::focal_stats##suffix);                            \
-  m.impl("focal_stats_backward", &densefuse::focal_stats_backward##suffix)
+#define DENSEFUSE_IMPL_LOSS_OPS(r, suffix)                                     \
+  r.impl("overlap_stats", &densefuse::overlap_stats##suffix);                   \
+  r.impl("overlap_stats_backward", &densefuse::overlap_stats_backward##suffix); \
+  r.impl("focal_stats", &densefuse::focal_stats##suffix);                       \
+  r.impl("focal_stats_backward", &densefuse::focal_stats_backward##suffix)
 
 TORCH_LIBRARY_IMPL(densefuse_ext, CPU, m) {
-  DENSEFUSE_IMPL_OPS(m, );
-  m.impl("patch_scatter", &densefuse::patch_scatter);
-  m.impl("patch_gather", &densefuse::patch_gather);
-  m.impl("patch_normalize", &densefuse::patch_normalize);
-  m.impl("patch_finalize", &densefuse::patch_finalize);
+  densefuse::Registrar r(m, "cpu");
+  DENSEFUSE_IMPL_LOSS_OPS(r, );
+  r.impl("patch_scatter", &densefuse::patch_scatter);
+  r.impl("patch_gather", &densefuse::patch_gather);
+  r.impl("patch_normalize", &densefuse::patch_normalize);
+  r.impl("patch_finalize", &densefuse::patch_finalize);
 }
 
 #ifdef DENSEFUSE_WITH_CUDA
 TORCH_LIBRARY_IMPL(densefuse_ext, CUDA, m) {
-  DENSEFUSE_IMPL_OPS(m, );
-  m.impl("patch_scatter", &densefuse::patch_scatter);
+  densefuse::Registrar r(m, "cuda");
+  DENSEFUSE_IMPL_LOSS_OPS(r, );
+  r.impl("patch_scatter", &densefuse::patch_scatter);
 }
 #endif
 
-TORCH_LIBRARY_IMPL(densefuse_ext, Meta, m) { DENSEFUSE_IMPL_OPS(m, _meta); }
+TORCH_LIBRARY_IMPL(densefuse_ext, Meta, m) {
+  densefuse::Registrar r(m, "meta");
+  DENSEFUSE_IMPL_LOSS_OPS(r, _meta);
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "densefuse compiled kernels: registers the densefuse_ext:: ops";
-  m.def("build_info", &densefuse::build_info, "What was compiled: cpu, cuda, openmp_threads, cuda_archs, cpu_isa");
+  m.def("build_info", &densefuse::build_info,
+        "What was compiled: cpu, cuda, openmp_threads, cuda_archs, cpu_isa, and ops: the densefuse_ext ops "
+        "registered per dispatch key (cpu, cuda, meta)");
 }

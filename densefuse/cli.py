@@ -33,11 +33,14 @@ def info() -> dict:
     except ImportError:
         triton_version = None
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    build = ext.build_info() if ext is not None else None
+    if build is not None:  # the registered ops, one line per dispatch key: the JSON stays readable
+        build["ops"] = {key: ", ".join(names) for key, names in build.get("ops", {}).items()}
     return {
         "densefuse": densefuse.__version__,
         "torch": torch.__version__,
         "triton": triton_version,
-        "extension": ext.build_info() if ext is not None else None,
+        "extension": build,
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "backends": {d: _backend.available_backends(d) for d in devices},
         "default_backend": {d: _backend.default_backend(d) for d in devices},

@@ -409,6 +409,27 @@ def test_cpp_finalize_a_large_volume_in_parallel(rng):
         torch.testing.assert_close(runs[0], patch_finalize(acc, *grid, *weights, 0.01, activation="softmax"))
 
 
+@requires_cpp
+def test_build_info_lists_the_registered_ops_per_dispatch_key():
+    ops = densefuse._C.build_info()["ops"]
+    assert set(pf.OP_NAMES) <= set(ops["cpu"])
+    assert "patch_scatter" in ops.get("cuda", ["patch_scatter"])  # CUDA builds: the scatter only
+    has_kernel = getattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", None)
+    if has_kernel is not None:  # the dispatcher agrees, wherever torch still lets us ask it
+        for key, names in ops.items():
+            dispatch_key = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}[key]
+            assert all(has_kernel(f"densefuse_ext::{name}", dispatch_key) for name in names), key
+
+
+@requires_cpp
+def test_backend_choice_needs_no_private_dispatcher_api(monkeypatch):
+    monkeypatch.delattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", raising=False)
+    assert "cpp" in pf.implemented_backends("cpu")
+    acc, win, starts, *weights = _case()
+    with densefuse.use_backend("cpp"):
+        assert patch_scatter(acc, win, starts, *weights).tolist() == [0, 0]
+
+
 EXT_BAD_INPUT = [  # direct torch.ops.densefuse_ext calls still check what the kernels index with
     (lambda a, w, s, *v: (a.int(), w, s, *v), "acc: expected a float32/float64"),
     (lambda a, w, s, *v: (a, w[:, :2], s, *v), r"windows: expected shape \[N, 3, rz, ry, rx\]"),

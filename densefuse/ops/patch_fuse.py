@@ -19,6 +19,7 @@ RuntimeError when forced with use_backend().
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import operator
@@ -35,13 +36,19 @@ OP_NAMES = ("patch_scatter", "patch_gather", "patch_normalize", "patch_finalize"
 ACC_DTYPES = (torch.float32, torch.float64)
 
 
+@functools.cache
+def _extension_ops() -> dict[str, frozenset[str]]:
+    """The densefuse_ext ops densefuse._C registered per dispatch key ("cpu", "cuda"), from its
+    build_info(); empty where the extension is missing (or too old to say)."""
+    ext = extension()
+    ops = ext.build_info().get("ops", {}) if ext is not None else {}
+    return {key: frozenset(names) for key, names in ops.items()}
+
+
 def _kernel_exists(name: str, backend: str) -> bool:
     """Whether ``backend`` has a kernel for op ``name`` (without importing triton)."""
     if backend in ("cpp", "cuda"):  # the extension registers some ops for the CPU dispatch key only
-        key = "CPU" if backend == "cpp" else "CUDA"
-        return extension() is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-            f"densefuse_ext::{name}", key
-        )
+        return name in _extension_ops().get("cpu" if backend == "cpp" else "cuda", ())
     if backend == "triton":
         return importlib.util.find_spec("densefuse.kernels.patch_fuse") is not None
     return backend == "torch"
