@@ -26,7 +26,8 @@ and with a floor the per-window max(...) summed over the covering grid windows i
 starts), as the reference does; either way it is rebuilt per tile from the 1-D starts and weights,
 never stored as a volume. v = acc / N where N >= the dtype's smallest normal number, else 0 (voxels
 no window covers); then act(v) (none, sigmoid, softmax over C) as floats, or a uint8 mask:
-argmax_c v for softmax, [act(v) >= threshold] per channel otherwise, 0 where uncovered.
+argmax_c v for softmax (NaN counts as the largest value, the first of equal values wins: torch's
+rule), [act(v) >= threshold] per channel otherwise, 0 where uncovered.
 
 Layouts. A tile is BLOCK_R rows x BLOCK_X columns, x contiguous in memory; a row is a (z, y) pair
 r = z H + y of acc (rows are contiguous too: row r starts at r W) or r = i ry + j of a window.
@@ -232,6 +233,17 @@ def _activate(v, ACTIVATION: tl.constexpr):
     return p
 
 
+@triton.jit
+def _argmax_nan_wins(v):
+    """argmax over axis 0 of a tile [BLOCK_C, R, X] as torch.argmax: NaN is larger than everything
+    and the first of equal values wins. (tl.argmax alone keeps or drops a NaN depending on the
+    compiled reduction tree, while the interpreter's np.argmax lets it win, so NaNs are located by
+    an integer argmax: the first NaN channel where there is one, else the argmax of v.)"""
+    is_nan = (v != v).to(tl.int32)
+    any_nan, first_nan = tl.max(is_nan, axis=0, return_indices=True, return_indices_tie_break_left=True)
+    return tl.where(any_nan > 0, first_nan, tl.argmax(v, axis=0, tie_break_left=True))
+
+
 # ===================================================================================== kernels
 @triton.jit
 def _scatter_kernel(
@@ -382,7 +394,7 @@ def _finalize_kernel(
         p = tl.where(covered, _activate(v, ACTIVATION), 0.0)
         tl.store(out_ptr + offs, p, mask=mask)
     elif ACTIVATION == 2:
-        label = tl.where(covered, tl.argmax(v, axis=0, tie_break_left=True)[None, :, :], 0)
+        label = tl.where(covered, _argmax_nan_wins(v)[None, :, :], 0)
         tl.store(out_ptr + (b.to(tl.int64) * D * H + r0) * W + tile, label.to(tl.uint8), mask=inside)
     else:
         threshold = _scalar(thr_hi, thr_mid, thr_lo, ACC_DTYPE)

@@ -186,6 +186,28 @@ def test_argmax_ties_pick_the_first_class():
     assert labels[0, 0, 0, 0].tolist() == [0, 1, 1, 0]
 
 
+NAN_COLUMNS = [  # per x column, the values of the 5 classes (a block of 8 channels, 3 masked)
+    [1.0, float("inf"), 0.0, float("nan"), 2.0],  # NaN after an Inf: the NaN
+    [float("nan"), 1.0, 2.0, 3.0, 4.0],  # NaN first
+    [0.0, 1.0, float("nan"), 3.0, float("nan")],  # two NaNs: the first
+    [0.0, 1.0, 2.0, 3.0, float("nan")],  # NaN in the last class
+    [float("nan")] * 5,
+    [float("-inf"), 3.0, 3.0, float("-inf"), 1.0],  # no NaN: the first tie
+]
+
+
+def test_argmax_mask_with_nan_is_torchs():
+    """With value checks off NaN can reach the finaliser: NaN wins, the first NaN (torch.argmax, the
+    reference, the cpp kernel); compiled (on a GPU) and interpreted Triton alike."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    acc = torch.tensor(NAN_COLUMNS, device=device).T.reshape(1, 5, 1, 1, len(NAN_COLUMNS))
+    one, grid = torch.ones(1, device=device), [torch.tensor([0], device=device)] * 2
+    x_grid = torch.arange(len(NAN_COLUMNS), device=device)
+    labels = kp.patch_finalize(acc, *grid, x_grid, one, one, one, 0.0, 2, 1, 0.5)
+    assert labels.flatten().tolist() == [3, 0, 2, 4, 0, 1] == acc.argmax(dim=1).flatten().tolist()
+    assert torch.equal(labels, reference.patch_finalize(acc, *grid, x_grid, one, one, one, 0.0, 2, 1, 0.5))
+
+
 # ------------------------------------------------------------------------------------- index limits
 def test_offsets_that_do_not_fit_int32_are_clear_errors():
     """Checked before any launch (meta tensors: nothing is allocated)."""
