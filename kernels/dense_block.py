@@ -34,6 +34,7 @@ Triton is imported at module import: import this module only where triton is ins
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -54,17 +55,38 @@ _DW_PROGRAMS = {"cuda": 64, "cpu": 4}  # split of the dW reduction over B*V (x t
 
 
 # ============================================================================== device helpers
+# Index products: x is a view of a block's buffer with any strides (channels_last_3d gives stride_v =
+# C), so offs_v * stride_v can pass 2^31 while every stride fits int32. The row kernels compute every
+# product in 64 bits (they are memory-bound); the GEMM kernels do when the host sets INDEX64
+# (_gemm_index64), since 64-bit voxel offsets cost them registers (spills on sm_90).
+@triton.jit
+def _voxel_range(pid, BLOCK: tl.constexpr, INDEX64: tl.constexpr):
+    """Voxel indices [BLOCK] of tile ``pid`` (int64 if INDEX64)."""
+    if INDEX64:
+        pid = pid.to(tl.int64)
+    return pid * BLOCK + tl.arange(0, BLOCK)
+
+
 @triton.jit
 def _row_offsets(ptr, b, c, offs_v, stride_b, stride_c, stride_v):
-    """Pointers to elements offs_v of row (b, c) (64-bit batch/channel offsets)."""
-    return ptr + b.to(tl.int64) * stride_b + c.to(tl.int64) * stride_c + offs_v * stride_v
+    """Pointers to elements offs_v of row (b, c), 64-bit offsets."""
+    return ptr + b.to(tl.int64) * stride_b + c.to(tl.int64) * stride_c + offs_v.to(tl.int64) * stride_v
 
 
 @triton.jit
-def _tile_ptrs(ptr, b, offs_r, offs_v, stride_b, stride_r, stride_v):
-    """Pointers [R, V] to rows offs_r (channels) x voxels offs_v of batch item b."""
+def _matrix_ptrs(ptr, offs_r, offs_c, stride_r, stride_c, INDEX64: tl.constexpr):
+    """Pointers [R, C] to ptr[r stride_r + c stride_c] (64-bit products if INDEX64)."""
+    if INDEX64:
+        offs_r, offs_c = offs_r.to(tl.int64), offs_c.to(tl.int64)
+    return ptr + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c
+
+
+@triton.jit
+def _tile_ptrs(ptr, b, offs_r, offs_v, stride_b, stride_r, stride_v, INDEX64: tl.constexpr):
+    """Pointers [R, V] to rows offs_r (channels) x voxels offs_v of batch item b (channel offsets
+    always 64-bit: C * V passes 2^31 in a contiguous buffer)."""
     base = ptr + b.to(tl.int64) * stride_b
-    return base + offs_r.to(tl.int64)[:, None] * stride_r + offs_v[None, :] * stride_v
+    return _matrix_ptrs(base, offs_r.to(tl.int64), offs_v, stride_r, stride_v, INDEX64)
 
 
 @triton.jit
@@ -87,10 +109,10 @@ def _stats_kernel(
 ):  # fmt: skip
     """Grid (V tiles, C, B): per-tile mean and sum of squared deviations -> partials [B, n_vt, C]."""
     pid_v, c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    offs = _voxel_range(pid_v, BLOCK_V, True)
     mask = offs < V
     x = tl.load(_row_offsets(x_ptr, b, c, offs, stride_b, stride_c, stride_v), mask=mask, other=0.0).to(ACC)
-    count = tl.minimum(V - pid_v * BLOCK_V, BLOCK_V).to(ACC)
+    count = tl.minimum(V - pid_v.to(tl.int64) * BLOCK_V, BLOCK_V).to(ACC)
     mean = tl.sum(x) / count
     dev = tl.where(mask, x - mean, 0.0)
     out = (b.to(tl.int64) * n_vt + pid_v) * C + c
@@ -106,7 +128,7 @@ def _bn_relu_kernel(
 ):  # fmt: skip
     """Grid (V tiles, C, B): y = relu(x scale_c + shift_c)."""
     pid_v, c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    offs = _voxel_range(pid_v, BLOCK_V, True)
     mask = offs < V
     x = tl.load(_row_offsets(x_ptr, b, c, offs, sxb, sxc, sxv), mask=mask, other=0.0).to(ACC)
     y = tl.maximum(x * tl.load(scale_ptr + c) + tl.load(shift_ptr + c), 0.0)
@@ -122,7 +144,7 @@ def _bn_relu_bwd_kernel(
     """Grid (V tiles, C, B): g = grad_y [pre > 0]; grad_x += g scale; partials [B, n_vt, C] of
     sum g (x - mean) and sum g (the host scales the first by invstd)."""
     pid_v, c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    offs = _voxel_range(pid_v, BLOCK_V, True)
     mask = offs < V
     x = tl.load(_row_offsets(x_ptr, b, c, offs, sxb, sxc, sxv), mask=mask, other=0.0).to(ACC)
     gy = tl.load(_row_offsets(gy_ptr, b, c, offs, sgyb, sgyc, sgyv), mask=mask, other=0.0).to(ACC)
@@ -143,7 +165,7 @@ def _correction_kernel(
 ):  # fmt: skip
     """Grid (V tiles, C, B): grad_x -= alpha_c + x beta_c."""
     pid_v, c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    offs = _voxel_range(pid_v, BLOCK_V, True)
     mask = offs < V
     x = tl.load(_row_offsets(x_ptr, b, c, offs, sxb, sxc, sxv), mask=mask, other=0.0).to(ACC)
     gx_ptrs = _row_offsets(gx_ptr, b, c, offs, sgxb, sgxc, sgxv)
@@ -154,12 +176,14 @@ def _correction_kernel(
 
 @triton.jit
 def _load_relu_operand(
-    x_ptr, b, offs_k, offs_v, K, V, scale_ptr, shift_ptr, sxb, sxc, sxv, ACC: tl.constexpr
+    x_ptr, b, offs_k, offs_v, K, V, scale_ptr, shift_ptr, sxb, sxc, sxv, ACC: tl.constexpr,
+    INDEX64: tl.constexpr,
 ):  # fmt: skip
     """relu(x scale + shift) tile [BLOCK_K, BLOCK_V] in ACC; zero outside the channel range."""
     k_mask = offs_k < K
     mask = k_mask[:, None] & (offs_v < V)[None, :]
-    x = tl.load(_tile_ptrs(x_ptr, b, offs_k, offs_v, sxb, sxc, sxv), mask=mask, other=0.0).to(ACC)
+    x_ptrs = _tile_ptrs(x_ptr, b, offs_k, offs_v, sxb, sxc, sxv, INDEX64)
+    x = tl.load(x_ptrs, mask=mask, other=0.0).to(ACC)
     scale = tl.load(scale_ptr + offs_k, mask=k_mask, other=0.0)
     shift = tl.load(shift_ptr + offs_k, mask=k_mask, other=0.0)
     return x, tl.maximum(x * scale[:, None] + shift[:, None], 0.0)
@@ -170,21 +194,23 @@ def _conv1x1_kernel(
     x_ptr, w_ptr, out_ptr, scale_ptr, shift_ptr, K, M, V,
     sxb, sxc, sxv, swm, swk, sob, som, sov,
     ACC: tl.constexpr, DOT: tl.constexpr, USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INDEX64: tl.constexpr,
 ):  # fmt: skip
     """Grid (V tiles, M tiles, B): out[b] = W [M, K] @ relu(x[b] scale + shift) [K, V]."""
     pid_v, pid_m, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_v = pid_v * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_v = _voxel_range(pid_v, BLOCK_N, INDEX64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), ACC)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         w_mask = (offs_m < M)[:, None] & (offs_k < K)[None, :]
-        w = tl.load(w_ptr + offs_m[:, None] * swm + offs_k[None, :] * swk, mask=w_mask, other=0.0)
-        _, y = _load_relu_operand(x_ptr, b, offs_k, offs_v, K, V, scale_ptr, shift_ptr, sxb, sxc, sxv, ACC)
+        w = tl.load(_matrix_ptrs(w_ptr, offs_m, offs_k, swm, swk, INDEX64), mask=w_mask, other=0.0)
+        _, y = _load_relu_operand(
+            x_ptr, b, offs_k, offs_v, K, V, scale_ptr, shift_ptr, sxb, sxc, sxv, ACC, INDEX64
+        )
         acc = _dot(w.to(DOT), y.to(DOT), acc, USE_DOT, INPUT_PRECISION)
     mask = (offs_m < M)[:, None] & (offs_v < V)[None, :]
-    out_ptrs = _tile_ptrs(out_ptr, b, offs_m, offs_v, sob, som, sov)
+    out_ptrs = _tile_ptrs(out_ptr, b, offs_m, offs_v, sob, som, sov, INDEX64)
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -193,7 +219,7 @@ def _conv1x1_dw_kernel(
     go_ptr, x_ptr, dw_ptr, scale_ptr, shift_ptr, K, M, V, n_vt, n_tiles, n_programs,
     sgb, sgm, sgv, sxb, sxc, sxv,
     ACC: tl.constexpr, DOT: tl.constexpr, USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INDEX64: tl.constexpr,
 ):  # fmt: skip
     """Grid (K tiles, M tiles, P): partial dW [P, M, K] = sum over the program's (b, V tile)
     pairs t = p, p + P, ... of grad_out[b] [M, V tile] @ relu(pre[b])^T [V tile, K]."""
@@ -203,13 +229,16 @@ def _conv1x1_dw_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_K), ACC)
     for t in range(p, n_tiles, n_programs):
         b = t // n_vt
-        offs_v = (t % n_vt) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_v = _voxel_range(t % n_vt, BLOCK_N, INDEX64)
         g_mask = (offs_m < M)[:, None] & (offs_v < V)[None, :]
-        go = tl.load(_tile_ptrs(go_ptr, b, offs_m, offs_v, sgb, sgm, sgv), mask=g_mask, other=0.0)
-        _, y = _load_relu_operand(x_ptr, b, offs_k, offs_v, K, V, scale_ptr, shift_ptr, sxb, sxc, sxv, ACC)
+        go_ptrs = _tile_ptrs(go_ptr, b, offs_m, offs_v, sgb, sgm, sgv, INDEX64)
+        go = tl.load(go_ptrs, mask=g_mask, other=0.0)
+        _, y = _load_relu_operand(
+            x_ptr, b, offs_k, offs_v, K, V, scale_ptr, shift_ptr, sxb, sxc, sxv, ACC, INDEX64
+        )
         y = tl.where((offs_v < V)[None, :], y, 0.0)
         acc = _dot(go.to(DOT), tl.trans(y.to(DOT)), acc, USE_DOT, INPUT_PRECISION)
-    out = dw_ptr + p.to(tl.int64) * M * K + offs_m[:, None] * K + offs_k[None, :]
+    out = _matrix_ptrs(dw_ptr + p.to(tl.int64) * M * K, offs_m, offs_k, K, 1, INDEX64)
     tl.store(out, acc, mask=(offs_m < M)[:, None] & (offs_k < K)[None, :])
 
 
@@ -218,26 +247,29 @@ def _conv1x1_dx_kernel(
     go_ptr, w_ptr, x_ptr, gx_ptr, scale_ptr, shift_ptr, mean_ptr, dw_ptr, db_ptr, K, M, V, n_vt,
     sgb, sgm, sgv, swm, swk, sxb, sxc, sxv, sgxb, sgxc, sgxv,
     ACC: tl.constexpr, DOT: tl.constexpr, USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INDEX64: tl.constexpr,
 ):  # fmt: skip
     """Grid (V tiles, K tiles, B): grad_y = W^T @ grad_out[b] [K tile, V tile] in registers, then
     g = grad_y [pre > 0], grad_x += g scale, partials [B, n_vt, K] of sum g (x - mean) and sum g."""
     pid_v, pid_k, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_v = pid_v * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_v = _voxel_range(pid_v, BLOCK_N, INDEX64)
     acc = tl.zeros((BLOCK_K, BLOCK_N), ACC)
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         wt_mask = (offs_k < K)[:, None] & (offs_m < M)[None, :]
-        wt = tl.load(w_ptr + offs_k[:, None] * swk + offs_m[None, :] * swm, mask=wt_mask, other=0.0)
+        wt = tl.load(_matrix_ptrs(w_ptr, offs_k, offs_m, swk, swm, INDEX64), mask=wt_mask, other=0.0)
         g_mask = (offs_m < M)[:, None] & (offs_v < V)[None, :]
-        go = tl.load(_tile_ptrs(go_ptr, b, offs_m, offs_v, sgb, sgm, sgv), mask=g_mask, other=0.0)
+        go_ptrs = _tile_ptrs(go_ptr, b, offs_m, offs_v, sgb, sgm, sgv, INDEX64)
+        go = tl.load(go_ptrs, mask=g_mask, other=0.0)
         acc = _dot(wt.to(DOT), go.to(DOT), acc, USE_DOT, INPUT_PRECISION)
-    x, y = _load_relu_operand(x_ptr, b, offs_k, offs_v, K, V, scale_ptr, shift_ptr, sxb, sxc, sxv, ACC)
+    x, y = _load_relu_operand(
+        x_ptr, b, offs_k, offs_v, K, V, scale_ptr, shift_ptr, sxb, sxc, sxv, ACC, INDEX64
+    )
     g = tl.where(y > 0.0, acc, 0.0)  # zero outside the tile's bounds: acc is 0 there
     k_mask = offs_k < K
     mask = k_mask[:, None] & (offs_v < V)[None, :]
-    gx_ptrs = _tile_ptrs(gx_ptr, b, offs_k, offs_v, sgxb, sgxc, sgxv)
+    gx_ptrs = _tile_ptrs(gx_ptr, b, offs_k, offs_v, sgxb, sgxc, sgxv, INDEX64)
     gx = tl.load(gx_ptrs, mask=mask, other=0.0)
     scale = tl.load(scale_ptr + offs_k, mask=k_mask, other=0.0)
     tl.store(gx_ptrs, (gx.to(ACC) + g * scale[:, None]).to(gx.dtype), mask=mask)
@@ -248,6 +280,7 @@ def _conv1x1_dx_kernel(
 
 
 # ============================================================================== host helpers
+_INT32_MAX = 2**31 - 1
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
               torch.float64: tl.float64}  # fmt: skip
 
@@ -278,15 +311,36 @@ def _row_grid(x: torch.Tensor) -> tuple[tuple[int, int, int], int, int]:
     return (n_vt, x.shape[1], x.shape[0]), block_v, n_vt
 
 
-def _gemm_args(x: torch.Tensor, dtype: torch.dtype) -> dict:
-    """Compile-time arguments of the GEMM kernels for compute dtype ``dtype``."""
-    block_m, block_n, block_k = _GEMM_BLOCKS[_kind(x)]
+def _gemm_config(kind: str, acc: torch.dtype, dtype: torch.dtype) -> dict:
+    """Compile-time arguments of the GEMM kernels on ``kind`` ("cuda" | "cpu") for accumulation dtype
+    ``acc`` and compute dtype ``dtype``."""
+    block_m, block_n, block_k = _GEMM_BLOCKS[kind]
     # 0: FMA loop (fp64); 1: tl.dot; 2: tl.dot on fp32 copies of the rounded operands (the interpreter's
     # bf16/fp16 tl.dot returns garbage in triton 3.6; the products are exact in fp32 either way).
-    use_dot = 0 if dtype == torch.float64 else (2 if x.device.type == "cpu" else 1)
+    use_dot = 0 if dtype == torch.float64 else (2 if kind == "cpu" else 1)
     precision = "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "ieee"
-    return dict(ACC=_TL_DTYPES[_acc(x)], DOT=_TL_DTYPES[dtype], USE_DOT=use_dot, INPUT_PRECISION=precision,
+    return dict(ACC=_TL_DTYPES[acc], DOT=_TL_DTYPES[dtype], USE_DOT=use_dot, INPUT_PRECISION=precision,
                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)  # fmt: skip
+
+
+def _gemm_index64(config: dict, voxels: int, features: Sequence[torch.Tensor], weight: torch.Tensor) -> bool:
+    """Whether a GEMM kernel's index products may pass int32 (then INDEX64): offs_v * stride_v of
+    each [B, C, V] operand in ``features``, offs_m * stride and offs_k * stride of the weight [M, K],
+    offs_m * K of the contiguous dW partials; offsets up to the extent padded by one block."""
+    m, k = weight.shape
+    spans = [(voxels + config["BLOCK_N"], t.stride(2)) for t in features]
+    spans += [(m + config["BLOCK_M"], weight.stride(0)), (k + config["BLOCK_K"], weight.stride(1)),
+              (m + config["BLOCK_M"], k)]  # fmt: skip
+    return any(n * max(stride, 1) > _INT32_MAX for n, stride in spans)
+
+
+def _gemm_args(
+    x: torch.Tensor, dtype: torch.dtype, features: Sequence[torch.Tensor], weight: torch.Tensor
+) -> dict:
+    """Compile-time arguments of the GEMM kernels for x [B, C, V], compute dtype ``dtype``, the
+    [B, *, V] operands ``features`` (x among them) and the weight [M, K]."""
+    config = _gemm_config(_kind(x), _acc(x), dtype)
+    return {**config, "INDEX64": _gemm_index64(config, x.shape[2], features, weight)}
 
 
 # ============================================================================== public functions
@@ -347,7 +401,7 @@ def bn_relu_conv1x1(x, mean, invstd, weight, bias, conv_weight, out_dtype: torch
     scale, shift = _affine(mean, invstd, weight, bias)
     channels_out = conv_weight.shape[0]
     out = torch.empty((x.shape[0], channels_out, x.shape[2]), dtype=out_dtype, device=x.device)
-    args = _gemm_args(x, out_dtype)
+    args = _gemm_args(x, out_dtype, [x, out], conv_weight)
     grid = (triton.cdiv(x.shape[2], args["BLOCK_N"]), triton.cdiv(channels_out, args["BLOCK_M"]), x.shape[0])
     with _guard(x):
         _conv1x1_kernel[grid](
@@ -365,7 +419,7 @@ def bn_relu_conv1x1_backward(
     batch, channels, voxels = x.shape
     channels_out = conv_weight.shape[0]
     acc = _acc(x)
-    args = _gemm_args(x, grad_out.dtype)
+    args = _gemm_args(x, grad_out.dtype, [x, grad_out, grad_x], conv_weight)
     n_vt = triton.cdiv(voxels, args["BLOCK_N"])
     n_programs = max(1, min(_DW_PROGRAMS[_kind(x)], batch * n_vt))
     dconv = torch.empty((n_programs, channels_out, channels), dtype=acc, device=x.device)

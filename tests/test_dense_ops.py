@@ -10,6 +10,13 @@ Triton runs under TRITON_INTERPRET=1 without a GPU (tests/conftest.py).
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -318,3 +325,117 @@ def test_torch_compile_fullgraph(rng):
     torch.testing.assert_close(value, expected)
     for actual, wanted in zip(torch.autograd.grad(value, leaves), torch.autograd.grad(expected, leaves)):
         torch.testing.assert_close(actual, wanted)
+
+
+# Compiles the Triton kernels for sm_90 (no GPU needed: triton ships ptxas and cuobjdump) in a fresh
+# interpreter, since TRITON_INTERPRET (set by conftest) turns @triton.jit functions into Python. Prints
+# JSON per kernel: int32 tensor products in the TTIR (index overflow), registers and stack bytes (spills).
+SM90_REPORT = r"""
+import inspect, json, os, re, subprocess, sys, tempfile
+import torch, triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from densefuse.kernels import dense_block as K
+
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def compile_sm90(kernel, pointer, constexprs):
+    names = inspect.signature(kernel.fn).parameters
+    signature = {n: "constexpr" if n in constexprs else pointer if n.endswith("_ptr") else "i32"
+                 for n in names}
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32))
+    products = re.findall(r"arith\.muli [^\n]*: tensor<[0-9x]+xi32>", compiled.asm["ttir"])
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+    return {"int32_products": len(products), "regs": int(re.search(r"REG:(\d+)", usage)[1]),
+            "stack": int(re.search(r"STACK:(\d+)", usage)[1])}
+
+
+report = {}
+row = dict(ACC=tl.float32, BLOCK_V=K._BLOCK_V["cuda"])
+for kernel in (K._stats_kernel, K._bn_relu_kernel, K._bn_relu_bwd_kernel, K._correction_kernel):
+    report[kernel.fn.__name__] = compile_sm90(kernel, "*fp32", row)
+for name in sys.argv[1:]:  # compute dtypes: the default configuration on CUDA
+    dtype = getattr(torch, name)
+    config = K._gemm_config("cuda", torch.float64 if dtype == torch.float64 else torch.float32, dtype)
+    pointer = "*fp64" if dtype == torch.float64 else "*fp32"
+    for kernel in (K._conv1x1_kernel, K._conv1x1_dw_kernel, K._conv1x1_dx_kernel):
+        for index64 in (False, True):
+            key = f"{kernel.fn.__name__} {name}" + (" INDEX64" if index64 else "")
+            report[key] = compile_sm90(kernel, pointer, {**config, "INDEX64": index64})
+print(json.dumps(report))
+"""
+
+
+def sm90_report(*dtypes: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = pathlib.Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-c", SM90_REPORT, *dtypes]
+    done = subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def _sm90_tools() -> bool:
+    spec = importlib.util.find_spec("triton")
+    if spec is None or spec.origin is None:
+        return False
+    return (pathlib.Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _sm90_tools(), reason="needs triton with its NVIDIA backend tools")
+def test_kernels_compile_for_sm90():
+    """x may be any strided view (channels_last_3d: stride_v = C), so offs_v * stride_v can pass 2^31
+    while every stride fits int32: the row kernels and the GEMMs with INDEX64 compute no index
+    product of a tensor in int32; the GEMMs without INDEX64 (every realistic size) do not spill."""
+    report = sm90_report("bfloat16", "float32")
+    assert {name: r for name, r in report.items() if "_conv1x1" not in name or "INDEX64" in name
+            if r["int32_products"]} == {}  # fmt: skip
+    assert {name: r for name, r in report.items() if "INDEX64" not in name and r["stack"]} == {}
+
+
+@pytest.mark.skipif("triton" not in cpu_backends(), reason="needs triton (interpreter)")
+def test_gemm_index_width_follows_the_strides():
+    """INDEX64 exactly when some index product may pass int32, e.g. a channels_last_3d block buffer
+    (stride_v = C_total) with C_total * V >= 2^31; checked on meta tensors."""
+    from densefuse.kernels import dense_block as kernels
+
+    config = kernels._gemm_config("cuda", torch.float32, torch.bfloat16)
+    weight = torch.empty(64, 48, device="meta")
+
+    def features(channels_total, size):
+        buffer = torch.empty(2, channels_total, size, size, size, device="meta")
+        return buffer.to(memory_format=torch.channels_last_3d)[:, :48].view(2, 48, -1)
+
+    assert not kernels._gemm_index64(config, 128**3, [features(256, 128)], weight)
+    big = features(160, 256)  # 160 * 256^3 > 2^31
+    assert big.stride(2) == 160 and kernels._gemm_index64(config, 256**3, [big], weight)
+    assert not kernels._gemm_index64(config, 256**3, [big.contiguous()], weight)
+    wide_rows = torch.empty(64, 2**26, device="meta")[:, :48]  # weight row stride 2^26
+    assert kernels._gemm_index64(config, 100, [big[..., :100]], wide_rows)
+
+
+@pytest.mark.skipif("triton" not in cpu_backends(), reason="needs triton (interpreter)")
+def test_gemm_kernels_with_64_bit_indices(rng, monkeypatch):
+    """The INDEX64 variant of the GEMM kernels (forced here on small inputs) gives the same results."""
+    from densefuse.kernels import dense_block as kernels
+
+    x = channel_slice(rng, 2, 20, 70, torch.float32)
+    params = bn_params(rng, 20, torch.float32)
+    conv_weight = torch.randn(9, 20, generator=rng)
+    grad_out = torch.randn(2, 9, 70, generator=rng)
+    results = []
+    for index64 in (False, True):
+        monkeypatch.setattr(kernels, "_gemm_index64", lambda *args, index64=index64: index64)
+        grad_x = torch.zeros(2, 20, 70)
+        with densefuse.use_backend("triton"):
+            out = ops.bn_relu_conv1x1(x, *params, conv_weight)
+            grads = ops.bn_relu_conv1x1_backward_(grad_out, x, *params, conv_weight, grad_x)
+        results.append((out, grad_x, *grads))
+    for actual, expected in zip(*results):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0)
