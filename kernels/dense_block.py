@@ -26,7 +26,8 @@ dW = sum_b grad_out[b] @ relu(pre[b])^T (split over P programs along B*V, partia
 host) and grad_y = W^T @ grad_out[b], whose epilogue applies the ReLU mask, adds g scale into
 grad_x and reduces the dweight/dbias partials. GEMM operands are rounded to the compute dtype
 (out_dtype, resp. grad_out's dtype) and accumulated in fp32 with tl.dot (fp32 operands: TF32 when
-torch.backends.cudnn.allow_tf32 is set, as cuDNN's convolutions; fp64: an exact FMA loop).
+torch.backends.cudnn.allow_tf32 is set, as cuDNN's convolutions; fp64 x or operands: an exact FMA
+loop over small tiles, summed in fp64 for fp64 x).
 
 Triton is imported at module import: import this module only where triton is installed.
 """
@@ -51,6 +52,10 @@ __all__ = [
 
 _BLOCK_V = {"cuda": 1024, "cpu": 4096}  # row kernels; the interpreter pays per program, not per element
 _GEMM_BLOCKS = {"cuda": (64, 128, 32), "cpu": (64, 256, 64)}  # (BLOCK_M, BLOCK_N, BLOCK_K)
+# fp64 runs an FMA loop whose [BLOCK_M, BLOCK_K, BLOCK_N] product tile lives in registers: 16^3 on the
+# GPU (72-112 registers, no spills on sm_90; 64x128x32 spilled ~37 KB per thread). fp64 is for
+# checking results, not speed.
+_GEMM_BLOCKS_FP64 = {"cuda": (16, 16, 16), "cpu": (64, 256, 64)}
 _DW_PROGRAMS = {"cuda": 64, "cpu": 4}  # split of the dW reduction over B*V (x the K, M tiles)
 
 
@@ -314,10 +319,12 @@ def _row_grid(x: torch.Tensor) -> tuple[tuple[int, int, int], int, int]:
 def _gemm_config(kind: str, acc: torch.dtype, dtype: torch.dtype) -> dict:
     """Compile-time arguments of the GEMM kernels on ``kind`` ("cuda" | "cpu") for accumulation dtype
     ``acc`` and compute dtype ``dtype``."""
-    block_m, block_n, block_k = _GEMM_BLOCKS[kind]
-    # 0: FMA loop (fp64); 1: tl.dot; 2: tl.dot on fp32 copies of the rounded operands (the interpreter's
-    # bf16/fp16 tl.dot returns garbage in triton 3.6; the products are exact in fp32 either way).
-    use_dot = 0 if dtype == torch.float64 else (2 if kind == "cpu" else 1)
+    fp64 = torch.float64 in (acc, dtype)
+    block_m, block_n, block_k = (_GEMM_BLOCKS_FP64 if fp64 else _GEMM_BLOCKS)[kind]
+    # 0: FMA loop (fp64 operands or accumulator; tl.dot accumulates in the operands' type); 1: tl.dot;
+    # 2: tl.dot on fp32 copies of the rounded operands (the interpreter's bf16/fp16 tl.dot returns
+    # garbage in triton 3.6; the products are exact in fp32 either way).
+    use_dot = 0 if fp64 else (2 if kind == "cpu" else 1)
     precision = "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "ieee"
     return dict(ACC=_TL_DTYPES[acc], DOT=_TL_DTYPES[dtype], USE_DOT=use_dot, INPUT_PRECISION=precision,
                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)  # fmt: skip

@@ -149,6 +149,25 @@ def test_bn_relu_conv1x1_bf16_operands(backend, rng):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_bn_relu_conv1x1_float64_input_fp32_operands(backend, rng):
+    """fp64 x with fp32 GEMM operands: rounded to fp32, summed in fp64 (the torch backend's semantics)."""
+    x = channel_slice(rng, 2, 21, 45, torch.float64)
+    params = bn_params(rng, 21, torch.float64)
+    conv_weight = torch.randn(5, 21, generator=rng, dtype=torch.float64)
+    grad_out = torch.randn(2, 5, 45, generator=rng)
+    results = {}
+    for name in dict.fromkeys(["torch", backend]):
+        grad_x = torch.zeros(2, 21, 45, dtype=torch.float64)
+        with densefuse.use_backend(name):
+            out = ops.bn_relu_conv1x1(x, *params, conv_weight, out_dtype=torch.float32)
+            grads = ops.bn_relu_conv1x1_backward_(grad_out, x, *params, conv_weight, grad_x)
+        results[name] = (out, grad_x, *grads)
+    assert results[backend][0].dtype == torch.float32 and results[backend][2].dtype == torch.float64
+    for actual, expected in zip(results[backend], results["torch"]):
+        torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_stats_correction(backend, dtype, rng):
     batch, channels, voxels = 3, 9, 41
@@ -392,11 +411,13 @@ def _sm90_tools() -> bool:
 def test_kernels_compile_for_sm90():
     """x may be any strided view (channels_last_3d: stride_v = C), so offs_v * stride_v can pass 2^31
     while every stride fits int32: the row kernels and the GEMMs with INDEX64 compute no index
-    product of a tensor in int32; the GEMMs without INDEX64 (every realistic size) do not spill."""
-    report = sm90_report("bfloat16", "float32")
+    product of a tensor in int32. The GEMMs in their CUDA configuration (bf16, TF32, fp64) do not
+    spill without INDEX64 (every realistic size); fp64 not even with it (its FMA tiles are small)."""
+    report = sm90_report("bfloat16", "float32", "float64")
     assert {name: r for name, r in report.items() if "_conv1x1" not in name or "INDEX64" in name
             if r["int32_products"]} == {}  # fmt: skip
-    assert {name: r for name, r in report.items() if "INDEX64" not in name and r["stack"]} == {}
+    assert {name: r for name, r in report.items()
+            if ("INDEX64" not in name or "float64" in name) and r["stack"]} == {}  # fmt: skip
 
 
 @pytest.mark.skipif("triton" not in cpu_backends(), reason="needs triton (interpreter)")
