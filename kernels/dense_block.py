@@ -286,6 +286,7 @@ def _conv1x1_dx_kernel(
 
 # ============================================================================== host helpers
 _INT32_MAX = 2**31 - 1
+_GRID_YZ_MAX = 65535
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
               torch.float64: tl.float64}  # fmt: skip
 
@@ -309,11 +310,23 @@ def _affine(mean, invstd, weight, bias) -> tuple[torch.Tensor, torch.Tensor]:
     return scale.contiguous(), (bias - mean * scale).contiguous()
 
 
+def _grid(sizes: tuple[int, int, int], names: tuple[str, str]) -> tuple[int, int, int]:
+    """A launch grid, checked: CUDA allows at most 65535 programs along y and z (``names`` says what
+    those count; x, up to 2^31 - 1, counts voxel tiles and cannot pass it)."""
+    for size, name in zip(sizes[1:], names):
+        if size > _GRID_YZ_MAX:
+            raise ValueError(
+                f"{name} is {size}; the dense kernels launch one program per unit along a CUDA grid "
+                f"dimension, at most {_GRID_YZ_MAX}: split it into chunks"
+            )
+    return sizes
+
+
 def _row_grid(x: torch.Tensor) -> tuple[tuple[int, int, int], int, int]:
     """(grid, BLOCK_V, number of V tiles) of the row kernels for x [B, C, V]."""
     block_v = min(_BLOCK_V[_kind(x)], triton.next_power_of_2(x.shape[2]))
     n_vt = triton.cdiv(x.shape[2], block_v)
-    return (n_vt, x.shape[1], x.shape[0]), block_v, n_vt
+    return _grid((n_vt, x.shape[1], x.shape[0]), ("x: channels C", "x: batch size B")), block_v, n_vt
 
 
 def _gemm_config(kind: str, acc: torch.dtype, dtype: torch.dtype) -> dict:
@@ -409,7 +422,9 @@ def bn_relu_conv1x1(x, mean, invstd, weight, bias, conv_weight, out_dtype: torch
     channels_out = conv_weight.shape[0]
     out = torch.empty((x.shape[0], channels_out, x.shape[2]), dtype=out_dtype, device=x.device)
     args = _gemm_args(x, out_dtype, [x, out], conv_weight)
-    grid = (triton.cdiv(x.shape[2], args["BLOCK_N"]), triton.cdiv(channels_out, args["BLOCK_M"]), x.shape[0])
+    m_tiles = triton.cdiv(channels_out, args["BLOCK_M"])
+    grid = _grid((triton.cdiv(x.shape[2], args["BLOCK_N"]), m_tiles, x.shape[0]),
+                 (f"conv_weight: output channels / {args['BLOCK_M']}", "x: batch size B"))  # fmt: skip
     with _guard(x):
         _conv1x1_kernel[grid](
             x, conv_weight, out, scale, shift, x.shape[1], channels_out, x.shape[2],
@@ -433,12 +448,15 @@ def bn_relu_conv1x1_backward(
     dw = torch.empty((batch, n_vt, channels), dtype=acc, device=x.device)
     db = torch.empty_like(dw)
     k_tiles, m_tiles = triton.cdiv(channels, args["BLOCK_K"]), triton.cdiv(channels_out, args["BLOCK_M"])
+    m_name, k_name = f"conv_weight: output channels / {args['BLOCK_M']}", f"x: channels C / {args['BLOCK_K']}"
+    dw_grid = _grid((k_tiles, m_tiles, n_programs), (m_name, "dW programs"))
+    dx_grid = _grid((n_vt, k_tiles, batch), (k_name, "x: batch size B"))
     with _guard(x):
-        _conv1x1_dw_kernel[(k_tiles, m_tiles, n_programs)](
+        _conv1x1_dw_kernel[dw_grid](
             grad_out, x, dconv, scale, shift, channels, channels_out, voxels, n_vt, batch * n_vt, n_programs,
             *grad_out.stride(), *x.stride(), **args,
         )  # fmt: skip
-        _conv1x1_dx_kernel[(n_vt, k_tiles, batch)](
+        _conv1x1_dx_kernel[dx_grid](
             grad_out, conv_weight, x, grad_x, scale, shift, mean.contiguous(), dw, db, channels, channels_out,
             voxels, n_vt, *grad_out.stride(), *conv_weight.stride(), *x.stride(), *grad_x.stride(), **args,
         )  # fmt: skip

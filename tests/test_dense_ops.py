@@ -299,6 +299,29 @@ def test_bad_input_is_rejected(rng):
         ops.bn_relu(x, mean.to("meta"), invstd, weight, bias)
 
 
+def test_triton_grid_limits_are_clear_errors():
+    """CUDA grids hold at most 65535 programs along y and z: channels and batch beyond that are
+    refused before any launch, naming the argument (checked on meta tensors)."""
+    kernels = pytest.importorskip("densefuse.kernels.dense_block")
+    one = torch.ones(1, device="meta").expand(4)
+    with pytest.raises(ValueError, match=r"^x: batch size B is 70000; .* at most 65535"):
+        kernels.channel_stats(torch.empty(70000, 4, 9, device="meta"))
+    with pytest.raises(ValueError, match=r"^x: channels C is 65536; "):
+        kernels.bn_relu(torch.empty(2, 65536, 9, device="meta"), *[one[:1].expand(65536)] * 4, torch.float32)
+    weight = torch.empty(8, 4, device="meta")
+    with pytest.raises(ValueError, match=r"^x: batch size B is 65536; "):
+        kernels.bn_relu_conv1x1(torch.empty(65536, 4, 9, device="meta"), one, one, one, one, weight,
+                                torch.float32)  # fmt: skip
+    big_batch = torch.empty(65536, 4, 9, device="meta")
+    with pytest.raises(ValueError, match=r"^x: batch size B is 65536; "):
+        grad_out = torch.empty(65536, 8, 9, device="meta")
+        kernels.bn_relu_conv1x1_backward(grad_out, big_batch, one, one, one, one, weight, big_batch)
+    wide = torch.empty(2, 16, 9, device="meta")
+    with pytest.raises(ValueError, match=r"^conv_weight: output channels / 64 is 65537; "):
+        kernels.bn_relu_conv1x1(wide, *[one[:1].expand(16)] * 4, torch.empty(64 * 65537, 16, device="meta"),
+                                torch.float32)  # fmt: skip
+
+
 @pytest.mark.skipif("cpp" not in cpu_backends(), reason="needs the compiled extension")
 def test_forced_backend_without_kernel_is_a_clear_error(rng):
     x = torch.randn(2, 4, 10)
