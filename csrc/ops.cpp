@@ -347,7 +347,10 @@ Tensor run_scatter(const ScatterCall& call, bool gather) {
     const c10::cuda::CUDAGuard guard(call.acc.device());
     const cudaError_t err =
         cuda::launch_patch_scatter(call.args, flags.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream());
-    TORCH_CHECK(err == cudaSuccess, "densefuse: CUDA patch_scatter failed: ", cudaGetErrorString(err));
+    // Any window count, channel count and size launch (the launcher splits grids past the CUDA
+    // limits), so an error here comes from the device: say which call it was.
+    TORCH_CHECK(err == cudaSuccess, "densefuse: CUDA patch_scatter failed for acc ", call.acc.sizes(), " and windows ",
+                call.windows.sizes(), ": ", cudaGetErrorString(err));
 #else
     TORCH_CHECK(false, "densefuse._C was built without CUDA");
 #endif

@@ -453,10 +453,13 @@ def test_cpp_ops_check_their_arguments(mutate, message):
         torch.ops.densefuse_ext.patch_normalize(acc, grid[0], grid[1][None], grid[2], *weights, 0.0, 0)
 
 
-@pytest.mark.skipif(
+requires_cuda_ext = pytest.mark.skipif(
     not torch.cuda.is_available() or "cuda" not in densefuse.available_backends("cuda"),
     reason="needs a CUDA device and densefuse._C built with CUDA",
 )
+
+
+@requires_cuda_ext
 @pytest.mark.parametrize("acc_dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("width", [64, 66, 67])  # float4, float2 and scalar atomics
 def test_cuda_scatter_matches_the_reference(acc_dtype, width, rng):
@@ -468,3 +471,20 @@ def test_cuda_scatter_matches_the_reference(acc_dtype, width, rng):
     flags = torch.ops.densefuse_ext.patch_scatter(acc, *args, 0.1)
     assert flags.tolist() == [0, 0]
     torch.testing.assert_close(acc.cpu().double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@requires_cuda_ext
+@pytest.mark.gpu
+def test_cuda_scatter_past_the_grid_limit():
+    """N * C * rz = 2**31 + 3 window planes (more blocks than one launch's grid takes): the planes past
+    2**31 - 1, the only ones inside acc here, are added too (no 'invalid configuration argument')."""
+    if torch.cuda.get_device_properties(0).total_memory < 24 * 2**30:
+        pytest.skip("needs 24 GiB of GPU memory")
+    planes = 2**31 + 3
+    win = torch.ones(1, 1, planes, 1, 1, dtype=torch.float16, device="cuda")
+    wz = torch.ones(planes, device="cuda")
+    one = torch.ones(1, device="cuda")
+    acc = torch.zeros(1, 1, 4, 1, 1, device="cuda")
+    starts = torch.tensor([[0, -(2**31), 0, 0]], device="cuda")  # covers z = 0, 1, 2 with planes >= 2**31
+    flags = torch.ops.densefuse_ext.patch_scatter(acc, win, starts, wz, one, one, 0.0)
+    assert flags.tolist() == [0, 0] and acc.flatten().tolist() == [1.0, 1.0, 1.0, 0.0]

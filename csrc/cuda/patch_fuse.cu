@@ -1,7 +1,9 @@
 // CUDA patch scatter (semantics: densefuse/reference.py patch_scatter; layout: patch_fuse_args.h).
 //
 // Grid: blockIdx.x = one window plane (n, c, i) (window n, channel c, window z index i), blockIdx.y =
-// a band of rows_per_block window rows j. Every thread computes the window's placement from starts
+// a band of rows_per_block window rows j (rows_per_block is chosen so that at most 65535 bands cover a
+// window). A call with more than 2^31 - 1 planes (N * C * rz) is split into launches of at most that
+// many planes, each starting at plane first_plane, so no size gives an invalid launch configuration. Every thread computes the window's placement from starts
 // (a few loads, the same for the whole block); blocks of unplaced windows exit, and the first block
 // of each counts it as skipped. The threads of a block stride over (row, x group) items of the band's
 // clipped part; a group is VEC consecutive voxels of acc, aligned to VEC in acc (so the window run is
@@ -73,9 +75,9 @@ __device__ __forceinline__ void atomic_add_lanes(double* dst, const double (&v)[
 
 template <class T, class S, int VEC, bool CLAMP>
 __global__ void __launch_bounds__(kThreads)
-    scatter_kernel(const PatchScatterArgs a, int64_t rows_per_block, unsigned long long* flags) {
+    scatter_kernel(const PatchScatterArgs a, int64_t first_plane, int64_t rows_per_block, unsigned long long* flags) {
   const int64_t rz = a.roi[0], ry = a.roi[1], rx = a.roi[2];
-  const int64_t plane = blockIdx.x;
+  const int64_t plane = first_plane + blockIdx.x;
   const int64_t i = plane % rz;
   const int64_t c = plane / rz % a.channels;
   const int64_t n = plane / (rz * a.channels);
@@ -154,14 +156,19 @@ cudaError_t launch(const PatchScatterArgs& a, unsigned long long* flags, cudaStr
   rows = rows > (ry + kMaxGridY - 1) / kMaxGridY ? rows : (ry + kMaxGridY - 1) / kMaxGridY;
   rows = rows < ry ? rows : ry;
   const int64_t planes = a.count * a.channels * a.roi[0];
-  if (planes > kMaxGridX) return cudaErrorInvalidConfiguration;
-  const dim3 grid(static_cast<unsigned>(planes), static_cast<unsigned>((ry + rows - 1) / rows));
-  if (a.floor > 0) {
-    scatter_kernel<T, S, VEC, true><<<grid, kThreads, 0, stream>>>(a, rows, flags);
-  } else {
-    scatter_kernel<T, S, VEC, false><<<grid, kThreads, 0, stream>>>(a, rows, flags);
+  const auto bands = static_cast<unsigned>((ry + rows - 1) / rows);  // <= kMaxGridY
+  for (int64_t first = 0; first < planes; first += kMaxGridX) {
+    const int64_t count = planes - first < kMaxGridX ? planes - first : kMaxGridX;
+    const dim3 grid(static_cast<unsigned>(count), bands);
+    if (a.floor > 0) {
+      scatter_kernel<T, S, VEC, true><<<grid, kThreads, 0, stream>>>(a, first, rows, flags);
+    } else {
+      scatter_kernel<T, S, VEC, false><<<grid, kThreads, 0, stream>>>(a, first, rows, flags);
+    }
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
   }
-  return cudaGetLastError();
+  return cudaSuccess;
 }
 
 }  // namespace
