@@ -34,12 +34,16 @@ Triton is imported at module import: import this module only where triton is ins
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+
+from densefuse.reference import accumulate_dtype
+
+from ._common import device_guard
 
 __all__ = [
     "bn_relu",
@@ -291,20 +295,11 @@ _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.floa
               torch.float64: tl.float64}  # fmt: skip
 
 
-def _acc(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _guard(x: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Launches on x's GPU whatever the current device is."""
-    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
-
-
-def _kind(x: torch.Tensor) -> str:
+def _kind(x: Tensor) -> str:
     return "cuda" if x.device.type == "cuda" else "cpu"
 
 
-def _affine(mean, invstd, weight, bias) -> tuple[torch.Tensor, torch.Tensor]:
+def _affine(mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
     """(scale, shift) [C], contiguous: pre = x scale + shift."""
     scale = weight * invstd
     return scale.contiguous(), (bias - mean * scale).contiguous()
@@ -322,7 +317,7 @@ def _grid(sizes: tuple[int, int, int], names: tuple[str, str]) -> tuple[int, int
     return sizes
 
 
-def _row_grid(x: torch.Tensor) -> tuple[tuple[int, int, int], int, int]:
+def _row_grid(x: Tensor) -> tuple[tuple[int, int, int], int, int]:
     """(grid, BLOCK_V, number of V tiles) of the row kernels for x [B, C, V]."""
     block_v = min(_BLOCK_V[_kind(x)], triton.next_power_of_2(x.shape[2]))
     n_vt = triton.cdiv(x.shape[2], block_v)
@@ -343,7 +338,7 @@ def _gemm_config(kind: str, acc: torch.dtype, dtype: torch.dtype) -> dict:
                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)  # fmt: skip
 
 
-def _gemm_index64(config: dict, voxels: int, features: Sequence[torch.Tensor], weight: torch.Tensor) -> bool:
+def _gemm_index64(config: dict, voxels: int, features: Sequence[Tensor], weight: Tensor) -> bool:
     """Whether a GEMM kernel's index products may pass int32 (then INDEX64): offs_v * stride_v of
     each [B, C, V] operand in ``features``, offs_m * stride and offs_k * stride of the weight [M, K],
     offs_m * K of the contiguous dW partials; offsets up to the extent padded by one block."""
@@ -354,23 +349,21 @@ def _gemm_index64(config: dict, voxels: int, features: Sequence[torch.Tensor], w
     return any(n * max(stride, 1) > _INT32_MAX for n, stride in spans)
 
 
-def _gemm_args(
-    x: torch.Tensor, dtype: torch.dtype, features: Sequence[torch.Tensor], weight: torch.Tensor
-) -> dict:
+def _gemm_args(x: Tensor, dtype: torch.dtype, features: Sequence[Tensor], weight: Tensor) -> dict:
     """Compile-time arguments of the GEMM kernels for x [B, C, V], compute dtype ``dtype``, the
     [B, *, V] operands ``features`` (x among them) and the weight [M, K]."""
-    config = _gemm_config(_kind(x), _acc(x), dtype)
+    config = _gemm_config(_kind(x), accumulate_dtype(x.dtype), dtype)
     return {**config, "INDEX64": _gemm_index64(config, x.shape[2], features, weight)}
 
 
 # ============================================================================== public functions
-def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     """(mean [C], biased var [C]) of x [B, C, V]: per-tile two-pass moments merged by Chan's formula."""
     grid, block_v, n_vt = _row_grid(x)
-    acc = _acc(x)
+    acc = accumulate_dtype(x.dtype)
     means = torch.empty((x.shape[0], n_vt, x.shape[1]), dtype=acc, device=x.device)
     m2 = torch.empty_like(means)
-    with _guard(x):
+    with device_guard(x.device):
         _stats_kernel[grid](x, means, m2, x.shape[2], *x.stride(), n_vt, x.shape[1], ACC=_TL_DTYPES[acc],
                             BLOCK_V=block_v)  # fmt: skip
     starts = torch.arange(n_vt, device=x.device, dtype=acc) * block_v
@@ -381,42 +374,55 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, var
 
 
-def bn_relu(x, mean, invstd, weight, bias, out_dtype: torch.dtype) -> torch.Tensor:
+def bn_relu(
+    x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor, out_dtype: torch.dtype
+) -> Tensor:
     """y = relu(x scale + shift): [B, C, V] contiguous in out_dtype."""
     scale, shift = _affine(mean, invstd, weight, bias)
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     grid, block_v, _ = _row_grid(x)
-    with _guard(x):
+    with device_guard(x.device):
         _bn_relu_kernel[grid](x, y, scale, shift, x.shape[2], *x.stride(), *y.stride(),
-                              ACC=_TL_DTYPES[_acc(x)], BLOCK_V=block_v)  # fmt: skip
+                              ACC=_TL_DTYPES[accumulate_dtype(x.dtype)], BLOCK_V=block_v)  # fmt: skip
     return y
 
 
-def bn_relu_backward(grad_y, x, mean, invstd, weight, bias, grad_x) -> tuple[torch.Tensor, torch.Tensor]:
+def bn_relu_backward(
+    grad_y: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor, grad_x: Tensor
+) -> tuple[Tensor, Tensor]:
     """grad_x += grad_y [pre > 0] scale in place -> (dweight [C], dbias [C])."""
     scale, shift = _affine(mean, invstd, weight, bias)
     grid, block_v, n_vt = _row_grid(x)
-    dw = torch.empty((x.shape[0], n_vt, x.shape[1]), dtype=_acc(x), device=x.device)
+    acc = accumulate_dtype(x.dtype)
+    dw = torch.empty((x.shape[0], n_vt, x.shape[1]), dtype=acc, device=x.device)
     db = torch.empty_like(dw)
-    with _guard(x):
+    with device_guard(x.device):
         _bn_relu_bwd_kernel[grid](
             grad_y, x, grad_x, scale, shift, mean.contiguous(), dw, db, x.shape[2], n_vt, x.shape[1],
-            *grad_y.stride(), *x.stride(), *grad_x.stride(), ACC=_TL_DTYPES[_acc(x)], BLOCK_V=block_v,
+            *grad_y.stride(), *x.stride(), *grad_x.stride(), ACC=_TL_DTYPES[acc], BLOCK_V=block_v,
         )  # fmt: skip
     return dw.sum(dim=(0, 1)) * invstd, db.sum(dim=(0, 1))
 
 
-def bn_stats_correction(grad_x, x, mean, a, b) -> None:
+def bn_stats_correction(grad_x: Tensor, x: Tensor, mean: Tensor, a: Tensor, b: Tensor) -> None:
     """grad_x -= (a + (x - mean) b) / M in place, M = B*V."""
     count = x.shape[0] * x.shape[2]
     alpha, beta = ((a - mean * b) / count).contiguous(), (b / count).contiguous()
     grid, block_v, _ = _row_grid(x)
-    with _guard(x):
+    with device_guard(x.device):
         _correction_kernel[grid](grad_x, x, alpha, beta, x.shape[2], *grad_x.stride(), *x.stride(),
-                                 ACC=_TL_DTYPES[_acc(x)], BLOCK_V=block_v)  # fmt: skip
+                                 ACC=_TL_DTYPES[accumulate_dtype(x.dtype)], BLOCK_V=block_v)  # fmt: skip
 
 
-def bn_relu_conv1x1(x, mean, invstd, weight, bias, conv_weight, out_dtype: torch.dtype) -> torch.Tensor:
+def bn_relu_conv1x1(
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    conv_weight: Tensor,
+    out_dtype: torch.dtype,
+) -> Tensor:
     """out [B, C_out, V] = conv_weight @ relu(pre), contiguous in out_dtype (operands in out_dtype)."""
     scale, shift = _affine(mean, invstd, weight, bias)
     channels_out = conv_weight.shape[0]
@@ -425,7 +431,7 @@ def bn_relu_conv1x1(x, mean, invstd, weight, bias, conv_weight, out_dtype: torch
     m_tiles = triton.cdiv(channels_out, args["BLOCK_M"])
     grid = _grid((triton.cdiv(x.shape[2], args["BLOCK_N"]), m_tiles, x.shape[0]),
                  (f"conv_weight: output channels / {args['BLOCK_M']}", "x: batch size B"))  # fmt: skip
-    with _guard(x):
+    with device_guard(x.device):
         _conv1x1_kernel[grid](
             x, conv_weight, out, scale, shift, x.shape[1], channels_out, x.shape[2],
             *x.stride(), *conv_weight.stride(), *out.stride(), **args,
@@ -434,13 +440,20 @@ def bn_relu_conv1x1(x, mean, invstd, weight, bias, conv_weight, out_dtype: torch
 
 
 def bn_relu_conv1x1_backward(
-    grad_out, x, mean, invstd, weight, bias, conv_weight, grad_x
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_out: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    conv_weight: Tensor,
+    grad_x: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
     """grad_x += (W^T grad_out) [pre > 0] scale in place -> (dweight, dbias, dconv_weight [C_out, C])."""
     scale, shift = _affine(mean, invstd, weight, bias)
     batch, channels, voxels = x.shape
     channels_out = conv_weight.shape[0]
-    acc = _acc(x)
+    acc = accumulate_dtype(x.dtype)
     args = _gemm_args(x, grad_out.dtype, [x, grad_out, grad_x], conv_weight)
     n_vt = triton.cdiv(voxels, args["BLOCK_N"])
     n_programs = max(1, min(_DW_PROGRAMS[_kind(x)], batch * n_vt))
@@ -451,7 +464,7 @@ def bn_relu_conv1x1_backward(
     m_name, k_name = f"conv_weight: output channels / {args['BLOCK_M']}", f"x: channels C / {args['BLOCK_K']}"
     dw_grid = _grid((k_tiles, m_tiles, n_programs), (m_name, "dW programs"))
     dx_grid = _grid((n_vt, k_tiles, batch), (k_name, "x: batch size B"))
-    with _guard(x):
+    with device_guard(x.device):
         _conv1x1_dw_kernel[dw_grid](
             grad_out, x, dconv, scale, shift, channels, channels_out, voxels, n_vt, batch * n_vt, n_programs,
             *grad_out.stride(), *x.stride(), **args,

@@ -37,7 +37,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
 from densefuse.ops import dense_block as ops
-from densefuse.ops._backend import forced_backend, use_backend
+from densefuse.ops._backend import forced_backend, forced_backend_scope
+from densefuse.reference import accumulate_dtype
 
 IMPLEMENTATIONS = ("fused", "checkpoint", "naive")
 _recompute = threading.local()
@@ -447,7 +448,7 @@ class _FusedBlock(torch.autograd.Function):
         block, batch, dtype = plan.block, plan.batch_stats, plan.dtype
         batch_size, _, *spatial = x.shape
         count = batch_size * math.prod(spatial)
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        acc = accumulate_dtype(x.dtype)
         buffer = x.new_empty((batch_size, block.out_channels, *spatial))
         buffer[:, : block.in_channels] = x
         flat = buffer.view(batch_size, block.out_channels, -1)
@@ -490,8 +491,7 @@ class _FusedBlock(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
-        backend = ctx.plan.backend
-        with use_backend(backend) if backend is not None else contextlib.nullcontext():
+        with forced_backend_scope(ctx.plan.backend):
             return _FusedBlock._backward(ctx, grad_out)
 
     @staticmethod
@@ -499,7 +499,7 @@ class _FusedBlock(torch.autograd.Function):
         plan, (buffer, *params) = ctx.plan, ctx.saved_tensors
         block, batch, dtype, mean = plan.block, plan.batch_stats, plan.dtype, ctx.mean
         batch_size, channels, *spatial = buffer.shape
-        acc = torch.float64 if buffer.dtype == torch.float64 else torch.float32
+        acc = accumulate_dtype(buffer.dtype)
         flat = buffer.view(batch_size, channels, -1)
         grad = grad_out.to(acc, memory_format=torch.contiguous_format, copy=True).view(flat.shape)
         if batch:
