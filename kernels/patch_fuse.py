@@ -55,12 +55,11 @@ Triton is imported at module import: import this module only where triton is ins
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
+from ._common import device_guard
 from .loss_stats import _not_finite, _sigmoid
 
 __all__ = ["patch_finalize", "patch_gather", "patch_normalize", "patch_scatter"]
@@ -449,11 +448,6 @@ def _check_extents(size: list[int], roi: list[int]) -> None:
     _check_int32("acc: rows D * H", size[0] * size[1] + _INTERPRETER_ELEMS)
 
 
-def _device_guard(device: torch.device) -> contextlib.AbstractContextManager:
-    """Launches on the tensors' GPU whatever the current device is."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def _check_acc(acc: torch.Tensor) -> None:
     if acc.dim() != 5 or acc.dtype not in (torch.float32, torch.float64) or not acc.is_contiguous():
         raise ValueError(
@@ -536,7 +530,7 @@ def patch_scatter(
     tiles_r = triton.cdiv(roi[0] * roi[1], block_r)
     programs = count * acc.shape[1] * tiles_r
     _check_int32("windows: programs (N * C * tiles)", programs)
-    with _device_guard(acc.device):
+    with device_guard(acc.device):
         _scatter_kernel[(programs,)](
             flags_ptr=flags,
             tiles_r=tiles_r,
@@ -573,7 +567,7 @@ def patch_gather(
     tiles_r, tiles_x = triton.cdiv(depth * height, block_r), triton.cdiv(width, block_x)
     programs = batch * channels * tiles_r * tiles_x
     _check_int32("acc: programs (B * C * tiles)", programs)
-    with _device_guard(acc.device):
+    with device_guard(acc.device):
         _gather_kernel[(programs,)](
             flags_ptr=flags,
             N=count,
@@ -604,7 +598,7 @@ def _finalize(acc, out, starts, weights, floor, activation, output, threshold) -
     tiles_r, tiles_x = triton.cdiv(size[0] * size[1], block_r), triton.cdiv(size[2], block_x)
     programs = batch * tiles_r * tiles_x
     _check_int32("acc: programs (B * tiles)", programs)
-    with _device_guard(acc.device):
+    with device_guard(acc.device):
         _finalize_kernel[(programs,)](
             acc,
             out,
