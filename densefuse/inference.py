@@ -169,13 +169,16 @@ def _unshared(t: Tensor) -> bool:
     """Whether nothing but ``t`` uses t's memory (no other tensor or view of it is alive).
 
     Counts the users of the storage (torch._C._storage_Use_Count: the tensors on it, plus its Python
-    object held here); False where torch does not expose the count.
+    object held here). That is a private torch API: where it is missing or fails, the answer is False
+    (the batch is never reused, which is always safe).
     """
     use_count = getattr(torch._C, "_storage_Use_Count", None)
     if use_count is None:
         return False
-    storage = t.untyped_storage()
-    return use_count(storage._cdata) <= 2
+    try:
+        return use_count(t.untyped_storage()._cdata) <= 2
+    except Exception:  # a private API that changed: whatever went wrong, do not reuse
+        return False
 
 
 class _WindowReader:
@@ -230,12 +233,20 @@ def _check_prediction(out: object, count: int, roi: Sequence[int], channels: int
     return out
 
 
+def _fusion_weights(name: str, vectors: Sequence[Tensor], dtype: torch.dtype, device) -> list[Tensor]:
+    """The 1-D window weights in the accumulator's dtype on its device, moved once per call.
+
+    They are finite and >= 0 as densefuse.windows returns them; this also rules out an overflow in
+    ``dtype`` while they are on the CPU, so the fusion ops need not check them on the device (a sync).
+    """
+    weights = [w.to(dtype) for w in vectors]
+    if not all(torch.isfinite(w).all() for w in weights):
+        raise ValueError(f"{name}: weights overflow {dtype}, got {[w.abs().max().item() for w in vectors]}")
+    return [w.to(device) for w in weights]
+
+
 def _activate(x: Tensor, activation: str) -> Tensor:
     return reference.probabilities(x, reference.ACTIVATIONS[activation])
-
-
-def _batches(items: Sequence, size: int) -> list[Sequence]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 # --------------------------------------------------------------------------- MONAI's entry point
@@ -311,16 +322,18 @@ def sliding_window_inference(
     starts3 = ([0],) * (3 - dims) + window_grid(size, roi, overlap, (0,) * dims)
     floating = inputs.is_floating_point()
     acc_dtype = reference.accumulate_dtype(inputs.dtype) if floating else torch.float32
-    weights = [
-        w.to(device, acc_dtype) for w in [torch.ones(1, dtype=torch.float64)] * (3 - dims) + list(vectors)
-    ]
+    weights = _fusion_weights("mode", [torch.ones(1)] * (3 - dims) + list(vectors), acc_dtype, device)
     positions = [
         (b, z, y, x) for b in range(batch) for z in starts3[0] for y in starts3[1] for x in starts3[2]
     ]
+    # Every window's corner on the output's device at once: one copy per call, not one per batch.
+    starts = torch.tensor(positions, dtype=torch.int64, device=device)
     run = _WindowPredictor(predictor, x3, cond3, roi, padding_mode, cval, sw_device, with_coord, args, kwargs)
     fusion = _Fusion(batch, size, roi, weights, floor, acc_dtype, device)
-    for chunk in tqdm(_batches(positions, sw_batch_size), disable=not progress):
-        fusion.add(run(chunk), chunk)  # no reference to the batch outlives the step (_WindowReader)
+    for first in tqdm(range(0, len(positions), sw_batch_size), disable=not progress):
+        chunk = positions[first : first + sw_batch_size]
+        # no reference to the batch outlives the step (_WindowReader)
+        fusion.add(run(chunk), starts[first : first + len(chunk)])
     return fusion.result(starts3, inputs.dtype if floating else torch.float32)
 
 
@@ -373,19 +386,20 @@ class _Fusion:
         self.keys: list | None = None
         self.flags = torch.zeros(2, dtype=torch.int64, device=device)
 
-    def add(self, out: object, chunk: Sequence[Position]) -> None:
-        """Scatters the predictor's output ``out`` for the windows at ``chunk`` into the accumulators."""
+    def add(self, out: object, starts: Tensor) -> None:
+        """Scatters the predictor's output ``out`` for the windows at ``starts`` [n, 4] (int64, on the
+        accumulators' device) into the accumulators."""
         self.keys, outs = _flatten(out)
         if self.accs and len(outs) != len(self.accs):
             raise ValueError(f"predictor: returned {len(outs)} outputs, earlier {len(self.accs)}")
-        starts = torch.tensor(chunk, dtype=torch.int64)
+        count = starts.shape[0]
         for i, o in enumerate(outs):
             channels = self.accs[i].shape[1] if i < len(self.accs) else None
-            o = _check_prediction(o, len(chunk), self.roi, channels)
+            o = _check_prediction(o, count, self.roi, channels)
             if len(self.accs) <= i:
                 shape = (self.batch, o.shape[1], *self.size3)
                 self.accs.append(torch.zeros(shape, dtype=self.dtype, device=self.device))
-            o = o.reshape(len(chunk), -1, *self.roi3).to(self.device)
+            o = o.reshape(count, -1, *self.roi3).to(self.device)
             flags = patch_scatter(self.accs[i], o, starts, *self.weights, self.floor, check_values=False)
             self.flags += flags
 
@@ -394,7 +408,7 @@ class _Fusion:
         check_patch_flags(self.flags, "predictor")
         results = []
         for acc in self.accs:
-            fused = patch_finalize(acc, *starts3, *self.weights, self.floor, inplace=True)
+            fused = patch_finalize(acc, *starts3, *self.weights, self.floor, inplace=True, check_values=False)
             results.append(fused.reshape(self.batch, -1, *self.size).to(dtype))
         if self.keys is not None:
             return dict(zip(self.keys, results))
@@ -453,8 +467,11 @@ class SlidingWindowPredictor:
             (default: the image's device).
         memory_budget: bytes the float accumulator may take; above it the volume is processed in
             slabs along z, each finalised as soon as no later window touches it, so memory is
-            O(B * C * roi_z * H * W) plus the output (a uint8 mask for output "mask"). The result is
-            the same bits as the whole-volume mode.
+            O(B * C * roi_z * H * W) plus the output (a uint8 mask for output "mask"). Every voxel
+            gets the same sums in the same order as in the whole-volume mode, so the result is the
+            same bits where the scatter is deterministic: the cpp backend (CPU), or the output-
+            stationary gather that torch.use_deterministic_algorithms(True) selects; with atomics
+            (triton, cuda) both modes differ from run to run by rounding only.
         progress: show a tqdm progress bar.
     """
 
@@ -549,18 +566,22 @@ class SlidingWindowPredictor:
         model_device = self.model_device or image.device
         margin = [r // 2 for r in self.roi] if self.padding == "reflect" else [0, 0, 0]
         grid = window_grid(size, self.roi, self.overlap, margin)
-        weights = [w.to(device, torch.float32) for w in self.weights]
+        weights = _fusion_weights("window", self.weights, torch.float32, device)
         finish = {"activation": self._final_activation(), "threshold": self.threshold}
         fuse = _SlabFusion(batch, size, grid, weights, self.floor, self.memory_budget, device)
         groups = [[(b, z, y, x) for b in range(batch) for y in grid[1] for x in grid[2]] for z in grid[0]]
+        # Every window's corner on the output's device at once ([z group, window, 4]): one copy per call.
+        starts = torch.tensor(groups, dtype=torch.int64, device=device)
         bar = tqdm(
             total=len(groups) * math.ceil(len(groups[0]) / self.sw_batch_size), disable=not self.progress
         )
         reader = _WindowReader(image, self.roi, self.padding, self.cval)
         for k, group in enumerate(groups):
-            for chunk in _batches(group, self.sw_batch_size):
+            for first in range(0, len(group), self.sw_batch_size):
+                chunk = group[first : first + self.sw_batch_size]
                 # no reference to the batch of windows outlives the step (see _WindowReader)
-                fuse.add(self._predict(reader.read(chunk).to(model_device), fuse.channels).to(device), chunk)
+                out = self._predict(reader.read(chunk).to(model_device), fuse.channels).to(device)
+                fuse.add(out, starts[k, first : first + len(chunk)], grid[0][k])
                 bar.update()
             fuse.group_done(k, self.output, finish)
         bar.close()
@@ -577,6 +598,7 @@ class _SlabFusion:
 
     def __init__(self, batch, size, grid, weights, floor, budget, device):
         self.batch, self.size, self.grid = batch, size, grid
+        self.grid_starts = [torch.tensor(axis, dtype=torch.int64, device=device) for axis in grid]
         self.weights, self.floor, self.budget, self.device = weights, floor, budget, device
         self.channels: int | None = None
         self.slabs = False
@@ -585,7 +607,9 @@ class _SlabFusion:
         self.out: Tensor | None = None  # the result, filled slab by slab
         self.flags = torch.zeros(2, dtype=torch.int64, device=device)
 
-    def add(self, out: Tensor, chunk: Sequence[Position]) -> None:
+    def add(self, out: Tensor, starts: Tensor, z: int) -> None:
+        """Scatters ``out`` for the windows at ``starts`` [n, 4] (volume coordinates, on the
+        accumulator's device), which all start at plane ``z``."""
         depth, height, width = self.size
         if self.acc is None:
             self.channels = out.shape[1]
@@ -594,19 +618,20 @@ class _SlabFusion:
             planes = 0 if self.slabs else depth
             shape = (self.batch, self.channels, planes, height, width)
             self.acc = torch.zeros(shape, dtype=torch.float32, device=self.device)
-        need = min(chunk[0][1] + out.shape[2], depth) - self.lo
+        need = min(z + out.shape[2], depth) - self.lo
         if need > self.acc.shape[2]:
             extra = self.acc.new_zeros((*self.acc.shape[:2], need - self.acc.shape[2], height, width))
             self.acc = torch.cat([self.acc, extra], dim=2)
-        starts = torch.tensor([(b, z - self.lo, y, x) for b, z, y, x in chunk], dtype=torch.int64)
+        if self.lo:
+            starts = starts.clone()
+            starts[:, 1] -= self.lo  # into the slab's coordinates, on the device
         self.flags += patch_scatter(self.acc, out, starts, *self.weights, self.floor, check_values=False)
 
     def _finalize(self, acc: Tensor, output: str, finish: dict, inplace: bool = False) -> Tensor:
-        starts_z = [z - self.lo for z in self.grid[0]]
+        grid = (self.grid_starts[0] - self.lo, *self.grid_starts[1:])
         kind = "mask" if output == "mask" else "probabilities"
-        return patch_finalize(
-            acc, starts_z, *self.grid[1:], *self.weights, self.floor, output=kind, inplace=inplace, **finish
-        )
+        options = dict(output=kind, inplace=inplace, check_values=False, **finish)
+        return patch_finalize(acc, *grid, *self.weights, self.floor, **options)
 
     def group_done(self, k: int, output: str, finish: dict) -> None:
         if not self.slabs:

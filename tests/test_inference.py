@@ -167,6 +167,42 @@ def test_window_batches_a_predictor_keeps_are_never_overwritten(rng):
         assert torch.equal(stored, torch.stack(windows)[:, : stored.shape[1]])
 
 
+@pytest.mark.parametrize("count", ["missing", "failing"])
+def test_window_batches_are_not_reused_without_torchs_storage_use_count(monkeypatch, count, rng):
+    """torch._C._storage_Use_Count is private: where it is gone (or fails), every batch is new."""
+    x = torch.randn(1, 2, 11, 9, 10, generator=rng)
+    positions = _positions(x, (6, 5, 4))[:3]
+    reader = inference._WindowReader(x, (6, 5, 4), "constant", 0.0)
+    first = reader.read(positions).data_ptr()
+    assert reader.read(positions).data_ptr() == first  # reused while torch tells us nothing holds it
+    if count == "missing":
+        monkeypatch.delattr(torch._C, "_storage_Use_Count", raising=False)
+    else:
+        monkeypatch.setattr(torch._C, "_storage_Use_Count", lambda: 1, raising=False)  # a new signature
+    assert reader.read(positions).data_ptr() != first
+    expected = sliding_window_inference(x, (6, 5, 4), 2, lambda t: t * 2, 0.5, "gaussian")
+    torch.testing.assert_close(expected, x * 2, rtol=1e-6, atol=1e-6)
+
+
+def test_window_starts_are_built_once_per_call(monkeypatch, rng):
+    """The window corners reach patch_scatter as slices of one tensor on the accumulator's device
+    (one host-to-device copy per call, not one per batch of windows)."""
+    seen = []
+
+    def spy(acc, windows, starts, *args, **kwargs):
+        seen.append((starts.device == acc.device, starts.untyped_storage().data_ptr()))
+        return patch_fuse.patch_scatter(acc, windows, starts, *args, **kwargs)
+
+    monkeypatch.setattr(inference, "patch_scatter", spy)
+    x = torch.randn(2, 1, 13, 9, 10, generator=rng)
+    sliding_window_inference(x, (6, 5, 4), 3, lambda t: t, 0.5)
+    SlidingWindowPredictor(lambda t: t, (6, 5, 4), sw_batch_size=3)(x)
+    calls = len(seen)
+    assert calls > 4 and all(same_device for same_device, _ in seen)
+    storages = [storage for _, storage in seen]
+    assert len(set(storages)) == 2, storages  # one per call
+
+
 def _positions(x, roi):
     grid = inference.window_grid(x.shape[2:], roi, (0.5,) * 3, (0, 0, 0))
     return [(0, z, y, w) for z in grid[0] for y in grid[1] for w in grid[2]]
@@ -219,6 +255,11 @@ BAD_CALLS = [
     (dict(sw_batch_size=0), ValueError, "sw_batch_size: expected an integer >= 1"),
     (dict(mode="hann"), ValueError, "mode: expected one of"),
     (dict(padding_mode="mirror"), ValueError, "padding_mode: expected one of"),
+    (
+        dict(mode=[torch.full((4,), 1e300, dtype=torch.float64)] * 3),
+        ValueError,
+        "mode: weights overflow torch.float32",
+    ),
     (dict(predictor=lambda t: t[:, :, :-1]), ValueError, r"predictor: returned shape \(2, 1, 3, 4, 4\)"),
     (
         dict(predictor=lambda t: t[:1]),

@@ -329,6 +329,7 @@ def patch_finalize(
     threshold: float = 0.5,
     *,
     inplace: bool = False,
+    check_values: bool = True,
 ) -> Tensor:
     """The fused prediction v = acc / N from an accumulator filled by patch_scatter.
 
@@ -346,11 +347,13 @@ def patch_finalize(
         output: "probabilities": act(v) in acc's dtype [B, C, ...]; "mask": uint8, argmax over C
             [B, 1, ...] for softmax, [act(v) >= threshold] per channel [B, C, ...] otherwise.
         inplace: write act(v) into acc and return it (output "probabilities" only; acc contiguous).
+        check_values: raise ValueError for negative or NaN/Inf weights on acc's device (one sync);
+            False leaves that to the caller (weights on the CPU are checked anyway: no sync).
     """
     acc = _check_acc(acc)
     axes = zip(("starts_z", "starts_y", "starts_x"), (starts_z, starts_y, starts_x))
     starts = [_check_axis_starts(name, s, acc) for name, s in axes]
-    wz, wy, wx = _check_weights((wz, wy, wx), None, acc)
+    wz, wy, wx = _check_weights((wz, wy, wx), None, acc, check_values)
     floor = _check_number("floor", floor, 0.0)
     code = _validate.check_activation(activation, tuple(reference.ACTIVATIONS))
     if output not in reference.FUSE_OUTPUTS:
