@@ -241,7 +241,8 @@ def _fusion_weights(name: str, vectors: Sequence[Tensor], dtype: torch.dtype, de
     """
     weights = [w.to(dtype) for w in vectors]
     if not all(torch.isfinite(w).all() for w in weights):
-        raise ValueError(f"{name}: weights overflow {dtype}, got {[w.abs().max().item() for w in vectors]}")
+        largest = [w.abs().max().item() for w in vectors]
+        raise ValueError(f"{name}: weights overflow {dtype} (largest per axis: {largest})")
     return [w.to(device) for w in weights]
 
 
@@ -469,9 +470,9 @@ class SlidingWindowPredictor:
             slabs along z, each finalised as soon as no later window touches it, so memory is
             O(B * C * roi_z * H * W) plus the output (a uint8 mask for output "mask"). Every voxel
             gets the same sums in the same order as in the whole-volume mode, so the result is the
-            same bits where the scatter is deterministic: the cpp backend (CPU), or the output-
-            stationary gather that torch.use_deterministic_algorithms(True) selects; with atomics
-            (triton, cuda) both modes differ from run to run by rounding only.
+            same bits where the scatter is deterministic: the cpp and torch backends, or the
+            output-stationary gather that torch.use_deterministic_algorithms(True) selects; with
+            atomics (the triton and cuda scatters) the two modes differ by rounding, as two runs do.
         progress: show a tqdm progress bar.
     """
 
