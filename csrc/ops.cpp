@@ -33,6 +33,7 @@
 #include <utility>
 #include <vector>
 
+#include "cpu/cpu_dispatch.h"  // DENSEFUSE_CPU_CLONES
 #include "cpu/loss_stats.h"
 #include "cpu/patch_fuse.h"
 #include "loss_stats_args.h"

@@ -33,17 +33,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/cpu_dispatch.h"  // DF_CLONES, DF_INLINE
 #include "loss_math.h"
-
-// DF_CLONES: one copy of a block kernel per x86 level, picked at load time. Everything a kernel
-// calls must be inlined into it (DF_INLINE, also on lambdas) to be compiled for that level.
-#ifdef DENSEFUSE_CPU_CLONES
-#define DF_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define DF_CLONES
-#endif
-#define DF_ALWAYS_INLINE __attribute__((always_inline))
-#define DF_INLINE inline DF_ALWAYS_INLINE
 
 namespace densefuse::cpu {
 namespace {

@@ -20,7 +20,7 @@
 // v = acc / N (0 where N < the smallest normal T), the activation, and the output row.
 //
 // The entry points of both (scatter_item, finalize_rows) are compiled once per x86-64 level and picked
-// at load time, as the loss kernels; everything they call in their loops is inlined (PF_INLINE).
+// at load time, as the loss kernels; everything they call in their loops is inlined (DF_INLINE).
 #include "cpu/patch_fuse.h"
 
 #include <ATen/Parallel.h>
@@ -36,15 +36,8 @@
 #include <type_traits>
 #include <vector>
 
-#include "cpu/loss_stats.h"  // DENSEFUSE_CPU_CLONES: whether kernels are cloned per x86-64 level
+#include "cpu/cpu_dispatch.h"  // DF_CLONES, DF_INLINE
 #include "patch_math.h"
-
-#ifdef DENSEFUSE_CPU_CLONES
-#define PF_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define PF_CLONES
-#endif
-#define PF_INLINE inline __attribute__((always_inline))
 
 namespace densefuse::cpu {
 namespace {
@@ -98,7 +91,7 @@ void parallel_items(int64_t items, Fn&& fn) {
 
 // ----------------------------------------------------------------------------------------- scatter
 template <class S>
-PF_INLINE int64_t count_nonfinite(const S* v, int64_t n) {
+DF_INLINE int64_t count_nonfinite(const S* v, int64_t n) {
   int64_t bad = 0;
   for (int64_t k = 0; k < n; ++k) bad += math::nonfinite(static_cast<Wide<S>>(v[k]));
   return bad;
@@ -108,7 +101,7 @@ PF_INLINE int64_t count_nonfinite(const S* v, int64_t n) {
 // number of non-finite v[k]: the loop only sums the products on the side (one add per element); a
 // row whose sum is not finite (a non-finite value, or an overflow) is then counted exactly.
 template <bool CLAMP, class T, class S>
-PF_INLINE int64_t add_row(T* out, const S* v, const T* wx, T pzy, T floor, int64_t n) {
+DF_INLINE int64_t add_row(T* out, const S* v, const T* wx, T pzy, T floor, int64_t n) {
   T probe = 0;
 #pragma omp simd reduction(+ : probe)
   for (int64_t k = 0; k < n; ++k) {
@@ -189,7 +182,7 @@ class Scatter {
 
   // Adds the windows of `item` straight into acc (scatter) or through a zeroed scratch box (gather);
   // returns the number of non-finite window values added.
-  PF_INLINE int64_t run(int64_t item, bool gather, std::vector<T>& scratch) const {
+  DF_INLINE int64_t run(int64_t item, bool gather, std::vector<T>& scratch) const {
     const int64_t plane = index_.busy[item / index_.bands];
     const int64_t band_lo = (item % index_.bands) * index_.band_rows;
     const int64_t band_hi = std::min(band_lo + index_.band_rows, a_.size[1]);
@@ -221,7 +214,7 @@ class Scatter {
  private:
   // For each window crossing `plane` (in window order), each channel and each of its rows in
   // [band_lo, band_hi): dst[c * ld_c + (y - origin.y0) * ld_y + (x - origin.x0)] += w * v.
-  PF_INLINE int64_t add_windows(int64_t plane, int64_t z, int64_t band_lo, int64_t band_hi, T* dst, int64_t ld_c,
+  DF_INLINE int64_t add_windows(int64_t plane, int64_t z, int64_t band_lo, int64_t band_hi, T* dst, int64_t ld_c,
                       int64_t ld_y, Box origin) const {
     const int64_t rz = a_.roi[0], ry = a_.roi[1], rx = a_.roi[2];
     const bool clamp = a_.floor > 0;
@@ -258,7 +251,7 @@ class Scatter {
 };
 
 template <class T, class S>
-PF_CLONES int64_t scatter_item(const Scatter<T, S>& kernel, int64_t item, bool gather, std::vector<T>* scratch) {
+DF_CLONES int64_t scatter_item(const Scatter<T, S>& kernel, int64_t item, bool gather, std::vector<T>* scratch) {
   return kernel.run(item, gather, *scratch);
 }
 
@@ -285,6 +278,7 @@ void scatter(const PatchScatterArgs& a, bool gather, int64_t* flags) {
 struct AxisCover {
   std::vector<int64_t> begin, index;
 
+  AxisCover() = default;
   AxisCover(const int64_t* starts, int64_t count, int64_t length, int64_t size) : begin(size + 1, 0) {
     for (int64_t s = 0; s < count; ++s) {
       const AxisClip clip = patch::clip_axis(starts[s], length, size);
@@ -300,7 +294,8 @@ struct AxisCover {
   }
 };
 
-// N(z, y, x) of reference.fusion_normalizer, one row (z, y) at a time.
+// N(z, y, x) of reference.fusion_normalizer, one row (z, y) at a time. floor == 0: from the three
+// axis sums; floor > 0: from the covering starts per axis (z and y lists, x clips).
 template <class T>
 class Normalizer {
  public:
@@ -308,20 +303,21 @@ class Normalizer {
       : a_(a),
         floor_(static_cast<T>(a.floor)),
         w_{static_cast<const T*>(a.weights[0]), static_cast<const T*>(a.weights[1]),
-           static_cast<const T*>(a.weights[2])},
-        cover_z_(a.starts[0], a.grid[0], a.roi[0], a.size[0]),
-        cover_y_(a.starts[1], a.grid[1], a.roi[1], a.size[1]) {
+           static_cast<const T*>(a.weights[2])} {
+    if (a.floor <= 0) {
+      for (int d = 0; d < 3; ++d) sums_[d] = axis_sum(d);
+      return;
+    }
+    cover_z_ = AxisCover(a.starts[0], a.grid[0], a.roi[0], a.size[0]);
+    cover_y_ = AxisCover(a.starts[1], a.grid[1], a.roi[1], a.size[1]);
     for (int64_t s = 0; s < a.grid[2]; ++s) {
       const AxisClip clip = patch::clip_axis(a.starts[2][s], a.roi[2], a.size[2]);
       if (!clip.empty()) x_clips_.push_back(clip);
     }
-    if (a.floor <= 0) {
-      for (int d = 0; d < 3; ++d) sums_[d] = axis_sum(d);
-    }
   }
 
   // n[x] = N(z, y, x) for x in [0, W).
-  PF_INLINE void row(int64_t z, int64_t y, T* n) const {
+  DF_INLINE void row(int64_t z, int64_t y, T* n) const {
     const int64_t width = a_.size[2];
     if (a_.floor <= 0) {
       const T zy = sums_[0][z] * sums_[1][y];
@@ -360,14 +356,14 @@ class Normalizer {
   const PatchFinalizeArgs& a_;
   const T floor_;
   const T* w_[3];
-  AxisCover cover_z_, cover_y_;
-  std::vector<AxisClip> x_clips_;
-  std::vector<T> sums_[3];
+  AxisCover cover_z_, cover_y_;    // floor > 0 only
+  std::vector<AxisClip> x_clips_;  // floor > 0 only
+  std::vector<T> sums_[3];         // floor == 0 only
 };
 
 // ------------------------------------------------------------------------------------------ finalise
 template <class T>
-PF_INLINE T sigmoid(T v) {
+DF_INLINE T sigmoid(T v) {
   return T(1) / (T(1) + std::exp(-v));
 }
 
@@ -381,7 +377,7 @@ class Finalizer {
 
   // Probabilities are divided straight into out (which may be acc) and activated there; masks go
   // through a [C, W] buffer of values.
-  PF_INLINE void rows(int64_t r0, int64_t r1) const {
+  DF_INLINE void rows(int64_t r0, int64_t r1) const {
     const int64_t channels = a_.channels, height = a_.size[1], width = a_.size[2];
     const bool mask = a_.output == kOutMask;
     std::vector<T> n(width), values(mask ? channels * width : 0);
@@ -405,10 +401,10 @@ class Finalizer {
   }
 
  private:
-  static PF_INLINE bool covered(T n) { return n >= std::numeric_limits<T>::min(); }
+  static DF_INLINE bool covered(T n) { return n >= std::numeric_limits<T>::min(); }
 
   // v[x] = acc[x] / n[x] where covered, else 0.
-  PF_INLINE void divide(const T* acc, const T* n, T* v) const {
+  DF_INLINE void divide(const T* acc, const T* n, T* v) const {
     const int64_t width = a_.size[2];
 #pragma omp simd
     for (int64_t x = 0; x < width; ++x) {
@@ -418,7 +414,7 @@ class Finalizer {
   }
 
   // p (channel stride volume_) = act(p) in place where covered (sigmoid, or softmax over C).
-  PF_INLINE void activate(T* p, const T* n) const {
+  DF_INLINE void activate(T* p, const T* n) const {
     const int64_t channels = a_.channels, width = a_.size[2];
     if (a_.activation == kActSigmoid) {
       for (int64_t c = 0; c < channels; ++c) {
@@ -442,7 +438,7 @@ class Finalizer {
   }
 
   // out[x] = the first class with the largest v (NaN counts as the largest, as in torch.argmax).
-  PF_INLINE void argmax(const T* v, const T* n, uint8_t* out) const {
+  DF_INLINE void argmax(const T* v, const T* n, uint8_t* out) const {
     const int64_t width = a_.size[2];
     for (int64_t x = 0; x < width; ++x) {
       T best = v[x];
@@ -459,7 +455,7 @@ class Finalizer {
   }
 
   // out (channel stride volume_) = [act(v) >= threshold], the threshold rounded to T as torch does.
-  PF_INLINE void threshold(const T* v, const T* n, uint8_t* out) const {
+  DF_INLINE void threshold(const T* v, const T* n, uint8_t* out) const {
     const int64_t width = a_.size[2];
     const T level = static_cast<T>(a_.threshold);
     const bool sig = a_.activation == kActSigmoid;
@@ -478,7 +474,7 @@ class Finalizer {
 };
 
 template <class T>
-PF_CLONES void finalize_rows(const Finalizer<T>& finalizer, int64_t r0, int64_t r1) {
+DF_CLONES void finalize_rows(const Finalizer<T>& finalizer, int64_t r0, int64_t r1) {
   finalizer.rows(r0, r1);
 }
 
