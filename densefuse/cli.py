@@ -188,8 +188,10 @@ def _profile_memory(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     patches = args.patches or [m, 2 * m]
     _check_patches(patches, m, "--patches", parser)
     points = profile.grid(args.implementations, args.dtypes, args.batches, patches)
-    rows = profile.sweep(network, points, args.device, args.warmup, args.reps, progress=not args.quiet)
-    doc = profile.report(network, rows, args.device, args.warmup, args.reps)
+    doc = profile.report(network, [], args.device, args.warmup, args.reps)  # the commit and load at the start
+    rows = doc["results"] = profile.sweep(
+        network, points, args.device, args.warmup, args.reps, progress=not args.quiet
+    )
     out = args.out or Path(f"memory-{doc['slug']}-{doc['date']}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
