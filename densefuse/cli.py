@@ -54,6 +54,7 @@ def _bench(args: list[str]) -> int:
         print("densefuse bench: needs a source checkout (benchmarks/report.py not found)", file=sys.stderr)
         return 2
     sys.argv = [str(script), *args]
+    sys.path.insert(0, str(script.parent))  # as `python benchmarks/report.py` would: loss_providers beside it
     runpy.run_path(str(script), run_name="__main__")
     return 0
 

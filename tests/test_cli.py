@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 
 import pytest
 import torch
@@ -172,3 +173,11 @@ def test_profile_memory_end_to_end(tmp_path, capsys):
     assert row["peak_bytes"] > 0 and row["median_ms"] > 0, row
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| fused | fp32 | 2 | 8^3 |" in capsys.readouterr().out  # batch 2 by default
+
+
+def test_bench_runs_the_report_script(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # _bench hands the arguments over through sys.argv
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "--help"])
+    assert exit_info.value.code == 0 and "usage: report.py" in capsys.readouterr().out
