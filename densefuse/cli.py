@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import runpy
 import sys
@@ -283,6 +284,9 @@ def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.check:
         planned = profile.check_plan(network, planned, args.device, args.warmup, args.reps, not args.quiet)
     doc = {
+        "measured_on": profile.device_info(args.device) if args.check or args.profile is None else None,
+        "date": datetime.date.today().isoformat(),
+        "git": profile.git_commit(),
         "memory_bytes": args.memory,
         "headroom": args.headroom,
         "budget_bytes": budget,

@@ -393,7 +393,7 @@ def device_slug(info: dict) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:60]
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
     """The source checkout's commit ("<sha>" or "<sha>-dirty"), None outside a git checkout."""
     root = Path(__file__).resolve().parent.parent
     try:
@@ -433,7 +433,7 @@ def report(network: Network, rows: list[dict], device: str, warmup: int, reps: i
             "python": platform.python_version(),
             "torch": torch.__version__,
             "densefuse": densefuse.__version__,
-            "git": _git_commit(),
+            "git": git_commit(),
             "densefuse_backends": densefuse.available_backends(info["type"]),
         },
         "network": dataclasses.asdict(network),
