@@ -1,5 +1,13 @@
 from densefuse.nn.dense import DenseBlock3d, DenseLayer3d
+from densefuse.nn.fcdensenet import FCDenseNet3d
 from densefuse.nn.losses import DiceLoss, FBetaLoss, FocalLoss, TverskyLoss
 
-__all__ = ["DenseBlock3d", "DenseLayer3d", "DiceLoss", "FBetaLoss", "FocalLoss", "TverskyLoss"]
-from densefuse.nn.fcdensenet import FCDenseNet3d as FCDenseNet3d
+__all__ = [
+    "DenseBlock3d",
+    "DenseLayer3d",
+    "DiceLoss",
+    "FBetaLoss",
+    "FCDenseNet3d",
+    "FocalLoss",
+    "TverskyLoss",
+]
