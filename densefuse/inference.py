@@ -237,7 +237,8 @@ def _fusion_weights(name: str, vectors: Sequence[Tensor], dtype: torch.dtype, de
     """The 1-D window weights in the accumulator's dtype on its device, moved once per call.
 
     They are finite and >= 0 as densefuse.windows returns them; this also rules out an overflow in
-    ``dtype`` while they are on the CPU, so the fusion ops need not check them on the device (a sync).
+    ``dtype`` while they are on the CPU, so the fusion ops need not check them again, per batch
+    (patch_scatter(..., weights_checked=True)) or on the device (a sync).
     """
     weights = [w.to(dtype) for w in vectors]
     if not all(torch.isfinite(w).all() for w in weights):
@@ -401,7 +402,9 @@ class _Fusion:
                 shape = (self.batch, o.shape[1], *self.size3)
                 self.accs.append(torch.zeros(shape, dtype=self.dtype, device=self.device))
             o = o.reshape(count, -1, *self.roi3).to(self.device)
-            flags = patch_scatter(self.accs[i], o, starts, *self.weights, self.floor, check_values=False)
+            flags = patch_scatter(
+                self.accs[i], o, starts, *self.weights, self.floor, check_values=False, weights_checked=True
+            )
             self.flags += flags
 
     def result(self, starts3, dtype: torch.dtype) -> Tensor | tuple[Tensor, ...] | dict[Any, Tensor]:
@@ -626,7 +629,8 @@ class _SlabFusion:
         if self.lo:
             starts = starts.clone()
             starts[:, 1] -= self.lo  # into the slab's coordinates, on the device
-        self.flags += patch_scatter(self.acc, out, starts, *self.weights, self.floor, check_values=False)
+        options = dict(check_values=False, weights_checked=True)  # _fusion_weights checked them
+        self.flags += patch_scatter(self.acc, out, starts, *self.weights, self.floor, **options)
 
     def _finalize(self, acc: Tensor, output: str, finish: dict, inplace: bool = False) -> Tensor:
         grid = (self.grid_starts[0] - self.lo, *self.grid_starts[1:])

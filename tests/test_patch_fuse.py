@@ -273,6 +273,16 @@ def test_weights_on_the_cpu_are_checked_even_without_value_checks():
     assert torch.equal(acc, torch.zeros_like(acc))  # nothing was added
 
 
+def test_weights_checked_skips_only_the_value_check(backend, rng):
+    win, starts, weights = random_case(rng)
+    expected, acc = torch.zeros(2, 3, 5, 7, 6), torch.zeros(2, 3, 5, 7, 6)
+    patch_scatter(expected, win, starts, *weights)
+    patch_scatter(acc, win, starts, *weights, weights_checked=True)
+    assert torch.equal(acc, expected)
+    with pytest.raises(ValueError, match="wz: expected a 1-D vector of length 3"):
+        patch_scatter(acc, win, starts, weights[0][:2], *weights[1:], weights_checked=True)
+
+
 def test_argmax_mask_needs_at_most_256_classes():
     with pytest.raises(ValueError, match="acc: an argmax mask is uint8, so at most 256 classes, got 300"):
         patch_finalize(

@@ -208,14 +208,19 @@ def _check_axis_starts(name: str, starts: object, acc: Tensor) -> Tensor:
 
 
 def _check_weights(
-    vectors: Sequence[object], lengths: Sequence[int] | None, acc: Tensor, check_values: bool = True
+    vectors: Sequence[object],
+    lengths: Sequence[int] | None,
+    acc: Tensor,
+    check_values: bool = True,
+    weights_checked: bool = False,
 ) -> list[Tensor]:
     """wz, wy, wx as 1-D vectors in acc's dtype on acc's device (lengths checked when given).
 
     Their values must be finite and >= 0 (a NaN or negative weight would silently zero or corrupt the
     fused output): vectors on the CPU are checked before they move (no device sync); vectors already
     on acc's device cost one sync for the three, and are skipped when ``check_values`` is False. No
-    value check when value checks are off (DENSEFUSE_CHECK_VALUES=0, torch.compile).
+    value check when value checks are off (DENSEFUSE_CHECK_VALUES=0, torch.compile) or when the
+    caller vouches for them (``weights_checked``: checked once for many calls).
     """
     names = ("wz", "wy", "wx")
     checked = []
@@ -228,7 +233,7 @@ def _check_weights(
             raise ValueError(f"{name}: expected a 1-D vector of {expected}, got shape {tuple(w.shape)}")
         _check_small_device(name, w, acc)
         checked.append(w.to(acc.dtype))  # in acc's dtype first: a weight may overflow to Inf there
-    if _validate.value_checks_enabled():
+    if _validate.value_checks_enabled() and not weights_checked:
         tested = [(n, w) for n, w in zip(names, checked) if check_values or w.device.type == "cpu"]
         counts = [(~(torch.isfinite(w) & (w >= 0))).sum() for _, w in tested]
         on_device = [c for c in counts if c.device.type != "cpu"]
@@ -277,6 +282,7 @@ def patch_scatter(
     *,
     deterministic: bool | None = None,
     check_values: bool = True,
+    weights_checked: bool = False,
 ) -> Tensor:
     """Add a batch of weighted windows into an accumulator, in place.
 
@@ -296,6 +302,8 @@ def patch_scatter(
         check_values: raise ValueError for NaN/Inf window values (in the volume), windows that
             miss the volume and bad weights; False leaves that to the caller (check_patch_flags),
             saving a sync (weights on the CPU are still checked: that needs no sync).
+        weights_checked: the caller has checked that wz, wy, wx are finite and >= 0 in acc's dtype
+            (once for the many batches of one inference): their values are not checked again.
 
     Returns flags int64 [2] on acc's device: (NaN/Inf window values added, windows skipped).
     """
@@ -304,7 +312,7 @@ def patch_scatter(
         raise ValueError("acc: expected a contiguous tensor (it is written in place)")
     windows = _check_windows(windows, acc)
     starts = _check_starts(starts, acc, windows.shape[0])
-    wz, wy, wx = _check_weights((wz, wy, wx), windows.shape[2:], acc, check_values)
+    wz, wy, wx = _check_weights((wz, wy, wx), windows.shape[2:], acc, check_values, weights_checked)
     floor = _check_number("floor", floor, 0.0)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
