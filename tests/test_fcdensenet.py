@@ -133,3 +133,34 @@ def test_implementations_agree(rng):
             torch.testing.assert_close(g[name], g0[name], rtol=1e-3, atol=1e-5, msg=f"grad {name}")
         for name in s0:
             torch.testing.assert_close(s[name], s0[name], rtol=1e-4, atol=1e-6, msg=f"state {name}")
+
+
+def test_fused_recomputes_transitions_and_head(rng, monkeypatch):
+    """Under "fused" the transitions and the head (in depth slabs) keep only their inputs for backward
+    and recompute the rest there: with dropout on, the recomputed masks are the forward's, so the
+    gradients and running statistics equal those of the same network keeping its activations."""
+    import densefuse.nn.fcdensenet as fcd
+
+    x = torch.randn(2, 2, 16, 16, 16, generator=rng)
+    state = FCDenseNet3d(in_channels=2, dropout=0.3, **TINY).state_dict()
+    hidden = (2, TINY["stem_channels"], 16, 16, 16)  # the head's full-resolution maps
+
+    def train_step():
+        net = FCDenseNet3d(in_channels=2, dropout=0.3, **TINY)
+        net.load_state_dict(state)
+        torch.manual_seed(7)  # the same dropout masks in both runs
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(t.shape) or t, lambda t: t):
+            y = net(x)
+        y.square().mean().backward()
+        return y.detach(), {n: p.grad for n, p in net.named_parameters()}, net.state_dict(), shapes
+
+    y, grads, states, shapes = train_step()
+    monkeypatch.setattr(fcd, "_recomputed", fcd._call)  # no recomputation: activations kept
+    y0, grads0, states0, shapes0 = train_step()
+    assert hidden in shapes0 and hidden not in shapes
+    torch.testing.assert_close(y, y0)
+    for name in grads0:
+        torch.testing.assert_close(grads[name], grads0[name], rtol=1e-4, atol=1e-6, msg=f"grad {name}")
+    for name in states0:
+        torch.testing.assert_close(states[name], states0[name], msg=f"state {name}")

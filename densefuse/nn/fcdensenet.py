@@ -18,16 +18,25 @@ paper's "about 3.3 M" (the dense layers' convolutions have no bias, as each feed
 transition and head convolutions have one). Every DenseBlock3d runs the same
 ``implementation`` ("fused" | "checkpoint" | "naive"); it can be changed after construction, and the
 parameters and buffers do not depend on it, so state_dicts move freely between implementations.
+Under "fused" (in training, with gradients) the transitions and the head also keep only their inputs
+(views of the dense-block buffers, kept anyway) and recompute their activations in backward, the
+head one depth slab at a time: its head_channels maps at the input's resolution are the largest
+activation of the network. Dropout masks are the forward's; running statistics are updated once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-from densefuse.nn.dense import DenseBlock3d
+from densefuse.nn.dense import DenseBlock3d, _checkpoint_contexts, _norm_relu
+
+# Depth slabs of the head under "fused": the head's full-resolution hidden maps (head_channels at the
+# input's size, the largest activation of the network) exist for one slab at a time.
+HEAD_SLABS = 8
 
 
 class _TransitionDown(nn.Sequential):
@@ -42,6 +51,10 @@ class _TransitionDown(nn.Sequential):
             nn.Dropout(dropout),
             nn.MaxPool3d(2),
         )
+
+    def forward(self, x: Tensor) -> Tensor:
+        norm, _, conv, dropout, pool = self
+        return pool(dropout(conv(_norm_relu(norm, x))))  # _norm_relu: running stats updated once
 
 
 class _TransitionUp(nn.Sequential):
@@ -193,13 +206,27 @@ class FCDenseNet3d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x [B, in_channels, D, H, W] -> logits [B, out_channels, D, H, W] (see check_input)."""
         self.check_input(x)
+        run = _recomputed if self._implementation == "fused" and torch.is_grad_enabled() else _call
         x = self.stem(x)
         skips = []
         for block, down in zip(self.down_blocks, self.transitions_down):
             x = block(x)
             skips.append(x)
-            x = down(x)
+            x = run(down, x)
         x = self.bottleneck_block(x)[:, self.bottleneck_block.in_channels :]
         for up, block, skip in zip(self.transitions_up, self.up_blocks, reversed(skips)):
-            x = block(torch.cat([up(x), skip], dim=1))[:, block.in_channels :]
-        return self.head(x)
+            x = block(torch.cat([run(up, x), skip], dim=1))[:, block.in_channels :]
+        if run is _call:
+            return self.head(x)
+        step = -(-x.shape[2] // HEAD_SLABS)  # the head's kernel equals its stride: slabs are exact
+        return torch.cat([run(self.head, x[:, :, z : z + step]) for z in range(0, x.shape[2], step)], dim=2)
+
+
+def _call(module: nn.Module, x: Tensor) -> Tensor:
+    return module(x)
+
+
+def _recomputed(module: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """module(x) keeping only x for backward, where the activations inside are recomputed (same
+    dropout masks; BatchNorm running statistics are updated in the forward only)."""
+    return checkpoint(module, x, use_reentrant=False, context_fn=_checkpoint_contexts)
