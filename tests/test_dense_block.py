@@ -187,6 +187,20 @@ def test_dropout_forward_backward_consistent():
     assert torch.equal(block(x), out)
 
 
+def test_fused_dropout_rate_and_scale():
+    """The fused block drops each new map value with probability p and scales the kept ones by
+    1 / (1 - p): against the same block without dropout (batch statistics: the same maps before it)."""
+    block = DenseBlock3d(4, 8, 1, bottleneck=None, dropout=0.3)
+    plain = copy.deepcopy(block)
+    plain.layers[0].dropout.p = 0.0
+    x = torch.randn(2, 4, 16, 16, 16)
+    with torch.no_grad():
+        new, reference = block(x)[:, 4:], plain(x)[:, 4:]
+    dropped = new == 0
+    assert abs(dropped.double().mean().item() - 0.3) < 0.01  # 65536 draws: ~5.5 standard deviations
+    torch.testing.assert_close(new[~dropped], reference[~dropped] / 0.7)
+
+
 @pytest.mark.parametrize("bottleneck", [2, None])
 def test_fused_backward_uses_the_parameters_it_was_given(bottleneck):
     """torch.func.functional_call with other parameters: naive's output and gradients (the backward

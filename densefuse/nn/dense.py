@@ -322,10 +322,9 @@ def _dropout_scale(index: int, plan: _Plan, like: Tensor) -> Tensor | None:
     if p == 0:
         return None
     generator = torch.Generator(like.device).manual_seed(plan.seed + index)
-    keep = torch.empty(like.shape, dtype=like.dtype, device=like.device).bernoulli_(
-        1 - p, generator=generator
-    )
-    return keep.div_(1 - p)
+    # P(u < 1 - p) = 1 - p for u ~ U[0, 1); on CPU ~3x faster than bernoulli_ (drawn twice per step)
+    u = torch.rand(like.shape, generator=generator, device=like.device)
+    return (u < 1 - p).to(like.dtype).mul_(1 / (1 - p))
 
 
 # Input channels per partial 3x3x3 convolution, per device type (None: the whole prefix at once).
