@@ -16,7 +16,8 @@
 //   patch_normalize(acc!, starts_z, starts_y, starts_x, wz, wy, wx, floor, activation)      -> ()
 //   patch_finalize(acc, starts_z, starts_y, starts_x, wz, wy, wx, floor, activation, output, threshold)
 //                                                        -> act(acc / N) [B,C,...] or a uint8 mask
-// CPU for all four; CUDA (vector atomics) for patch_scatter.
+//   patch_extract(out! [N,C,rz,ry,rx], volume [B,C,D,H,W], starts [N,4], padding, cval)    -> ()
+// CPU for all five; CUDA (vector atomics) for patch_scatter.
 //
 // build_info() reports what was compiled, including "ops": the ops registered per dispatch key, as
 // recorded by the TORCH_LIBRARY_IMPL blocks at the end (densefuse/ops asks it which backends have
@@ -438,6 +439,38 @@ Tensor patch_finalize(const Tensor& acc, const Tensor& starts_z, const Tensor& s
   return out;
 }
 
+// out [N, C, rz, ry, rx] = the windows of volume (any strides) at starts, padded by `mode` outside it.
+void patch_extract(const Tensor& out, const Tensor& volume, const Tensor& starts, int64_t padding, double cval) {
+  PatchExtractArgs a;
+  a.dtype = float_code("volume", volume);
+  TORCH_CHECK(volume.dim() == 5 && volume.numel() > 0, "volume: expected a non-empty [B, C, D, H, W] tensor, got shape ",
+              volume.sizes());
+  TORCH_CHECK(out.scalar_type() == volume.scalar_type(), "out: expected ", volume.scalar_type(), " like volume, got ",
+              out.scalar_type());
+  TORCH_CHECK(out.device() == volume.device(), "out: expected a tensor on ", volume.device(), " like volume, got ",
+              out.device());
+  TORCH_CHECK(out.dim() == 5 && out.size(1) == volume.size(1) && out.is_contiguous(),
+              "out: expected a contiguous [N, ", volume.size(1), ", rz, ry, rx] tensor, got shape ", out.sizes());
+  const Tensor starts64 = checked_ints("starts", starts, volume);
+  TORCH_CHECK(starts64.dim() == 2 && starts64.size(0) == out.size(0) && starts64.size(1) == 4, "starts: expected shape (",
+              out.size(0), ", 4) = (batch, z, y, x) per window, got ", starts.sizes());
+  TORCH_CHECK(padding >= kPadConstant && padding <= kPadCircular,
+              "padding: expected 0 (constant), 1 (reflect), 2 (replicate) or 3 (circular), got ", padding);
+  if (out.numel() == 0) return;
+  // cval in the volume's dtype, converted as Tensor.fill_ converts it (the same bits as torch's padding).
+  const Tensor value = at::scalar_tensor(cval, volume.options().device(at::kCPU));
+  fill_volume(volume, a.batch, a.channels, a.size);
+  for (int d = 0; d < 5; ++d) a.strides[d] = volume.stride(d);
+  for (int d = 0; d < 3; ++d) a.roi[d] = out.size(d + 2);
+  a.volume = volume.data_ptr();
+  a.count = out.size(0);
+  a.out = out.data_ptr();
+  a.starts = starts64.data_ptr<int64_t>();
+  a.mode = static_cast<int32_t>(padding);
+  a.cval = value.data_ptr();
+  cpu::patch_extract(a);
+}
+
 // The x86 code path the CPU kernels' target_clones resolve to on this machine.
 const char* cpu_isa() {
 #ifdef DENSEFUSE_CPU_CLONES
@@ -516,6 +549,7 @@ TORCH_LIBRARY(densefuse_ext, m) {
   m.def(
       "patch_finalize(Tensor acc, Tensor starts_z, Tensor starts_y, Tensor starts_x, Tensor wz, Tensor wy, Tensor wx,"
       " float floor, int activation, int output, float threshold) -> Tensor");
+  m.def("patch_extract(Tensor(a!) out, Tensor volume, Tensor starts, int padding, float cval) -> ()");
 }
 
 #define DENSEFUSE_IMPL_LOSS_OPS(r, suffix)                                     \
@@ -531,6 +565,7 @@ TORCH_LIBRARY_IMPL(densefuse_ext, CPU, m) {
   r.impl("patch_gather", &densefuse::patch_gather);
   r.impl("patch_normalize", &densefuse::patch_normalize);
   r.impl("patch_finalize", &densefuse::patch_finalize);
+  r.impl("patch_extract", &densefuse::patch_extract);
 }
 
 #ifdef DENSEFUSE_WITH_CUDA

@@ -9,6 +9,7 @@
 //   wz/wy/wx [rz], [ry], [rx]         in T; the 3-D weight is max((wz[i] * wy[j]) * wx[k], floor)
 //   starts_z/_y/_x  [Gz], [Gy], [Gx] int64: the window grid of the normaliser (patch_finalize)
 //   flags    int64 [2]                (non-finite window values added inside the volume, windows skipped)
+//   volume   [B, C, D, H, W]          any dtype of PatchExtractArgs, any strides (patch_extract)
 #pragma once
 
 #include <cstdint>
@@ -18,6 +19,9 @@
 namespace densefuse {
 
 enum FuseOutput : int32_t { kOutProbabilities = 0, kOutMask = 1 };
+
+// Padding read where an extracted window leaves the volume (reference.PAD_MODES).
+enum PadMode : int32_t { kPadConstant = 0, kPadReflect = 1, kPadReplicate = 2, kPadCircular = 3 };
 
 // patch_scatter / patch_gather: acc[b, :, z+i, y+j, x+k] += w(i, j, k) * windows[n, :, i, j, k].
 struct PatchScatterArgs {
@@ -50,6 +54,23 @@ struct PatchFinalizeArgs {
   int32_t activation = kActNone;  // Activation (loss_stats_args.h)
   int32_t output = kOutProbabilities;
   double threshold = 0.5;  // mask of none/sigmoid: act(v) >= threshold, compared in T
+};
+
+// patch_extract: out[n, c, i, j, k] = padded(volume)[b, c, z+i, y+j, x+k] for starts[n] = (b, z, y, x);
+// out [N, C, rz, ry, rx] contiguous in the volume's dtype. The padding (PadMode) is computed per axis;
+// a window whose batch index is not in [0, B) reads cval.
+struct PatchExtractArgs {
+  int64_t batch = 0, channels = 0;
+  int64_t size[3] = {0, 0, 0};  // D, H, W
+  const void* volume = nullptr;
+  int64_t strides[5] = {0, 0, 0, 0, 0};  // of volume, in elements
+  DType dtype = DType::Float32;          // of volume and out
+  int64_t count = 0;                     // N
+  int64_t roi[3] = {0, 0, 0};            // rz, ry, rx
+  void* out = nullptr;
+  const int64_t* starts = nullptr;
+  int32_t mode = kPadConstant;
+  const void* cval = nullptr;  // one value in dtype (converted as Tensor.fill_ converts it)
 };
 
 }  // namespace densefuse

@@ -405,6 +405,55 @@ def patch_finalize(
     return (mask * covered).to(torch.uint8)
 
 
+# Window extraction, the gather-side twin of patch_scatter: windows [N, C, rz, ry, rx] read from a
+# volume [B, C, D, H, W] at starts [N, 4] = (batch, z, y, x). Where a window leaves the volume it reads
+# the padded volume; the padding (PAD_MODES) is computed per axis, never built: constant -> cval;
+# reflect mirrors without repeating the edge (torch's "reflect", continued periodically where the
+# window reaches further than one volume length); replicate repeats the edge; circular wraps around.
+PAD_MODES = {"constant": 0, "reflect": 1, "replicate": 2, "circular": 3}
+
+
+def pad_index(start: int, length: int, size: int, mode: int) -> torch.Tensor:
+    """int64 [length]: the index in [0, size) that padding ``mode`` reads for positions start ..
+    start + length - 1 of one axis; -1 where constant padding (mode 0) reads cval."""
+    i = torch.arange(start, start + length)
+    if mode == 0:
+        return torch.where((i >= 0) & (i < size), i, -1)
+    if mode == 2:
+        return i.clamp(0, size - 1)
+    if mode == 3:
+        return i.remainder(size)
+    if size == 1:  # reflect
+        return torch.zeros_like(i)
+    period = 2 * (size - 1)
+    i = i.remainder(period)
+    return torch.where(i < size, i, period - i)
+
+
+def patch_extract(
+    out: torch.Tensor, volume: torch.Tensor, starts: torch.Tensor, mode: int, cval: float
+) -> None:
+    """In place: out[n, c, i, j, k] = padded(volume)[b, c, z + i, y + j, x + k] for starts[n] = (b, z, y, x).
+
+    out [N, C, rz, ry, rx] has volume's dtype; a window whose batch index is not in [0, B) reads cval.
+    """
+    for n, (b, *start) in enumerate(starts.tolist()):
+        if not 0 <= b < volume.shape[0]:
+            out[n].fill_(cval)
+            continue
+        index = [
+            pad_index(s, r, d, mode).to(volume.device)
+            for s, r, d in zip(start, out.shape[2:], volume.shape[2:])
+        ]
+        window = volume[b]
+        for axis, i in enumerate(index):
+            window = window.index_select(axis + 1, i.clamp(min=0))
+        if mode == 0:
+            inside = (index[0] >= 0)[:, None, None] & (index[1] >= 0)[None, :, None] & (index[2] >= 0)
+            window = window.masked_fill(~inside, cval)
+        out[n].copy_(window)
+
+
 # ---------------------------------------------------------------- memory-efficient dense blocks (§3c)
 # A dense block keeps the concatenation of its input and every layer's new maps in one buffer
 # [B, C_total, V]; these ops read a channel prefix or slice of it, x [B, C, V] (a view, any strides,

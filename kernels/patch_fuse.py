@@ -8,6 +8,7 @@ densefuse.reference (that module defines the semantics; this one only computes t
     patch_normalize(acc, starts_z, starts_y, starts_x, wz, wy, wx, floor, activation)        -> None
     patch_finalize(acc, starts_z, starts_y, starts_x, wz, wy, wx, floor, activation, output,
                    threshold)                                    -> [B, C | 1, D, H, W]
+    patch_extract(out, volume, starts, mode, cval)               -> None  (out written in place)
 
 Inputs: acc [B, C, D, H, W] float32/float64 (contiguous); windows [N, C, rz, ry, rx] fp16/bf16/
 fp32/fp64 (contiguous); starts [N, 4] int64 (batch, z, y, x); wz, wy, wx 1-D in acc's dtype;
@@ -40,6 +41,9 @@ r = z H + y of acc (rows are contiguous too: row r starts at r W) or r = i ry + 
     are that chunk's windows visited one by one; their weighted values are summed into a register
     tile from 0 and the tile is added to acc with one read and one write. No atomics on acc: the same
     bits on every run. Each window value inside the volume is read once, as in the scatter.
+  * extract: one program per (window, channel, BLOCK_R window rows), looping over x; each value's
+    source index is computed per axis from the padding mode (reference.pad_index) and loaded from
+    the volume with its own strides (any layout); padded constant values are cval.
   * normalize / finalize: one program per (b, acc tile) holding every channel [BLOCK_C, BLOCK_R,
     BLOCK_X] (softmax and argmax need the whole channel axis).
 Index arithmetic: each program forms an int64 scalar base offset (batch, channel, window and row
@@ -62,7 +66,7 @@ import triton.language as tl
 from ._common import device_guard
 from .loss_stats import _not_finite, _sigmoid
 
-__all__ = ["patch_finalize", "patch_gather", "patch_normalize", "patch_scatter"]
+__all__ = ["patch_extract", "patch_finalize", "patch_gather", "patch_normalize", "patch_scatter"]
 
 _INT32_MAX = 2**31 - 1
 # Tiles are BLOCK_R rows x BLOCK_X columns (x contiguous). On the GPU (H100) a tile holds 2048 fp32
@@ -243,7 +247,62 @@ def _argmax_nan_wins(v):
     return tl.where(any_nan > 0, first_nan, tl.argmax(v, axis=0, tie_break_left=True))
 
 
+@triton.jit
+def _pad_index(p, size, MODE: tl.constexpr):
+    """(index in [0, size), valid) that padding MODE (reference.PAD_MODES) reads at positions p of an
+    axis of length size: valid is False only for constant padding (MODE 0) outside the axis."""
+    inside = (p >= 0) & (p < size)
+    if MODE == 1:  # reflect, periodic with period 2 (size - 1) (1 for size 1: every index reads 0)
+        period = tl.maximum(2 * (size - 1), 1)
+        q = p % period
+        q = tl.where(q < 0, q + period, q)  # % truncates when compiled, floors when interpreted
+        index = tl.where(q < size, q, period - q)
+    elif MODE == 2:
+        index = tl.minimum(tl.maximum(p, 0), size - 1)
+    elif MODE == 3:
+        q = p % size
+        index = tl.where(q < 0, q + size, q)
+    else:
+        index = tl.where(inside, p, 0)
+    return index, inside | (MODE != 0)
+
+
 # ===================================================================================== kernels
+@triton.jit
+def _extract_kernel(
+    out_ptr, vol_ptr, starts_ptr, cval_ptr, C, B, D, H, W, RZ, RY, RX, s_b, s_c, s_z, s_y, s_x, tiles_r,
+    MODE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_X: tl.constexpr,
+):  # fmt: skip
+    """out = padded(volume) windows, grid (N * C * tiles_r,): program = (window n, channel c,
+    BLOCK_R rows r = i RY + j of the window), looping over x; cval_ptr: cval in out's dtype."""
+    pid = tl.program_id(0)
+    tr = pid % tiles_r
+    nc = pid // tiles_r
+    n = nc // C
+    c = nc % C
+    sb, sz, sy, sx = _load_starts(starts_ptr, n, True)
+    in_batch = (sb >= 0) & (sb < B)
+    cval = tl.load(cval_ptr)
+    r0 = tr * BLOCK_R
+    r = r0 + tl.arange(0, BLOCK_R)
+    z, z_ok = _pad_index(sz + r // RY, D, MODE)
+    y, y_ok = _pad_index(sy + r % RY, H, MODE)
+    rows = (r < RZ * RY) & z_ok & y_ok & in_batch
+    vol_rows = (
+        vol_ptr + tl.where(in_batch, sb, 0) * s_b + c * s_c + z.to(tl.int64) * s_z + y.to(tl.int64) * s_y
+    )
+    out_base = out_ptr + ((tl.cast(n, tl.int64) * C + c) * RZ * RY + r0) * RX
+    out_rows = (r - r0) * RX
+    for x0 in range(0, RX, BLOCK_X):
+        k = x0 + tl.arange(0, BLOCK_X)
+        x, x_ok = _pad_index(sx + k, W, MODE)
+        read = rows[:, None] & x_ok[None, :]
+        value = tl.load(vol_rows[:, None] + (x.to(tl.int64) * s_x)[None, :], mask=read, other=0.0)
+        value = tl.where(read, value, cval)
+        keep = (r < RZ * RY)[:, None] & (k < RX)[None, :]
+        tl.store(out_base + out_rows[:, None] + k[None, :], value, mask=keep)
+
+
 @triton.jit
 def _scatter_kernel(
     acc_ptr, win_ptr, starts_ptr, wz_ptr, wy_ptr, wx_ptr, flags_ptr, floor_hi, floor_mid, floor_lo,
@@ -689,3 +748,40 @@ def patch_finalize(
         out = acc.new_empty((acc.shape[0], channels, *acc.shape[2:]), dtype=torch.uint8)
     _finalize(acc, out, (starts_z, starts_y, starts_x), (wz, wy, wx), floor, activation, output, threshold)
     return out
+
+
+def patch_extract(
+    out: torch.Tensor, volume: torch.Tensor, starts: torch.Tensor, mode: int, cval: float
+) -> None:
+    """out [N, C, rz, ry, rx] (contiguous, volume's dtype) = the windows of volume [B, C, D, H, W] (any
+    strides, fp16/bf16/fp32/fp64) at starts [N, 4] int64, padded by ``mode`` (reference.PAD_MODES)
+    where they leave it; a batch index outside [0, B) reads cval. See densefuse.reference.patch_extract.
+    """
+    if volume.dim() != 5 or volume.numel() == 0:
+        raise ValueError(f"volume: expected a non-empty [B, C, D, H, W] tensor, got {tuple(volume.shape)}")
+    count, channels, *roi = out.shape
+    if out.dtype != volume.dtype or out.device != volume.device or not out.is_contiguous():
+        raise ValueError(f"out: expected a contiguous {volume.dtype} tensor on {volume.device}")
+    if out.dim() != 5 or channels != volume.shape[1]:
+        raise ValueError(f"out: expected [N, {volume.shape[1]}, rz, ry, rx], got {tuple(out.shape)}")
+    if tuple(starts.shape) != (count, 4) or starts.dtype != torch.int64 or starts.device != volume.device:
+        raise ValueError(f"starts: expected int64 [{count}, 4] on {volume.device}")
+    if mode not in (0, 1, 2, 3):
+        raise ValueError(f"mode: expected 0, 1, 2 or 3, got {mode}")
+    if out.numel() == 0:
+        return
+    _check_extents(list(volume.shape[2:]), roi)
+    _check_int32("out: voxels per window", roi[0] * roi[1] * roi[2])
+    block_r, block_x, num_warps = _tile(roi[0] * roi[1], roi[2], out.device, out.dtype, "scatter")
+    tiles_r = triton.cdiv(roi[0] * roi[1], block_r)
+    programs = count * channels * tiles_r
+    _check_int32("out: programs (N * C * tiles)", programs)
+    value = torch.full((1,), cval, dtype=out.dtype, device=out.device)  # rounded as Tensor.fill_ rounds
+    with device_guard(out.device):
+        _extract_kernel[(programs,)](
+            out, volume, starts.contiguous(), value,
+            C=channels, B=volume.shape[0], D=volume.shape[2], H=volume.shape[3], W=volume.shape[4],
+            RZ=roi[0], RY=roi[1], RX=roi[2], s_b=volume.stride(0), s_c=volume.stride(1),
+            s_z=volume.stride(2), s_y=volume.stride(3), s_x=volume.stride(4), tiles_r=tiles_r,
+            MODE=mode, BLOCK_R=block_r, BLOCK_X=block_x, num_warps=num_warps,
+        )  # fmt: skip

@@ -2,7 +2,8 @@
 
 Windows hang over every edge of odd-sized volumes (negative starts included), batch > 1, several
 channels, every window dtype, float32/float64 accumulators, with and without a weight floor;
-scatter vs the deterministic gather; the normaliser and the finaliser's outputs; bad input; opcheck.
+scatter vs the deterministic gather; the normaliser and the finaliser's outputs; window extraction
+(every padding mode, strided volumes, windows larger than the volume); bad input; opcheck.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import densefuse
 from densefuse import reference, windows
 from densefuse.ops import patch_finalize, patch_scatter
 from densefuse.ops import patch_fuse as pf
+from densefuse.ops.patch_fuse import patch_extract
 
 BACKENDS = pf.implemented_backends("cpu")
 WINDOW_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
@@ -298,6 +300,121 @@ def test_forcing_a_backend_without_kernels_is_a_clear_error(missing):
     patch_scatter(acc, win, starts, *weights)  # unforced, the default backend falls back to one that has it
 
 
+# ------------------------------------------------------------------------------------------ extract
+PAD_MODES = list(reference.PAD_MODES)
+
+
+def naive_extract(volume, starts, roi, mode, cval):
+    """Window by window through torch.nn.functional.pad of the whole volume (float64 for the padding
+    modes torch has for 3-D volumes), cropped at the start."""
+    out = []
+    for b, *start in starts.tolist():
+        before = [max(-s, 0) for s in start]
+        after = [max(s + r - n, 0) for s, r, n in zip(start, roi, volume.shape[2:])]
+        pad = [p for axis in reversed(range(3)) for p in (before[axis], after[axis])]
+        padded = volume[b : b + 1].double()
+        if mode == "constant":
+            padded = torch.nn.functional.pad(volume[b : b + 1], pad, value=cval)
+        else:  # torch's reflect needs pads < size: pad by index (the modes' definitions) instead
+            for axis in range(3):
+                n, lo, hi = volume.shape[axis + 2], before[axis], after[axis]
+                index = reference.pad_index(-lo, n + lo + hi, n, reference.PAD_MODES[mode])
+                padded = padded.index_select(axis + 2, index)
+            padded = padded.to(volume.dtype)
+        corner = [s + lo for s, lo in zip(start, before)]
+        out.append(padded[(0, slice(None), *(slice(c, c + r) for c, r in zip(corner, roi)))])
+    return torch.stack(out)
+
+
+def random_starts(rng, count, batch, size, roi, reach=3):
+    """[count, 4]: windows anywhere from ``reach`` voxels before the volume to ``reach`` past it."""
+    columns = [torch.randint(0, batch, (count,), generator=rng)]
+    columns += [torch.randint(-r - reach, n + reach, (count,), generator=rng) for r, n in zip(roi, size)]
+    return torch.stack(columns, dim=1)
+
+
+@pytest.mark.parametrize("mode", PAD_MODES)
+@pytest.mark.parametrize("dtype", WINDOW_DTYPES, ids=str)
+def test_extract_matches_padding(backend, mode, dtype, rng):
+    volume = torch.randn(2, 3, 5, 7, 6, generator=rng, dtype=torch.float64).to(dtype)
+    roi = (4, 9, 5)  # y: larger than the volume
+    starts = random_starts(rng, 17, 2, (5, 7, 6), roi)
+    out = patch_extract(volume, starts, roi, mode, 1.7)
+    assert out.dtype == dtype and out.shape == (17, 3, *roi)
+    assert torch.equal(out, naive_extract(volume, starts, roi, mode, 1.7))
+    expected = torch.empty_like(out)
+    reference.patch_extract(expected, volume, starts, reference.PAD_MODES[mode], 1.7)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("mode", PAD_MODES)
+def test_extract_into_a_buffer_from_a_strided_volume(backend, mode, rng):
+    base = torch.randn(3, 9, 13, 8, 11, generator=rng)
+    volume = base.permute(1, 0, 2, 4, 3)[:, :, 1:12:2]  # [9, 3, 6, 11, 8], no unit stride along x
+    roi = (7, 4, 10)
+    starts = random_starts(rng, 11, 9, volume.shape[2:], roi, reach=12)  # also far outside (reflect twice)
+    buffer = torch.full((11, 3, *roi), float("nan"))
+    out = patch_extract(volume, starts, roi, mode, -2.0, out=buffer)
+    assert out is buffer
+    assert torch.equal(out, naive_extract(volume, starts, roi, mode, -2.0))
+    assert torch.equal(patch_extract(volume[1], starts[:, 1:].new_zeros(0, 4), roi), torch.empty(0, 3, *roi))
+
+
+def test_extract_of_a_4d_volume_and_a_single_voxel(backend):
+    volume = torch.arange(2.0).reshape(2, 1, 1, 1)
+    starts = torch.tensor([[0, -1, 0, 2], [0, 0, 0, 0]])
+    reflected = patch_extract(volume, starts, (2, 1, 3), "reflect")  # every position reads the voxel
+    assert torch.equal(reflected, volume.reshape(1, 2, 1, 1, 1).expand(2, 2, 2, 1, 3))
+    constant = patch_extract(volume, starts, (2, 1, 3), "constant", 5)
+    assert constant[1, :, 0, 0, 0].tolist() == [0, 1]
+    assert constant[0].eq(5).all() and constant[1].sum() == 1 + 5 * 10
+
+
+BAD_EXTRACT = [
+    (dict(volume=torch.zeros(2, 3, 4, 4, 4, dtype=torch.int32)), TypeError, "volume: expected a float16"),
+    (dict(volume=torch.zeros(3, 4, 4)), ValueError, r"volume: expected a non-empty \[B, C, D, H, W\]"),
+    (dict(starts=torch.zeros(2, 4)), TypeError, "starts: expected an integer tensor"),
+    (dict(starts=torch.zeros(2, 3, dtype=torch.int64)), ValueError, r"starts: expected shape \(2, 4\)"),
+    (
+        dict(starts=torch.tensor([[0, 0, 0, 0], [2, 0, 0, 0]])),
+        ValueError,
+        r"starts: batch indices .* \[0, 2\)",
+    ),
+    (dict(roi=(2, 0, 2)), ValueError, "roi: expected three integers >= 1"),
+    (dict(roi=(2, 2)), ValueError, "roi: expected three integers >= 1"),
+    (dict(mode="wrap"), ValueError, "mode: expected one of"),
+    (dict(cval="zero"), TypeError, "cval: expected a number"),
+    (dict(out=torch.zeros(2, 3, 2, 2, 2, dtype=torch.float64)), TypeError, "out: expected torch.float32"),
+    (
+        dict(out=torch.zeros(2, 3, 2, 2, 3)),
+        ValueError,
+        r"out: expected a contiguous tensor of shape \(2, 3, 2",
+    ),
+    (dict(out=torch.zeros(2, 3, 2, 2, 2).transpose(3, 4)), ValueError, "out: expected a contiguous"),
+    (dict(out=torch.zeros(2, 3, 2, 2, 2, device="meta")), ValueError, "out: expected a tensor on cpu"),
+    (
+        dict(starts=torch.zeros(2, 4, dtype=torch.int64, device="meta")),
+        ValueError,
+        "starts: expected a tensor on",
+    ),
+]
+
+
+@pytest.mark.parametrize(("change", "error", "message"), BAD_EXTRACT)
+def test_bad_extract_input(backend, change, error, message):
+    args = dict(volume=torch.zeros(2, 3, 4, 4, 4), starts=torch.zeros(2, 4, dtype=torch.int64), roi=(2, 2, 2))
+    args.update(change)
+    with pytest.raises(error, match=message):
+        patch_extract(**args)
+
+
+def test_extract_without_value_checks_reads_cval_for_a_batch_outside(backend):
+    out = patch_extract(
+        torch.ones(1, 1, 2, 2, 2), torch.tensor([[1, 0, 0, 0]]), (2, 2, 2), cval=3, check_values=False
+    )
+    assert out.eq(3).all()
+
+
 # ------------------------------------------------------------------------------------------ opcheck
 def test_opcheck(backend, rng):
     win, starts, weights = random_case(rng, dtype=torch.float32)
@@ -311,6 +428,11 @@ def test_opcheck(backend, rng):
     torch.library.opcheck(pf.patch_normalize_op, (acc.clone(), *grid, *grid_weights, 0.0, 2))
     for activation, output in [(0, 0), (1, 0), (1, 1), (2, 1)]:
         torch.library.opcheck(pf.patch_finalize_op, (acc, *grid, *grid_weights, 0.0, activation, output, 0.5))
+    volume = torch.randn(2, 3, 5, 7, 6, generator=rng).transpose(2, 4)
+    for mode in range(4):
+        torch.library.opcheck(
+            pf.patch_extract_op, (torch.empty(9, 3, *win.shape[2:]), volume, starts, mode, 0.5)
+        )
 
 
 # ------------------------------------------------------------------------------- the cpp backend

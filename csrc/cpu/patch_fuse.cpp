@@ -19,6 +19,12 @@
 // (a, b, c) from per-axis lists of covering starts, exactly as reference.fusion_normalizer. Then
 // v = acc / N (0 where N < the smallest normal T), the activation, and the output row.
 //
+// Extract. Work item = one z-plane (i) of one channel of one window: ry rows of rx values. Per window
+// and axis the source index of every window position is computed once (-1: constant padding); a row
+// then copies its inside run with one memcpy (x stride 1) or a strided loop, and fills or gathers the
+// few padded values on either side. Values are only moved, never computed: the kernel works on the
+// element size alone, and out is bit-exact whatever the dtype.
+//
 // The entry points of both (scatter_item, finalize_rows) are compiled once per x86-64 level and picked
 // at load time, as the loss kernels; everything they call in their loops is inlined (DF_INLINE).
 #include "cpu/patch_fuse.h"
@@ -478,7 +484,96 @@ DF_CLONES void finalize_rows(const Finalizer<T>& finalizer, int64_t r0, int64_t 
   finalizer.rows(r0, r1);
 }
 
+// ----------------------------------------------------------------------------------------- extract
+// The index in [0, size) that padding `mode` reads at position p of an axis (-1: constant, outside).
+int64_t pad_index(int64_t p, int64_t size, int32_t mode) {
+  if (p >= 0 && p < size) return p;
+  const auto floor_mod = [](int64_t a, int64_t m) { return ((a % m) + m) % m; };
+  switch (mode) {
+    case kPadReplicate: return p < 0 ? 0 : size - 1;
+    case kPadCircular: return floor_mod(p, size);
+    case kPadReflect: {
+      if (size == 1) return 0;
+      const int64_t period = 2 * (size - 1), q = floor_mod(p, period);
+      return q < size ? q : period - q;
+    }
+    default: return -1;
+  }
+}
+
+// Per window n and axis d: map[d][n * roi[d] + i] = the source index of window position i along d
+// (-1 for constant padding, and for every position of a window whose batch index is outside [0, B));
+// along x also the inside run [lo, hi) whose positions read start + i, contiguous in the volume.
+struct ExtractPlan {
+  std::vector<int64_t> map[3];
+  std::vector<AxisClip> runs;
+
+  explicit ExtractPlan(const PatchExtractArgs& a) : runs(a.count) {
+    for (int d = 0; d < 3; ++d) map[d].resize(a.count * a.roi[d]);
+    for (int64_t n = 0; n < a.count; ++n) {
+      const int64_t* s = a.starts + 4 * n;
+      const bool in_batch = s[0] >= 0 && s[0] < a.batch;
+      for (int d = 0; d < 3; ++d) {
+        for (int64_t i = 0; i < a.roi[d]; ++i) {
+          map[d][n * a.roi[d] + i] = in_batch ? pad_index(s[d + 1] + i, a.size[d], a.mode) : -1;
+        }
+      }
+      runs[n] = in_batch ? patch::clip_axis(s[3], a.roi[2], a.size[2]) : AxisClip{s[3], 0, 0};
+    }
+  }
+};
+
+template <class E>  // E: an unsigned integer of the element size (values are only moved)
+void extract(const PatchExtractArgs& a, const ExtractPlan& plan) {
+  const int64_t rz = a.roi[0], ry = a.roi[1], rx = a.roi[2];
+  const E* volume = static_cast<const E*>(a.volume);
+  E* out = static_cast<E*>(a.out);
+  const E cval = *static_cast<const E*>(a.cval);
+  const int64_t* st = a.strides;
+  at::parallel_for(0, a.count * a.channels * rz, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t i = p % rz, c = (p / rz) % a.channels, n = p / (rz * a.channels);
+      const int64_t zs = plan.map[0][n * rz + i];
+      const int64_t* ys = plan.map[1].data() + n * ry;
+      const int64_t* xs = plan.map[2].data() + n * rx;
+      const AxisClip run = plan.runs[n];
+      E* dst = out + p * ry * rx;
+      if (zs < 0) {  // a plane of constant padding (or a batch index outside [0, B))
+        std::fill(dst, dst + ry * rx, cval);
+        continue;
+      }
+      const E* plane = volume + a.starts[4 * n] * st[0] + c * st[1] + zs * st[2];
+      for (int64_t j = 0; j < ry; ++j, dst += rx) {
+        if (ys[j] < 0) {
+          std::fill(dst, dst + rx, cval);
+          continue;
+        }
+        const E* src = plane + ys[j] * st[3];
+        const int64_t lo = run.empty() ? rx : run.offset(), hi = run.empty() ? rx : run.hi - run.start;
+        for (int64_t k = 0; k < lo; ++k) dst[k] = xs[k] < 0 ? cval : src[xs[k] * st[4]];
+        if (st[4] == 1) {
+          std::copy(src + run.lo, src + run.lo + (hi - lo), dst + lo);
+        } else {
+          for (int64_t k = lo; k < hi; ++k) dst[k] = src[(run.start + k) * st[4]];
+        }
+        for (int64_t k = hi; k < rx; ++k) dst[k] = xs[k] < 0 ? cval : src[xs[k] * st[4]];
+      }
+    }
+  });
+}
+
 }  // namespace
+
+void patch_extract(const PatchExtractArgs& args) {
+  const ExtractPlan plan(args);
+  switch (args.dtype) {
+    case DType::Float16:
+    case DType::BFloat16: return extract<uint16_t>(args, plan);
+    case DType::Float32: return extract<uint32_t>(args, plan);
+    case DType::Float64: return extract<uint64_t>(args, plan);
+    default: TORCH_CHECK(false, "volume: expected a float16/bfloat16/float32/float64 tensor");
+  }
+}
 
 void patch_scatter(const PatchScatterArgs& args, int64_t* flags) { scatter(args, false, flags); }
 

@@ -22,4 +22,7 @@ void patch_gather(const PatchScatterArgs& args, int64_t* flags);
 // itself (patch_normalize: in place).
 void patch_finalize(const PatchFinalizeArgs& args, void* out);
 
+// out [N, C, rz, ry, rx] = the windows of volume at starts, padded by args.mode where they leave it.
+void patch_extract(const PatchExtractArgs& args);
+
 }  // namespace densefuse::cpu

@@ -4,6 +4,8 @@
     densefuse::patch_gather_    the same sum, output-stationary (deterministic)
     densefuse::patch_normalize_ acc = act(acc / N) in place
     densefuse::patch_finalize   act(acc / N) as floats, or a uint8 mask (threshold / argmax)
+    densefuse::patch_extract_   out = the windows of a volume at starts, padded outside it (the
+                                gather-side twin of patch_scatter: reads the windows to predict)
 
 acc is [B, C, D, H, W] float32/float64; windows [N, C, rz, ry, rx] any float dtype; starts [N, 4]
 int64 (batch, z, y, x), windows may hang over the edge; the weight w = max(wz[i] wy[j] wx[k], floor)
@@ -32,8 +34,9 @@ from densefuse import reference
 from densefuse.ops import _validate
 from densefuse.ops._backend import Registry, available_backends, extension
 
-OP_NAMES = ("patch_scatter", "patch_gather", "patch_normalize", "patch_finalize")
+OP_NAMES = ("patch_scatter", "patch_gather", "patch_normalize", "patch_finalize", "patch_extract")
 ACC_DTYPES = (torch.float32, torch.float64)
+EXTRACT_DTYPES = _validate.FLOAT_DTYPES  # the volume dtypes patch_extract reads
 
 
 @functools.cache
@@ -66,7 +69,7 @@ def _registry(name: str) -> Registry:
     return Registry(name, loaders, has_kernel=lambda backend: _kernel_exists(name, backend))
 
 
-_scatter, _gather, _normalize, _finalize = (_registry(name) for name in OP_NAMES)
+_scatter, _gather, _normalize, _finalize, _extract = (_registry(name) for name in OP_NAMES)
 
 
 def implemented_backends(device_type: str) -> list[str]:
@@ -143,6 +146,18 @@ def _(acc, starts_z, starts_y, starts_x, wz, wy, wx, floor, activation, output, 
         return torch.empty_like(acc, memory_format=torch.contiguous_format)
     channels = 1 if activation == 2 else acc.shape[1]
     return acc.new_empty((acc.shape[0], channels, *acc.shape[2:]), dtype=torch.uint8)
+
+
+@torch.library.custom_op("densefuse::patch_extract_", mutates_args=("out",))
+def patch_extract_op(out: Tensor, volume: Tensor, starts: Tensor, padding: int, cval: float) -> None:
+    """out [N, C, rz, ry, rx] = padded(volume [B, C, D, H, W]) windows at starts [N, 4], in place
+    (padding: a reference.PAD_MODES code)."""
+    _extract(volume.device)(out, volume, starts, padding, cval)
+
+
+@patch_extract_op.register_fake
+def _(out, volume, starts, padding, cval):
+    return None
 
 
 # --------------------------------------------------------------------------------------- validation
@@ -376,3 +391,73 @@ def patch_finalize(
         return acc
     out = reference.FUSE_OUTPUTS[output]
     return patch_finalize_op(acc.contiguous(), *starts, wz, wy, wx, floor, code, out, threshold)
+
+
+def patch_extract(
+    volume: Tensor,
+    starts: Tensor,
+    roi: Sequence[int],
+    mode: str = "constant",
+    cval: float = 0.0,
+    *,
+    out: Tensor | None = None,
+    check_values: bool = True,
+) -> Tensor:
+    """Read a batch of windows from a volume: the gather-side twin of patch_scatter.
+
+    out[n, c, i, j, k] = padded(volume)[b, c, z+i, y+j, x+k] for each window n with starts[n] =
+    (b, z, y, x); windows may hang over any edge (or be larger than the volume) and read the padding
+    there, computed per axis (the padded volume is never built): ``mode`` "constant" (``cval``, cast
+    to the volume's dtype as Tensor.fill_ casts it), "reflect" (torch's, no repeated edge, continued
+    periodically), "replicate" or "circular" (densefuse.reference.pad_index).
+
+    Args:
+        volume: [B, C, D, H, W] (or [C, D, H, W], read as B = 1) float16/bfloat16/float32/float64,
+            any strides.
+        starts: [N, 4] integer (batch, z, y, x), on volume's device or the CPU.
+        roi: the window size (rz, ry, rx), each >= 1.
+        out: [N, C, rz, ry, rx] contiguous, volume's dtype and device, written in place (a batch
+            buffer reused from call to call); None: a new tensor.
+        check_values: raise ValueError for batch indices outside [0, B) (one sync where starts are on
+            a GPU); False: such windows read cval.
+
+    Returns out (or the new tensor) [N, C, rz, ry, rx] in volume's dtype: exact copies of the values.
+    """
+    volume = _validate.check_tensor("volume", volume)
+    if volume.dtype not in EXTRACT_DTYPES:
+        raise TypeError(f"volume: expected a float16/bfloat16/float32/float64 tensor, got {volume.dtype}")
+    if volume.dim() == 4:
+        volume = volume[None]
+    if volume.dim() != 5 or volume.numel() == 0:
+        raise ValueError(
+            f"volume: expected a non-empty [B, C, D, H, W] or [C, D, H, W] tensor, got {tuple(volume.shape)}"
+        )
+    roi = tuple(roi)
+    if len(roi) != 3 or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in roi):
+        raise ValueError(f"roi: expected three integers >= 1 (rz, ry, rx), got {roi!r}")
+    if mode not in reference.PAD_MODES:
+        raise ValueError(f"mode: expected one of {tuple(reference.PAD_MODES)}, got {mode!r}")
+    if isinstance(cval, bool) or not isinstance(cval, (int, float)):
+        raise TypeError(f"cval: expected a number, got {type(cval).__name__}")
+    starts = _validate.check_tensor("starts", starts)
+    count = starts.shape[0] if starts.dim() else 0
+    starts = _check_starts(starts, volume, count)
+    shape = (count, volume.shape[1], *roi)
+    if out is None:
+        out = volume.new_empty(shape)
+    else:
+        out = _validate.check_tensor("out", out)
+        if out.dtype != volume.dtype:
+            raise TypeError(f"out: expected {volume.dtype} like volume, got {out.dtype}")
+        if out.device != volume.device:
+            raise ValueError(f"out: expected a tensor on {volume.device} like volume, got {out.device}")
+        if tuple(out.shape) != shape or not out.is_contiguous():
+            raise ValueError(f"out: expected a contiguous tensor of shape {shape}, got {tuple(out.shape)}")
+    if check_values and _validate.value_checks_enabled() and count:
+        batch = starts[:, 0]
+        if bool(((batch < 0) | (batch >= volume.shape[0])).any()):
+            raise ValueError(
+                f"starts: batch indices must lie in [0, {volume.shape[0]}), got {batch.tolist()}"
+            )
+    patch_extract_op(out, volume, starts, reference.PAD_MODES[mode], float(cval))
+    return out
