@@ -28,9 +28,15 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from densefuse import reference, windows
-from densefuse.ops.patch_fuse import check_patch_flags, patch_finalize, patch_scatter
+from densefuse.ops.patch_fuse import (
+    EXTRACT_DTYPES,
+    check_patch_flags,
+    patch_extract,
+    patch_finalize,
+    patch_scatter,
+)
 
-PAD_MODES = ("constant", "reflect", "replicate", "circular")
+PAD_MODES = tuple(reference.PAD_MODES)
 Position = tuple[int, int, int, int]  # (batch, z, y, x): a window's corner in volume coordinates
 
 
@@ -106,20 +112,6 @@ def window_grid(
     return tuple([a - (p - s) // 2 for a in axis] for axis, p, s in zip(starts, padded, size))
 
 
-def _source_index(start: int, length: int, size: int, mode: str) -> Tensor:
-    """Indices into [0, size) that padding ``mode`` reads for positions start .. start + length - 1."""
-    i = torch.arange(start, start + length)
-    if mode == "replicate":
-        return i.clamp(0, size - 1)
-    if mode == "circular":
-        return i.remainder(size)
-    if size == 1:  # reflect
-        return torch.zeros_like(i)
-    period = 2 * (size - 1)
-    i = i.remainder(period)
-    return torch.where(i < size, i, period - i)
-
-
 def read_window(
     x: Tensor, start: Sequence[int], roi: Sequence[int], mode: str = "constant", cval: float = 0.0
 ) -> Tensor:
@@ -140,14 +132,15 @@ def read_window(
             pad += [lo - s, s + r - hi] if lo < hi else [r, 0]
         return F.pad(x[(slice(None), *inside)], pad, value=cval)
     for axis, (s, r, n) in enumerate(zip(start, roi, size)):
-        x = x.index_select(axis + 1, _source_index(s, r, n, mode).to(x.device))
+        x = x.index_select(axis + 1, reference.pad_index(s, r, n, reference.PAD_MODES[mode]).to(x.device))
     return x
 
 
 def _copy_window(
     dst: Tensor, x: Tensor, start: Sequence[int], roi: Sequence[int], mode: str, cval: float
 ) -> None:
-    """dst [C, *roi] = read_window(x, start, roi, mode, cval), written in place.
+    """dst [C, *roi] = read_window(x, start, roi, mode, cval), written in place (for the volume
+    dtypes patch_extract does not read).
 
     Inside the volume and with constant padding this is one copy of the part inside (after filling
     dst with cval), with no temporary; the other padding modes gather through read_window.
@@ -184,9 +177,11 @@ def _unshared(t: Tensor) -> bool:
 class _WindowReader:
     """Reads batches of windows of x [B, C, *spatial] (3-D) into one tensor [n, C, *roi] (x's dtype).
 
-    The batch tensor is reused for the next batch when nothing holds it any more (the predictor kept
-    no reference to it or to a view of it), which saves allocating, and page-faulting, a batch of
-    windows per step; when something does hold it, the next batch gets a new tensor.
+    Float volumes are read by one patch_extract per batch (every padding mode); other dtypes window
+    by window (_copy_window). The batch tensor is reused for the next batch when nothing holds it any
+    more (the predictor kept no reference to it or to a view of it), which saves allocating, and
+    page-faulting, a batch of windows per step; when something does hold it, the next batch gets a
+    new tensor.
     """
 
     def __init__(self, x: Tensor, roi: Sequence[int], mode: str, cval: float):
@@ -198,6 +193,10 @@ class _WindowReader:
         if self._buffer is None or self._buffer.shape[0] < count or not _unshared(self._buffer):
             self._buffer = self.x.new_empty((count, self.x.shape[1], *self.roi))
         batch = self._buffer[:count]
+        if self.x.dtype in EXTRACT_DTYPES:
+            starts = torch.tensor(positions, dtype=torch.int64)
+            patch_extract(self.x, starts, self.roi, self.mode, self.cval, out=batch, check_values=False)
+            return batch
         for window, (b, *start) in zip(batch, positions):
             _copy_window(window, self.x[b], start, self.roi, self.mode, self.cval)
         return batch
