@@ -167,6 +167,28 @@ def test_window_batches_a_predictor_keeps_are_never_overwritten(rng):
         assert torch.equal(stored, torch.stack(windows)[:, : stored.shape[1]])
 
 
+@pytest.mark.parametrize("padding_mode", ["constant", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int16], ids=str
+)
+def test_predictor_sees_the_padded_windows_exactly(backend, padding_mode, dtype, rng):
+    """Windows (read by patch_extract for float volumes) are read_window's, bit for bit: a strided
+    volume, roi larger than the volume along y, windows over every edge."""
+    x = (torch.randn(2, 5, 3, 9, 11, generator=rng) * 50).to(dtype).transpose(1, 2)  # [2, 3, 5, 9, 11]
+    seen = []
+
+    def recording(t):
+        seen.append(t.clone())
+        return t.float()
+
+    sliding_window_inference(x, (4, 12, 5), 3, recording, 0.3, padding_mode=padding_mode, cval=-2.5)
+    roi = (4, 12, 5)
+    grid = inference.window_grid(x.shape[2:], roi, (0.3,) * 3, (0, 0, 0))
+    positions = [(b, z, y, w) for b in range(2) for z in grid[0] for y in grid[1] for w in grid[2]]
+    expected = torch.stack([inference.read_window(x[b], p, roi, padding_mode, -2.5) for b, *p in positions])
+    assert torch.equal(torch.cat(seen), expected)
+
+
 @pytest.mark.parametrize("count", ["missing", "failing"])
 def test_window_batches_are_not_reused_without_torchs_storage_use_count(monkeypatch, count, rng):
     """torch._C._storage_Use_Count is private: where it is gone (or fails), every batch is new."""
