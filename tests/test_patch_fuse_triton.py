@@ -3,9 +3,9 @@
 On the CPU they run under TRITON_INTERPRET=1 (tests/conftest.py) with the tile constants shrunk, so
 that tiny volumes span many row tiles, x chunks and window chunks: windows hanging over every edge
 (and some missing the volume), many windows on the same voxels, every dtype, the gather's bits,
-the finaliser on masked channel blocks, and the int32 limits. GPU tests (marker ``gpu``) compare the
-compiled kernels with the reference at the benchmark's size and at odd sizes, and check offsets past
-2**31 elements.
+the finaliser on masked channel blocks, window extraction in every padding mode, and the int32
+limits. GPU tests (marker ``gpu``) compare the compiled kernels with the reference at the
+benchmark's size and at odd sizes, and check offsets past 2**31 elements.
 """
 
 from __future__ import annotations
@@ -208,6 +208,27 @@ def test_argmax_mask_with_nan_is_torchs():
     assert torch.equal(labels, reference.patch_finalize(acc, *grid, x_grid, one, one, one, 0.0, 2, 1, 0.5))
 
 
+# ----------------------------------------------------------------------------------------- extract
+@pytest.mark.parametrize("mode", range(4), ids=list(reference.PAD_MODES))
+@pytest.mark.parametrize("dtype", WINDOW_DTYPES, ids=str)
+def test_extract_over_every_edge(small_tiles, mode, dtype, rng):
+    """Every edge position per axis (windows longer than z and x), far outside (reflect folds more
+    than once), a batch index out of range (cval), a strided volume, guards around out: the
+    reference's bits, nothing written outside out."""
+    size, roi = (5, 9, 7), (7, 5, 11)
+    volume = torch.randn(2, 3, *size[::-1], generator=rng, dtype=torch.float64).to(dtype).transpose(2, 4)
+    grid = edge_starts(size, roi)
+    corners = [(k % 2, *(g[k * p % len(g)] for g, p in zip(grid, (1, 3, 5)))) for k in range(9)]
+    corners += [(1, -20, 13, 25), (2, 0, 0, 0)]
+    starts = torch.tensor(corners)
+    buffer, out = guarded(torch.empty(len(corners), 3, *roi, dtype=dtype), 7.0)
+    kp.patch_extract(out, volume, starts, mode, -1.25)
+    expected = torch.empty_like(out)
+    reference.patch_extract(expected, volume, starts, mode, -1.25)
+    assert torch.equal(out, expected)
+    assert (buffer[[0, -1]] == 7.0).all()
+
+
 # ------------------------------------------------------------------------------------- index limits
 def test_offsets_that_do_not_fit_int32_are_clear_errors():
     """Checked before any launch (meta tensors: nothing is allocated)."""
@@ -282,6 +303,27 @@ def test_cuda_matches_reference(shape, acc_dtype, win_dtype, rng):
             assert (ours != ref).float().mean() < 1e-5
     kp.patch_normalize(acc, *axis_starts, *w, floor, 2)
     torch.testing.assert_close(acc, reference.patch_finalize(runs[1], *axis_starts, *w, floor, 2, 0, 0.0))
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", range(4), ids=list(reference.PAD_MODES))
+def test_cuda_extract_matches_reference(mode, rng):
+    """The benchmark's grid over a strided bf16 and a float32 volume: the reference's bits."""
+    size, roi = (37, 41, 43), (16, 20, 48)  # x: roi larger than the volume
+    grid = windows.grid_starts(size, roi, (0.5,) * 3)
+    starts = torch.tensor(
+        [(b, z - 3, y - 5, x - 2) for b in range(2) for z, y, x in itertools.product(*grid)]
+    )
+    for dtype in (torch.float32, torch.bfloat16):
+        volume = torch.randn(2, 3, *size, generator=rng).to(dtype)
+        ours = torch.empty(len(starts), 3, *roi, dtype=dtype, device="cuda")
+        kp.patch_extract(
+            ours, volume.cuda().transpose(3, 4).contiguous().transpose(3, 4), starts.cuda(), mode, 0.5
+        )
+        expected = torch.empty(len(starts), 3, *roi, dtype=dtype)
+        reference.patch_extract(expected, volume, starts, mode, 0.5)
+        assert torch.equal(ours.cpu(), expected)
 
 
 @requires_cuda
