@@ -510,6 +510,26 @@ def test_cpp_flags_count_exactly(rng):
 
 
 @requires_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_cpp_flags_count_exactly_over_long_rows(dtype, rng):
+    """Rows longer than the probe's lanes (vector part and tail): non-finite values anywhere are counted
+    once; finite values whose products sum past the largest float are not counted."""
+    big = torch.finfo(dtype).max / 4
+    win = torch.randn(3, 2, 3, 4, 37, generator=rng, dtype=dtype)
+    win[0, 1, 1, 2, 3] = float("nan")  # vector part
+    win[0, 1, 2, 3, 36] = float("-inf")  # tail
+    win[1, 0, 0, 1, 20] = float("inf")
+    win[2] = big  # the sum of its products overflows, every value is finite
+    starts = torch.tensor([[0, 0, 0, 0], [0, 1, 0, 2], [0, 0, 1, 0]])
+    weights = [torch.ones(r, dtype=dtype) for r in (3, 4, 37)]
+    with densefuse.use_backend("cpp"):
+        for deterministic in (False, True):
+            acc = torch.zeros(1, 2, 4, 5, 40, dtype=dtype)
+            flags = patch_scatter(acc, win, starts, *weights, check_values=False, deterministic=deterministic)
+            assert flags.tolist() == [3, 0]
+
+
+@requires_cpp
 @pytest.mark.parametrize("floor", [0.0, 0.4])
 @pytest.mark.parametrize("grid", GRIDS, ids=str)
 def test_cpp_finalize_is_the_reference_bit_for_bit(grid, floor, rng):
