@@ -23,6 +23,9 @@ patch_finalize divide by it and apply the activation, threshold or argmax. See t
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -522,6 +525,14 @@ def _bn_backward(g, x, mean, invstd, weight, grad_x):
 DENSE_CHANNEL_BLOCK = 64  # bn_relu_conv1x1(_backward): input channels per GEMM, bounds the temporaries
 
 
+class BnReluKernels(NamedTuple):
+    """The elementwise steps bn_relu_conv1x1(_backward) run around their GEMMs, with bn_relu's and
+    bn_relu_backward's signatures: this module's, or a backend's (the cpp backend's one-pass kernels)."""
+
+    bn_relu: Callable[..., torch.Tensor]
+    bn_relu_backward: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
 def _rounded(t: torch.Tensor, dtype: torch.dtype, acc: torch.dtype) -> torch.Tensor:
     """t rounded to ``dtype`` (a GEMM operand dtype), then held in ``acc`` for the arithmetic."""
     return t.to(dtype).to(acc)
@@ -535,18 +546,21 @@ def bn_relu_conv1x1(
     bias: torch.Tensor,
     conv_weight: torch.Tensor,
     out_dtype: torch.dtype,
+    kernels: BnReluKernels | None = None,
 ) -> torch.Tensor:
     """1x1x1 convolution of bn_relu(x): out [B, C_out, V] = conv_weight [C_out, C] @ relu(pre).
 
     Both GEMM operands are rounded to out_dtype (as a convolution under autocast), the products are
     summed in the accumulation dtype and the result is rounded to out_dtype. Runs DENSE_CHANNEL_BLOCK
-    input channels at a time, so relu(pre) is never stored whole.
+    input channels at a time, so relu(pre) is never stored whole. ``kernels``: the elementwise steps
+    (default: this module's bn_relu and bn_relu_backward).
     """
+    kernels = kernels or BnReluKernels(bn_relu, bn_relu_backward)
     acc = accumulate_dtype(x.dtype)
     out = None
     for c0 in range(0, x.shape[1], DENSE_CHANNEL_BLOCK):
         c = slice(c0, c0 + DENSE_CHANNEL_BLOCK)
-        y = bn_relu(x[:, c], mean[c], invstd[c], weight[c], bias[c], out_dtype).to(acc)
+        y = kernels.bn_relu(x[:, c], mean[c], invstd[c], weight[c], bias[c], out_dtype).to(acc)
         w = _rounded(conv_weight[:, c], out_dtype, acc).expand(x.shape[0], -1, -1)
         out = torch.bmm(w, y) if out is None else out.baddbmm_(w, y)
     return out.to(out_dtype)
@@ -561,13 +575,15 @@ def bn_relu_conv1x1_backward(
     bias: torch.Tensor,
     conv_weight: torch.Tensor,
     grad_x: torch.Tensor,
+    kernels: BnReluKernels | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of bn_relu_conv1x1 (statistics held fixed); grad_x [B, C, V] is accumulated in place.
 
-    grad_y = conv_weight^T @ grad_out, then as bn_relu_backward; returns (dweight [C], dbias [C],
+    grad_y = conv_weight^T @ grad_out, then bn_relu_backward; returns (dweight [C], dbias [C],
     dconv_weight [C_out, C] = sum_b grad_out[b] @ relu(pre[b])^T), all in the accumulation dtype.
     GEMM operands are rounded to grad_out's dtype; DENSE_CHANNEL_BLOCK input channels at a time.
     """
+    kernels = kernels or BnReluKernels(bn_relu, bn_relu_backward)
     acc = accumulate_dtype(x.dtype)
     dtype = grad_out.dtype
     grad_out = grad_out.to(acc)
@@ -575,12 +591,13 @@ def bn_relu_conv1x1_backward(
     dconv = conv_weight.new_empty(conv_weight.shape, dtype=acc)
     for c0 in range(0, x.shape[1], DENSE_CHANNEL_BLOCK):
         c = slice(c0, c0 + DENSE_CHANNEL_BLOCK)
-        y = bn_relu(x[:, c], mean[c], invstd[c], weight[c], bias[c], dtype).to(acc)
+        y = kernels.bn_relu(x[:, c], mean[c], invstd[c], weight[c], bias[c], dtype).to(acc)
         dconv[:, c] = torch.bmm(grad_out, y.transpose(1, 2)).sum(dim=0)
+        del y
         grad_y = torch.bmm(_rounded(conv_weight[:, c], dtype, acc).T.expand(x.shape[0], -1, -1), grad_out)
-        g = torch.ops.aten.threshold_backward(grad_y, y, 0.0)  # y > 0 where pre > 0 (but fp16 underflow)
-        del y, grad_y
-        dweight[c], dbias[c] = _bn_backward(g, x[:, c], mean[c], invstd[c], weight[c], grad_x[:, c])
+        dweight[c], dbias[c] = kernels.bn_relu_backward(
+            grad_y, x[:, c], mean[c], invstd[c], weight[c], bias[c], grad_x[:, c]
+        )
     return dweight, dbias, dconv
 
 
