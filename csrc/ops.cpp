@@ -19,6 +19,12 @@
 //   patch_extract(out! [N,C,rz,ry,rx], volume [B,C,D,H,W], starts [N,4], padding, cval)    -> ()
 // CPU for all five; CUDA (vector atomics) for patch_scatter.
 //
+// Dense-block BN (densefuse/reference.py bn_relu, bn_relu_backward, bn_stats_correction; CPU only;
+// x [B,C,V] any strides, per-channel vectors [C] in the accumulation dtype):
+//   dense_bn_relu(x, mean, invstd, weight, bias, out_dtype)                  -> y [B,C,V] contiguous
+//   dense_bn_relu_backward_(grad_y, x, mean, invstd, weight, bias, grad_x!)  -> (dweight [C], dbias [C])
+//   dense_bn_correction_(grad_x!, x, mean, a, b)                              -> ()
+//
 // build_info() reports what was compiled, including "ops": the ops registered per dispatch key, as
 // recorded by the TORCH_LIBRARY_IMPL blocks at the end (densefuse/ops asks it which backends have
 // kernels, instead of a private torch dispatcher query).
@@ -26,6 +32,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <array>
 #include <cmath>
 #include <map>
 #include <optional>
@@ -35,8 +42,10 @@
 #include <vector>
 
 #include "cpu/cpu_dispatch.h"  // DENSEFUSE_CPU_CLONES
+#include "cpu/dense_block.h"
 #include "cpu/loss_stats.h"
 #include "cpu/patch_fuse.h"
+#include "dense_block_args.h"
 #include "loss_stats_args.h"
 #include "patch_fuse_args.h"
 
@@ -471,6 +480,74 @@ void patch_extract(const Tensor& out, const Tensor& volume, const Tensor& starts
   cpu::patch_extract(a);
 }
 
+// ----------------------------------------------------------------------------------- dense block
+// t as a [B, C, V] view of x's shape on x's device, any strides and float dtype.
+DenseView dense_view(const char* name, const Tensor& t, const Tensor& x) {
+  TORCH_CHECK(t.sizes() == x.sizes(), name, ": expected shape ", x.sizes(), " like x, got ", t.sizes());
+  TORCH_CHECK(t.device() == x.device(), name, ": expected a tensor on ", x.device(), " like x, got ", t.device());
+  DenseView v;
+  v.data = t.data_ptr();
+  v.dtype = float_code(name, t);
+  for (int d = 0; d < 3; ++d) v.strides[d] = t.stride(d);
+  return v;
+}
+
+// x [B, C, V] and four [C] vectors in its accumulation dtype (contiguous, on x's device).
+DenseBnArgs dense_args(const Tensor& x, const std::array<std::pair<const char*, const Tensor*>, 4>& vectors) {
+  TORCH_CHECK(x.dim() == 3, "x: expected a [B, C, V] tensor, got shape ", x.sizes());
+  DenseBnArgs a;
+  a.x = dense_view("x", x, x);
+  a.batch = x.size(0);
+  a.channels = x.size(1);
+  a.voxels = x.size(2);
+  const at::ScalarType acc = accumulate_dtype(x);
+  const void** slots[4] = {&a.mean, &a.invstd, &a.weight, &a.bias};
+  for (int i = 0; i < 4; ++i) {
+    const auto& [name, t] = vectors[i];
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == a.channels && t->scalar_type() == acc && t->is_contiguous() &&
+                    t->device() == x.device(),
+                name, ": expected a contiguous ", acc, " tensor of shape [", a.channels, "] on ", x.device(), ", got ",
+                t->scalar_type(), " ", t->sizes());
+    *slots[i] = t->data_ptr();
+  }
+  return a;
+}
+
+DenseBnArgs bn_args(const Tensor& x, const Tensor& mean, const Tensor& invstd, const Tensor& weight,
+                    const Tensor& bias) {
+  return dense_args(x, {{{"mean", &mean}, {"invstd", &invstd}, {"weight", &weight}, {"bias", &bias}}});
+}
+
+Tensor dense_bn_relu(const Tensor& x, const Tensor& mean, const Tensor& invstd, const Tensor& weight,
+                     const Tensor& bias, at::ScalarType out_dtype) {
+  const DenseBnArgs a = bn_args(x, mean, invstd, weight, bias);
+  Tensor out = at::empty(x.sizes(), x.options().dtype(out_dtype));
+  if (out.numel() > 0) cpu::dense_bn_relu(a, dense_view("out", out, x));
+  return out;
+}
+
+std::tuple<Tensor, Tensor> dense_bn_relu_backward_(const Tensor& grad_y, const Tensor& x, const Tensor& mean,
+                                                   const Tensor& invstd, const Tensor& weight, const Tensor& bias,
+                                                   const Tensor& grad_x) {
+  const DenseBnArgs a = bn_args(x, mean, invstd, weight, bias);
+  TORCH_CHECK(grad_x.scalar_type() == mean.scalar_type(), "grad_x: expected ", mean.scalar_type(),
+              " (the accumulation dtype), got ", grad_x.scalar_type());
+  const DenseView gy = dense_view("grad_y", grad_y, x), gx = dense_view("grad_x", grad_x, x);
+  Tensor dweight = at::zeros_like(mean), dbias = at::zeros_like(mean);
+  if (x.numel() > 0) cpu::dense_bn_relu_backward(a, gy, gx, dweight.data_ptr(), dbias.data_ptr());
+  return {dweight, dbias};
+}
+
+void dense_bn_correction_(const Tensor& grad_x, const Tensor& x, const Tensor& mean, const Tensor& a,
+                          const Tensor& b) {
+  // a and b travel in the weight and bias slots (dense_block_args.h); invstd is not read.
+  const DenseBnArgs args = dense_args(x, {{{"mean", &mean}, {"mean", &mean}, {"a", &a}, {"b", &b}}});
+  TORCH_CHECK(grad_x.scalar_type() == mean.scalar_type(), "grad_x: expected ", mean.scalar_type(),
+              " (the accumulation dtype), got ", grad_x.scalar_type());
+  const DenseView gx = dense_view("grad_x", grad_x, x);
+  if (x.numel() > 0) cpu::dense_bn_correction(args, gx);
+}
+
 // The x86 code path the CPU kernels' target_clones resolve to on this machine.
 const char* cpu_isa() {
 #ifdef DENSEFUSE_CPU_CLONES
@@ -550,6 +627,11 @@ TORCH_LIBRARY(densefuse_ext, m) {
       "patch_finalize(Tensor acc, Tensor starts_z, Tensor starts_y, Tensor starts_x, Tensor wz, Tensor wy, Tensor wx,"
       " float floor, int activation, int output, float threshold) -> Tensor");
   m.def("patch_extract(Tensor(a!) out, Tensor volume, Tensor starts, int padding, float cval) -> ()");
+  m.def("dense_bn_relu(Tensor x, Tensor mean, Tensor invstd, Tensor weight, Tensor bias, ScalarType out_dtype) -> Tensor");
+  m.def(
+      "dense_bn_relu_backward_(Tensor grad_y, Tensor x, Tensor mean, Tensor invstd, Tensor weight, Tensor bias,"
+      " Tensor(a!) grad_x) -> (Tensor, Tensor)");
+  m.def("dense_bn_correction_(Tensor(a!) grad_x, Tensor x, Tensor mean, Tensor a, Tensor b) -> ()");
 }
 
 #define DENSEFUSE_IMPL_LOSS_OPS(r, suffix)                                     \
@@ -566,6 +648,9 @@ TORCH_LIBRARY_IMPL(densefuse_ext, CPU, m) {
   r.impl("patch_normalize", &densefuse::patch_normalize);
   r.impl("patch_finalize", &densefuse::patch_finalize);
   r.impl("patch_extract", &densefuse::patch_extract);
+  r.impl("dense_bn_relu", &densefuse::dense_bn_relu);
+  r.impl("dense_bn_relu_backward_", &densefuse::dense_bn_relu_backward_);
+  r.impl("dense_bn_correction_", &densefuse::dense_bn_correction_);
 }
 
 #ifdef DENSEFUSE_WITH_CUDA

@@ -25,7 +25,7 @@ from conftest import cpu_backends, cuda_backends, requires_cuda
 import densefuse
 from densefuse.ops import dense_block as ops
 
-BACKENDS = [b for b in cpu_backends() if b in ("torch", "triton")]
+BACKENDS = [b for b in cpu_backends() if b in ("torch", "cpp", "triton")]
 
 
 @pytest.fixture(autouse=True)
@@ -102,6 +102,33 @@ def test_bn_relu_and_backward(backend, dtype, rng):
     assert torch.equal(grad_buffer[:, :2], before[:, :2]) and torch.equal(grad_buffer[:, -2:], before[:, -2:])
     close(dbias, g.sum(dim=(0, 2)), dtype)
     close(dweight, (g * (x.double() - mean[:, None]) * invstd[:, None]).sum(dim=(0, 2)), dtype)
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="needs the compiled extension")
+@pytest.mark.parametrize("x_dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("y_dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("step", [1, 2], ids=["unit", "strided"])
+def test_cpp_elementwise_kernels_match_the_reference(x_dtype, y_dtype, step, rng):
+    """The one-pass C++ kernels against the reference on half-precision buffers and gradients, long
+    rows (several reduction blocks plus a tail) and voxel strides."""
+    batch, channels, voxels = 2, 5, 2 * 1024 + 37
+    x = channel_slice(rng, batch, channels, voxels * step, torch.float32).to(x_dtype)[..., ::step]
+    params = bn_params(rng, channels, torch.float32)
+    grad_y = torch.randn(batch, channels, voxels * step, generator=rng).to(y_dtype)[..., ::step]
+    grad_x = torch.randn(batch, channels + 1, voxels * step, generator=rng)[:, 1:, ::step]
+    a, b = torch.randn(2, channels, generator=rng)
+    results = {}
+    for backend in ("torch", "cpp"):
+        gx = grad_x.clone()
+        with densefuse.use_backend(backend):
+            y = ops.bn_relu(x, *params, out_dtype=y_dtype)
+            dweight, dbias = ops.bn_relu_backward_(grad_y, x, *params, gx)
+            ops.bn_stats_correction_(gx, x, params[0], a, b)
+        results[backend] = y, dweight, dbias, gx
+    for actual, expected in zip(results["cpp"], results["torch"]):
+        assert actual.dtype == expected.dtype
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(actual.double(), expected.double(), rtol=1e-2, atol=2e-5 * scale)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -322,11 +349,9 @@ def test_triton_grid_limits_are_clear_errors():
                                 torch.float32)  # fmt: skip
 
 
-@pytest.mark.skipif("cpp" not in cpu_backends(), reason="needs the compiled extension")
-def test_forced_backend_without_kernel_is_a_clear_error(rng):
-    x = torch.randn(2, 4, 10)
-    with densefuse.use_backend("cpp"), pytest.raises(RuntimeError, match="no 'cpp' kernel"):
-        ops.channel_stats(x)
+def test_backend_without_kernel_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="op channel_stats has no 'cuda' kernel; use_backend"):
+        ops._REGISTRIES["channel_stats"].impl("cuda")
 
 
 @requires_cuda

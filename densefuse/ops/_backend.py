@@ -38,6 +38,15 @@ def extension() -> ModuleType | None:
 
 
 @functools.cache
+def extension_ops() -> dict[str, frozenset[str]]:
+    """The densefuse_ext ops densefuse._C registered per dispatch key ("cpu", "cuda"), from its
+    build_info(); empty where the extension is missing (or too old to say)."""
+    ext = extension()
+    ops = ext.build_info().get("ops", {}) if ext is not None else {}
+    return {key: frozenset(names) for key, names in ops.items()}
+
+
+@functools.cache
 def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 

@@ -19,12 +19,15 @@ autograd formulas give the gradients w.r.t. the statistics too, so the compositi
 
 Statistics, BN parameters and the returned parameter gradients are in the accumulation dtype (fp32;
 fp64 for fp64 x). Semantics: densefuse.reference (the ``torch`` backend); ``triton``:
-densefuse.kernels.dense_block. There are no cpp/cuda kernels (the torch backend serves CPU tensors);
-forcing one of those backends raises RuntimeError.
+densefuse.kernels.dense_block (CUDA); ``cpp`` (CPU): one-pass C++ kernels for BN-ReLU, its backward
+and the correction (csrc/cpu/dense_block.cpp), the reference's GEMMs around them for the 1x1x1
+convolution, and ATen's batch-norm statistics. There are no cuda (C++) kernels: forcing that backend
+raises RuntimeError.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 
@@ -33,7 +36,7 @@ from torch import Tensor
 
 from densefuse import reference
 from densefuse.ops import _validate
-from densefuse.ops._backend import Registry, forced_backend, forced_backend_scope
+from densefuse.ops._backend import Registry, extension_ops, forced_backend, forced_backend_scope
 
 OP_NAMES = (
     "channel_stats",
@@ -45,13 +48,44 @@ OP_NAMES = (
 )
 
 
+# The cpp backend's own kernels (densefuse._C, CPU), by op name.
+_CPP_KERNELS = {
+    "bn_relu": "dense_bn_relu",
+    "bn_relu_backward": "dense_bn_relu_backward_",
+    "bn_stats_correction": "dense_bn_correction_",
+}
+
+
 def _triton_loader(name: str) -> Callable[[], Callable]:
     return lambda: getattr(importlib.import_module("densefuse.kernels.dense_block"), name)
 
 
+def _cpp_loader(name: str) -> Callable[[], Callable]:
+    """The C++ kernel, or for the other ops the reference composed with the C++ kernels."""
+    if name in _CPP_KERNELS:
+        return lambda: getattr(torch.ops.densefuse_ext, _CPP_KERNELS[name])
+    if name == "channel_stats":
+        return lambda: reference.channel_stats  # ATen's batch_norm_update_stats: one C++ pass already
+
+    def load() -> Callable:
+        ext = torch.ops.densefuse_ext
+        kernels = reference.BnReluKernels(ext.dense_bn_relu, ext.dense_bn_relu_backward_)
+        return functools.partial(getattr(reference, name), kernels=kernels)
+
+    return load
+
+
+def _cpp_available() -> bool:
+    return set(_CPP_KERNELS.values()) <= extension_ops().get("cpu", frozenset())
+
+
 def _registry(name: str) -> Registry:
-    loaders = {"torch": lambda: getattr(reference, name), "triton": _triton_loader(name)}
-    return Registry(name, loaders)
+    loaders = {
+        "torch": lambda: getattr(reference, name),
+        "cpp": _cpp_loader(name),
+        "triton": _triton_loader(name),
+    }
+    return Registry(name, loaders, has_kernel=lambda backend: backend != "cpp" or _cpp_available())
 
 
 _REGISTRIES = {name: _registry(name) for name in OP_NAMES}
