@@ -5,9 +5,8 @@
 // placed windows that cross it, in window order. The thread that owns an item adds, for each of those
 // windows, each channel and each of the window's rows inside the band, one x run:
 //     out[x] += max((wz[i] * wy[j]) * wx[k], floor) * v[n, c, i, j, k]        (one SIMD loop)
-// summing the products on the side in a vector of lanes (Probe, no horizontal sum per row): the rows
-// of a (window, channel) whose sum is not finite have their non-finite v counted. No two threads
-// write the same voxel and each voxel gets its windows in index order (the order of
+// summing the products on the side: a row whose sum is not finite has its non-finite v counted. No
+// two threads write the same voxel and each voxel gets its windows in index order (the order of
 // reference.patch_scatter), so the result does not depend on the thread count and needs no atomics:
 // the scatter is deterministic too, and as fast as the gather or faster. The gather adds the
 // windows of an item into a zeroed scratch box (their union) and then adds the box into acc, as
@@ -104,40 +103,19 @@ DF_INLINE int64_t count_nonfinite(const S* v, int64_t n) {
   return bad;
 }
 
-// Products summed on the side per (window, channel) run of rows, one 64-byte vector of lanes: a run
-// whose sum is not finite (a non-finite value, or an overflow) then has its values counted exactly.
-template <class T>
-constexpr int64_t kProbeLanes = 64 / sizeof(T);
-
-template <class T>
-struct Probe {
-  T lanes[kProbeLanes<T>] = {};
-  DF_INLINE bool nonfinite() const {
-    T sum = 0;
-    for (int64_t l = 0; l < kProbeLanes<T>; ++l) sum += lanes[l];
-    return math::nonfinite(sum);
-  }
-};
-
-// out[k] += w_k * v[k] for k < n, w_k = max(pzy * wx[k], floor) (no clamp unless CLAMP); the
-// products are also added into probe's lanes (no horizontal sum per row).
+// out[k] += w_k * v[k] for k < n, w_k = max(pzy * wx[k], floor) (no clamp unless CLAMP). Returns the
+// number of non-finite v[k]: the loop only sums the products on the side (one add per element); a
+// row whose sum is not finite (a non-finite value, or an overflow) is then counted exactly.
 template <bool CLAMP, class T, class S>
-DF_INLINE void add_row(T* out, const S* v, const T* wx, T pzy, T floor, int64_t n, Probe<T>& probe) {
-  constexpr int64_t L = kProbeLanes<T>;
-  int64_t k = 0;
-  for (; k + L <= n; k += L) {
-#pragma omp simd
-    for (int64_t l = 0; l < L; ++l) {
-      const T product = patch::weight<CLAMP>(pzy, wx[k + l], floor) * static_cast<T>(v[k + l]);
-      out[k + l] += product;
-      probe.lanes[l] += product;
-    }
-  }
-  for (; k < n; ++k) {
+DF_INLINE int64_t add_row(T* out, const S* v, const T* wx, T pzy, T floor, int64_t n) {
+  T probe = 0;
+#pragma omp simd reduction(+ : probe)
+  for (int64_t k = 0; k < n; ++k) {
     const T product = patch::weight<CLAMP>(pzy, wx[k], floor) * static_cast<T>(v[k]);
     out[k] += product;
-    probe.lanes[0] += product;
+    probe += product;
   }
+  return math::nonfinite(probe) ? count_nonfinite(v, n) : 0;
 }
 
 struct Placed {
@@ -257,19 +235,12 @@ class Scatter {
       for (int64_t c = 0; c < a_.channels; ++c) {
         const S* src = windows_ + ((w.n * a_.channels + c) * rz + i) * ry * rx + xs.offset();
         T* out = dst + c * ld_c + (xs.lo - origin.x0);
-        Probe<T> probe;
         for (int64_t y = y_lo; y < y_hi; ++y) {
           const int64_t j = y - ys.start;
           const T pzy = wz_[i] * wy_[j];
           T* row = out + (y - origin.y0) * ld_y;
-          if (clamp) {
-            add_row<true>(row, src + j * rx, wx, pzy, floor_, nx, probe);
-          } else {
-            add_row<false>(row, src + j * rx, wx, pzy, floor_, nx, probe);
-          }
-        }
-        if (probe.nonfinite()) {
-          for (int64_t y = y_lo; y < y_hi; ++y) bad += count_nonfinite(src + (y - ys.start) * rx, nx);
+          bad += clamp ? add_row<true>(row, src + j * rx, wx, pzy, floor_, nx)
+                       : add_row<false>(row, src + j * rx, wx, pzy, floor_, nx);
         }
       }
     }
