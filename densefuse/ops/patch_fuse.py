@@ -21,7 +21,6 @@ RuntimeError when forced with use_backend().
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import math
 import operator
@@ -32,26 +31,17 @@ from torch import Tensor
 
 from densefuse import reference
 from densefuse.ops import _validate
-from densefuse.ops._backend import Registry, available_backends, extension
+from densefuse.ops._backend import Registry, available_backends, extension_ops
 
 OP_NAMES = ("patch_scatter", "patch_gather", "patch_normalize", "patch_finalize", "patch_extract")
 ACC_DTYPES = (torch.float32, torch.float64)
 EXTRACT_DTYPES = _validate.FLOAT_DTYPES  # the volume dtypes patch_extract reads
 
 
-@functools.cache
-def _extension_ops() -> dict[str, frozenset[str]]:
-    """The densefuse_ext ops densefuse._C registered per dispatch key ("cpu", "cuda"), from its
-    build_info(); empty where the extension is missing (or too old to say)."""
-    ext = extension()
-    ops = ext.build_info().get("ops", {}) if ext is not None else {}
-    return {key: frozenset(names) for key, names in ops.items()}
-
-
 def _kernel_exists(name: str, backend: str) -> bool:
     """Whether ``backend`` has a kernel for op ``name`` (without importing triton)."""
     if backend in ("cpp", "cuda"):  # the extension registers some ops for the CPU dispatch key only
-        return name in _extension_ops().get("cpu" if backend == "cpp" else "cuda", ())
+        return name in extension_ops().get("cpu" if backend == "cpp" else "cuda", ())
     if backend == "triton":
         return importlib.util.find_spec("densefuse.kernels.patch_fuse") is not None
     return backend == "torch"
