@@ -42,6 +42,7 @@ from torch import Tensor
 
 import densefuse
 from densefuse.nn import DenseBlock3d
+from densefuse.ops import dense_block
 
 Step = Callable[[], None]
 TARGETS = {"memory_vs_naive": 0.25, "memory_vs_checkpoint": 0.8, "time_vs_naive": {"cuda": 1.05, "cpu": 1.15}}
@@ -100,7 +101,7 @@ def make_inputs(case: Case, device: str, seed: int = 0) -> Inputs:
 # ------------------------------------------------------------------------------ one setup per provider
 def providers(device_type: str) -> list[str]:
     """naive, checkpoint, and fused on every backend with dense-block kernels on ``device_type``."""
-    backends = [b for b in densefuse.available_backends(device_type) if b in ("torch", "triton")]
+    backends = dense_block.implemented_backends(device_type)
     if device_type == "cpu" and "triton" in backends:  # the interpreter (TRITON_INTERPRET=1) is a test aid
         backends.remove("triton")
     return ["naive", "checkpoint", *(f"fused-{b}" for b in backends)]

@@ -508,3 +508,10 @@ def test_gemm_kernels_with_64_bit_indices(rng, monkeypatch):
         results.append((out, grad_x, *grads))
     for actual, expected in zip(*results):
         torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+def test_implemented_backends():
+    """torch always; cpp where the extension has the dense kernels (make test builds it)."""
+    backends = ops.implemented_backends("cpu")
+    assert "torch" in backends and "cuda" not in backends
+    assert ("cpp" in backends) == ("cpp" in cpu_backends())  # the extension registers all three kernels

@@ -36,7 +36,13 @@ from torch import Tensor
 
 from densefuse import reference
 from densefuse.ops import _validate
-from densefuse.ops._backend import Registry, extension_ops, forced_backend, forced_backend_scope
+from densefuse.ops._backend import (
+    Registry,
+    available_backends,
+    extension_ops,
+    forced_backend,
+    forced_backend_scope,
+)
 
 OP_NAMES = (
     "channel_stats",
@@ -89,6 +95,11 @@ def _registry(name: str) -> Registry:
 
 
 _REGISTRIES = {name: _registry(name) for name in OP_NAMES}
+
+
+def implemented_backends(device_type: str) -> list[str]:
+    """The backends available on ``device_type`` that have kernels for every dense-block op."""
+    return [b for b in available_backends(device_type) if all(r.has(b) for r in _REGISTRIES.values())]
 
 
 def _impl(name: str, device: torch.device) -> Callable:
