@@ -527,10 +527,20 @@ DENSE_CHANNEL_BLOCK = 64  # bn_relu_conv1x1(_backward): input channels per GEMM,
 
 class BnReluKernels(NamedTuple):
     """The elementwise steps bn_relu_conv1x1(_backward) run around their GEMMs, with bn_relu's and
-    bn_relu_backward's signatures: this module's, or a backend's (the cpp backend's one-pass kernels)."""
+    bn_relu_backward's signatures: this module's, or a backend's (the cpp backend's one-pass kernels).
+
+    bf16_gemm: with bf16 GEMM operands, each channel block's GEMM runs in bf16 (fp32 accumulation
+    inside, as oneDNN does) and its result is rounded to bf16 before the blocks are summed in fp32;
+    the reference (False) computes every product sum in fp32 and rounds once.
+    """
 
     bn_relu: Callable[..., torch.Tensor]
     bn_relu_backward: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    bf16_gemm: bool = False
+
+    def gemm_dtype(self, operand_dtype: torch.dtype, acc: torch.dtype) -> torch.dtype:
+        """The dtype the GEMMs run in for operands rounded to ``operand_dtype``."""
+        return operand_dtype if self.bf16_gemm and operand_dtype == torch.bfloat16 else acc
 
 
 def _rounded(t: torch.Tensor, dtype: torch.dtype, acc: torch.dtype) -> torch.Tensor:
@@ -557,12 +567,17 @@ def bn_relu_conv1x1(
     """
     kernels = kernels or BnReluKernels(bn_relu, bn_relu_backward)
     acc = accumulate_dtype(x.dtype)
+    gemm = kernels.gemm_dtype(out_dtype, acc)
     out = None
     for c0 in range(0, x.shape[1], DENSE_CHANNEL_BLOCK):
         c = slice(c0, c0 + DENSE_CHANNEL_BLOCK)
-        y = kernels.bn_relu(x[:, c], mean[c], invstd[c], weight[c], bias[c], out_dtype).to(acc)
-        w = _rounded(conv_weight[:, c], out_dtype, acc).expand(x.shape[0], -1, -1)
-        out = torch.bmm(w, y) if out is None else out.baddbmm_(w, y)
+        y = kernels.bn_relu(x[:, c], mean[c], invstd[c], weight[c], bias[c], out_dtype).to(gemm)
+        w = _rounded(conv_weight[:, c], out_dtype, gemm).expand(x.shape[0], -1, -1)
+        if gemm != acc:
+            part = torch.bmm(w, y)
+            out = part.to(acc) if out is None else out.add_(part)
+        else:
+            out = torch.bmm(w, y) if out is None else out.baddbmm_(w, y)
     return out.to(out_dtype)
 
 
@@ -586,15 +601,16 @@ def bn_relu_conv1x1_backward(
     kernels = kernels or BnReluKernels(bn_relu, bn_relu_backward)
     acc = accumulate_dtype(x.dtype)
     dtype = grad_out.dtype
-    grad_out = grad_out.to(acc)
+    gemm = kernels.gemm_dtype(dtype, acc)
+    grad_out = grad_out.to(gemm)
     dweight, dbias = torch.empty_like(mean), torch.empty_like(mean)
     dconv = conv_weight.new_empty(conv_weight.shape, dtype=acc)
     for c0 in range(0, x.shape[1], DENSE_CHANNEL_BLOCK):
         c = slice(c0, c0 + DENSE_CHANNEL_BLOCK)
-        y = kernels.bn_relu(x[:, c], mean[c], invstd[c], weight[c], bias[c], dtype).to(acc)
-        dconv[:, c] = torch.bmm(grad_out, y.transpose(1, 2)).sum(dim=0)
+        y = kernels.bn_relu(x[:, c], mean[c], invstd[c], weight[c], bias[c], dtype).to(gemm)
+        dconv[:, c] = torch.bmm(grad_out, y.transpose(1, 2)).sum(dim=0, dtype=acc)
         del y
-        grad_y = torch.bmm(_rounded(conv_weight[:, c], dtype, acc).T.expand(x.shape[0], -1, -1), grad_out)
+        grad_y = torch.bmm(_rounded(conv_weight[:, c], dtype, gemm).T.expand(x.shape[0], -1, -1), grad_out)
         dweight[c], dbias[c] = kernels.bn_relu_backward(
             grad_y, x[:, c], mean[c], invstd[c], weight[c], bias[c], grad_x[:, c]
         )

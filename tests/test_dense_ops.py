@@ -175,6 +175,29 @@ def test_bn_relu_conv1x1_bf16_operands(backend, rng):
     assert ((out.double() - conv_weight.double() @ y_ref).abs() <= bound).all()
 
 
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="needs the compiled extension")
+def test_cpp_bf16_gemms_match_the_reference(rng):
+    """With bf16 operands the cpp backend runs each block of 64 input channels as one bf16 GEMM
+    (fp32 accumulation inside, the block's result rounded to bf16): forward and backward within bf16
+    rounding of the reference, over three channel blocks."""
+    batch, channels, channels_out, voxels = 2, 150, 24, 257
+    x = channel_slice(rng, batch, channels, voxels, torch.float32)
+    params = bn_params(rng, channels, torch.float32)
+    conv_weight = torch.randn(channels_out, channels, generator=rng) / channels**0.5
+    grad_out = torch.randn(batch, channels_out, voxels, generator=rng).bfloat16()
+    results = {}
+    for backend in ("torch", "cpp"):
+        grad_x = torch.zeros(batch, channels, voxels)
+        with densefuse.use_backend(backend):
+            out = ops.bn_relu_conv1x1(x, *params, conv_weight, out_dtype=torch.bfloat16)
+            grads = ops.bn_relu_conv1x1_backward_(grad_out, x, *params, conv_weight, grad_x)
+        results[backend] = (out, *grads, grad_x)
+    for name, actual, expected in zip(("out", "dweight", "dbias", "dconv", "grad_x"), *results.values()):
+        assert actual.dtype == expected.dtype, name
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(actual.float(), expected.float(), rtol=2**-6, atol=2**-7 * scale, msg=name)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bn_relu_conv1x1_float64_input_fp32_operands(backend, rng):
     """fp64 x with fp32 GEMM operands: rounded to fp32, summed in fp64 (the torch backend's semantics)."""

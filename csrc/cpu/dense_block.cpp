@@ -15,6 +15,8 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "cpu/cpu_dispatch.h"  // DF_CLONES, DF_INLINE
@@ -43,6 +45,37 @@ void visit_float(DType dtype, const char* name, F&& f) {
 
 template <class X>
 using Acc = std::conditional_t<std::is_same_v<X, double>, double, float>;
+
+template <class To, class From>
+DF_INLINE To bit_cast(From v) {
+  static_assert(sizeof(To) == sizeof(From));
+  To out;
+  std::memcpy(&out, &v, sizeof(To));
+  return out;
+}
+
+// Element conversions. bf16 by bit operations (c10::BFloat16's own rounding, NaN -> 0x7FC0, written
+// branch-free so that the loops vectorise); the other types by static_cast.
+template <class A, class T>
+DF_INLINE A load(const T* p, int64_t i) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return static_cast<A>(bit_cast<float>(static_cast<uint32_t>(p[i].x) << 16));
+  } else {
+    return static_cast<A>(p[i]);
+  }
+}
+
+template <class T, class A>
+DF_INLINE void store(T* p, int64_t i, A v) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const float f = static_cast<float>(v);
+    const uint32_t u = bit_cast<uint32_t>(f);
+    const uint32_t rounded = (u + ((u >> 16) & 1u) + 0x7FFFu) >> 16;
+    p[i].x = static_cast<uint16_t>(f != f ? 0x7FC0u : rounded);
+  } else {
+    p[i] = static_cast<T>(v);
+  }
+}
 
 // relu that keeps NaN (as torch.relu_).
 template <class A>
@@ -77,9 +110,9 @@ DF_CLONES void bn_relu_rows(const DenseBnArgs& a, const DenseView& out, int64_t 
     Y* y = row<Y>(out, b, c);
     if (sx == 1 && sy == 1) {
 #pragma omp simd
-      for (int64_t v = 0; v < n; ++v) y[v] = static_cast<Y>(relu(static_cast<A>(x[v]) * f.scale + f.shift));
+      for (int64_t v = 0; v < n; ++v) store(y, v, relu(load<A>(x, v) * f.scale + f.shift));
     } else {
-      for (int64_t v = 0; v < n; ++v) y[v * sy] = static_cast<Y>(relu(static_cast<A>(x[v * sx]) * f.scale + f.shift));
+      for (int64_t v = 0; v < n; ++v) store(y, v * sy, relu(load<A>(x, v * sx) * f.scale + f.shift));
     }
   }
 }
@@ -91,8 +124,8 @@ DF_INLINE void backward_block(const X* x, const G* gy, A* gx, int64_t n, const i
   A sg = 0, sgx = 0;
 #pragma omp simd reduction(+ : sg, sgx)
   for (int64_t v = 0; v < n; ++v) {
-    const A xv = static_cast<A>(x[kUnit ? v : v * s[0]]);
-    const A gv = static_cast<A>(gy[kUnit ? v : v * s[1]]);  // loaded unconditionally: a blend, no masks
+    const A xv = load<A>(x, kUnit ? v : v * s[0]);
+    const A gv = load<A>(gy, kUnit ? v : v * s[1]);  // loaded unconditionally: a blend, no masks
     const A g = xv * f.scale + f.shift > A(0) ? gv : A(0);
     sg += g;
     sgx += g * (xv - mean);
@@ -151,9 +184,9 @@ DF_CLONES void correction_rows(const DenseBnArgs& a, const DenseView& grad_x, in
     A* gx = row<A>(grad_x, b, c);
     if (sx == 1 && sg == 1) {
 #pragma omp simd
-      for (int64_t v = 0; v < n; ++v) gx[v] -= k0 + static_cast<A>(x[v]) * k1;
+      for (int64_t v = 0; v < n; ++v) gx[v] -= k0 + load<A>(x, v) * k1;
     } else {
-      for (int64_t v = 0; v < n; ++v) gx[v * sg] -= k0 + static_cast<A>(x[v * sx]) * k1;
+      for (int64_t v = 0; v < n; ++v) gx[v * sg] -= k0 + load<A>(x, v * sx) * k1;
     }
   }
 }

@@ -21,7 +21,8 @@ Statistics, BN parameters and the returned parameter gradients are in the accumu
 fp64 for fp64 x). Semantics: densefuse.reference (the ``torch`` backend); ``triton``:
 densefuse.kernels.dense_block (CUDA); ``cpp`` (CPU): one-pass C++ kernels for BN-ReLU, its backward
 and the correction (csrc/cpu/dense_block.cpp), the reference's GEMMs around them for the 1x1x1
-convolution, and ATen's batch-norm statistics. There are no cuda (C++) kernels: forcing that backend
+convolution (in bf16 for bf16 operands: reference.BnReluKernels.bf16_gemm), and ATen's batch-norm
+statistics. There are no cuda (C++) kernels: forcing that backend
 raises RuntimeError.
 """
 
@@ -75,7 +76,7 @@ def _cpp_loader(name: str) -> Callable[[], Callable]:
 
     def load() -> Callable:
         ext = torch.ops.densefuse_ext
-        kernels = reference.BnReluKernels(ext.dense_bn_relu, ext.dense_bn_relu_backward_)
+        kernels = reference.BnReluKernels(ext.dense_bn_relu, ext.dense_bn_relu_backward_, bf16_gemm=True)
         return functools.partial(getattr(reference, name), kernels=kernels)
 
     return load
