@@ -508,8 +508,9 @@ def bn_relu_backward(
     (sum g * xhat, sum g) over B*V, xhat = (x - mean) * invstd. The batch-statistics terms are
     bn_stats_correction's.
     """
-    g = _pre(x, mean, invstd, weight, bias)  # becomes g in place: grad_y where pre > 0, else 0
-    torch.ops.aten.threshold_backward.grad_input(grad_y.to(g.dtype), g, 0.0, grad_input=g)
+    pre = _pre(x, mean, invstd, weight, bias)
+    g = torch.where(pre > 0, grad_y.to(pre.dtype), 0.0)  # NaN pre: 0, as relu'(NaN) is taken to be
+    del pre
     return _bn_backward(g, x, mean, invstd, weight, grad_x)
 
 

@@ -289,7 +289,11 @@ def _extract_kernel(
     y, y_ok = _pad_index(sy + r % RY, H, MODE)
     rows = (r < RZ * RY) & z_ok & y_ok & in_batch
     vol_rows = (
-        vol_ptr + tl.where(in_batch, sb, 0) * s_b + c * s_c + z.to(tl.int64) * s_z + y.to(tl.int64) * s_y
+        vol_ptr
+        + tl.where(in_batch, sb, 0) * s_b
+        + c.to(tl.int64) * s_c
+        + z.to(tl.int64) * s_z
+        + y.to(tl.int64) * s_y
     )
     out_base = out_ptr + ((tl.cast(n, tl.int64) * C + c) * RZ * RY + r0) * RX
     out_rows = (r - r0) * RX

@@ -201,6 +201,15 @@ def test_fused_dropout_rate_and_scale():
     torch.testing.assert_close(new[~dropped], reference[~dropped] / 0.7)
 
 
+def test_fused_dropout_of_one_drops_everything():
+    """nn.Dropout accepts p = 1 set after construction: every new map is 0, as naive's."""
+    block = DenseBlock3d(3, 2, 2, bottleneck=None, dropout=0.5)
+    for layer in block.layers:
+        layer.dropout.p = 1.0
+    out = block(torch.randn(2, 3, 4, 4, 4))
+    assert out[:, 3:].abs().max() == 0 and torch.isfinite(out).all()
+
+
 @pytest.mark.parametrize("bottleneck", [2, None])
 def test_fused_backward_uses_the_parameters_it_was_given(bottleneck):
     """torch.func.functional_call with other parameters: naive's output and gradients (the backward

@@ -538,3 +538,32 @@ def test_implemented_backends():
     backends = ops.implemented_backends("cpu")
     assert "torch" in backends and "cuda" not in backends
     assert ("cpp" in backends) == ("cpp" in cpu_backends())  # the extension registers all three kernels
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_edge_inputs_agree_with_the_reference(backend, rng):
+    """bf16 x through autograd (grad_x in x's dtype), per-channel vectors that are not contiguous,
+    and NaN pre-activations (no gradient through them) give the torch backend's results; a grad_x
+    whose elements share memory is refused."""
+    x = channel_slice(rng, 2, 3, 40, torch.float32).bfloat16()
+    params = bn_params(rng, 3, torch.float32)
+    params[1] = torch.rand(1, generator=rng).add(0.5).expand(3)  # stride 0
+    params[2] = torch.randn(6, generator=rng)[::2]
+    results = {}
+    for name in dict.fromkeys(("torch", backend)):
+        xx = x.detach().requires_grad_()
+        with densefuse.use_backend(name):
+            ops.bn_relu(xx, *params).float().square().sum().backward()
+        results[name] = xx.grad
+    assert results[backend].dtype == torch.bfloat16
+    # rtol: 2 bf16 ulps (the Triton interpreter truncates to bf16 instead of rounding)
+    torch.testing.assert_close(results[backend].float(), results["torch"].float(), rtol=2**-5, atol=1e-2)
+    nan_x = torch.tensor([[[float("nan"), 1.0]]])
+    one = [torch.zeros(1), torch.ones(1), torch.ones(1), torch.zeros(1)]
+    grad_x = torch.zeros(1, 1, 2)
+    with densefuse.use_backend(backend):
+        _, dbias = ops.bn_relu_backward_(torch.ones(1, 1, 2), nan_x, *one, grad_x)
+        assert dbias.item() == 1 and grad_x.tolist() == [[[0.0, 1.0]]]
+        shared = torch.zeros(1, 1, 2).expand(1, 3, 2)
+        with pytest.raises(ValueError, match="grad_x: updated in place, so its elements must not share"):
+            ops.bn_relu_backward_(torch.ones(1, 3, 2), torch.randn(1, 3, 2), *[torch.ones(3)] * 4, shared)

@@ -384,6 +384,12 @@ BAD_EXTRACT = [
     (dict(roi=(2, 2)), ValueError, "roi: expected three integers >= 1"),
     (dict(mode="wrap"), ValueError, "mode: expected one of"),
     (dict(cval="zero"), TypeError, "cval: expected a number"),
+    (
+        dict(volume=torch.zeros(2, 3, 4, 4, 4, dtype=torch.float16), cval=1e6),
+        ValueError,
+        "cval: 1000000.0 overflows the volume's dtype torch.float16",
+    ),
+    (dict(starts=torch.zeros(4, dtype=torch.int64)), ValueError, r"starts: expected shape \(N, 4\).* \(4,\)"),
     (dict(out=torch.zeros(2, 3, 2, 2, 2, dtype=torch.float64)), TypeError, "out: expected torch.float32"),
     (
         dict(out=torch.zeros(2, 3, 2, 2, 3)),

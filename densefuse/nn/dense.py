@@ -321,6 +321,8 @@ def _dropout_scale(index: int, plan: _Plan, like: Tensor) -> Tensor | None:
     p = plan.dropout[index]
     if p == 0:
         return None
+    if p >= 1:  # every value dropped (nn.Dropout accepts p = 1 set after construction)
+        return torch.zeros(like.shape, dtype=like.dtype, device=like.device)
     generator = torch.Generator(like.device).manual_seed(plan.seed + index)
     # P(u < 1 - p) = 1 - p for u ~ U[0, 1); on CPU ~3x faster than bernoulli_ (drawn twice per step)
     u = torch.rand(like.shape, generator=generator, device=like.device)

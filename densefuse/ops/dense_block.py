@@ -67,16 +67,42 @@ def _triton_loader(name: str) -> Callable[[], Callable]:
     return lambda: getattr(importlib.import_module("densefuse.kernels.dense_block"), name)
 
 
+# Where the in-place C++ kernels take grad_x (they accumulate in the accumulation dtype, mean's).
+_GRAD_X_ARG = {"bn_relu_backward": 6, "bn_stats_correction": 0}
+
+
+def _accumulating(kernel: Callable, index: int) -> Callable:
+    """``kernel`` for a grad_x (argument ``index``) of any float dtype: one outside the accumulation
+    dtype is accumulated in a temporary of that dtype and written back, as the reference would."""
+
+    def run(*args: Tensor):
+        grad_x, acc = args[index], args[2].dtype
+        if grad_x.dtype == acc:
+            return kernel(*args)
+        work = grad_x.to(acc)
+        result = kernel(*args[:index], work, *args[index + 1 :])
+        grad_x.copy_(work)
+        return result
+
+    return run
+
+
 def _cpp_loader(name: str) -> Callable[[], Callable]:
     """The C++ kernel, or for the other ops the reference composed with the C++ kernels."""
     if name in _CPP_KERNELS:
-        return lambda: getattr(torch.ops.densefuse_ext, _CPP_KERNELS[name])
+
+        def kernel() -> Callable:
+            op = getattr(torch.ops.densefuse_ext, _CPP_KERNELS[name])
+            return _accumulating(op, _GRAD_X_ARG[name]) if name in _GRAD_X_ARG else op
+
+        return kernel
     if name == "channel_stats":
         return lambda: reference.channel_stats  # ATen's batch_norm_update_stats: one C++ pass already
 
     def load() -> Callable:
         ext = torch.ops.densefuse_ext
-        kernels = reference.BnReluKernels(ext.dense_bn_relu, ext.dense_bn_relu_backward_, bf16_gemm=True)
+        backward = _accumulating(ext.dense_bn_relu_backward_, _GRAD_X_ARG["bn_relu_backward"])
+        kernels = reference.BnReluKernels(ext.dense_bn_relu, backward, bf16_gemm=True)
         return functools.partial(getattr(reference, name), kernels=kernels)
 
     return load
@@ -272,6 +298,8 @@ def _features(name: str, x: object, inplace: bool = False) -> Tensor:
         raise ValueError(f"{name}: expected a non-empty tensor [B, C, *spatial], got {tuple(x.shape)}")
     if not inplace:
         return _validate.flatten_spatial(x, 2)
+    if torch._debug_has_internal_overlap(x) == 1:  # 1: some elements share memory (e.g. expanded)
+        raise ValueError(f"{name}: updated in place, so its elements must not share memory (expanded?)")
     try:
         return x.view(x.shape[0], x.shape[1], -1)
     except RuntimeError as err:
@@ -298,7 +326,7 @@ def _per_channel(x: Tensor, **params: object) -> list[Tensor]:
             )
         if value.device != x.device:
             raise ValueError(f"{name}: expected a tensor on {x.device} like x, got {value.device}")
-        out.append(value.to(reference.accumulate_dtype(x.dtype)))
+        out.append(value.to(reference.accumulate_dtype(x.dtype)).contiguous())
     return out
 
 

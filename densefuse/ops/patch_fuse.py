@@ -429,8 +429,13 @@ def patch_extract(
         raise ValueError(f"mode: expected one of {tuple(reference.PAD_MODES)}, got {mode!r}")
     if isinstance(cval, bool) or not isinstance(cval, (int, float)):
         raise TypeError(f"cval: expected a number, got {type(cval).__name__}")
+    if math.isfinite(cval) and abs(cval) > torch.finfo(volume.dtype).max:
+        raise ValueError(f"cval: {cval!r} overflows the volume's dtype {volume.dtype}")
     starts = _validate.check_tensor("starts", starts)
-    count = starts.shape[0] if starts.dim() else 0
+    if starts.dim() != 2:
+        shape = tuple(starts.shape)
+        raise ValueError(f"starts: expected shape (N, 4), one (batch, z, y, x) per window, got {shape}")
+    count = starts.shape[0]
     starts = _check_starts(starts, volume, count)
     shape = (count, volume.shape[1], *roi)
     if out is None:
