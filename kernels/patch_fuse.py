@@ -269,17 +269,22 @@ def _pad_index(p, size, MODE: tl.constexpr):
 
 # ===================================================================================== kernels
 @triton.jit
+def _window_program(C, tiles_r):
+    """(window n, channel c, row tile tr) of this program in a grid of N * C * tiles_r programs."""
+    pid = tl.program_id(0)
+    tr = pid % tiles_r
+    nc = pid // tiles_r
+    return nc // C, nc % C, tr
+
+
+@triton.jit
 def _extract_kernel(
     out_ptr, vol_ptr, starts_ptr, cval_ptr, C, B, D, H, W, RZ, RY, RX, s_b, s_c, s_z, s_y, s_x, tiles_r,
     MODE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_X: tl.constexpr,
 ):  # fmt: skip
     """out = padded(volume) windows, grid (N * C * tiles_r,): program = (window n, channel c,
     BLOCK_R rows r = i RY + j of the window), looping over x; cval_ptr: cval in out's dtype."""
-    pid = tl.program_id(0)
-    tr = pid % tiles_r
-    nc = pid // tiles_r
-    n = nc // C
-    c = nc % C
+    n, c, tr = _window_program(C, tiles_r)
     sb, sz, sy, sx = _load_starts(starts_ptr, n, True)
     in_batch = (sb >= 0) & (sb < B)
     cval = tl.load(cval_ptr)
@@ -315,11 +320,7 @@ def _scatter_kernel(
 ):  # fmt: skip
     """acc += w * windows, grid (N * C * tiles_r,): program = (window n, channel c, BLOCK_R rows
     r = i RY + j of the window), looping over x; flags int64 [2] += counts."""
-    pid = tl.program_id(0)
-    tr = pid % tiles_r
-    nc = pid // tiles_r
-    n = nc // C
-    c = nc % C
+    n, c, tr = _window_program(C, tiles_r)
     sb, sz, sy, sx = _load_starts(starts_ptr, n, True)
     placed = _placed(sb, sz, sy, sx, B, D, H, W, RZ, RY, RX)
     first = (c == 0) & (tr == 0)

@@ -19,7 +19,7 @@
 #include <cstring>
 #include <type_traits>
 
-#include "cpu/cpu_dispatch.h"  // DF_CLONES, DF_INLINE
+#include "cpu/cpu_dispatch.h"  // DF_CLONES, DF_INLINE, bit_cast
 
 namespace densefuse::cpu {
 namespace {
@@ -45,14 +45,6 @@ void visit_float(DType dtype, const char* name, F&& f) {
 
 template <class X>
 using Acc = std::conditional_t<std::is_same_v<X, double>, double, float>;
-
-template <class To, class From>
-DF_INLINE To bit_cast(From v) {
-  static_assert(sizeof(To) == sizeof(From));
-  To out;
-  std::memcpy(&out, &v, sizeof(To));
-  return out;
-}
 
 // Element conversions. bf16 by bit operations (c10::BFloat16's own rounding, NaN -> 0x7FC0, written
 // branch-free so that the loops vectorise); the other types by static_cast.
@@ -191,7 +183,8 @@ DF_CLONES void correction_rows(const DenseBnArgs& a, const DenseView& grad_x, in
   }
 }
 
-int64_t row_grain(const DenseBnArgs& a) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(1, a.voxels)); }
+// Work items per parallel chunk when each item covers `values` values.
+int64_t grain(int64_t values) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(1, values)); }
 
 }  // namespace
 
@@ -200,7 +193,7 @@ void dense_bn_relu(const DenseBnArgs& args, const DenseView& out) {
     using X = typename decltype(xt)::type;
     visit_float(out.dtype, "out_dtype", [&](auto yt) {
       using Y = typename decltype(yt)::type;
-      at::parallel_for(0, args.batch * args.channels, row_grain(args),
+      at::parallel_for(0, args.batch * args.channels, grain(args.voxels),
                        [&](int64_t r0, int64_t r1) { bn_relu_rows<X, Y>(args, out, r0, r1); });
     });
   });
@@ -213,8 +206,7 @@ void dense_bn_relu_backward(const DenseBnArgs& args, const DenseView& grad_y, co
     using A = Acc<X>;
     visit_float(grad_y.dtype, "grad_y", [&](auto gt) {
       using G = typename decltype(gt)::type;
-      const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, args.batch * args.voxels));
-      at::parallel_for(0, args.channels, grain, [&](int64_t c0, int64_t c1) {
+      at::parallel_for(0, args.channels, grain(args.batch * args.voxels), [&](int64_t c0, int64_t c1) {
         bn_relu_backward_channels<X, G>(args, grad_y, grad_x, static_cast<A*>(dweight), static_cast<A*>(dbias), c0,
                                         c1);
       });
@@ -225,7 +217,7 @@ void dense_bn_relu_backward(const DenseBnArgs& args, const DenseView& grad_y, co
 void dense_bn_correction(const DenseBnArgs& args, const DenseView& grad_x) {
   visit_float(args.x.dtype, "x", [&](auto xt) {
     using X = typename decltype(xt)::type;
-    at::parallel_for(0, args.batch * args.channels, row_grain(args),
+    at::parallel_for(0, args.batch * args.channels, grain(args.voxels),
                      [&](int64_t r0, int64_t r1) { correction_rows<X>(args, grad_x, r0, r1); });
   });
 }

@@ -33,7 +33,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "cpu/cpu_dispatch.h"  // DF_CLONES, DF_INLINE
+#include "cpu/cpu_dispatch.h"  // DF_CLONES, DF_INLINE, bit_cast
 #include "loss_math.h"
 
 namespace densefuse::cpu {
@@ -45,14 +45,6 @@ constexpr int64_t kChunk = 16384;  // voxels per work item; fixed, so sums do no
 constexpr int64_t kFusedBlock = 1024;  // block of the fused C == 1 kernels (block_size(1))
 
 // ------------------------------------------------------------------------------------------ math
-template <class To, class From>
-DF_INLINE To bit_cast(From v) {
-  static_assert(sizeof(To) == sizeof(From));
-  To out;
-  std::memcpy(&out, &v, sizeof(To));
-  return out;
-}
-
 // exp(x) = 2^n exp(r), n = round(x / ln 2) by the 1.5 * 2^23 trick, r = x - n ln 2 (Cody-Waite),
 // exp(r) by the Cephes expf polynomial. 2^n is applied in two halves so that overflow gives inf and
 // small results underflow gradually; x is clamped first (NaN passes the clamps and propagates).

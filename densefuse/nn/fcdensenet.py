@@ -53,7 +53,7 @@ class _TransitionDown(nn.Sequential):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        norm, _, conv, dropout, pool = self
+        norm, _, conv, dropout, pool = self  # the ReLU module stays at index 1: state_dict keys, repr
         return pool(dropout(conv(_norm_relu(norm, x))))  # _norm_relu: running stats updated once
 
 
