@@ -30,4 +30,13 @@ def rng(request) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP barrier stalls on a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

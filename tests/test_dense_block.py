@@ -23,13 +23,7 @@ from densefuse.nn import dense as dense_module
 IMPLEMENTATIONS = ("naive", "checkpoint", "fused")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP barrier stalls on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors (conftest.one_thread)
 
 
 CASES = [  # ((batch, in_channels, growth, layers, bottleneck, spatial), BN momentum)
