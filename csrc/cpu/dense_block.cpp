@@ -109,9 +109,10 @@ DF_CLONES void bn_relu_rows(const DenseBnArgs& a, const DenseView& out, int64_t 
   }
 }
 
-// One block of n values of a row: grad_x += g * scale; returns (sum g, sum g * (x - mean)) in A.
-template <class X, class G, class A, bool kUnit>
-DF_INLINE void backward_block(const X* x, const G* gy, A* gx, int64_t n, const int64_t* s, const Affine<A>& f,
+// One block of n values of a row: grad_x += g * scale (added in A, rounded to GX); returns
+// (sum g, sum g * (x - mean)) in A.
+template <class X, class G, class GX, class A, bool kUnit>
+DF_INLINE void backward_block(const X* x, const G* gy, GX* gx, int64_t n, const int64_t* s, const Affine<A>& f,
                               A mean, A& sum_g, A& sum_gx) {
   A sg = 0, sgx = 0;
 #pragma omp simd reduction(+ : sg, sgx)
@@ -121,14 +122,15 @@ DF_INLINE void backward_block(const X* x, const G* gy, A* gx, int64_t n, const i
     const A g = xv * f.scale + f.shift > A(0) ? gv : A(0);
     sg += g;
     sgx += g * (xv - mean);
-    gx[kUnit ? v : v * s[2]] += g * f.scale;
+    const int64_t i = kUnit ? v : v * s[2];
+    store(gx, i, load<A>(gx, i) + g * f.scale);
   }
   sum_g = sg;
   sum_gx = sgx;
 }
 
 // Channel c: the blocks of every row in order, partial sums added in double.
-template <class X, class G, class A, bool kUnit>
+template <class X, class G, class GX, class A, bool kUnit>
 DF_INLINE void backward_channel(const DenseBnArgs& a, const DenseView& grad_y, const DenseView& grad_x,
                                 const int64_t* s, int64_t c, A* dweight, A* dbias) {
   const Affine<A> f(a, c);
@@ -137,11 +139,11 @@ DF_INLINE void backward_channel(const DenseBnArgs& a, const DenseView& grad_y, c
   for (int64_t b = 0; b < a.batch; ++b) {
     const X* x = row<const X>(a.x, b, c);
     const G* gy = row<const G>(grad_y, b, c);
-    A* gx = row<A>(grad_x, b, c);
+    GX* gx = row<GX>(grad_x, b, c);
     for (int64_t v = 0; v < a.voxels; v += kBlock) {
       const int64_t n = std::min(kBlock, a.voxels - v);
       A sg, sgx;
-      backward_block<X, G, A, kUnit>(x + v * s[0], gy + v * s[1], gx + v * s[2], n, s, f, mean, sg, sgx);
+      backward_block<X, G, GX, A, kUnit>(x + v * s[0], gy + v * s[1], gx + v * s[2], n, s, f, mean, sg, sgx);
       total_g += sg;
       total_gx += sgx;
     }
@@ -150,19 +152,19 @@ DF_INLINE void backward_channel(const DenseBnArgs& a, const DenseView& grad_y, c
   dweight[c] = static_cast<A>(total_gx) * static_cast<const A*>(a.invstd)[c];
 }
 
-template <class X, class G>
+template <class X, class G, class GX>
 DF_CLONES void bn_relu_backward_channels(const DenseBnArgs& a, const DenseView& grad_y, const DenseView& grad_x,
                                          Acc<X>* dweight, Acc<X>* dbias, int64_t c0, int64_t c1) {
   using A = Acc<X>;
   const int64_t s[3] = {a.x.strides[2], grad_y.strides[2], grad_x.strides[2]};
   if (s[0] == 1 && s[1] == 1 && s[2] == 1) {
-    for (int64_t c = c0; c < c1; ++c) backward_channel<X, G, A, true>(a, grad_y, grad_x, s, c, dweight, dbias);
+    for (int64_t c = c0; c < c1; ++c) backward_channel<X, G, GX, A, true>(a, grad_y, grad_x, s, c, dweight, dbias);
   } else {
-    for (int64_t c = c0; c < c1; ++c) backward_channel<X, G, A, false>(a, grad_y, grad_x, s, c, dweight, dbias);
+    for (int64_t c = c0; c < c1; ++c) backward_channel<X, G, GX, A, false>(a, grad_y, grad_x, s, c, dweight, dbias);
   }
 }
 
-template <class X>
+template <class X, class GX>
 DF_CLONES void correction_rows(const DenseBnArgs& a, const DenseView& grad_x, int64_t r0, int64_t r1) {
   using A = Acc<X>;
   const A count = static_cast<A>(a.batch * a.voxels);
@@ -173,12 +175,12 @@ DF_CLONES void correction_rows(const DenseBnArgs& a, const DenseView& grad_x, in
     const A cb = static_cast<const A*>(a.bias)[c];
     const A k0 = (ca - mean * cb) / count, k1 = cb / count;
     const X* x = row<const X>(a.x, b, c);
-    A* gx = row<A>(grad_x, b, c);
+    GX* gx = row<GX>(grad_x, b, c);
     if (sx == 1 && sg == 1) {
 #pragma omp simd
-      for (int64_t v = 0; v < n; ++v) gx[v] -= k0 + load<A>(x, v) * k1;
+      for (int64_t v = 0; v < n; ++v) store(gx, v, load<A>(gx, v) - (k0 + load<A>(x, v) * k1));
     } else {
-      for (int64_t v = 0; v < n; ++v) gx[v * sg] -= k0 + load<A>(x, v * sx) * k1;
+      for (int64_t v = 0; v < n; ++v) store(gx, v * sg, load<A>(gx, v * sg) - (k0 + load<A>(x, v * sx) * k1));
     }
   }
 }
@@ -206,9 +208,12 @@ void dense_bn_relu_backward(const DenseBnArgs& args, const DenseView& grad_y, co
     using A = Acc<X>;
     visit_float(grad_y.dtype, "grad_y", [&](auto gt) {
       using G = typename decltype(gt)::type;
-      at::parallel_for(0, args.channels, grain(args.batch * args.voxels), [&](int64_t c0, int64_t c1) {
-        bn_relu_backward_channels<X, G>(args, grad_y, grad_x, static_cast<A*>(dweight), static_cast<A*>(dbias), c0,
-                                        c1);
+      visit_float(grad_x.dtype, "grad_x", [&](auto gxt) {
+        using GX = typename decltype(gxt)::type;
+        at::parallel_for(0, args.channels, grain(args.batch * args.voxels), [&](int64_t c0, int64_t c1) {
+          bn_relu_backward_channels<X, G, GX>(args, grad_y, grad_x, static_cast<A*>(dweight),
+                                              static_cast<A*>(dbias), c0, c1);
+        });
       });
     });
   });
@@ -217,8 +222,11 @@ void dense_bn_relu_backward(const DenseBnArgs& args, const DenseView& grad_y, co
 void dense_bn_correction(const DenseBnArgs& args, const DenseView& grad_x) {
   visit_float(args.x.dtype, "x", [&](auto xt) {
     using X = typename decltype(xt)::type;
-    at::parallel_for(0, args.batch * args.channels, grain(args.voxels),
-                     [&](int64_t r0, int64_t r1) { correction_rows<X>(args, grad_x, r0, r1); });
+    visit_float(grad_x.dtype, "grad_x", [&](auto gxt) {
+      using GX = typename decltype(gxt)::type;
+      at::parallel_for(0, args.batch * args.channels, grain(args.voxels),
+                       [&](int64_t r0, int64_t r1) { correction_rows<X, GX>(args, grad_x, r0, r1); });
+    });
   });
 }
 

@@ -9,12 +9,14 @@ namespace densefuse::cpu {
 // out [B, C, V] contiguous (its own dtype) = relu(x * scale + shift), computed in A.
 void dense_bn_relu(const DenseBnArgs& args, const DenseView& out);
 
-// g = grad_y where pre > 0, else 0:  grad_x (dtype A) += g * scale;  dweight [C] = sum g * (x - mean)
-// * invstd, dbias [C] = sum g over B*V (A). Each channel is reduced by one thread in a fixed order.
+// g = grad_y where pre > 0, else 0:  grad_x (any float dtype, added in A) += g * scale;
+// dweight [C] = sum g * (x - mean) * invstd, dbias [C] = sum g over B*V (A). Each channel is reduced by one
+// thread in a fixed order.
 void dense_bn_relu_backward(const DenseBnArgs& args, const DenseView& grad_y, const DenseView& grad_x,
                             void* dweight, void* dbias);
 
-// grad_x (dtype A) -= (a + (x - mean) * b) / (B * V) per channel; a, b in args.weight, args.bias.
+// grad_x (any float dtype, computed in A) -= (a + (x - mean) * b) / (B * V) per channel; a, b in args.weight,
+// args.bias.
 void dense_bn_correction(const DenseBnArgs& args, const DenseView& grad_x);
 
 }  // namespace densefuse::cpu

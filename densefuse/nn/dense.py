@@ -133,10 +133,12 @@ class DenseBlock3d(nn.Module):
     Layer i is ``DenseLayer3d(C_in + i*k, k, bottleneck, dropout, eps, momentum)``; ``implementation``
     ("fused" | "checkpoint" | "naive", settable at any time) changes how, not what, is computed (see
     the module docstring). The output's dtype is x's; under torch.autocast the convolutions run in the
-    autocast dtype and the batch statistics in fp32. Callers that need only the new maps slice
-    ``out[:, in_channels:]`` (a view). After ``nn.SyncBatchNorm.convert_sync_batchnorm`` (DDP), train
-    with "checkpoint" or "naive" ("fused" computes batch statistics per process, so it refuses
-    SyncBatchNorm in training mode and serves it in eval mode).
+    autocast dtype and the batch statistics in fp32. Callers that need only the new maps call
+    ``block(x, new_only=True)``: [B, L*k, D, H, W] (FC-DenseNet's up path; under "fused" the gradient
+    of the input's channels then never exists as a full-width output gradient). After
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` (DDP), train with "checkpoint" or "naive" ("fused"
+    computes batch statistics per process, so it refuses SyncBatchNorm in training mode and serves it
+    in eval mode).
     """
 
     def __init__(
@@ -198,20 +200,23 @@ class DenseBlock3d(nn.Module):
         nn.SyncBatchNorm.convert_sync_batchnorm)."""
         return {name: m for name, m in self.named_modules() if isinstance(m, _BatchNorm)}
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, new_only: bool = False) -> Tensor:
+        """x [B, C_in, D, H, W] -> cat(x, new maps) [B, C_in + L*k, ...], or with ``new_only`` the new
+        maps [B, L*k, ...]."""
         x = self._check_input(x)
         if self.implementation == "naive":
-            return self._naive(x)
+            out = self._naive(x)
+            return out[:, self.in_channels :] if new_only else out
         if self.implementation == "checkpoint":
-            return self._checkpointed(x)
-        return self._fused(x)
+            return self._checkpointed(x, new_only)
+        return self._fused(x, new_only)
 
     def _naive(self, x: Tensor) -> Tensor:
         for layer in self.layers:
             x = torch.cat([x, layer(x)], dim=1)
         return x
 
-    def _checkpointed(self, x: Tensor) -> Tensor:
+    def _checkpointed(self, x: Tensor, new_only: bool) -> Tensor:
         features = [x]
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters())
@@ -226,9 +231,9 @@ class DenseBlock3d(nn.Module):
             else:
                 h = head(*features)
             features.append(layer.tail(h))
-        return torch.cat(features, dim=1)
+        return torch.cat(features[1:] if new_only else features, dim=1)
 
-    def _fused(self, x: Tensor) -> Tensor:
+    def _fused(self, x: Tensor, new_only: bool) -> Tensor:
         norms = self._norms()
         modes = {_batch_stats(n) for n in norms.values()}
         if len(modes) > 1:
@@ -250,7 +255,7 @@ class DenseBlock3d(nn.Module):
         dropout = any(layer.dropout.training and layer.dropout.p > 0 for layer in self.layers)
         seed = int(torch.randint(2**62, (), dtype=torch.int64)) if dropout else 0
         params = [t for layer in self.layers for t in _layer_params(layer)]
-        plan = _Plan(self, modes.pop(), dtype, seed)
+        plan = _Plan(self, modes.pop(), dtype, seed, new_only)
         with torch.autocast(device, enabled=False):  # the dtypes are explicit from here on
             return _FusedBlock.apply(x, plan, *params)
 
@@ -294,11 +299,13 @@ def _update_running_stats(norm: _BatchNorm, mean: Tensor, var: Tensor, count: in
 
 class _Plan:
     """What the fused block's autograd.Function needs besides tensors, fixed at forward time: the
-    backend forced then (re-applied in backward, which autograd may run on another thread) and each
-    layer's dropout probability (0: none; the module may be switched to eval before backward)."""
+    backend forced then (re-applied in backward, which autograd may run on another thread), each
+    layer's dropout probability (0: none; the module may be switched to eval before backward) and
+    whether the output is the new maps only."""
 
-    def __init__(self, block: DenseBlock3d, batch_stats: bool, dtype: torch.dtype, seed: int):
+    def __init__(self, block: DenseBlock3d, batch_stats: bool, dtype: torch.dtype, seed: int, new_only: bool):
         self.block, self.batch_stats, self.dtype, self.seed = block, batch_stats, dtype, seed
+        self.new_only = new_only
         self.backend = forced_backend()
         self.dropout = [layer.dropout.p if layer.dropout.training else 0.0 for layer in block.layers]
 
@@ -381,8 +388,8 @@ def _conv3x3_backward(
     spatial,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Backward of _conv3x3_forward with fixed statistics, block by block: grad_x [B, C, V] +=
-    the input gradient (None: a zero tensor in the accumulation dtype, allocated once the first
-    block's temporaries are freed); returns the norm's (dweight, dbias), the convolution's weight
+    the input gradient (None: a zero tensor in x's dtype, allocated once the first block's
+    temporaries are freed); returns the norm's (dweight, dbias), the convolution's weight
     gradient and grad_x."""
     dweight, dbias = torch.empty((2, x.shape[1]), dtype=stats.mean.dtype, device=x.device)
     dconv = torch.empty(stage.conv.shape, dtype=dtype, device=x.device)
@@ -403,7 +410,7 @@ def _conv3x3_backward(
             )[:2]
             del y
         if grad_x is None:
-            grad_x = torch.zeros(x.shape, dtype=stats.mean.dtype, device=x.device)
+            grad_x = torch.zeros_like(x)
         dweight[c], dbias[c] = ops.bn_relu_backward_(
             grad_y.view(x[:, c].shape), x[:, c], stats.mean[c], stats.invstd[c], stage.weight[c],
             stage.bias[c], grad_x[:, c],
@@ -426,7 +433,8 @@ def _fold(a: Tensor, b: Tensor, stats: _Stats, weight: Tensor, dweight: Tensor, 
 
 
 class _FusedBlock(torch.autograd.Function):
-    """x [B, C_in, *S] -> buffer [B, C_out, *S]; params: _layer_params of every layer, in order.
+    """x [B, C_in, *S] -> buffer [B, C_out, *S] (plan.new_only: its view [:, C_in:]); params:
+    _layer_params of every layer, in order.
 
     Forward: x is copied into a preallocated buffer once; layer l reads the channel prefix
     [0, n_l) and writes its k channels into [n_l, n_l + k). In batch-statistics mode each channel's
@@ -437,7 +445,8 @@ class _FusedBlock(torch.autograd.Function):
     version counters catch an in-place change before backward), the statistics ([C] per BN) and the
     dropout seed.
 
-    Backward, layers in reverse, one gradient buffer G [B, C_out, V] (fp32 for half buffers): when
+    Backward, layers in reverse, one gradient buffer G [B, C_out, V] in the buffer's dtype (like the
+    naive block's gradients; each addition into it is computed in fp32 and rounded once): when
     layer l is reached every consumer of its channels has added g weight invstd into G, so their
     batch-statistics terms are folded once (dense_bn_correction_ with the accumulated a, b); then
     the layer's normalised input is recomputed block by block for the weight gradients, and its
@@ -487,7 +496,7 @@ class _FusedBlock(torch.autograd.Function):
                 mean[n : n + k], var[n : n + k] = ops.channel_stats(flat[:, n : n + k])
         ctx.plan, ctx.layer_stats, ctx.mean = plan, layer_stats, mean
         ctx.save_for_backward(buffer, *params)
-        return buffer
+        return buffer[:, block.in_channels :] if plan.new_only else buffer
 
     @staticmethod
     @once_differentiable
@@ -502,7 +511,12 @@ class _FusedBlock(torch.autograd.Function):
         batch_size, channels, *spatial = buffer.shape
         acc = accumulate_dtype(buffer.dtype)
         flat = buffer.view(batch_size, channels, -1)
-        grad = grad_out.to(acc, memory_format=torch.contiguous_format, copy=True).view(flat.shape)
+        if plan.new_only:  # the input channels' gradient starts at zero
+            grad = torch.empty_like(flat)
+            grad[:, : block.in_channels] = 0
+            grad[:, block.in_channels :] = grad_out.reshape(batch_size, -1, flat.shape[2])
+        else:
+            grad = grad_out.to(flat.dtype, memory_format=torch.contiguous_format, copy=True).view(flat.shape)
         if batch:
             a, b = flat.new_zeros((2, channels), dtype=acc)
         grads: list[Tensor] = []
@@ -535,7 +549,7 @@ class _FusedBlock(torch.autograd.Function):
                     ops.bn_stats_correction_(grad_z, z, stats2.mean, a2, b2)
                 del z
                 dweight1, dbias1, dconv1 = ops.bn_relu_conv1x1_backward_(
-                    grad_z.to(dtype), prefix, stats1.mean, stats1.invstd, stage1.weight, stage1.bias,
+                    grad_z, prefix, stats1.mean, stats1.invstd, stage1.weight, stage1.bias,
                     stage1.conv, grad[:, :n],
                 )  # fmt: skip
                 del grad_z
@@ -549,5 +563,5 @@ class _FusedBlock(torch.autograd.Function):
             c_in = block.in_channels
             if batch:
                 ops.bn_stats_correction_(grad[:, :c_in], flat[:, :c_in], mean[:c_in], a[:c_in], b[:c_in])
-            grad_x = grad[:, :c_in].to(buffer.dtype).reshape(batch_size, c_in, *spatial).contiguous()
+            grad_x = grad[:, :c_in].reshape(batch_size, c_in, *spatial).contiguous()
         return grad_x, None, *grads

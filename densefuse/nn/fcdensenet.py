@@ -213,9 +213,9 @@ class FCDenseNet3d(nn.Module):
             x = block(x)
             skips.append(x)
             x = run(down, x)
-        x = self.bottleneck_block(x)[:, self.bottleneck_block.in_channels :]
+        x = self.bottleneck_block(x, new_only=True)
         for up, block, skip in zip(self.transitions_up, self.up_blocks, reversed(skips)):
-            x = block(torch.cat([run(up, x), skip], dim=1))[:, block.in_channels :]
+            x = block(torch.cat([run(up, x), skip], dim=1), new_only=True)
         if run is _call:
             return self.head(x)
         step = -(-x.shape[2] // HEAD_SLABS)  # the head's kernel equals its stride: slabs are exact

@@ -67,42 +67,16 @@ def _triton_loader(name: str) -> Callable[[], Callable]:
     return lambda: getattr(importlib.import_module("densefuse.kernels.dense_block"), name)
 
 
-# Where the in-place C++ kernels take grad_x (they accumulate in the accumulation dtype, mean's).
-_GRAD_X_ARG = {"bn_relu_backward": 6, "bn_stats_correction": 0}
-
-
-def _accumulating(kernel: Callable, index: int) -> Callable:
-    """``kernel`` for a grad_x (argument ``index``) of any float dtype: one outside the accumulation
-    dtype is accumulated in a temporary of that dtype and written back, as the reference would."""
-
-    def run(*args: Tensor):
-        grad_x, acc = args[index], args[2].dtype
-        if grad_x.dtype == acc:
-            return kernel(*args)
-        work = grad_x.to(acc)
-        result = kernel(*args[:index], work, *args[index + 1 :])
-        grad_x.copy_(work)
-        return result
-
-    return run
-
-
 def _cpp_loader(name: str) -> Callable[[], Callable]:
     """The C++ kernel, or for the other ops the reference composed with the C++ kernels."""
     if name in _CPP_KERNELS:
-
-        def kernel() -> Callable:
-            op = getattr(torch.ops.densefuse_ext, _CPP_KERNELS[name])
-            return _accumulating(op, _GRAD_X_ARG[name]) if name in _GRAD_X_ARG else op
-
-        return kernel
+        return lambda: getattr(torch.ops.densefuse_ext, _CPP_KERNELS[name])
     if name == "channel_stats":
         return lambda: reference.channel_stats  # ATen's batch_norm_update_stats: one C++ pass already
 
     def load() -> Callable:
         ext = torch.ops.densefuse_ext
-        backward = _accumulating(ext.dense_bn_relu_backward_, _GRAD_X_ARG["bn_relu_backward"])
-        kernels = reference.BnReluKernels(ext.dense_bn_relu, backward, bf16_gemm=True)
+        kernels = reference.BnReluKernels(ext.dense_bn_relu, ext.dense_bn_relu_backward_, bf16_gemm=True)
         return functools.partial(getattr(reference, name), kernels=kernels)
 
     return load
