@@ -22,7 +22,11 @@ checkpoint, its time <= 1.05 x naive on a GPU (1.15 x on CPU).
     PYTHONPATH=benchmarks python benchmarks/dense_providers.py [--reps 10] [--threads N] [--out FILE.json]
 
 times the providers interleaved round by round (report.interleaved_ms), prints medians, peak extra
-memory and the ratios, and writes them to benchmarks/results/dense-<device>-<date>.json.
+memory and the ratios, and writes them to benchmarks/results/dense-<device>-<date>.json. With
+``--model`` it does the same for whole FCDenseNet3d training steps (densefuse.profile.TrainingStep:
+forward, F-beta loss, backward, Adam; naive vs checkpoint vs fused, each its own network with the
+same weights) and writes model-step-<device>-<date>.json; targets: fused <= 0.245 x naive's memory
+(7 GB vs 28.4 GB in fp32, 4 GB vs 16.3 GB in bf16 on an H100) at <= 1.0 x naive's time.
 """
 
 from __future__ import annotations
@@ -37,15 +41,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import loss_providers as lp
+import report
 import torch
 from torch import Tensor
 
 import densefuse
 from densefuse.nn import DenseBlock3d
+from densefuse.nn.dense import IMPLEMENTATIONS
 from densefuse.ops import dense_block
+from densefuse.profile import Network, Point, TrainingStep
 
 Step = Callable[[], None]
 TARGETS = {"memory_vs_naive": 0.25, "memory_vs_checkpoint": 0.8, "time_vs_naive": {"cuda": 1.05, "cpu": 1.15}}
+MODEL_TARGETS = {"memory_vs_naive": 0.245, "time_vs_naive": {"cuda": 1.0, "cpu": 1.0}}
 
 
 @dataclass(frozen=True)
@@ -132,6 +140,38 @@ def synchronized(step: Step, device: str) -> Step:
     return lp.synchronized(step, device)
 
 
+# ------------------------------------------------------------------------------ the whole network
+@dataclass(frozen=True)
+class ModelCase:
+    """The paper's FCDenseNet3d widths (k = 16, 5 layers per block, 4k bottleneck) with
+    ``down_blocks`` down blocks, 4 inputs, 1 output, on a batch x patch^3 batch."""
+
+    down_blocks: int
+    batch: int
+    patch: int
+    dtype: str = "fp32"  # or "bf16": autocast
+
+    @property
+    def network(self) -> Network:
+        return Network(num_down_blocks=self.down_blocks)
+
+    @property
+    def name(self) -> str:
+        return f"fcdensenet-d{self.down_blocks}-b{self.batch}-{self.patch}^3-{self.dtype}"
+
+
+MODEL_CASES = {  # CPU: at 48^3 the fused step's per-op overhead shows (1.2x naive in bf16; 1.0x at 64^3)
+    "cpu": [ModelCase(3, 2, 64), ModelCase(3, 2, 64, "bf16")],
+    "cuda": [ModelCase(5, 4, 128), ModelCase(5, 4, 128, "bf16")],  # DESIGN §6's anchors
+}
+
+
+def training_step(case: ModelCase, device: str, implementation: str) -> TrainingStep:
+    """A freshly initialised network (seed 0) running ``implementation``; cudnn.benchmark on."""
+    torch.backends.cudnn.benchmark = True
+    return TrainingStep(case.network, Point(implementation, case.dtype, case.batch, case.patch), device)
+
+
 # -------------------------------------------------------------------------------------------- memory
 def peak_extra_bytes(step: Step, device: str) -> int:
     """Peak bytes allocated during one ``step()`` above the level before it."""
@@ -156,50 +196,61 @@ def ratios(results: dict[str, dict], provider: str) -> dict[str, float]:
     return {key: round(value, 3) for key, value in out.items()}
 
 
-def meets_targets(ratio: dict[str, float], device: str) -> dict[str, bool]:
-    limits = {**TARGETS, "time_vs_naive": TARGETS["time_vs_naive"][device]}
-    return {key: value <= limits[key] for key, value in ratio.items()}
+def meets_targets(ratio: dict[str, float], device: str, targets: dict = TARGETS) -> dict[str, bool]:
+    limits = {**targets, "time_vs_naive": targets["time_vs_naive"][device]}
+    return {key: value <= limits[key] for key, value in ratio.items() if key in limits}
+
+
+def measure(name: str, steps: dict[str, Step], device: str, reps: int, targets: dict | None) -> dict:
+    """Interleaved timings and peak extra memory of every step, printed; ratios for the fused ones."""
+    timings = report.interleaved_ms(steps, reps)
+    rows = {}
+    for provider, step in steps.items():
+        peak_mb = round(peak_extra_bytes(step, device) / 2**20, 1)
+        rows[provider] = {**timings[provider], "peak_extra_mb": peak_mb}
+    print(f"{name} ({device}, {torch.get_num_threads()} threads, {reps} interleaved rounds)")
+    for provider, row in rows.items():
+        median, peak = row["median_ms"], row["peak_extra_mb"]
+        line = f"  {provider:<12} median {median:9.1f} ms  peak extra {peak:8.1f} MB"
+        if provider.startswith("fused"):
+            row["ratios"] = ratios(rows, provider)
+            if targets:
+                row["meets_targets"] = meets_targets(row["ratios"], device, targets)
+            line += "  " + "  ".join(f"{k} {v:.3f}" for k, v in row["ratios"].items())
+        print(line)
+    return rows
 
 
 # ----------------------------------------------------------------------------------------- the CLI
 def main(argv: list[str] | None = None) -> None:
-    import report
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=10, help="interleaved rounds per case")
     parser.add_argument("--case", type=int, action="append", help="only these indices of CASES[device]")
     parser.add_argument("--out", type=Path, help="JSON file (default: results/dense-<device>-<date>.json)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--model", action="store_true", help="FCDenseNet3d training steps (MODEL_CASES)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     info = report.device_info(device)
+    targets = MODEL_TARGETS if args.model else TARGETS
     results = {"device": info, "date": datetime.date.today().isoformat(), "versions": report.versions(),
-               "reps": args.reps, "targets": TARGETS, "cases": []}  # fmt: skip
-    for index, case in enumerate(CASES[device]):
+               "reps": args.reps, "targets": targets, "cases": []}  # fmt: skip
+    for index, case in enumerate((MODEL_CASES if args.model else CASES)[device]):
         if args.case and index not in args.case:
             continue
-        inputs = make_inputs(case, device)
-        steps = {name: synchronized(setup(name, case, inputs), device) for name in providers(device)}
-        timings = report.interleaved_ms(steps, args.reps)
-        rows = {}
-        for name, step in steps.items():
-            rows[name] = {**timings[name], "peak_extra_mb": round(peak_extra_bytes(step, device) / 2**20, 1)}
-        print(f"{case.name} ({device}, {torch.get_num_threads()} threads, {args.reps} interleaved rounds)")
-        for name, row in rows.items():
-            line = (
-                f"  {name:<12} median {row['median_ms']:9.1f} ms  peak extra {row['peak_extra_mb']:8.1f} MB"
-            )
-            if name.startswith("fused"):
-                row["ratios"] = ratios(rows, name)
-                if case.target:
-                    row["meets_targets"] = meets_targets(row["ratios"], device)
-                line += "  " + "  ".join(f"{k} {v:.3f}" for k, v in row["ratios"].items())
-            print(line)
+        if args.model:
+            steps = {i: synchronized(training_step(case, device, i), device) for i in IMPLEMENTATIONS}
+            rows = measure(case.name, steps, device, args.reps, targets)
+        else:
+            inputs = make_inputs(case, device)
+            steps = {name: synchronized(setup(name, case, inputs), device) for name in providers(device)}
+            rows = measure(case.name, steps, device, args.reps, targets if case.target else None)
         results["cases"].append({"case": asdict(case), "name": case.name, "providers": rows})
     threads = f"-{torch.get_num_threads()}t" if device == "cpu" else ""
-    out = args.out or report.RESULTS / f"dense-{report.slug(info)}{threads}-{results['date']}.json"
+    stem = "model-step" if args.model else "dense"
+    out = args.out or report.RESULTS / f"{stem}-{report.slug(info)}{threads}-{results['date']}.json"
     out.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {out}")
 

@@ -13,38 +13,16 @@ allocator events, see loss_providers.peak_extra_bytes) is logged and printed at 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import loss_providers as lp
 import pytest
 import torch
+from dense_providers import ModelCase, training_step
 
 from densefuse.nn.dense import IMPLEMENTATIONS
-from densefuse.profile import Network, Point, TrainingStep
 
 ROUNDS = {"cpu": 3, "cuda": 20}
 WARMUP = {"cpu": 1, "cuda": 3}
-
-
-@dataclass(frozen=True)
-class ModelCase:
-    """The paper's FCDenseNet3d widths (k = 16, 5 layers per block, 4k bottleneck) with
-    ``down_blocks`` down blocks, 4 inputs, 1 output, on a batch x patch^3 batch."""
-
-    down_blocks: int
-    batch: int
-    patch: int
-    dtype: str = "fp32"
-
-    @property
-    def network(self) -> Network:
-        return Network(num_down_blocks=self.down_blocks)
-
-    @property
-    def name(self) -> str:
-        return f"fcdensenet-d{self.down_blocks}-b{self.batch}-{self.patch}^3-{self.dtype}"
-
-
 CASES = {
     "cpu": [ModelCase(3, 2, 32)],  # batch 2: at batch 1 these small convolutions take ATen's slow_conv3d
     "cuda": [ModelCase(5, 4, 128), ModelCase(5, 4, 128, "bf16")],  # DESIGN §6's anchors
@@ -55,11 +33,6 @@ MATRIX = [
     for case in CASES[device]
     for implementation in IMPLEMENTATIONS
 ]
-
-
-def training_step(case: ModelCase, device: str, implementation: str) -> TrainingStep:
-    torch.backends.cudnn.benchmark = True
-    return TrainingStep(case.network, Point(implementation, case.dtype, case.batch, case.patch), device)
 
 
 @functools.cache

@@ -530,9 +530,9 @@ class BnReluKernels(NamedTuple):
     """The elementwise steps bn_relu_conv1x1(_backward) run around their GEMMs, with bn_relu's and
     bn_relu_backward's signatures: this module's, or a backend's (the cpp backend's one-pass kernels).
 
-    bf16_gemm: with bf16 GEMM operands, each channel block's GEMM runs in bf16 (fp32 accumulation
-    inside, as oneDNN does) and its result is rounded to bf16 before the blocks are summed in fp32;
-    the reference (False) computes every product sum in fp32 and rounds once.
+    bf16_gemm: with bf16 GEMM operands the GEMMs run in bf16 (fp32 accumulation inside, as oneDNN
+    does, the result rounded once to bf16, as a bf16 convolution); the reference (False) computes
+    every product sum in fp32 on the bf16-rounded operands and rounds once.
     """
 
     bn_relu: Callable[..., torch.Tensor]
@@ -549,6 +549,13 @@ def _rounded(t: torch.Tensor, dtype: torch.dtype, acc: torch.dtype) -> torch.Ten
     return t.to(dtype).to(acc)
 
 
+def _voxel_chunks(channels: int, voxels: int) -> list[slice]:
+    """Voxel ranges over which relu(pre) of ``channels`` channels is at most as large as
+    DENSE_CHANNEL_BLOCK channels over every voxel."""
+    step = max(1, voxels * DENSE_CHANNEL_BLOCK // max(channels, 1))
+    return [slice(v, min(v + step, voxels)) for v in range(0, voxels, step)]
+
+
 def bn_relu_conv1x1(
     x: torch.Tensor,
     mean: torch.Tensor,
@@ -562,23 +569,18 @@ def bn_relu_conv1x1(
     """1x1x1 convolution of bn_relu(x): out [B, C_out, V] = conv_weight [C_out, C] @ relu(pre).
 
     Both GEMM operands are rounded to out_dtype (as a convolution under autocast), the products are
-    summed in the accumulation dtype and the result is rounded to out_dtype. Runs DENSE_CHANNEL_BLOCK
-    input channels at a time, so relu(pre) is never stored whole. ``kernels``: the elementwise steps
-    (default: this module's bn_relu and bn_relu_backward).
+    summed in the accumulation dtype and the result is rounded to out_dtype. Runs one voxel range at
+    a time (_voxel_chunks), every input channel at once, so relu(pre) is never stored whole and each
+    output value comes from one GEMM. ``kernels``: the elementwise steps (default: this module's
+    bn_relu and bn_relu_backward).
     """
     kernels = kernels or BnReluKernels(bn_relu, bn_relu_backward)
-    acc = accumulate_dtype(x.dtype)
-    gemm = kernels.gemm_dtype(out_dtype, acc)
-    out = None
-    for c0 in range(0, x.shape[1], DENSE_CHANNEL_BLOCK):
-        c = slice(c0, c0 + DENSE_CHANNEL_BLOCK)
-        y = kernels.bn_relu(x[:, c], mean[c], invstd[c], weight[c], bias[c], out_dtype).to(gemm)
-        w = _rounded(conv_weight[:, c], out_dtype, gemm).expand(x.shape[0], -1, -1)
-        if gemm != acc:
-            part = torch.bmm(w, y)
-            out = part.to(acc) if out is None else out.add_(part)
-        else:
-            out = torch.bmm(w, y) if out is None else out.baddbmm_(w, y)
+    gemm = kernels.gemm_dtype(out_dtype, accumulate_dtype(x.dtype))
+    w = _rounded(conv_weight, out_dtype, gemm).expand(x.shape[0], -1, -1)
+    out = x.new_empty((x.shape[0], conv_weight.shape[0], x.shape[2]), dtype=gemm)
+    for v in _voxel_chunks(x.shape[1], x.shape[2]):
+        y = kernels.bn_relu(x[:, :, v], mean, invstd, weight, bias, out_dtype).to(gemm)
+        out[:, :, v] = torch.bmm(w, y)
     return out.to(out_dtype)
 
 

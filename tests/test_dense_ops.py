@@ -171,9 +171,9 @@ def test_bn_relu_conv1x1_bf16_operands(backend, rng):
 
 @pytest.mark.skipif("cpp" not in BACKENDS, reason="needs the compiled extension")
 def test_cpp_bf16_gemms_match_the_reference(rng):
-    """With bf16 operands the cpp backend runs each block of 64 input channels as one bf16 GEMM
-    (fp32 accumulation inside, the block's result rounded to bf16): forward and backward within bf16
-    rounding of the reference, over three channel blocks."""
+    """With bf16 operands the cpp backend runs its GEMMs in bf16 (fp32 accumulation inside, the result
+    rounded to bf16): forward and backward within bf16 rounding of the reference, over three channel
+    blocks (backward) and three voxel ranges (forward)."""
     batch, channels, channels_out, voxels = 2, 150, 24, 257
     x = channel_slice(rng, batch, channels, voxels, torch.float32)
     params = bn_params(rng, channels, torch.float32)

@@ -18,12 +18,14 @@ Used alone, dense_channel_stats -> dense_bn_relu(_conv1x1) is differentiable end
 autograd formulas give the gradients w.r.t. the statistics too, so the composition is batch norm.
 
 Statistics, BN parameters and the returned parameter gradients are in the accumulation dtype (fp32;
-fp64 for fp64 x). Semantics: densefuse.reference (the ``torch`` backend); ``triton``:
-densefuse.kernels.dense_block (CUDA); ``cpp`` (CPU): one-pass C++ kernels for BN-ReLU, its backward
-and the correction (csrc/cpu/dense_block.cpp), the reference's GEMMs around them for the 1x1x1
-convolution (in bf16 for bf16 operands: reference.BnReluKernels.bf16_gemm), and ATen's batch-norm
-statistics. There are no cuda (C++) kernels: forcing that backend
-raises RuntimeError.
+fp64 for fp64 x); grad_x may have any float dtype (each update is computed in the accumulation dtype
+and rounded once, so a bf16 gradient buffer accumulates like autograd's bf16 gradients).
+
+Semantics: densefuse.reference (the ``torch`` backend); ``triton``: densefuse.kernels.dense_block
+(CUDA); ``cpp`` (CPU): one-pass C++ kernels for BN-ReLU, its backward and the correction
+(csrc/cpu/dense_block.cpp), the reference's GEMMs around them for the 1x1x1 convolution (in bf16 for
+bf16 operands: reference.BnReluKernels.bf16_gemm), and ATen's batch-norm statistics. There are no
+cuda (C++) kernels: forcing that backend raises RuntimeError.
 """
 
 from __future__ import annotations
