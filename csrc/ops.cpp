@@ -24,6 +24,7 @@
 //   dense_bn_relu(x, mean, invstd, weight, bias, out_dtype)                  -> y [B,C,V] contiguous
 //   dense_bn_relu_backward_(grad_y, x, mean, invstd, weight, bias, grad_x!)  -> (dweight [C], dbias [C])
 //   dense_bn_correction_(grad_x!, x, mean, a, b)                              -> ()
+//   dense_dropout_(x!, seed, p)                                               -> ()
 //
 // build_info() reports what was compiled, including "ops": the ops registered per dispatch key, as
 // recorded by the TORCH_LIBRARY_IMPL blocks at the end (densefuse/ops asks it which backends have
@@ -544,6 +545,12 @@ void dense_bn_correction_(const Tensor& grad_x, const Tensor& x, const Tensor& m
   if (x.numel() > 0) cpu::dense_bn_correction(args, gx);
 }
 
+void dense_dropout_(const Tensor& x, int64_t seed, double p) {
+  TORCH_CHECK(x.is_contiguous(), "x: expected a contiguous tensor (the mask follows its element order)");
+  TORCH_CHECK(p >= 0 && p <= 1, "p: expected a probability in [0, 1], got ", p);
+  if (x.numel() > 0) cpu::dense_dropout(x.data_ptr(), float_code("x", x), x.numel(), seed, p);
+}
+
 // The x86 code path the CPU kernels' target_clones resolve to on this machine.
 const char* cpu_isa() {
 #ifdef DENSEFUSE_CPU_CLONES
@@ -628,6 +635,7 @@ TORCH_LIBRARY(densefuse_ext, m) {
       "dense_bn_relu_backward_(Tensor grad_y, Tensor x, Tensor mean, Tensor invstd, Tensor weight, Tensor bias,"
       " Tensor(a!) grad_x) -> (Tensor, Tensor)");
   m.def("dense_bn_correction_(Tensor(a!) grad_x, Tensor x, Tensor mean, Tensor a, Tensor b) -> ()");
+  m.def("dense_dropout_(Tensor(a!) x, int seed, float p) -> ()");
 }
 
 #define DENSEFUSE_IMPL_LOSS_OPS(r, suffix)                                     \
@@ -647,6 +655,7 @@ TORCH_LIBRARY_IMPL(densefuse_ext, CPU, m) {
   r.impl("dense_bn_relu", &densefuse::dense_bn_relu);
   r.impl("dense_bn_relu_backward_", &densefuse::dense_bn_relu_backward_);
   r.impl("dense_bn_correction_", &densefuse::dense_bn_correction_);
+  r.impl("dense_dropout_", &densefuse::dense_dropout_);
 }
 
 #ifdef DENSEFUSE_WITH_CUDA

@@ -631,3 +631,39 @@ def bn_stats_correction(
     """
     count = x.shape[0] * x.shape[2]
     grad_x -= torch.addcmul(((a - mean * b) / count)[:, None], x.to(a.dtype), (b / count)[:, None])
+
+
+# Dropout of a dense layer's new maps by a counter-based hash: no random tensor and no stored mask, the
+# same mask whenever it is applied again (the fused block's backward) and on every backend. Element i
+# (row-major index) of x is kept iff h(i) >= floor(p 2^32), h(i) = lowbias32(lo32(i) ^ lowbias32(key +
+# hi32(i))) mod 2^32, key = lowbias32(lo32(seed) ^ lowbias32(hi32(seed))); kept values are scaled by
+# 1 / (1 - p) in the accumulation dtype. lowbias32: C. Wellons' 32-bit integer hash.
+MASK32 = 0xFFFFFFFF
+
+
+def _lowbias32(x):
+    """lowbias32 of uint32 values (Python ints or int64 tensors; multiplies wrap mod 2^32)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & MASK32
+    return x ^ (x >> 16)
+
+
+def dropout_key(seed: int) -> int:
+    """The per-call hash key of ``seed`` (any int64)."""
+    return _lowbias32((seed & MASK32) ^ _lowbias32((seed >> 32) & MASK32))
+
+
+def dropout_threshold(p: float) -> int:
+    """floor(p 2^32): h(i) < threshold drops element i (p = 1: 2^32, every element)."""
+    return int(p * 2**32)
+
+
+def dropout(x: torch.Tensor, seed: int, p: float) -> None:
+    """In place on a contiguous x: x[i] = x[i] / (1 - p) where h(i) >= floor(p 2^32), else 0."""
+    index = torch.arange(x.numel(), dtype=torch.int64, device=x.device)
+    hashed = _lowbias32((index & MASK32) ^ _lowbias32((dropout_key(seed) + (index >> 32)) & MASK32))
+    keep = (hashed >= dropout_threshold(p)).view(x.shape)
+    scale = 1 / (1 - p) if p < 1 else 0.0
+    x.copy_(torch.where(keep, x.to(accumulate_dtype(x.dtype)) * scale, 0))

@@ -1,6 +1,6 @@
 """Triton kernels for the fused dense-block ops (densefuse.ops.dense_block, DESIGN §3c).
 
-Six host functions with the signatures and results of the same-named oracles in
+Seven host functions with the signatures and results of the same-named oracles in
 densefuse.reference (that module defines the semantics; this one computes them on the GPU):
 
     channel_stats(x)                                   -> (mean [C], biased var [C])
@@ -9,6 +9,7 @@ densefuse.reference (that module defines the semantics; this one computes them o
     bn_relu_conv1x1(x, ..., conv_weight, out_dtype)    -> out [B, C_out, V]
     bn_relu_conv1x1_backward(grad_out, x, ..., grad_x) -> (dweight, dbias, dconv_weight); grad_x += ...
     bn_stats_correction(grad_x, x, mean, a, b)         -> None; grad_x -= ...
+    dropout(x, seed, p)                                -> None; x contiguous, masked and scaled in place
 
 x is a channel slice of a dense block's buffer, [B, C, V] with any strides (read in place); grad_x
 likewise (updated in place). Per channel: scale = weight invstd, shift = bias - mean scale,
@@ -41,7 +42,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from densefuse.reference import accumulate_dtype
+from densefuse.reference import accumulate_dtype, dropout_key, dropout_threshold
 
 from ._common import device_guard
 
@@ -288,6 +289,29 @@ def _conv1x1_dx_kernel(
     tl.store(db_ptr + out, tl.sum(g, axis=1), mask=k_mask)
 
 
+@triton.jit
+def _lowbias32(x):
+    """reference._lowbias32 on uint64 values < 2^32 (multiplies reduced mod 2^32)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _dropout_kernel(x_ptr, n, key, threshold, scale, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """Grid (n / BLOCK,): x[i] = x[i] scale where hash(i) >= threshold, else 0 (reference.dropout)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    index = offs.to(tl.uint64)
+    inner = _lowbias32(((index >> 32) + key.to(tl.uint64)) & 0xFFFFFFFF)
+    hashed = _lowbias32((index & 0xFFFFFFFF) ^ inner)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+    kept = tl.where(hashed >= threshold.to(tl.uint64), x * scale, 0.0)
+    tl.store(x_ptr + offs, kept.to(x_ptr.dtype.element_ty), mask=mask)
+
+
 # ============================================================================== host helpers
 _INT32_MAX = 2**31 - 1
 _GRID_YZ_MAX = 65535
@@ -474,3 +498,20 @@ def bn_relu_conv1x1_backward(
             voxels, n_vt, *grad_out.stride(), *conv_weight.stride(), *x.stride(), *grad_x.stride(), **args,
         )  # fmt: skip
     return dw.sum(dim=(0, 1)) * invstd, db.sum(dim=(0, 1)), dconv.sum(dim=0)
+
+
+def dropout(x: Tensor, seed: int, p: float) -> None:
+    """In place on a contiguous x: x / (1 - p) where hash(seed, i) >= floor(p 2^32), else 0."""
+    acc = accumulate_dtype(x.dtype)
+    scale = torch.tensor(1 / (1 - p) if p < 1 else 0.0, dtype=acc).item()  # rounded to acc, as the others
+    block = 1024
+    with device_guard(x.device):
+        _dropout_kernel[(triton.cdiv(x.numel(), block),)](
+            x,
+            x.numel(),
+            dropout_key(seed),
+            dropout_threshold(p),
+            scale,
+            ACC=_TL_DTYPES[acc],
+            BLOCK=block,
+        )

@@ -319,6 +319,71 @@ def test_opcheck(backend, rng):
             ops.bn_relu_conv1x1_backward_op, (torch.randn(2, 3, 24), x, *params, conv, grad_x)
         )
         torch.library.opcheck(ops.bn_stats_correction_op, (grad_x, x, params[0], params[2], params[3]))
+        torch.library.opcheck(ops.dropout_op, (torch.randn(2, 5, 24), 5, 0.3))
+
+
+DROPOUT_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DROPOUT_DTYPES, ids=str)
+def test_dropout_is_the_reference_bit_for_bit(backend, dtype, rng):
+    """The counter-based mask and the 1 / (1 - p) scale: the same bits on every backend and dtype."""
+    x = (torch.randn(3, 5, 7, 11, generator=rng) * 3).to(dtype)
+    x[0, 0, 0, :2] = float("nan")
+    # The triton 3.6 interpreter truncates fp32 -> bf16 casts (a GPU rounds to nearest): 1 ulp there.
+    rtol = 2**-7 if backend == "triton" and dtype == torch.bfloat16 else 0
+    random_seed = int(torch.randint(-(2**62), 2**62, (), generator=rng))
+    for seed, p in ((random_seed, 0.2), (2**63 - 1, 0.5), (-1, 0.93)):
+        expected = x.clone()
+        densefuse.reference.dropout(expected, seed, p)
+        actual = x.clone()
+        with densefuse.use_backend(backend):
+            assert ops.dropout_(actual, seed, p) is actual
+        assert torch.equal(actual == 0, expected == 0)  # the same mask
+        torch.testing.assert_close(actual, expected, rtol=rtol, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_rate_scale_and_seeds(backend):
+    """Kept with probability 1 - p (binomial, 5 sigma), scaled by exactly 1 / (1 - p); a seed gives its
+    mask again, another seed another mask; p = 0 changes nothing (NaN kept), p = 1 drops everything."""
+    ones = torch.ones(200_003)
+    with densefuse.use_backend(backend):
+        for p in (0.1, 0.5, 0.8):
+            kept = ops.dropout_(ones.clone(), 7, p)
+            assert set(kept.unique().tolist()) <= {0.0, torch.tensor(1 / (1 - p)).item()}
+            rate = (kept > 0).double().mean().item()
+            assert abs(rate - (1 - p)) < 5 * (p * (1 - p) / ones.numel()) ** 0.5, (p, rate)
+        first, again, other = (ops.dropout_(ones.clone(), seed, 0.5) for seed in (3, 3, 4))
+        assert torch.equal(first, again) and not torch.equal(first, other)
+        assert (first[:-1].view(-1, 2) > 0).double().mean(0).sub(0.5).abs().max() < 0.01  # no parity pattern
+        nan = torch.full((5,), float("nan"))
+        assert ops.dropout_(nan.clone(), 3, 0.0).isnan().all()
+        assert torch.equal(ops.dropout_(nan.clone(), 3, 1.0), torch.zeros(5))
+
+
+def test_dropout_bad_input():
+    with pytest.raises(ValueError, match=r"^x: expected a contiguous float tensor"):
+        ops.dropout_(torch.ones(4, 6)[:, ::2], 0, 0.5)
+    with pytest.raises(ValueError, match=r"^x: expected a contiguous float tensor"):
+        ops.dropout_(torch.ones(4, dtype=torch.int32), 0, 0.5)
+    with pytest.raises(ValueError, match=r"^p: expected a probability in \[0, 1\], got 1.5"):
+        ops.dropout_(torch.ones(4), 0, 1.5)
+    with pytest.raises(ValueError, match=r"^seed: expected an int64, got True"):
+        ops.dropout_(torch.ones(4), True, 0.5)
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", cuda_backends())
+def test_cuda_dropout_is_the_reference_bit_for_bit(backend, rng):
+    x = torch.randn(2, 16, 33, 35, 37, generator=rng).cuda()
+    expected = x.cpu()
+    densefuse.reference.dropout(expected, 123456789123, 0.2)
+    with densefuse.use_backend(backend):
+        ops.dropout_(x, 123456789123, 0.2)
+    torch.testing.assert_close(x.cpu(), expected, rtol=0, atol=0)
 
 
 def test_bad_input_is_rejected(rng):
@@ -424,10 +489,10 @@ from densefuse.kernels import dense_block as K
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-def compile_sm90(kernel, pointer, constexprs):
+def compile_sm90(kernel, pointer, constexprs, types=None):
     names = inspect.signature(kernel.fn).parameters
     signature = {n: "constexpr" if n in constexprs else pointer if n.endswith("_ptr") else "i32"
-                 for n in names}
+                 for n in names} | (types or {})
     compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32))
     products = re.findall(r"arith\.muli [^\n]*: tensor<[0-9x]+xi32>", compiled.asm["ttir"])
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -443,6 +508,8 @@ report = {}
 row = dict(ACC=tl.float32, BLOCK_V=K._BLOCK_V["cuda"])
 for kernel in (K._stats_kernel, K._bn_relu_kernel, K._bn_relu_bwd_kernel, K._correction_kernel):
     report[kernel.fn.__name__] = compile_sm90(kernel, "*fp32", row)
+report["_dropout_kernel"] = compile_sm90(K._dropout_kernel, "*bf16", dict(ACC=tl.float32, BLOCK=1024),
+                                         dict(n="i64", key="i64", threshold="i64", scale="fp32"))
 for name in sys.argv[1:]:  # compute dtypes: the default configuration on CUDA
     dtype = getattr(torch, name)
     config = K._gemm_config("cuda", torch.float64 if dtype == torch.float64 else torch.float32, dtype)

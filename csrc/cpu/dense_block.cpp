@@ -2,8 +2,9 @@
 //
 // Each does in one pass what the reference does in several ATen passes: bn_relu (addcmul, relu_, a
 // cast), bn_relu_backward (the affine recomputed, threshold_backward, batch_norm_backward's two
-// reductions, addcmul_ into grad_x) and bn_correction (addcmul, sub_). Elementwise work runs
-// at::parallel_for over (b, c) rows of V values; the backward runs over channels, each channel's sums
+// reductions, addcmul_ into grad_x), bn_correction (addcmul, sub_) and dropout (a counter-based hash,
+// no random tensor). Elementwise work runs at::parallel_for over (b, c) rows of V values (dropout:
+// over the flat values); the backward runs over channels, each channel's sums
 // by one thread in a fixed order (blocks of kBlock values summed in A by `omp simd`, the blocks in
 // double), so the results do not depend on the thread count. The row loops are cloned per x86-64
 // level (cpu_dispatch.h).
@@ -185,6 +186,32 @@ DF_CLONES void correction_rows(const DenseBnArgs& a, const DenseView& grad_x, in
   }
 }
 
+// C. Wellons' lowbias32 integer hash (reference._lowbias32).
+DF_INLINE uint32_t lowbias32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  return x ^ (x >> 16);
+}
+
+template <class T>
+DF_CLONES void dropout_range(T* x, int64_t i0, int64_t i1, uint32_t key, uint64_t threshold, Acc<T> scale) {
+  using A = Acc<T>;
+  while (i0 < i1) {  // hi32(i) is constant up to the next multiple of 2^32
+    const uint64_t hi = static_cast<uint64_t>(i0) >> 32;
+    const int64_t end = std::min<int64_t>(i1, static_cast<int64_t>((hi + 1) << 32));
+    const uint32_t k = lowbias32(key + static_cast<uint32_t>(hi));
+#pragma omp simd
+    for (int64_t i = i0; i < end; ++i) {
+      const uint32_t h = lowbias32(static_cast<uint32_t>(i) ^ k);
+      const A v = load<A>(x, i) * scale;
+      store(x, i, static_cast<uint64_t>(h) >= threshold ? v : A(0));
+    }
+    i0 = end;
+  }
+}
+
 // Work items per parallel chunk when each item covers `values` values.
 int64_t grain(int64_t values) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(1, values)); }
 
@@ -226,6 +253,20 @@ void dense_bn_correction(const DenseBnArgs& args, const DenseView& grad_x) {
       using GX = typename decltype(gxt)::type;
       at::parallel_for(0, args.batch * args.channels, grain(args.voxels),
                        [&](int64_t r0, int64_t r1) { correction_rows<X, GX>(args, grad_x, r0, r1); });
+    });
+  });
+}
+
+void dense_dropout(void* x, DType dtype, int64_t n, int64_t seed, double p) {
+  const auto s = static_cast<uint64_t>(seed);
+  const uint32_t key = lowbias32(static_cast<uint32_t>(s) ^ lowbias32(static_cast<uint32_t>(s >> 32)));
+  const auto threshold = static_cast<uint64_t>(p * 4294967296.0);  // floor(p 2^32), exact
+  const double scale = p < 1 ? 1.0 / (1.0 - p) : 0.0;
+  visit_float(dtype, "x", [&](auto xt) {
+    using X = typename decltype(xt)::type;
+    X* data = static_cast<X*>(x);
+    at::parallel_for(0, n, kGrain, [&](int64_t i0, int64_t i1) {
+      dropout_range<X>(data, i0, i1, key, threshold, static_cast<Acc<X>>(scale));
     });
   });
 }

@@ -19,4 +19,8 @@ void dense_bn_relu_backward(const DenseBnArgs& args, const DenseView& grad_y, co
 // args.bias.
 void dense_bn_correction(const DenseBnArgs& args, const DenseView& grad_x);
 
+// In place on n contiguous values of dtype, p in [0, 1]: x[i] = x[i] / (1 - p) where hash(seed, i) >=
+// floor(p 2^32), else 0 (the counter-based dropout of reference.dropout, bit for bit).
+void dense_dropout(void* x, DType dtype, int64_t n, int64_t seed, double p);
+
 }  // namespace densefuse::cpu

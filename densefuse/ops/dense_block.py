@@ -10,6 +10,7 @@ invstd) and BN parameters (weight, bias), pre = (x - mean) * invstd * weight + b
     densefuse::dense_bn_relu_conv1x1          -> conv_weight [C_out, C] @ y, y never stored    (autograd)
     densefuse::dense_bn_relu_conv1x1_backward_ grad_out -> grad_x += ..., (dweight, dbias, dconv_weight)
     densefuse::dense_bn_correction_           grad_x -= (a + (x - mean) * b) / M
+    densefuse::dense_dropout_                 x = x / (1 - p) where hash(seed, i) >= floor(p 2^32), else 0
 
 The backward ops hold the statistics fixed and accumulate into a shared gradient buffer; when the
 statistics are batch statistics shared by several layers, dense_bn_correction_ folds their gradient
@@ -54,6 +55,7 @@ OP_NAMES = (
     "bn_relu_conv1x1",
     "bn_relu_conv1x1_backward",
     "bn_stats_correction",
+    "dropout",
 )
 
 
@@ -62,6 +64,7 @@ _CPP_KERNELS = {
     "bn_relu": "dense_bn_relu",
     "bn_relu_backward": "dense_bn_relu_backward_",
     "bn_stats_correction": "dense_bn_correction_",
+    "dropout": "dense_dropout_",
 }
 
 
@@ -264,6 +267,17 @@ def _(grad_x, x, mean, a, b):
     return None
 
 
+@torch.library.custom_op("densefuse::dense_dropout_", mutates_args=("x",))
+def dropout_op(x: Tensor, seed: int, p: float) -> None:
+    """x = x / (1 - p) where hash(seed, i) >= floor(p 2^32), else 0 (see reference.dropout)."""
+    _impl("dropout", x.device)(x, seed, p)
+
+
+@dropout_op.register_fake
+def _(x, seed, p):
+    return None
+
+
 # ------------------------------------------------------------------------------- public functions
 def _features(name: str, x: object, inplace: bool = False) -> Tensor:
     """x [B, C, *spatial] (float, non-empty) as [B, C, V]: a view (required when ``inplace``)."""
@@ -426,3 +440,20 @@ def bn_stats_correction_(grad_x: Tensor, x: Tensor, mean: Tensor, a: Tensor, b: 
     flat = _features("x", x)
     grad_x = _same_shape("grad_x", grad_x, flat, tuple(flat.shape), inplace=True)
     bn_stats_correction_op(grad_x, flat, *_per_channel(flat, mean=mean, a=a, b=b))
+
+
+def dropout_(x: Tensor, seed: int, p: float) -> Tensor:
+    """Dropout in place by a counter-based hash: the same mask for the same seed and shape, on every
+    backend, with no random tensor and nothing stored. x: contiguous float tensor (the mask follows
+    its element order); element i is kept (and scaled by 1 / (1 - p)) iff hash(seed, i) >=
+    floor(p 2^32), so it is kept with probability 1 - p. Returns x."""
+    x = _validate.check_tensor("x", x)
+    if not x.is_floating_point() or not x.is_contiguous():
+        raise ValueError(f"x: expected a contiguous float tensor, got {x.dtype} with strides {x.stride()}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**63:
+        raise ValueError(f"seed: expected an int64, got {seed!r}")
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+        raise ValueError(f"p: expected a probability in [0, 1], got {p!r}")
+    if p > 0 and x.numel() > 0:
+        dropout_op(x, seed, float(p))
+    return x
