@@ -24,7 +24,7 @@ patch_finalize divide by it and apply the activation, threshold or argmax. See t
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -523,7 +523,9 @@ def _bn_backward(g, x, mean, invstd, weight, grad_x):
     return dweight, dbias
 
 
-DENSE_CHANNEL_BLOCK = 64  # bn_relu_conv1x1(_backward): input channels per GEMM, bounds the temporaries
+# bn_relu_conv1x1(_backward): relu(pre) exists for at most this many channels' worth of values at a time
+# (backward: input channels per GEMM; forward: voxel ranges of every channel, _voxel_chunks).
+DENSE_CHANNEL_BLOCK = 64
 
 
 class BnReluKernels(NamedTuple):
@@ -639,14 +641,18 @@ def bn_stats_correction(
 # hi32(i))) mod 2^32, key = lowbias32(lo32(seed) ^ lowbias32(hi32(seed))); kept values are scaled by
 # 1 / (1 - p) in the accumulation dtype. lowbias32: C. Wellons' 32-bit integer hash.
 MASK32 = 0xFFFFFFFF
+T = TypeVar("T", int, torch.Tensor)
 
 
-def _lowbias32(x):
-    """lowbias32 of uint32 values (Python ints or int64 tensors; multiplies wrap mod 2^32)."""
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & MASK32
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & MASK32
+def _mul32(x: T, c: int) -> T:
+    """x * c mod 2^32 for x, c < 2^32, every product below 2^49 (no int64 overflow)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & MASK32
+
+
+def _lowbias32(x: T) -> T:
+    """lowbias32 of uint32 values: Python ints or int64 tensors."""
+    x = _mul32(x ^ (x >> 16), 0x7FEB352D)
+    x = _mul32(x ^ (x >> 15), 0x846CA68B)
     return x ^ (x >> 16)
 
 

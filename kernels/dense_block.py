@@ -299,16 +299,17 @@ def _lowbias32(x):
     return x ^ (x >> 16)
 
 
-@triton.jit
-def _dropout_kernel(x_ptr, n, key, threshold, scale, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """Grid (n / BLOCK,): x[i] = x[i] scale where hash(i) >= threshold, else 0 (reference.dropout)."""
+@triton.jit(do_not_specialize=["key", "threshold"])  # per-step values: no recompiles, no constant 1
+def _dropout_kernel(x_ptr, n, key, threshold, scale_ptr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """Grid (n / BLOCK,): x[i] = x[i] scale where hash(i) >= threshold, else 0 (reference.dropout);
+    scale [1] in ACC."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     index = offs.to(tl.uint64)
     inner = _lowbias32(((index >> 32) + key.to(tl.uint64)) & 0xFFFFFFFF)
     hashed = _lowbias32((index & 0xFFFFFFFF) ^ inner)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-    kept = tl.where(hashed >= threshold.to(tl.uint64), x * scale, 0.0)
+    kept = tl.where(hashed >= threshold.to(tl.uint64), x * tl.load(scale_ptr), 0.0)
     tl.store(x_ptr + offs, kept.to(x_ptr.dtype.element_ty), mask=mask)
 
 
@@ -503,7 +504,7 @@ def bn_relu_conv1x1_backward(
 def dropout(x: Tensor, seed: int, p: float) -> None:
     """In place on a contiguous x: x / (1 - p) where hash(seed, i) >= floor(p 2^32), else 0."""
     acc = accumulate_dtype(x.dtype)
-    scale = torch.tensor(1 / (1 - p) if p < 1 else 0.0, dtype=acc).item()  # rounded to acc, as the others
+    scale = torch.tensor([1 / (1 - p) if p < 1 else 0.0], dtype=acc, device=x.device)  # rounded to acc
     block = 1024
     with device_guard(x.device):
         _dropout_kernel[(triton.cdiv(x.numel(), block),)](

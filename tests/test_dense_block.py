@@ -207,7 +207,8 @@ def test_new_only_is_the_new_maps(implementation, bottleneck):
 
 
 def test_dropout_forward_backward_consistent():
-    """With dropout the fused backward redraws the forward's mask: gradcheck with a fixed seed."""
+    """With dropout the fused backward applies the forward's (hashed) mask again: gradcheck with a
+    fixed seed."""
     block = DenseBlock3d(2, 2, 2, bottleneck=None, dropout=0.3).double()
     x = torch.randn(2, 2, 2, 3, 2, dtype=torch.double, requires_grad=True)
 

@@ -102,14 +102,18 @@ def test_bn_relu_and_backward(backend, dtype, rng):
 @pytest.mark.parametrize("x_dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("y_dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("step", [1, 2], ids=["unit", "strided"])
-def test_cpp_elementwise_kernels_match_the_reference(x_dtype, y_dtype, step, rng):
+@pytest.mark.parametrize("accumulate_in_x_dtype", [False, True], ids=["grad_x-fp32", "grad_x-like-x"])
+def test_cpp_elementwise_kernels_match_the_reference(x_dtype, y_dtype, step, accumulate_in_x_dtype, rng):
     """The one-pass C++ kernels against the reference on half-precision buffers and gradients, long
-    rows (several reduction blocks plus a tail) and voxel strides."""
+    rows (several reduction blocks plus a tail), voxel strides, and grad_x in fp32 or in x's dtype
+    (the fused block's gradient buffer under autocast)."""
     batch, channels, voxels = 2, 5, 2 * 1024 + 37
     x = channel_slice(rng, batch, channels, voxels * step, torch.float32).to(x_dtype)[..., ::step]
     params = bn_params(rng, channels, torch.float32)
     grad_y = torch.randn(batch, channels, voxels * step, generator=rng).to(y_dtype)[..., ::step]
     grad_x = torch.randn(batch, channels + 1, voxels * step, generator=rng)[:, 1:, ::step]
+    if accumulate_in_x_dtype:
+        grad_x = grad_x.to(x_dtype)
     a, b = torch.randn(2, channels, generator=rng)
     results = {}
     for backend in ("torch", "cpp"):
@@ -376,14 +380,16 @@ def test_dropout_bad_input():
 
 @requires_cuda
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", cuda_backends())
-def test_cuda_dropout_is_the_reference_bit_for_bit(backend, rng):
-    x = torch.randn(2, 16, 33, 35, 37, generator=rng).cuda()
-    expected = x.cpu()
-    densefuse.reference.dropout(expected, 123456789123, 0.2)
-    with densefuse.use_backend(backend):
-        ops.dropout_(x, 123456789123, 0.2)
-    torch.testing.assert_close(x.cpu(), expected, rtol=0, atol=0)
+@pytest.mark.parametrize("dtype", DROPOUT_DTYPES, ids=str)
+def test_cuda_dropout_is_the_reference_bit_for_bit(dtype, rng):
+    x = torch.randn(2, 16, 33, 35, 37, generator=rng).to(dtype)
+    expected = x.clone()
+    densefuse.reference.dropout(expected, 123456789123, 0.1)
+    for backend in ops.implemented_backends("cuda"):
+        actual = x.cuda()
+        with densefuse.use_backend(backend):
+            ops.dropout_(actual, 123456789123, 0.1)
+        torch.testing.assert_close(actual.cpu(), expected, rtol=0, atol=0, msg=backend)
 
 
 def test_bad_input_is_rejected(rng):
@@ -509,7 +515,7 @@ row = dict(ACC=tl.float32, BLOCK_V=K._BLOCK_V["cuda"])
 for kernel in (K._stats_kernel, K._bn_relu_kernel, K._bn_relu_bwd_kernel, K._correction_kernel):
     report[kernel.fn.__name__] = compile_sm90(kernel, "*fp32", row)
 report["_dropout_kernel"] = compile_sm90(K._dropout_kernel, "*bf16", dict(ACC=tl.float32, BLOCK=1024),
-                                         dict(n="i64", key="i64", threshold="i64", scale="fp32"))
+                                         dict(n="i64", key="i64", threshold="i64", scale_ptr="*fp32"))
 for name in sys.argv[1:]:  # compute dtypes: the default configuration on CUDA
     dtype = getattr(torch, name)
     config = K._gemm_config("cuda", torch.float64 if dtype == torch.float64 else torch.float32, dtype)

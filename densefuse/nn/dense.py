@@ -135,7 +135,8 @@ class DenseBlock3d(nn.Module):
     the module docstring). The output's dtype is x's; under torch.autocast the convolutions run in the
     autocast dtype and the batch statistics in fp32. Callers that need only the new maps call
     ``block(x, new_only=True)``: [B, L*k, D, H, W] (FC-DenseNet's up path; under "fused" the gradient
-    of the input's channels then never exists as a full-width output gradient). After
+    of the input's channels then never exists as a full-width output gradient). Do not modify a
+    "fused" output in place (it is the buffer saved for backward: autograd raises). After
     ``nn.SyncBatchNorm.convert_sync_batchnorm`` (DDP), train with "checkpoint" or "naive" ("fused"
     computes batch statistics per process, so it refuses SyncBatchNorm in training mode and serves it
     in eval mode).
@@ -382,8 +383,8 @@ def _conv3x3_backward(
     spatial,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Backward of _conv3x3_forward with fixed statistics, block by block: grad_x [B, C, V] +=
-    the input gradient (None: a zero tensor in x's dtype, allocated once the first block's
-    temporaries are freed); returns the norm's (dweight, dbias), the convolution's weight
+    the input gradient (None: a zero tensor in the accumulation dtype, allocated once the first
+    block's temporaries are freed); returns the norm's (dweight, dbias), the convolution's weight
     gradient and grad_x."""
     dweight, dbias = torch.empty((2, x.shape[1]), dtype=stats.mean.dtype, device=x.device)
     dconv = torch.empty(stage.conv.shape, dtype=dtype, device=x.device)
@@ -404,7 +405,7 @@ def _conv3x3_backward(
             )[:2]
             del y
         if grad_x is None:
-            grad_x = torch.zeros_like(x)
+            grad_x = torch.zeros(x.shape, dtype=stats.mean.dtype, device=x.device)
         dweight[c], dbias[c] = ops.bn_relu_backward_(
             grad_y.view(x[:, c].shape), x[:, c], stats.mean[c], stats.invstd[c], stage.weight[c],
             stage.bias[c], grad_x[:, c],
@@ -440,7 +441,8 @@ class _FusedBlock(torch.autograd.Function):
     dropout seed.
 
     Backward, layers in reverse, one gradient buffer G [B, C_out, V] in the buffer's dtype (like the
-    naive block's gradients; each addition into it is computed in fp32 and rounded once): when
+    naive block's gradients; each addition into it is computed in the accumulation dtype and rounded
+    once; a bottleneck's gradient stays in the accumulation dtype until its correction): when
     layer l is reached every consumer of its channels has added g weight invstd into G, so their
     batch-statistics terms are folded once (dense_bn_correction_ with the accumulated a, b); then
     the layer's normalised input is recomputed block by block for the weight gradients, and its
@@ -540,6 +542,7 @@ class _FusedBlock(torch.autograd.Function):
                     _fold(a2, b2, stats2, stage2[0].weight, dweight2, dbias2)
                     ops.bn_stats_correction_(grad_z, z, stats2.mean, a2, b2)
                 del z
+                grad_z = grad_z.to(dtype)  # rounded once, after the correction (as batch norm's backward)
                 dweight1, dbias1, dconv1 = ops.bn_relu_conv1x1_backward_(
                     grad_z, prefix, stats1.mean, stats1.invstd, stage1.weight, stage1.bias,
                     stage1.conv, grad[:, :n],

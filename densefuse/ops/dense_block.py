@@ -448,7 +448,7 @@ def dropout_(x: Tensor, seed: int, p: float) -> Tensor:
     its element order); element i is kept (and scaled by 1 / (1 - p)) iff hash(seed, i) >=
     floor(p 2^32), so it is kept with probability 1 - p. Returns x."""
     x = _validate.check_tensor("x", x)
-    if not x.is_floating_point() or not x.is_contiguous():
+    if x.dtype not in _validate.FLOAT_DTYPES or not x.is_contiguous():
         raise ValueError(f"x: expected a contiguous float tensor, got {x.dtype} with strides {x.stride()}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**63:
         raise ValueError(f"seed: expected an int64, got {seed!r}")
