@@ -58,8 +58,9 @@ __all__ = ["focal_stats", "focal_stats_backward", "overlap_stats", "overlap_stat
 
 _INT32_MAX = 2**31 - 1
 _MAX_GRID_Y = 65535  # the batch is the second grid axis
-# Elements per tile (BLOCK_C * BLOCK_V) and per thread (which sets num_warps). 8 fp32 elements per
-# thread keep every kernel at <= ~64-100 registers (sm_90, ptxas), so 4 programs fit on an SM.
+# Elements per tile (BLOCK_C * BLOCK_V) and per thread (which sets num_warps): 8 fp32 elements per
+# thread. ptxas for sm_90 gives 19-141 registers per thread (tests/test_triton_sm90.py), the most in
+# the softmax forward kernels, so 2-4 programs fit on an SM; one bf16 softmax focal case spills 8 B.
 # The interpreter (CPU tensors) pays per operation, not per element: it gets larger tiles.
 _TILE_ELEMS = {torch.float64: 1024}
 _TILE_ELEMS_DEFAULT = 2048

@@ -70,8 +70,9 @@ __all__ = ["patch_extract", "patch_finalize", "patch_gather", "patch_normalize",
 
 _INT32_MAX = 2**31 - 1
 # Tiles are BLOCK_R rows x BLOCK_X columns (x contiguous). On the GPU (H100) a tile holds 2048 fp32
-# elements (1024 fp64; in the finaliser shared by the channel block), 8 per thread (<= ~80 registers
-# for fp32, no spills, with ptxas for sm_90); scatter chunks are 32 wide (a 96-voxel row is 3 chunks,
+# elements (1024 fp64; in the finaliser shared by the channel block), 8 per thread (37-122 registers
+# with ptxas for sm_90, tests/test_triton_sm90.py; the finaliser with a weight floor spills 8-24 B in
+# some configurations); scatter chunks are 32 wide (a 96-voxel row is 3 chunks,
 # no idle lanes), acc tiles 64 (192 = 3 x 64). The interpreter pays per operation, not per element,
 # so it gets larger tiles.
 _GPU_BLOCK_X = {"scatter": 32, "gather": 64, "finalize": 64}

@@ -10,14 +10,8 @@ Triton runs under TRITON_INTERPRET=1 without a GPU (tests/conftest.py).
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
-import pathlib
-import subprocess
-import sys
-
 import pytest
+import sm90
 import torch
 import torch.nn.functional as F
 from conftest import cpu_backends, cuda_backends, requires_cuda
@@ -482,32 +476,21 @@ def test_torch_compile_fullgraph(rng):
         torch.testing.assert_close(actual, wanted)
 
 
-# Compiles the Triton kernels for sm_90 (no GPU needed: triton ships ptxas and cuobjdump) in a fresh
-# interpreter, since TRITON_INTERPRET (set by conftest) turns @triton.jit functions into Python. Prints
-# JSON per kernel: int32 tensor products in the TTIR (index overflow), registers and stack bytes (spills).
+# Compiles the Triton kernels for sm_90 without a GPU (tests/sm90.py; a fresh interpreter, without
+# TRITON_INTERPRET). Prints JSON per kernel: int32 tensor products in the TTIR (index overflow), registers
+# and stack bytes (spills).
 SM90_REPORT = r"""
-import inspect, json, os, re, subprocess, sys, tempfile
-import torch, triton, triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import inspect, json, sys
+import torch, triton.language as tl
 from densefuse.kernels import dense_block as K
-
-CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+from sm90 import compile_sm90 as compile_signature
 
 
 def compile_sm90(kernel, pointer, constexprs, types=None):
     names = inspect.signature(kernel.fn).parameters
     signature = {n: "constexpr" if n in constexprs else pointer if n.endswith("_ptr") else "i32"
                  for n in names} | (types or {})
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32))
-    products = re.findall(r"arith\.muli [^\n]*: tensor<[0-9x]+xi32>", compiled.asm["ttir"])
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True,
-                               check=True).stdout
-    return {"int32_products": len(products), "regs": int(re.search(r"REG:(\d+)", usage)[1]),
-            "stack": int(re.search(r"STACK:(\d+)", usage)[1])}
+    return compile_signature(kernel, signature, constexprs)
 
 
 report = {}
@@ -528,30 +511,14 @@ print(json.dumps(report))
 """
 
 
-def sm90_report(*dtypes: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = pathlib.Path(__file__).resolve().parents[1]
-    command = [sys.executable, "-c", SM90_REPORT, *dtypes]
-    done = subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.splitlines()[-1])
-
-
-def _sm90_tools() -> bool:
-    spec = importlib.util.find_spec("triton")
-    if spec is None or spec.origin is None:
-        return False
-    return (pathlib.Path(spec.origin).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists()
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _sm90_tools(), reason="needs triton with its NVIDIA backend tools")
+@pytest.mark.skipif(not sm90.tools_available(), reason="needs triton with its NVIDIA backend tools")
 def test_kernels_compile_for_sm90():
     """x may be any strided view (channels_last_3d: stride_v = C), so offs_v * stride_v can pass 2^31
     while every stride fits int32: the row kernels and the GEMMs with INDEX64 compute no index
     product of a tensor in int32. The GEMMs in their CUDA configuration (bf16, TF32, fp64) do not
     spill without INDEX64 (every realistic size); fp64 not even with it (its FMA tiles are small)."""
-    report = sm90_report("bfloat16", "float32", "float64")
+    report = sm90.run_report(SM90_REPORT, "bfloat16", "float32", "float64")
     assert {name: r for name, r in report.items() if "_conv1x1" not in name or "INDEX64" in name
             if r["int32_products"]} == {}  # fmt: skip
     assert {name: r for name, r in report.items()
