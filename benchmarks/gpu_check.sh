@@ -15,7 +15,7 @@
 # Wheels in ./.whl (e.g. monai, nibabel where the image lacks them) are installed into /tmp/site first.
 # Time limits in seconds (the environment overrides them): BUILD 150, TEST 100, REPORT 90, FUSION 45,
 # DENSE 70, MODEL 90, PLAN 60: the check ends within about 9.5 minutes; a report cut short keeps the
-# cases it finished (the loss report) or its log.
+# cases it finished (the loss report; profile-memory rewrites its JSON after every point) or its log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import os
 import runpy
 import sys
 from pathlib import Path
@@ -180,6 +181,13 @@ def _check_patches(patches: list[int], multiple: int, option: str, parser: argpa
         )
 
 
+def _write_json(path: Path, doc: dict) -> None:
+    """``doc`` as indented JSON at ``path``, atomically: written next to it, then renamed over it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 # --------------------------------------------------------------------------------- profile-memory
 def _profile_memory(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from densefuse import profile
@@ -191,12 +199,16 @@ def _profile_memory(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     _check_patches(patches, m, "--patches", parser)
     points = profile.grid(args.implementations, args.dtypes, args.batches, patches)
     doc = profile.report(network, [], args.device, args.warmup, args.reps)  # the commit and load at the start
-    rows = doc["results"] = profile.sweep(
-        network, points, args.device, args.warmup, args.reps, progress=not args.quiet
-    )
     out = args.out or Path(f"memory-{doc['slug']}-{doc['date']}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2) + "\n")
+
+    def save(rows: list[dict]) -> None:  # after every point: an interrupted sweep keeps what it measured
+        _write_json(out, {**doc, "results": rows, "complete": len(rows) == len(points)})
+
+    rows = profile.sweep(
+        network, points, args.device, args.warmup, args.reps, progress=not args.quiet, on_row=save
+    )
+    doc["results"] = rows
     print(_profile_table(rows))
     print(f"\nwrote {out}", file=sys.stderr)
     if not args.no_plot:
@@ -295,7 +307,7 @@ def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         "plans": planned,
     }
     if args.out:
-        args.out.write_text(json.dumps(doc, indent=2) + "\n")
+        _write_json(args.out, doc)
     print(_plan_text(doc, batch_planned=args.patch is not None))
     return 0
 

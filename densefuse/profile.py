@@ -46,7 +46,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -353,8 +353,10 @@ def sweep(
     warmup: int = 2,
     reps: int = 3,
     progress: bool = True,
+    on_row: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
-    """``measure`` every point, one after the other, with a tqdm bar on stderr when ``progress``."""
+    """``measure`` every point, one after the other, with a tqdm bar on stderr when ``progress``;
+    ``on_row(rows so far)`` after each point (e.g. to save them, so an interrupted sweep keeps them)."""
     from tqdm import tqdm
 
     points = check_points(network, points)
@@ -363,6 +365,8 @@ def sweep(
     for point in bar:
         bar.set_postfix_str(f"{point.implementation} {point.dtype} b{point.batch} {point.patch}^3")
         rows.append(measure(network, point, device, warmup, reps))
+        if on_row is not None:
+            on_row(rows)
     return rows
 
 

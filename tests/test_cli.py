@@ -66,6 +66,30 @@ def test_profile_memory_json(capsys, profile_json, synthetic):
     }
     table = capsys.readouterr().out
     assert "| fused | fp32 | 2 | 32^3 | 158 MiB | 0.36x |" in table  # (1e8 + 1000 v) / (2e8 + 4000 v)
+    assert doc["complete"] is True
+
+
+def test_interrupted_profile_keeps_its_points(tmp_path, monkeypatch):
+    """The JSON is rewritten (atomically) after every point: a sweep killed by a time limit keeps the
+    points it measured, marked incomplete, and plan --profile can fit them."""
+    done = []
+
+    def measure(network, point, *args):
+        if len(done) == 5:
+            raise KeyboardInterrupt  # the time limit, after five points
+        done.append(point)
+        return fake_measure(network, point)
+
+    monkeypatch.setattr(profile, "measure", measure)
+    out = tmp_path / "prof.json"
+    args = ["profile-memory", *TINY, "--patches", "16", "32", "--batches", "1", "2", "--dtypes", "fp32"]
+    with pytest.raises(KeyboardInterrupt):
+        cli.main([*args, "--implementations", "naive", "fused", "--out", str(out), "--no-plot", "--quiet"])
+    doc = json.loads(out.read_text())
+    assert len(doc["results"]) == 5 and doc["complete"] is False
+    assert [p.name for p in tmp_path.iterdir()] == ["prof.json"]  # no temporary left behind
+    network, rows, _ = profile.load_report(out)
+    assert network.num_down_blocks == 2 and rows == doc["results"]
 
 
 def test_plan_from_profile(profile_json, synthetic, capsys, tmp_path):
