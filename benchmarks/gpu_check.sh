@@ -84,7 +84,7 @@ step dense "${DENSE_TIMEOUT:-70}" "$OUT/dense.log" \
     "$PY" benchmarks/dense_providers.py --reps 5 --out "$OUT/dense-$slug-$day.json"
 step model-memory "${MODEL_TIMEOUT:-90}" "$OUT/model.log" \
     "$PY" -m densefuse.cli profile-memory --device cuda --patches 128 --batches 4 --reps 3 --quiet \
-    --out "$OUT/memory-model-$slug-$day.json"
+    --implementations fused naive checkpoint --out "$OUT/memory-model-$slug-$day.json"
 step plan "${PLAN_TIMEOUT:-60}" "$OUT/plan.log" \
     "$PY" -m densefuse.cli plan --device cuda --memory 40GiB --patch 128 --implementations fused \
     --check --quiet --out "$OUT/plan-$slug-$day.json"
