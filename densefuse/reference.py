@@ -640,16 +640,16 @@ def bn_stats_correction(
 # (row-major index) of x is kept iff h(i) >= floor(p 2^32), h(i) = lowbias32(lo32(i) ^ lowbias32(key +
 # hi32(i))) mod 2^32, key = lowbias32(lo32(seed) ^ lowbias32(hi32(seed))); kept values are scaled by
 # 1 / (1 - p) in the accumulation dtype. lowbias32: C. Wellons' 32-bit integer hash.
-MASK32 = 0xFFFFFFFF
-T = TypeVar("T", int, torch.Tensor)
+_MASK32 = 0xFFFFFFFF
+_U32 = TypeVar("_U32", int, torch.Tensor)  # uint32 values: Python ints or int64 tensors
 
 
-def _mul32(x: T, c: int) -> T:
+def _mul32(x: _U32, c: int) -> _U32:
     """x * c mod 2^32 for x, c < 2^32, every product below 2^49 (no int64 overflow)."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & MASK32
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _MASK32
 
 
-def _lowbias32(x: T) -> T:
+def _lowbias32(x: _U32) -> _U32:
     """lowbias32 of uint32 values: Python ints or int64 tensors."""
     x = _mul32(x ^ (x >> 16), 0x7FEB352D)
     x = _mul32(x ^ (x >> 15), 0x846CA68B)
@@ -658,7 +658,7 @@ def _lowbias32(x: T) -> T:
 
 def dropout_key(seed: int) -> int:
     """The per-call hash key of ``seed`` (any int64)."""
-    return _lowbias32((seed & MASK32) ^ _lowbias32((seed >> 32) & MASK32))
+    return _lowbias32((seed & _MASK32) ^ _lowbias32((seed >> 32) & _MASK32))
 
 
 def dropout_threshold(p: float) -> int:
@@ -669,7 +669,7 @@ def dropout_threshold(p: float) -> int:
 def dropout(x: torch.Tensor, seed: int, p: float) -> None:
     """In place on a contiguous x: x[i] = x[i] / (1 - p) where h(i) >= floor(p 2^32), else 0."""
     index = torch.arange(x.numel(), dtype=torch.int64, device=x.device)
-    hashed = _lowbias32((index & MASK32) ^ _lowbias32((dropout_key(seed) + (index >> 32)) & MASK32))
+    hashed = _lowbias32((index & _MASK32) ^ _lowbias32((dropout_key(seed) + (index >> 32)) & _MASK32))
     keep = (hashed >= dropout_threshold(p)).view(x.shape)
     scale = 1 / (1 - p) if p < 1 else 0.0
     x.copy_(torch.where(keep, x.to(accumulate_dtype(x.dtype)) * scale, 0))
