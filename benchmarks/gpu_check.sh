@@ -5,8 +5,10 @@
 # seconds, default 540): a step gets what is left of it. The script goes on after a failure; the exit
 # codes land in summary.txt and the script exits non-zero if any step failed.
 #
-# STEPS (default "tests loss fusion dense model plan"; the build always runs) selects the steps:
+# BUILD=0 skips the build where the extension that an earlier check kept (densefuse/_C*.so) was carried.
+# STEPS (default "tests profile loss fusion dense model plan") selects the steps:
 #   tests   the tests marked gpu or named for cuda (pytest -k "gpu or cuda"; pytest-xdist where installed)
+#   profile benchmarks/profile_fusion.py: torch.profiler tables of one fusion call, densefuse and MONAI
 #   loss    benchmarks/report.py --device cuda                        -> <gpu>-<date>.json, report.md
 #   fusion  benchmarks/fusion_providers.py (fusion only, a conv model, a 16-class 320^3 argmax
 #           through SlidingWindowPredictor, the deterministic mode)   -> fusion-<gpu>-<date>.json
@@ -24,7 +26,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
 PY=${PYTHON:-python3}
-STEPS=${STEPS:-tests loss fusion dense model plan}
+STEPS=${STEPS:-tests profile loss fusion dense model plan}
 DEADLINE=$((SECONDS + ${DEADLINE:-540}))
 WORK=$(mktemp -d /tmp/gpu-check.XXXX)
 mkdir -p "$OUT"
@@ -65,7 +67,12 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 "$PY" -c 'import torch, triton, numpy; print("torch", torch.__version__, "triton", triton.__version__,
 "numpy", numpy.__version__)' 2>&1 | tee -a "$summary"
 
-step build 200 "$PY" -m pip install --no-build-isolation --no-deps -v -e .
+if [ "${BUILD:-1}" = 0 ] && compgen -G "densefuse/_C.cpython-*.so" >/dev/null; then
+    log "build: skipped (BUILD=0), with the extension carried in densefuse/"
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+else
+    step build 200 "$PY" -m pip install --no-build-isolation --no-deps -v -e .
+fi
 if grep -q "build: exit 0" "$summary"; then  # keep the extension: a later check with unchanged csrc/ may reuse it
     cp densefuse/_C*.so "$WORK/"
 else  # go on with the Python backends from the source tree
@@ -79,15 +86,17 @@ print("backends for cuda tensors", densefuse.available_backends("cuda"))
 EOF
 
 if wants tests; then
-    xdist=()
-    "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 8)
-    step tests 150 "$PY" -m pytest -q -rfE "${xdist[@]}" tests --ignore tests/test_triton_sm90.py \
-        -k "gpu or cuda" --junitxml="$WORK/pytest-gpu.xml"
+    plugins=()  # one line per test as it finishes, so a cut-short run still names its failures
+    "$PY" -c "import xdist" 2>/dev/null && plugins+=(-n 8)
+    "$PY" -c "import pytest_timeout" 2>/dev/null && plugins+=(--timeout 90)
+    step tests 170 "$PY" -m pytest -v --tb=short -rfE --durations 15 "${plugins[@]}" \
+        tests --ignore tests/test_triton_sm90.py -k "gpu or cuda" --junitxml="$WORK/pytest-gpu.xml"
 fi
 
 export PYTHONPATH=benchmarks${PYTHONPATH:+:$PYTHONPATH}
 slug=$("$PY" -c 'import report; print(report.slug(report.device_info("cuda")))')
 day=$(date +%F)
+wants profile && step profile 40 "$PY" benchmarks/profile_fusion.py --providers densefuse-triton,monai
 wants loss && step loss 90 "$PY" benchmarks/report.py --device cuda --out "$WORK/$slug-$day.json"
 wants fusion && step fusion 90 "$PY" benchmarks/fusion_providers.py --reps 20 \
     --out "$WORK/fusion-$slug-$day.json"
