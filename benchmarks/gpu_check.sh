@@ -69,6 +69,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 
 if [ "${BUILD:-1}" = 0 ] && compgen -G "densefuse/_C.cpython-*.so" >/dev/null; then
     log "build: skipped (BUILD=0), with the extension carried in densefuse/"
+    ln -sfn ../kernels densefuse/kernels  # what the editable install maps densefuse.kernels to
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 else
     step build 200 "$PY" -m pip install --no-build-isolation --no-deps -v -e .
@@ -87,8 +88,8 @@ EOF
 
 if wants tests; then
     plugins=()  # one line per test as it finishes, so a cut-short run still names its failures
-    "$PY" -c "import xdist" 2>/dev/null && plugins+=(-n 8)
-    "$PY" -c "import pytest_timeout" 2>/dev/null && plugins+=(--timeout 90)
+    "$PY" -c "import xdist" 2>/dev/null && plugins+=(-n "$(nproc)")
+    "$PY" -c "import pytest_timeout" 2>/dev/null && plugins+=(--timeout 60)
     step tests 170 "$PY" -m pytest -v --tb=short -rfE --durations 15 "${plugins[@]}" \
         tests --ignore tests/test_triton_sm90.py -k "gpu or cuda" --junitxml="$WORK/pytest-gpu.xml"
 fi

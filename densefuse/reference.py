@@ -515,9 +515,12 @@ def bn_relu_backward(
 
 
 def _bn_backward(g, x, mean, invstd, weight, grad_x):
-    """grad_x += g * weight * invstd in place -> (sum g * xhat, sum g) (BN's eval-mode reduction)."""
+    """grad_x += g * weight * invstd in place -> (sum g * xhat, sum g) (BN's eval-mode reduction).
+
+    The statistics go in as the running and the saved ones: the CPU kernel reads the running ones in
+    eval mode, the CUDA kernel the saved ones (it asserts that they are defined)."""
     _, dweight, dbias = torch.ops.aten.native_batch_norm_backward(
-        g, x.to(g.dtype), weight, mean, invstd.pow(-2), None, None, False, 0.0, [False, True, True]
+        g, x.to(g.dtype), weight, mean, invstd.pow(-2), mean, invstd, False, 0.0, [False, True, True]
     )
     grad_x.addcmul_(g, (weight * invstd)[:, None])
     return dweight, dbias

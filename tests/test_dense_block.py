@@ -36,7 +36,7 @@ CASES = [  # ((batch, in_channels, growth, layers, bottleneck, spatial), BN mome
 
 def loss_weights(out: torch.Tensor) -> torch.Tensor:
     """Fixed non-uniform weights: loss = sum(out * weights) gives every output a distinct gradient."""
-    return torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out).sin() + 0.3
+    return torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).view_as(out).sin() + 0.3
 
 
 def train_steps(block: DenseBlock3d, x: torch.Tensor, steps: int = 3):
