@@ -30,10 +30,10 @@ from tqdm.auto import tqdm
 from densefuse import reference, windows
 from densefuse.ops.patch_fuse import (
     EXTRACT_DTYPES,
+    BatchExtract,
+    BatchScatter,
     check_patch_flags,
-    patch_extract,
     patch_finalize,
-    patch_scatter,
 )
 
 PAD_MODES = tuple(reference.PAD_MODES)
@@ -177,26 +177,26 @@ def _unshared(t: Tensor) -> bool:
 class _WindowReader:
     """Reads batches of windows of x [B, C, *spatial] (3-D) into one tensor [n, C, *roi] (x's dtype).
 
-    Float volumes are read by one patch_extract per batch (every padding mode); other dtypes window
-    by window (_copy_window). The batch tensor is reused for the next batch when nothing holds it any
-    more (the predictor kept no reference to it or to a view of it), which saves allocating, and
-    page-faulting, a batch of windows per step; when something does hold it, the next batch gets a
-    new tensor.
+    Float volumes are read by one patch_extract kernel call per batch (every padding mode; checked
+    once, BatchExtract); other dtypes window by window (_copy_window). The batch tensor is reused for
+    the next batch when nothing holds it any more (the predictor kept no reference to it or to a view
+    of it), which saves allocating, and page-faulting, a batch of windows per step; when something
+    does hold it, the next batch gets a new tensor.
     """
 
     def __init__(self, x: Tensor, roi: Sequence[int], mode: str, cval: float):
         self.x, self.roi, self.mode, self.cval = x, tuple(roi), mode, cval
+        self._extract = BatchExtract(x, roi, mode, cval) if x.dtype in EXTRACT_DTYPES else None
         self._buffer: Tensor | None = None
 
-    def read(self, positions: Sequence[Position]) -> Tensor:
+    def read(self, positions: Sequence[Position], starts: Tensor) -> Tensor:
+        """The windows at ``positions`` (b, z, y, x), also given as ``starts`` [n, 4] int64 on x's device."""
         count = len(positions)
         if self._buffer is None or self._buffer.shape[0] < count or not _unshared(self._buffer):
             self._buffer = self.x.new_empty((count, self.x.shape[1], *self.roi))
         batch = self._buffer[:count]
-        if self.x.dtype in EXTRACT_DTYPES:
-            starts = torch.tensor(positions, dtype=torch.int64)
-            patch_extract(self.x, starts, self.roi, self.mode, self.cval, out=batch, check_values=False)
-            return batch
+        if self._extract is not None:
+            return self._extract(batch, starts.to(self.x.device))
         for window, (b, *start) in zip(batch, positions):
             _copy_window(window, self.x[b], start, self.roi, self.mode, self.cval)
         return batch
@@ -329,12 +329,13 @@ def sliding_window_inference(
     ]
     # Every window's corner on the output's device at once: one copy per call, not one per batch.
     starts = torch.tensor(positions, dtype=torch.int64, device=device)
+    starts_in = starts.to(inputs.device)  # where the windows are read
     run = _WindowPredictor(predictor, x3, cond3, roi, padding_mode, cval, sw_device, with_coord, args, kwargs)
     fusion = _Fusion(batch, size, roi, weights, floor, acc_dtype, device)
     for first in tqdm(range(0, len(positions), sw_batch_size), disable=not progress):
-        chunk = positions[first : first + sw_batch_size]
+        chunk = slice(first, first + sw_batch_size)
         # no reference to the batch outlives the step (_WindowReader)
-        fusion.add(run(chunk), starts[first : first + len(chunk)])
+        fusion.add(run(positions[chunk], starts_in[chunk]), starts[chunk])
     return fusion.result(starts3, inputs.dtype if floating else torch.float32)
 
 
@@ -355,14 +356,16 @@ class _WindowPredictor:
         self.padded_before = [(max(s, r) - s) // 2 for s, r in zip(size, roi)] if with_coord else None
         self.args, self.kwargs = args, kwargs
 
-    def _read(self, reader: _WindowReader, chunk: Sequence[Position]) -> Tensor:
-        return reader.read(chunk).reshape(len(chunk), -1, *self.roi).to(self.sw_device)
+    def _read(self, reader: _WindowReader, chunk: Sequence[Position], starts: Tensor) -> Tensor:
+        return reader.read(chunk, starts).reshape(len(chunk), -1, *self.roi).to(self.sw_device)
 
-    def __call__(self, chunk: Sequence[Position]) -> object:
+    def __call__(self, chunk: Sequence[Position], starts: Tensor) -> object:
+        """The predictor's output for the windows at ``chunk``, also given as ``starts`` [n, 4]
+        (int64, on the inputs' device)."""
         kwargs = dict(self.kwargs)
         if self.conditions is not None:
-            kwargs["condition"] = self._read(self.conditions, chunk)
-        windows_in = self._read(self.windows, chunk)
+            kwargs["condition"] = self._read(self.conditions, chunk, starts)
+        windows_in = self._read(self.windows, chunk, starts)
         if self.padded_before is None:
             return self.predictor(windows_in, *self.args, **kwargs)
         dims = len(self.roi)
@@ -383,9 +386,9 @@ class _Fusion:
         self.batch, self.size, self.roi = batch, tuple(size), tuple(roi)
         self.size3, self.roi3 = (*lift, *size), (*lift, *roi)
         self.weights, self.floor, self.dtype, self.device = weights, floor, dtype, device
+        self.scatter = BatchScatter(*weights, floor, dtype, device, weights_checked=True)  # _fusion_weights
         self.accs: list[Tensor] = []
         self.keys: list | None = None
-        self.flags = torch.zeros(2, dtype=torch.int64, device=device)
 
     def add(self, out: object, starts: Tensor) -> None:
         """Scatters the predictor's output ``out`` for the windows at ``starts`` [n, 4] (int64, on the
@@ -400,15 +403,11 @@ class _Fusion:
             if len(self.accs) <= i:
                 shape = (self.batch, o.shape[1], *self.size3)
                 self.accs.append(torch.zeros(shape, dtype=self.dtype, device=self.device))
-            o = o.reshape(count, -1, *self.roi3).to(self.device)
-            flags = patch_scatter(
-                self.accs[i], o, starts, *self.weights, self.floor, check_values=False, weights_checked=True
-            )
-            self.flags += flags
+            self.scatter(self.accs[i], o.reshape(count, -1, *self.roi3).to(self.device), starts)
 
     def result(self, starts3, dtype: torch.dtype) -> Tensor | tuple[Tensor, ...] | dict[Any, Tensor]:
         """The fused outputs [B, C_k, *spatial] in ``dtype``, in the predictor's structure."""
-        check_patch_flags(self.flags, "predictor")
+        check_patch_flags(self.scatter.flags(), "predictor")
         results = []
         for acc in self.accs:
             fused = patch_finalize(acc, *starts3, *self.weights, self.floor, inplace=True, check_values=False)
@@ -575,16 +574,18 @@ class SlidingWindowPredictor:
         groups = [[(b, z, y, x) for b in range(batch) for y in grid[1] for x in grid[2]] for z in grid[0]]
         # Every window's corner on the output's device at once ([z group, window, 4]): one copy per call.
         starts = torch.tensor(groups, dtype=torch.int64, device=device)
+        starts_in = starts.to(image.device)  # where the windows are read
         bar = tqdm(
             total=len(groups) * math.ceil(len(groups[0]) / self.sw_batch_size), disable=not self.progress
         )
         reader = _WindowReader(image, self.roi, self.padding, self.cval)
         for k, group in enumerate(groups):
             for first in range(0, len(group), self.sw_batch_size):
-                chunk = group[first : first + self.sw_batch_size]
+                chunk = slice(first, first + self.sw_batch_size)
                 # no reference to the batch of windows outlives the step (see _WindowReader)
-                out = self._predict(reader.read(chunk).to(model_device), fuse.channels).to(device)
-                fuse.add(out, starts[k, first : first + len(chunk)], grid[0][k])
+                windows_in = reader.read(group[chunk], starts_in[k, chunk]).to(model_device)
+                out = self._predict(windows_in, fuse.channels).to(device)
+                fuse.add(out, starts[k, chunk], grid[0][k])
                 bar.update()
             fuse.group_done(k, self.output, finish)
         bar.close()
@@ -608,7 +609,7 @@ class _SlabFusion:
         self.acc: Tensor | None = None  # planes [lo, lo + acc.shape[2]) of the volume
         self.lo = 0
         self.out: Tensor | None = None  # the result, filled slab by slab
-        self.flags = torch.zeros(2, dtype=torch.int64, device=device)
+        self.scatter = BatchScatter(*weights, floor, torch.float32, device, weights_checked=True)
 
     def add(self, out: Tensor, starts: Tensor, z: int) -> None:
         """Scatters ``out`` for the windows at ``starts`` [n, 4] (volume coordinates, on the
@@ -628,8 +629,7 @@ class _SlabFusion:
         if self.lo:
             starts = starts.clone()
             starts[:, 1] -= self.lo  # into the slab's coordinates, on the device
-        options = dict(check_values=False, weights_checked=True)  # _fusion_weights checked them
-        self.flags += patch_scatter(self.acc, out, starts, *self.weights, self.floor, **options)
+        self.scatter(self.acc, out, starts)
 
     def _finalize(self, acc: Tensor, output: str, finish: dict, inplace: bool = False) -> Tensor:
         grid = (self.grid_starts[0] - self.lo, *self.grid_starts[1:])
@@ -652,7 +652,7 @@ class _SlabFusion:
         self.lo += planes
 
     def result(self, output: str, finish: dict) -> Tensor:
-        check_patch_flags(self.flags, "model")
+        check_patch_flags(self.scatter.flags(), "model")
         if self.slabs:
             return self.out
         return self._finalize(self.acc, output, finish, inplace=output != "mask")

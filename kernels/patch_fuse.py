@@ -59,6 +59,9 @@ Triton is imported at module import: import this module only where triton is ins
 
 from __future__ import annotations
 
+import functools
+import struct
+
 import torch
 import triton
 import triton.language as tl
@@ -467,12 +470,21 @@ def _finalize_kernel(
 
 
 # =============================================================================== host helpers
+def _fp32(value: float) -> float:
+    """value rounded to the nearest float32 (to nearest even; out of range: +-Inf)."""
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:
+        return value * float("inf")
+
+
+@functools.lru_cache(maxsize=64)
 def _parts(value: float) -> dict[str, float]:
     """value as three fp32 numbers whose fp64 sum is value exactly (barring fp32 underflow)."""
     parts = []
     rest = float(value)
     for _ in range(3):
-        part = float(torch.tensor(rest, dtype=torch.float32))
+        part = _fp32(rest)
         parts.append(part)
         rest -= part
     return dict(zip(("hi", "mid", "lo"), parts))
@@ -756,6 +768,12 @@ def patch_finalize(
     return out
 
 
+@functools.lru_cache(maxsize=16)
+def _fill_value(cval: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """cval as a one-element tensor, rounded as Tensor.fill_ rounds (kept: extraction runs per batch)."""
+    return torch.full((1,), cval, dtype=dtype, device=device)
+
+
 def patch_extract(
     out: torch.Tensor, volume: torch.Tensor, starts: torch.Tensor, mode: int, cval: float
 ) -> None:
@@ -782,7 +800,7 @@ def patch_extract(
     tiles_r = triton.cdiv(roi[0] * roi[1], block_r)
     programs = count * channels * tiles_r
     _check_int32("out: programs (N * C * tiles)", programs)
-    value = torch.full((1,), cval, dtype=out.dtype, device=out.device)  # rounded as Tensor.fill_ rounds
+    value = _fill_value(cval, out.dtype, out.device)
     with device_guard(out.device):
         _extract_kernel[(programs,)](
             out, volume, starts.contiguous(), value,

@@ -395,7 +395,9 @@ def test_bad_input():
 @pytest.mark.parametrize("bottleneck", [4, None])
 def test_cuda_fused_matches_naive_with_less_memory(bottleneck, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 GEMMs on both sides
-    blocks, x = make_blocks((2, 24, 8, 4, bottleneck, (17, 19, 21)), dtype=torch.float32)
+    # large enough that activations, not cuDNN's workspace, set the peaks (at 17x19x21 the plain
+    # block measured 0.62x on an H100)
+    blocks, x = make_blocks((2, 24, 8, 4, bottleneck, (33, 35, 37)), dtype=torch.float32)
     x = x.cuda()
     peaks, results = {}, {}
     for name in ("naive", "fused"):

@@ -194,35 +194,46 @@ def test_window_batches_are_not_reused_without_torchs_storage_use_count(monkeypa
     """torch._C._storage_Use_Count is private: where it is gone (or fails), every batch is new."""
     x = torch.randn(1, 2, 11, 9, 10, generator=rng)
     positions = _positions(x, (6, 5, 4))[:3]
+    starts = torch.tensor(positions)
     reader = inference._WindowReader(x, (6, 5, 4), "constant", 0.0)
-    first = reader.read(positions).data_ptr()
-    assert reader.read(positions).data_ptr() == first  # reused while torch tells us nothing holds it
+    first = reader.read(positions, starts).data_ptr()
+    assert reader.read(positions, starts).data_ptr() == first  # reused while nothing holds it
     if count == "missing":
         monkeypatch.delattr(torch._C, "_storage_Use_Count", raising=False)
     else:
         monkeypatch.setattr(torch._C, "_storage_Use_Count", lambda: 1, raising=False)  # a new signature
-    assert reader.read(positions).data_ptr() != first
+    assert reader.read(positions, starts).data_ptr() != first
     expected = sliding_window_inference(x, (6, 5, 4), 2, lambda t: t * 2, 0.5, "gaussian")
     torch.testing.assert_close(expected, x * 2, rtol=1e-6, atol=1e-6)
 
 
 def test_window_starts_are_built_once_per_call(monkeypatch, rng):
-    """The window corners reach patch_scatter as slices of one tensor on the accumulator's device
-    (one host-to-device copy per call, not one per batch of windows)."""
-    seen = []
+    """The window corners reach the extraction and the scatter as slices of one tensor per call on
+    the right device (one host-to-device copy per call, not one per batch of windows)."""
+    seen = {"extract": [], "scatter": []}
 
-    def spy(acc, windows, starts, *args, **kwargs):
-        seen.append((starts.device == acc.device, starts.untyped_storage().data_ptr()))
-        return patch_fuse.patch_scatter(acc, windows, starts, *args, **kwargs)
+    def spy(kind, call, device_of):
+        def recorded(self, *args):
+            starts = args[-1]
+            seen[kind].append((starts.device == device_of(self, *args), starts.untyped_storage().data_ptr()))
+            return call(self, *args)
 
-    monkeypatch.setattr(inference, "patch_scatter", spy)
+        return recorded
+
+    monkeypatch.setattr(
+        patch_fuse.BatchExtract, "__call__",
+        spy("extract", patch_fuse.BatchExtract.__call__, lambda self, *args: self.volume.device),
+    )  # fmt: skip
+    monkeypatch.setattr(
+        patch_fuse.BatchScatter, "__call__",
+        spy("scatter", patch_fuse.BatchScatter.__call__, lambda self, acc, *args: acc.device),
+    )  # fmt: skip
     x = torch.randn(2, 1, 13, 9, 10, generator=rng)
     sliding_window_inference(x, (6, 5, 4), 3, lambda t: t, 0.5)
     SlidingWindowPredictor(lambda t: t, (6, 5, 4), sw_batch_size=3)(x)
-    calls = len(seen)
-    assert calls > 4 and all(same_device for same_device, _ in seen)
-    storages = [storage for _, storage in seen]
-    assert len(set(storages)) == 2, storages  # one per call
+    for kind, calls in seen.items():
+        assert len(calls) > 4 and all(same_device for same_device, _ in calls), kind
+        assert len({storage for _, storage in calls}) == 2, (kind, calls)  # one per inference call
 
 
 def _positions(x, roi):
@@ -387,11 +398,13 @@ def test_slab_mode_equals_whole_volume(backend, output, padding, activation, rng
 def test_slab_mode_keeps_only_a_slab(monkeypatch, rng):
     depths = []
 
-    def spy(acc, *args, **kwargs):
-        depths.append(acc.shape[2])
-        return patch_fuse.patch_scatter(acc, *args, **kwargs)
+    scatter = patch_fuse.BatchScatter.__call__
 
-    monkeypatch.setattr(inference, "patch_scatter", spy)
+    def spy(self, acc, *args):
+        depths.append(acc.shape[2])
+        return scatter(self, acc, *args)
+
+    monkeypatch.setattr(patch_fuse.BatchScatter, "__call__", spy)
     x = torch.randn(1, 1, 40, 6, 6, generator=rng)
     mask = SlidingWindowPredictor(lambda t: t, (8, 6, 6), sw_batch_size=9, output="mask", memory_budget=1)(x)
     assert torch.equal(mask, (torch.sigmoid(x) >= 0.5).to(torch.uint8))

@@ -421,6 +421,108 @@ def test_extract_without_value_checks_reads_cval_for_a_batch_outside(backend):
     assert out.eq(3).all()
 
 
+# ------------------------------------------------------------- many batches, arguments checked once
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("dtype", WINDOW_DTYPES, ids=str)
+def test_batch_scatter_is_patch_scatter_batch_by_batch(backend, deterministic, dtype, rng):
+    """BatchScatter adds what patch_scatter adds, batch after batch, and sums the flags."""
+    shape = (2, 3, 5, 7, 6)
+    win, starts, weights = random_case(rng, dtype=dtype, count=10)
+    win[3, 1, 0, 0, 0] = float("nan")  # flagged wherever it lands inside the volume
+    expected = torch.zeros(shape, dtype=torch.float64)
+    flags = torch.zeros(2, dtype=torch.int64)
+    for part in (slice(0, 4), slice(4, 10)):
+        options = dict(deterministic=deterministic, check_values=False)
+        flags += patch_scatter(expected, win[part], starts[part], *weights, 0.1, **options)
+    acc = torch.zeros(shape, dtype=torch.float64)
+    scatter = pf.BatchScatter(*weights, 0.1, torch.float64, "cpu", deterministic=deterministic)
+    for part in (slice(0, 4), slice(4, 10)):
+        scatter(acc, win[part], starts[part])
+    torch.testing.assert_close(acc, expected, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(scatter.flags(), flags) and scatter.flags().tolist() == flags.tolist()
+
+
+def test_batch_scatter_without_batches_has_no_flags():
+    weights = [torch.ones(3)] * 3
+    assert pf.BatchScatter(*weights, 0.0, torch.float32, "cpu").flags().tolist() == [0, 0]
+
+
+def test_batch_scatter_picks_the_gather_in_deterministic_mode(monkeypatch):
+    weights = [torch.ones(3)] * 3
+    with densefuse.use_backend("torch"):
+        assert pf.BatchScatter(*weights, 0.0, torch.float32, "cpu")._kernel is reference.patch_scatter
+        monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+        assert pf.BatchScatter(*weights, 0.0, torch.float32, "cpu")._kernel is reference.patch_gather
+
+
+BAD_BATCH_SCATTER = [
+    (lambda a, w, s: (a.float(), w, s), "acc: expected a contiguous"),
+    (lambda a, w, s: (a.transpose(2, 4), w, s), "acc: expected a contiguous"),
+    (lambda a, w, s: (a, w.int(), s), "windows: expected a float16"),
+    (lambda a, w, s: (a, w[:, :2], s), "windows: expected shape"),
+    (lambda a, w, s: (a, w[..., :2], s), "windows: expected shape"),
+    (lambda a, w, s: (a, w, s.int()), "starts: expected an int64"),
+    (lambda a, w, s: (a, w, s[:2]), "starts: expected an int64"),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), BAD_BATCH_SCATTER)
+def test_bad_batch_scatter_input(change, message, rng):
+    win, starts, weights = random_case(rng)
+    scatter = pf.BatchScatter(*weights, 0.0, torch.float64, "cpu")
+    with pytest.raises((TypeError, ValueError), match=message):
+        scatter(*change(torch.zeros(2, 3, 5, 7, 6, dtype=torch.float64), win, starts))
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "message"),
+    [
+        (([torch.ones(3)] * 3, 0.0, torch.float16), TypeError, "dtype: expected float32/float64"),
+        (([torch.ones(3), torch.tensor([1.0, -1.0]), torch.ones(3)], 0.0, torch.float32), ValueError, "wy:"),
+        (([torch.ones(3), torch.ones(2, 2), torch.ones(3)], 0.0, torch.float32), ValueError, "wy:"),
+        (([torch.ones(3)] * 3, float("nan"), torch.float32), ValueError, "floor:"),
+        (([torch.full((3,), 1e300, dtype=torch.float64)] * 3, 0.0, torch.float32), ValueError, "wz:"),
+    ],
+    ids=str,
+)
+def test_bad_batch_scatter_arguments(args, error, message):
+    weights, floor, dtype = args
+    with pytest.raises(error, match=message):
+        pf.BatchScatter(*weights, floor, dtype, "cpu")
+
+
+@pytest.mark.parametrize("mode", PAD_MODES)
+def test_batch_extract_is_patch_extract(backend, mode, rng):
+    volume = torch.randn(2, 3, 9, 11, 10, generator=rng)[..., ::2]  # strided
+    roi = (4, 7, 6)
+    _, starts, _ = random_case(rng, batch=2, size=volume.shape[2:], roi=roi, count=7)
+    extract = pf.BatchExtract(volume, roi, mode, -1.5)
+    out = torch.empty(7, 3, *roi)
+    assert extract(out, starts) is out
+    torch.testing.assert_close(out, patch_extract(volume, starts, roi, mode, -1.5), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "message"),
+    [
+        (lambda v, o, s: ((v.int(), (2, 2, 2), "constant", 0.0), o, s), TypeError, "volume: expected"),
+        (lambda v, o, s: ((v, (2, 0, 2), "constant", 0.0), o, s), ValueError, "roi: expected three"),
+        (lambda v, o, s: ((v, (2, 2, 2), "wrap", 0.0), o, s), ValueError, "mode: expected one of"),
+        (lambda v, o, s: ((v.half(), (2, 2, 2), "constant", 1e6), o, s), ValueError, "cval: .* overflows"),
+        (lambda v, o, s: ((v, (2, 2, 2), "constant", 0.0), o.double(), s), ValueError, "out: expected"),
+        (lambda v, o, s: ((v, (2, 2, 2), "constant", 0.0), o[:, :, :1], s), ValueError, "out: expected"),
+        (lambda v, o, s: ((v, (2, 2, 2), "constant", 0.0), o, s.int()), ValueError, "starts: expected"),
+        (lambda v, o, s: ((v, (2, 2, 2), "constant", 0.0), o, s[:, :3]), ValueError, "out, starts:"),
+    ],
+    ids=str,
+)
+def test_bad_batch_extract_input(change, error, message):
+    volume, out, starts = torch.randn(1, 2, 5, 5, 5), torch.empty(3, 2, 2, 2, 2), torch.zeros(3, 4).long()
+    args, out, starts = change(volume, out, starts)
+    with pytest.raises(error, match=message):
+        pf.BatchExtract(*args)(out, starts)
+
+
 # ------------------------------------------------------------------------------------------ opcheck
 def test_opcheck(backend, rng):
     win, starts, weights = random_case(rng, dtype=torch.float32)

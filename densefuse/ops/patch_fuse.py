@@ -178,15 +178,15 @@ def _check_windows(windows: object, acc: Tensor) -> Tensor:
     return windows.contiguous()
 
 
-def _check_small_device(name: str, tensor: Tensor, acc: Tensor) -> None:
+def _check_small_device(name: str, tensor: Tensor, device: torch.device) -> None:
     """Small tensors may come from the CPU; anything on a third device is an error."""
-    if tensor.device != acc.device and tensor.device.type != "cpu":
-        raise ValueError(f"{name}: expected a tensor on {acc.device} (or the CPU), got {tensor.device}")
+    if tensor.device != device and tensor.device.type != "cpu":
+        raise ValueError(f"{name}: expected a tensor on {device} (or the CPU), got {tensor.device}")
 
 
-def _to_acc_device(name: str, tensor: Tensor, acc: Tensor, dtype: torch.dtype) -> Tensor:
-    _check_small_device(name, tensor, acc)
-    return tensor.to(device=acc.device, dtype=dtype).contiguous()
+def _to_device(name: str, tensor: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+    _check_small_device(name, tensor, device)
+    return tensor.to(device=device, dtype=dtype).contiguous()
 
 
 def _check_starts(starts: object, acc: Tensor, count: int) -> Tensor:
@@ -197,7 +197,7 @@ def _check_starts(starts: object, acc: Tensor, count: int) -> Tensor:
         raise ValueError(
             f"starts: expected shape ({count}, 4) = (batch, z, y, x) per window, got {tuple(starts.shape)}"
         )
-    return _to_acc_device("starts", starts, acc, torch.int64)
+    return _to_device("starts", starts, acc.device, torch.int64)
 
 
 def _check_axis_starts(name: str, starts: object, acc: Tensor) -> Tensor:
@@ -209,7 +209,7 @@ def _check_axis_starts(name: str, starts: object, acc: Tensor) -> Tensor:
             raise error from None
     if starts.dim() != 1 or starts.is_floating_point() or starts.is_complex() or starts.dtype == torch.bool:
         raise error
-    return _to_acc_device(name, starts, acc, torch.int64)
+    return _to_device(name, starts, acc.device, torch.int64)
 
 
 def _check_weights(
@@ -220,6 +220,7 @@ def _check_weights(
     weights_checked: bool = False,
 ) -> list[Tensor]:
     """wz, wy, wx as 1-D vectors in acc's dtype on acc's device (lengths checked when given).
+    ``acc`` may be any tensor of that dtype and device (it is not read).
 
     Their values must be finite and >= 0 (a NaN or negative weight would silently zero or corrupt the
     fused output): vectors on the CPU are checked before they move (no device sync); vectors already
@@ -236,7 +237,7 @@ def _check_weights(
         if w.dim() != 1 or w.numel() == 0 or (lengths is not None and w.numel() != lengths[i]):
             expected = "length >= 1" if lengths is None else f"length {lengths[i]} (the window size)"
             raise ValueError(f"{name}: expected a 1-D vector of {expected}, got shape {tuple(w.shape)}")
-        _check_small_device(name, w, acc)
+        _check_small_device(name, w, acc.device)
         checked.append(w.to(acc.dtype))  # in acc's dtype first: a weight may overflow to Inf there
     if _validate.value_checks_enabled() and not weights_checked:
         tested = [(n, w) for n, w in zip(names, checked) if check_values or w.device.type == "cpu"]
@@ -247,7 +248,7 @@ def _check_weights(
             bad = int(count) if count.device.type == "cpu" else next(synced)
             if bad:
                 raise ValueError(f"{name}: expected finite weights >= 0, found {bad} negative or NaN/Inf")
-    return [_to_acc_device(name, w, acc, acc.dtype) for name, w in zip(names, checked)]
+    return [_to_device(name, w, acc.device, acc.dtype) for name, w in zip(names, checked)]
 
 
 def _check_number(name: str, value: object, low: float | None = None) -> float:
@@ -383,6 +384,31 @@ def patch_finalize(
     return patch_finalize_op(acc.contiguous(), *starts, wz, wy, wx, floor, code, out, threshold)
 
 
+def _check_extract(
+    volume: object, roi: Sequence[int], mode: str, cval: object
+) -> tuple[Tensor, tuple[int, ...]]:
+    """patch_extract's volume (as [B, C, D, H, W]) and roi, after checking them, mode and cval."""
+    volume = _validate.check_tensor("volume", volume)
+    if volume.dtype not in EXTRACT_DTYPES:
+        raise TypeError(f"volume: expected a float16/bfloat16/float32/float64 tensor, got {volume.dtype}")
+    if volume.dim() == 4:
+        volume = volume[None]
+    if volume.dim() != 5 or volume.numel() == 0:
+        raise ValueError(
+            f"volume: expected a non-empty [B, C, D, H, W] or [C, D, H, W] tensor, got {tuple(volume.shape)}"
+        )
+    roi = tuple(roi)
+    if len(roi) != 3 or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in roi):
+        raise ValueError(f"roi: expected three integers >= 1 (rz, ry, rx), got {roi!r}")
+    if mode not in reference.PAD_MODES:
+        raise ValueError(f"mode: expected one of {tuple(reference.PAD_MODES)}, got {mode!r}")
+    if isinstance(cval, bool) or not isinstance(cval, (int, float)):
+        raise TypeError(f"cval: expected a number, got {type(cval).__name__}")
+    if math.isfinite(cval) and abs(cval) > torch.finfo(volume.dtype).max:
+        raise ValueError(f"cval: {cval!r} overflows the volume's dtype {volume.dtype}")
+    return volume, roi
+
+
 def patch_extract(
     volume: Tensor,
     starts: Tensor,
@@ -413,24 +439,7 @@ def patch_extract(
 
     Returns out (or the new tensor) [N, C, rz, ry, rx] in volume's dtype: exact copies of the values.
     """
-    volume = _validate.check_tensor("volume", volume)
-    if volume.dtype not in EXTRACT_DTYPES:
-        raise TypeError(f"volume: expected a float16/bfloat16/float32/float64 tensor, got {volume.dtype}")
-    if volume.dim() == 4:
-        volume = volume[None]
-    if volume.dim() != 5 or volume.numel() == 0:
-        raise ValueError(
-            f"volume: expected a non-empty [B, C, D, H, W] or [C, D, H, W] tensor, got {tuple(volume.shape)}"
-        )
-    roi = tuple(roi)
-    if len(roi) != 3 or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in roi):
-        raise ValueError(f"roi: expected three integers >= 1 (rz, ry, rx), got {roi!r}")
-    if mode not in reference.PAD_MODES:
-        raise ValueError(f"mode: expected one of {tuple(reference.PAD_MODES)}, got {mode!r}")
-    if isinstance(cval, bool) or not isinstance(cval, (int, float)):
-        raise TypeError(f"cval: expected a number, got {type(cval).__name__}")
-    if math.isfinite(cval) and abs(cval) > torch.finfo(volume.dtype).max:
-        raise ValueError(f"cval: {cval!r} overflows the volume's dtype {volume.dtype}")
+    volume, roi = _check_extract(volume, roi, mode, cval)
     starts = _validate.check_tensor("starts", starts)
     if starts.dim() != 2:
         shape = tuple(starts.shape)
@@ -456,3 +465,102 @@ def patch_extract(
             )
     patch_extract_op(out, volume, starts, reference.PAD_MODES[mode], float(cval))
     return out
+
+
+# ------------------------------------------------------------- many batches, arguments checked once
+class BatchExtract:
+    """patch_extract for the many batches of windows of one volume (sliding-window inference).
+
+    volume, roi, mode and cval are checked once, and the kernel is resolved once (the backend chosen
+    when the object is made, as patch_extract would choose it); each batch is then one kernel call,
+    with neither the custom-op dispatch nor a sync. Batch indices in starts are not checked per call:
+    a window whose batch index lies outside [0, B) reads cval.
+    """
+
+    def __init__(self, volume: Tensor, roi: Sequence[int], mode: str = "constant", cval: float = 0.0):
+        self.volume, self.roi = _check_extract(volume, roi, mode, cval)
+        self.mode, self.cval = reference.PAD_MODES[mode], float(cval)
+        self._kernel = _extract(self.volume.device)
+
+    def __call__(self, out: Tensor, starts: Tensor) -> Tensor:
+        """out [N, C, *roi] (contiguous, the volume's dtype and device) = the windows at starts [N, 4]
+        (int64 on the volume's device), written in place; returns out."""
+        volume = self.volume
+        if starts.dtype != torch.int64 or starts.device != volume.device or starts.dim() != 2:
+            raise ValueError(f"starts: expected an int64 [N, 4] tensor on {volume.device}")
+        shape = (starts.shape[0], volume.shape[1], *self.roi)
+        if out.shape != shape or out.dtype != volume.dtype or out.device != volume.device:
+            raise ValueError(
+                f"out: expected {volume.dtype} {shape} on {volume.device}, got {tuple(out.shape)}"
+            )
+        if not out.is_contiguous() or starts.shape[1] != 4:
+            raise ValueError("out, starts: expected a contiguous out and starts of shape [N, 4]")
+        self._kernel(out, volume, starts.contiguous(), self.mode, self.cval)
+        return out
+
+
+class BatchScatter:
+    """patch_scatter for many batches of windows with the same weights (sliding-window inference).
+
+    The weights and floor are checked once and moved to ``device`` in ``dtype`` (the accumulators'),
+    and the kernel is resolved once: the scatter, or the deterministic gather where ``deterministic``
+    (default: torch.are_deterministic_algorithms_enabled()). Each batch is then one kernel call, with
+    neither the custom-op dispatch nor a sync; its flags (NaN/Inf values added, windows skipped) are
+    kept on the device until flags() sums them.
+    """
+
+    def __init__(
+        self,
+        wz: Tensor,
+        wy: Tensor,
+        wx: Tensor,
+        floor: float,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        *,
+        deterministic: bool | None = None,
+        weights_checked: bool = False,
+    ):
+        if dtype not in ACC_DTYPES:
+            raise TypeError(f"dtype: expected float32/float64 for the accumulator, got {dtype}")
+        like = torch.empty(0, dtype=dtype, device=device)
+        self.weights = _check_weights((wz, wy, wx), None, like, True, weights_checked)
+        self.roi = tuple(w.numel() for w in self.weights)
+        self.floor = _check_number("floor", floor, 0.0)
+        self.dtype, self.device = dtype, like.device
+        if deterministic is None:
+            deterministic = torch.are_deterministic_algorithms_enabled()
+        self._kernel = (_gather if deterministic else _scatter)(self.device)
+        self._flags: list[Tensor] = []
+
+    def __call__(self, acc: Tensor, windows: Tensor, starts: Tensor) -> None:
+        """acc [B, C, D, H, W] (contiguous, ``dtype`` on ``device``) += w * windows [N, C, *roi] (any
+        float dtype, on ``device``) at starts [N, 4] (int64 on ``device``), in place."""
+        if acc.dtype != self.dtype or acc.device != self.device or acc.dim() != 5 or not acc.is_contiguous():
+            raise ValueError(
+                f"acc: expected a contiguous [B, C, D, H, W] {self.dtype} tensor on {self.device}"
+            )
+        if windows.dtype not in _validate.FLOAT_DTYPES or windows.device != self.device:
+            raise TypeError(f"windows: expected a float16/bfloat16/float32/float64 tensor on {self.device}")
+        if windows.dim() != 5 or windows.shape[1] != acc.shape[1] or tuple(windows.shape[2:]) != self.roi:
+            raise ValueError(
+                f"windows: expected shape [N, {acc.shape[1]}, {', '.join(map(str, self.roi))}], "
+                f"got {tuple(windows.shape)}"
+            )
+        if (
+            starts.dtype != torch.int64
+            or starts.device != self.device
+            or starts.shape != (windows.shape[0], 4)
+        ):
+            raise ValueError(f"starts: expected an int64 [{windows.shape[0]}, 4] tensor on {self.device}")
+        self._flags.append(
+            self._kernel(acc, windows.contiguous(), starts.contiguous(), *self.weights, self.floor)
+        )
+
+    def flags(self) -> Tensor:
+        """int64 [2] on ``device``: NaN/Inf window values added and windows skipped, over every batch
+        so far (check_patch_flags raises for them)."""
+        if not self._flags:
+            return torch.zeros(2, dtype=torch.int64, device=self.device)
+        self._flags = [torch.stack(self._flags).sum(0)]
+        return self._flags[0]
