@@ -4,11 +4,16 @@ One setup function per provider, each returning ``step()``: one sliding-window i
 fixed volume, with MONAI's arguments (roi, sw_batch_size, overlap 0.5, mode "gaussian"):
 
     densefuse-<backend>  densefuse.inference.sliding_window_inference under densefuse.use_backend(<backend>)
+    densefuse-<backend>-deterministic   the same under torch.use_deterministic_algorithms(True), which
+                         selects the output-stationary gather (case "fusion" only)
     monai                monai.inferers.sliding_window_inference with the same arguments
 
 Cases: "fusion" runs the identity predictor, so the fusion machinery is all that is timed (window
 extraction, weights, scatter, normalisation); "model" runs a small 3-D conv net (end to end, the
-net included). Steps run under torch.inference_mode().
+net included); "argmax" asks for a 16-class label map from a 1x1x1 conv (1 -> 16 classes): densefuse's
+SlidingWindowPredictor with output "mask" in slab mode (memory_budget=1: the thinnest slabs) against
+MONAI's sliding_window_inference followed by argmax (the kernel backends only: the torch reference
+is left out). Steps run under torch.inference_mode().
 
 Memory: ``peak_extra_bytes`` is the peak of the bytes allocated during one step above the level
 before it, the output included (CUDA: max_memory_allocated; CPU: the allocator events of the
@@ -47,7 +52,7 @@ Step = Callable[[], object]
 class Case:
     """One benchmark case: a volume [B, C, D, H, W] tiled by windows of ``roi`` at 50 % overlap."""
 
-    kind: str  # "fusion" (identity predictor) | "model" (small 3-D conv net)
+    kind: str  # "fusion" (identity predictor) | "model" (small 3-D conv net) | "argmax" (16 classes)
     shape: tuple[int, ...]
     roi: int
     sw_batch_size: int = 4
@@ -60,13 +65,22 @@ class Case:
 
     @property
     def out_channels(self) -> int:
-        return self.shape[1] if self.kind == "fusion" else MODEL_OUT_CHANNELS
+        return {"fusion": self.shape[1], "model": MODEL_OUT_CHANNELS, "argmax": CLASSES}[self.kind]
 
 
 MODEL_OUT_CHANNELS = 2
+CLASSES = 16
 CASES = {
-    "cpu": [Case("fusion", (1, 1, 160, 192, 160), 96), Case("model", (1, 1, 128, 128, 128), 64)],
-    "cuda": [Case("fusion", (1, 1, 192, 224, 192), 96), Case("model", (1, 1, 192, 224, 192), 96)],
+    "cpu": [
+        Case("fusion", (1, 1, 160, 192, 160), 96),
+        Case("model", (1, 1, 128, 128, 128), 64),
+        Case("argmax", (1, 1, 96, 112, 96), 48),
+    ],
+    "cuda": [
+        Case("fusion", (1, 1, 192, 224, 192), 96),
+        Case("model", (1, 1, 192, 224, 192), 96),
+        Case("argmax", (1, 1, 320, 320, 320), 96),  # issue 3's 16-class 320^3 argmax
+    ],
 }
 
 
@@ -86,12 +100,19 @@ class Inputs:
     predictor: Callable[[Tensor], Tensor]
 
 
+def class_net(in_channels: int, seed: int = 0) -> torch.nn.Module:
+    """Conv3d(C_in, 16, 1): 16-class logits per voxel, as cheap as a model gets."""
+    torch.manual_seed(seed)
+    return torch.nn.Conv3d(in_channels, CLASSES, 1).eval()
+
+
 def make_inputs(case: Case, device: str, seed: int = 0) -> Inputs:
     gen = torch.Generator(device).manual_seed(seed)
     volume = torch.randn(case.shape, generator=gen, device=device)
     if case.kind == "fusion":
         return Inputs(volume, lambda t: t)
-    return Inputs(volume, small_net(case.shape[1], seed).to(device))
+    net = small_net if case.kind == "model" else class_net
+    return Inputs(volume, net(case.shape[1], seed).to(device))
 
 
 # ------------------------------------------------------------------------------ one setup per provider
@@ -105,12 +126,29 @@ def _sliding_window(function: Callable, case: Case, inputs: Inputs) -> Step:
     return step
 
 
-def setup_densefuse(backend: str, case: Case, inputs: Inputs) -> Step:
-    step = _sliding_window(densefuse.inference.sliding_window_inference, case, inputs)
+def _argmax_predictor(case: Case, inputs: Inputs) -> Step:
+    predictor = densefuse.inference.SlidingWindowPredictor(
+        inputs.predictor, case.roi, overlap=case.overlap, window=case.mode, padding="constant",
+        sw_batch_size=case.sw_batch_size, activation="softmax", soft_voting=False, output="mask",
+        memory_budget=1,
+    )  # fmt: skip
+    return lambda: predictor(inputs.volume)
+
+
+def setup_densefuse(backend: str, case: Case, inputs: Inputs, deterministic: bool = False) -> Step:
+    if case.kind == "argmax":
+        step = _argmax_predictor(case, inputs)
+    else:
+        step = _sliding_window(densefuse.inference.sliding_window_inference, case, inputs)
 
     def in_backend() -> object:
-        with densefuse.use_backend(backend):
-            return step()
+        before = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            with densefuse.use_backend(backend):
+                return step()
+        finally:
+            torch.use_deterministic_algorithms(before)
 
     return in_backend
 
@@ -118,25 +156,42 @@ def setup_densefuse(backend: str, case: Case, inputs: Inputs) -> Step:
 def setup_monai(case: Case, inputs: Inputs) -> Step:
     from monai.inferers import sliding_window_inference
 
-    return _sliding_window(sliding_window_inference, case, inputs)
+    step = _sliding_window(sliding_window_inference, case, inputs)
+    if case.kind != "argmax":
+        return step
+
+    def label_map() -> Tensor:
+        with torch.inference_mode():
+            return step().argmax(1, keepdim=True)
+
+    return label_map
 
 
-def providers(device_type: str) -> list[str]:
+def providers(device_type: str, case: Case | None = None) -> list[str]:
     """densefuse on every backend with fusion kernels on ``device_type`` (not the Triton interpreter
-    on CPU), and MONAI."""
+    on CPU; not the torch reference for case "argmax"), in deterministic mode too for case "fusion",
+    and MONAI."""
     backends = patch_fuse.implemented_backends(device_type)
     if device_type == "cpu" and "triton" in backends:  # the interpreter (TRITON_INTERPRET=1) is a test aid
         backends.remove("triton")
-    return [f"densefuse-{b}" for b in backends] + ["monai"]
+    if case is not None and case.kind == "argmax":
+        backends.remove("torch")
+    names = [f"densefuse-{b}" for b in backends]
+    if case is not None and case.kind == "fusion":
+        names += [f"densefuse-{b}-deterministic" for b in backends if b != "torch"]
+    return [*names, "monai"]
 
 
 def setup(provider: str, case: Case, inputs: Inputs) -> Step:
     """``step()``: one sliding-window inference of ``case`` by ``provider`` on ``inputs``."""
     if provider.startswith("densefuse-"):
-        return setup_densefuse(provider.removeprefix("densefuse-"), case, inputs)
+        backend = provider.removeprefix("densefuse-")
+        deterministic = backend.endswith("-deterministic")
+        return setup_densefuse(backend.removesuffix("-deterministic"), case, inputs, deterministic)
     if provider == "monai":
         return setup_monai(case, inputs)
-    raise ValueError(f"provider: expected one of densefuse-<backend> or monai, got {provider!r}")
+    expected = "densefuse-<backend>[-deterministic] or monai"
+    raise ValueError(f"provider: expected one of {expected}, got {provider!r}")
 
 
 def synchronized(step: Step, device: str) -> Step:
@@ -170,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=30, help="interleaved rounds per case")
-    parser.add_argument("--kind", choices=("fusion", "model"), help="only this kind of case")
+    parser.add_argument("--kind", choices=("fusion", "model", "argmax"), help="only this kind of case")
     parser.add_argument("--providers", help="comma-separated subset of the providers (monai is always run)")
     parser.add_argument("--out", type=Path, help="JSON file (default: results/fusion-<device>-<date>.json)")
     args = parser.parse_args(argv)
@@ -182,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.kind is not None and case.kind != args.kind:
             continue
         inputs = make_inputs(case, device)
-        names = providers(device)
+        names = providers(device, case)
         if args.providers is not None:
             names = [n for n in names if n in args.providers.split(",") or n == "monai"]
         steps = {name: synchronized(setup(name, case, inputs), device) for name in names}

@@ -43,13 +43,13 @@ def profile_provider(name: str, case: fp.Case, device: str, calls: int, rows: in
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--providers", help="comma-separated providers (default: all of the device's)")
-    parser.add_argument("--kind", choices=("fusion", "model"), default="fusion")
+    parser.add_argument("--kind", choices=("fusion", "model", "argmax"), default="fusion")
     parser.add_argument("--calls", type=int, default=5, help="profiled calls per provider")
     parser.add_argument("--rows", type=int, default=25, help="rows per table")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     case = next(c for c in fp.CASES[device] if c.kind == args.kind)
-    names = args.providers.split(",") if args.providers else fp.providers(device)
+    names = args.providers.split(",") if args.providers else fp.providers(device, case)
     for name in names:
         profile_provider(name, case, device, args.calls, args.rows)
 

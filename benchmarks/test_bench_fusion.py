@@ -19,7 +19,7 @@ MATRIX = [
     (device, case, provider)
     for device in ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
     for case in fp.CASES[device]
-    for provider in fp.providers(device)
+    for provider in fp.providers(device, case)
 ]
 
 

@@ -556,7 +556,7 @@ class SlidingWindowPredictor:
             out = _check_prediction(out, batch.shape[0], self.roi, channels).float()
             out = _activate(out.flip(dims) if dims else out, self._vote_activation())
             total = out if total is None else total + out
-        return total / len(self.tta)
+        return total if len(self.tta) == 1 else total.div_(len(self.tta))  # total + out is ours
 
     # ----------------------------------------------------------------------------------- per volume
     @torch.inference_mode()
@@ -583,9 +583,11 @@ class SlidingWindowPredictor:
             for first in range(0, len(group), self.sw_batch_size):
                 chunk = slice(first, first + self.sw_batch_size)
                 # no reference to the batch of windows outlives the step (see _WindowReader)
+                # neither the windows (the reader reuses them) nor the predictions (group_done needs
+                # the memory) are kept past the scatter
                 windows_in = reader.read(group[chunk], starts_in[k, chunk]).to(model_device)
-                out = self._predict(windows_in, fuse.channels).to(device)
-                fuse.add(out, starts[k, chunk], grid[0][k])
+                fuse.add(self._predict(windows_in, fuse.channels).to(device), starts[k, chunk], grid[0][k])
+                del windows_in
                 bar.update()
             fuse.group_done(k, self.output, finish)
         bar.close()
@@ -596,8 +598,9 @@ class _SlabFusion:
     """The accumulator of SlidingWindowPredictor: whole-volume, or a slab of planes along z.
 
     Windows arrive grouped by their z start (in increasing order). In slab mode the accumulator
-    holds planes [lo, lo + depth) only; once group k is in, planes below the next group's z start
-    are complete (no later window reaches them) and are finalised into the output and dropped.
+    holds planes [lo, lo + min(roi_z, D)) only, allocated once; once group k is in, planes below the
+    next group's z start are complete (no later window reaches them): they are finalised into the
+    output, the planes above them move down in place, and the freed planes are zeroed.
     """
 
     def __init__(self, batch, size, grid, weights, floor, budget, device):
@@ -619,20 +622,17 @@ class _SlabFusion:
             self.channels = out.shape[1]
             full = 4 * self.batch * self.channels * depth * height * width
             self.slabs = self.budget is not None and full > self.budget
-            planes = 0 if self.slabs else depth
+            planes = min(out.shape[2], depth) if self.slabs else depth  # a group's windows span roi_z
             shape = (self.batch, self.channels, planes, height, width)
             self.acc = torch.zeros(shape, dtype=torch.float32, device=self.device)
-        need = min(z + out.shape[2], depth) - self.lo
-        if need > self.acc.shape[2]:
-            extra = self.acc.new_zeros((*self.acc.shape[:2], need - self.acc.shape[2], height, width))
-            self.acc = torch.cat([self.acc, extra], dim=2)
         if self.lo:
             starts = starts.clone()
             starts[:, 1] -= self.lo  # into the slab's coordinates, on the device
         self.scatter(self.acc, out, starts)
 
-    def _finalize(self, acc: Tensor, output: str, finish: dict, inplace: bool = False) -> Tensor:
-        grid = (self.grid_starts[0] - self.lo, *self.grid_starts[1:])
+    def _finalize(self, acc: Tensor, output: str, finish: dict, inplace: bool = False, lo: int = 0) -> Tensor:
+        """The finalised planes [lo, lo + acc.shape[2]) of the volume, from their sums ``acc``."""
+        grid = (self.grid_starts[0] - lo, *self.grid_starts[1:])
         kind = "mask" if output == "mask" else "probabilities"
         options = dict(output=kind, inplace=inplace, check_values=False, **finish)
         return patch_finalize(acc, *grid, *self.weights, self.floor, **options)
@@ -644,11 +644,18 @@ class _SlabFusion:
         planes = min(next_start, self.size[0]) - self.lo
         if planes <= 0:
             return
-        part = self._finalize(self.acc[:, :, :planes], output, finish)
-        if self.out is None:
-            self.out = part.new_empty((*part.shape[:2], *self.size))
-        self.out[:, :, self.lo : self.lo + planes] = part
-        self.acc = self.acc[:, :, planes:].contiguous()
+        capacity = self.acc.shape[2]
+        chunk = max(1, capacity // 8)  # finalised a few planes at a time: their contiguous copy is small
+        for first in range(0, planes, chunk):
+            count = min(chunk, planes - first)
+            part = self._finalize(self.acc[:, :, first : first + count], output, finish, lo=self.lo + first)
+            if self.out is None:
+                self.out = part.new_empty((*part.shape[:2], *self.size))
+            self.out[:, :, self.lo + first : self.lo + first + count] = part
+        for first in range(0, capacity - planes, planes):  # chunks of `planes`: source and target apart
+            count = min(planes, capacity - planes - first)
+            self.acc[:, :, first : first + count] = self.acc[:, :, planes + first : planes + first + count]
+        self.acc[:, :, max(capacity - planes, 0) :].zero_()
         self.lo += planes
 
     def result(self, output: str, finish: dict) -> Tensor:
