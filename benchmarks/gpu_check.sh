@@ -6,7 +6,8 @@
 # codes land in summary.txt and the script exits non-zero if any step failed.
 #
 # BUILD=0 skips the build where the extension that an earlier check kept (densefuse/_C*.so) was carried.
-# STEPS (default "tests profile loss fusion dense model plan") selects the steps:
+# STEPS (default "tests profile loss fusion dense model plan") selects the steps, run in that order
+# (TEST_FILES narrows the test step to some files):
 #   tests   the tests marked gpu or named for cuda (pytest -k "gpu or cuda"; pytest-xdist where installed)
 #   profile benchmarks/profile_fusion.py: torch.profiler tables of one fusion call, densefuse and MONAI
 #   loss    benchmarks/report.py --device cuda                        -> <gpu>-<date>.json, report.md
@@ -56,7 +57,6 @@ step() {  # step NAME LIMIT COMMAND...: run under a time limit, log to NAME.log,
     log "$name: exit $rc after $((SECONDS - start)) s"
     [ "$rc" -eq 0 ] || failed=1
 }
-wants() { [[ " $STEPS " == *" $1 "* ]]; }
 
 if compgen -G ".whl/*.whl" >/dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
@@ -86,27 +86,48 @@ print("build_info", densefuse._C.build_info())
 print("backends for cuda tensors", densefuse.available_backends("cuda"))
 EOF
 
-if wants tests; then
-    plugins=()  # one line per test as it finishes, so a cut-short run still names its failures
-    "$PY" -c "import xdist" 2>/dev/null && plugins+=(-n "$(nproc)")
-    "$PY" -c "import pytest_timeout" 2>/dev/null && plugins+=(--timeout 60)
-    step tests 170 "$PY" -m pytest -v --tb=short -rfE --durations 15 "${plugins[@]}" \
-        tests --ignore tests/test_triton_sm90.py -k "gpu or cuda" --junitxml="$WORK/pytest-gpu.xml"
-fi
-
-export PYTHONPATH=benchmarks${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}
 slug=$("$PY" -c 'import report; print(report.slug(report.device_info("cuda")))')
 day=$(date +%F)
-wants profile && step profile 40 "$PY" benchmarks/profile_fusion.py --providers densefuse-triton,monai
-wants loss && step loss 90 "$PY" benchmarks/report.py --device cuda --out "$WORK/$slug-$day.json"
-wants fusion && step fusion 90 "$PY" benchmarks/fusion_providers.py --reps 20 \
-    --out "$WORK/fusion-$slug-$day.json"
-wants dense && step dense 70 "$PY" benchmarks/dense_providers.py --reps 5 --out "$WORK/dense-$slug-$day.json"
-wants dense && step model-step 70 "$PY" benchmarks/dense_providers.py --model --reps 3 \
-    --out "$WORK/model-step-$slug-$day.json"
-wants model && step model-memory 90 "$PY" -m densefuse.cli profile-memory --device cuda --patches 128 \
-    --batches 4 --reps 3 --quiet --implementations fused naive checkpoint \
-    --out "$WORK/memory-model-$slug-$day.json"
-wants plan && step plan 60 "$PY" -m densefuse.cli plan --device cuda --memory 40GiB --patch 128 \
-    --implementations fused --check --quiet --out "$WORK/plan-$slug-$day.json"
+TEST_FILES=${TEST_FILES:-tests}  # the test step's files (default: all; tests -k "gpu or cuda")
+
+run_step() {  # one step of STEPS, by name
+    case $1 in
+    tests)
+        local plugins=()  # one line per test as it finishes, so a cut-short run still names its failures
+        "$PY" -c "import xdist" 2>/dev/null && plugins+=(-n "$(nproc)")
+        "$PY" -c "import pytest_timeout" 2>/dev/null && plugins+=(--timeout 150)
+        # shellcheck disable=SC2086
+        step tests 170 "$PY" -m pytest -v --tb=short -rfE --durations 15 "${plugins[@]}" $TEST_FILES \
+            --ignore tests/test_triton_sm90.py -k "gpu or cuda" --junitxml="$WORK/pytest-gpu.xml" ;;
+    profile)
+        step profile 40 "$PY" benchmarks/profile_fusion.py --providers densefuse-triton,monai ;;
+    loss)
+        step loss 90 "$PY" benchmarks/report.py --device cuda --out "$WORK/$slug-$day.json" ;;
+    fusion)
+        step fusion 90 "$PY" benchmarks/fusion_providers.py --reps 20 --out "$WORK/fusion-$slug-$day.json" ;;
+    dense)
+        step dense 70 "$PY" benchmarks/dense_providers.py --reps 5 --out "$WORK/dense-$slug-$day.json"
+        step model-step 70 "$PY" benchmarks/dense_providers.py --model --reps 3 \
+            --out "$WORK/model-step-$slug-$day.json" ;;
+    model)
+        step model-memory 90 "$PY" -m densefuse.cli profile-memory --device cuda --patches 128 \
+            --batches 4 --reps 3 --quiet --implementations fused naive checkpoint \
+            --out "$WORK/memory-model-$slug-$day.json" ;;
+    plan)
+        step plan 60 "$PY" -m densefuse.cli plan --device cuda --memory 40GiB --patch 128 \
+            --implementations fused --check --quiet --out "$WORK/plan-$slug-$day.json" ;;
+    *)
+        log "unknown step $1"
+        failed=1 ;;
+    esac
+}
+for name in $STEPS; do
+    if [ $((DEADLINE - SECONDS)) -lt 15 ]; then
+        log "$name: skipped (deadline)"
+        failed=1
+        continue
+    fi
+    run_step "$name"
+done
 [ "$failed" -eq 0 ]
