@@ -18,6 +18,7 @@ their part inside the volume is accumulated, so the output is never larger than 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -246,6 +247,48 @@ def _fusion_weights(name: str, vectors: Sequence[Tensor], dtype: torch.dtype, de
     return [w.to(device) for w in weights]
 
 
+@functools.lru_cache(maxsize=32)
+def _named_weights(
+    mode: str, roi: tuple[int, ...], order: int, sigma_scale: object, lift: int, dtype: torch.dtype, device
+) -> tuple[tuple[Tensor, ...], float]:
+    """sliding_window_inference's weights for a named ``mode``: the 1-D vectors lifted to 3-D by
+    leading ones, in ``dtype`` on ``device`` (_fusion_weights), and MONAI's floor. Computed once per
+    setting: a process fuses many volumes with the same one (the tensors are only read)."""
+    vectors = windows.separable_window(mode, roi, order=order, sigma_scale=sigma_scale)
+    weights = _fusion_weights("mode", [torch.ones(1)] * lift + list(vectors), dtype, device)
+    return tuple(weights), windows.monai_floor(vectors)
+
+
+def _mode_weights(
+    mode: object, roi: tuple[int, ...], order: object, sigma_scale: object, dtype: torch.dtype, device
+) -> tuple[Sequence[Tensor], float]:
+    """(weights, floor) for sliding_window_inference: cached for a named mode, else computed."""
+    lift = 3 - len(roi)
+    if isinstance(sigma_scale, Sequence) and not isinstance(sigma_scale, str):
+        sigma_scale = tuple(sigma_scale)
+    named = isinstance(mode, str) and all(isinstance(a, (int, float)) for a in (order, *_flat(sigma_scale)))
+    if named:
+        return _named_weights(mode, roi, order, sigma_scale, lift, dtype, device)
+    vectors = windows.separable_window(mode, roi, order=order, sigma_scale=sigma_scale)
+    weights = _fusion_weights("mode", [torch.ones(1)] * lift + list(vectors), dtype, device)
+    return weights, windows.monai_floor(vectors)
+
+
+def _flat(value: object) -> tuple:
+    return value if isinstance(value, tuple) else (value,)
+
+
+def _on_device(device: torch.device, *arrays: Sequence) -> list[Tensor]:
+    """int64 tensors of (nested) integer lists on ``device``, moved by one copy (views of one buffer)."""
+    tensors = [torch.tensor(a, dtype=torch.int64) for a in arrays]
+    flat = torch.cat([t.flatten() for t in tensors]).to(device)
+    views, first = [], 0
+    for t in tensors:
+        views.append(flat[first : first + t.numel()].view(t.shape))
+        first += t.numel()
+    return views
+
+
 def _activate(x: Tensor, activation: str) -> Tensor:
     return reference.probabilities(x, reference.ACTIVATIONS[activation])
 
@@ -309,8 +352,6 @@ def sliding_window_inference(
     padding_mode = _check_choice("padding_mode", padding_mode, PAD_MODES)
     if buffer_steps is not None and buffer_steps > 0 and not -dims <= buffer_dim <= dims:
         raise ValueError(f"buffer_dim: expected a value in [{-dims}, {dims}], got {buffer_dim}")
-    vectors = windows.separable_window(mode, roi, order=bspline_order, sigma_scale=sigma_scale)
-    floor = windows.monai_floor(vectors)
     device = torch.device(device) if device is not None else inputs.device
     sw_device = torch.device(sw_device) if sw_device is not None else inputs.device
     condition = kwargs.pop("condition", None)
@@ -323,12 +364,12 @@ def sliding_window_inference(
     starts3 = ([0],) * (3 - dims) + window_grid(size, roi, overlap, (0,) * dims)
     floating = inputs.is_floating_point()
     acc_dtype = reference.accumulate_dtype(inputs.dtype) if floating else torch.float32
-    weights = _fusion_weights("mode", [torch.ones(1)] * (3 - dims) + list(vectors), acc_dtype, device)
+    weights, floor = _mode_weights(mode, roi, bspline_order, sigma_scale, acc_dtype, device)
     positions = [
         (b, z, y, x) for b in range(batch) for z in starts3[0] for y in starts3[1] for x in starts3[2]
     ]
-    # Every window's corner on the output's device at once: one copy per call, not one per batch.
-    starts = torch.tensor(positions, dtype=torch.int64, device=device)
+    # Every window's corner and the grid on the output's device at once: one copy per call.
+    starts, *grid = _on_device(device, positions, *starts3)
     starts_in = starts.to(inputs.device)  # where the windows are read
     run = _WindowPredictor(predictor, x3, cond3, roi, padding_mode, cval, sw_device, with_coord, args, kwargs)
     fusion = _Fusion(batch, size, roi, weights, floor, acc_dtype, device)
@@ -336,7 +377,7 @@ def sliding_window_inference(
         chunk = slice(first, first + sw_batch_size)
         # no reference to the batch outlives the step (_WindowReader)
         fusion.add(run(positions[chunk], starts_in[chunk]), starts[chunk])
-    return fusion.result(starts3, inputs.dtype if floating else torch.float32)
+    return fusion.result(grid, inputs.dtype if floating else torch.float32)
 
 
 class _WindowPredictor:
@@ -405,12 +446,15 @@ class _Fusion:
                 self.accs.append(torch.zeros(shape, dtype=self.dtype, device=self.device))
             self.scatter(self.accs[i], o.reshape(count, -1, *self.roi3).to(self.device), starts)
 
-    def result(self, starts3, dtype: torch.dtype) -> Tensor | tuple[Tensor, ...] | dict[Any, Tensor]:
-        """The fused outputs [B, C_k, *spatial] in ``dtype``, in the predictor's structure."""
+    def result(
+        self, grid: Sequence[Tensor], dtype: torch.dtype
+    ) -> Tensor | tuple[Tensor, ...] | dict[Any, Tensor]:
+        """The fused outputs [B, C_k, *spatial] in ``dtype``, in the predictor's structure (``grid``:
+        the per-axis window starts, 3-D)."""
         check_patch_flags(self.scatter.flags(), "predictor")
         results = []
         for acc in self.accs:
-            fused = patch_finalize(acc, *starts3, *self.weights, self.floor, inplace=True, check_values=False)
+            fused = patch_finalize(acc, *grid, *self.weights, self.floor, inplace=True, check_values=False)
             results.append(fused.reshape(self.batch, -1, *self.size).to(dtype))
         if self.keys is not None:
             return dict(zip(self.keys, results))
@@ -533,6 +577,7 @@ class SlidingWindowPredictor:
             _check_positive_int("memory_budget", memory_budget)
         self.memory_budget = memory_budget
         self.progress = progress
+        self._device_weights: dict[torch.device, list[Tensor]] = {}
 
     # ------------------------------------------------------------------------------------ per window
     def _vote_activation(self) -> str:
@@ -568,12 +613,14 @@ class SlidingWindowPredictor:
         model_device = self.model_device or image.device
         margin = [r // 2 for r in self.roi] if self.padding == "reflect" else [0, 0, 0]
         grid = window_grid(size, self.roi, self.overlap, margin)
-        weights = _fusion_weights("window", self.weights, torch.float32, device)
+        if device not in self._device_weights:  # moved and checked once per device
+            self._device_weights[device] = _fusion_weights("window", self.weights, torch.float32, device)
+        weights = self._device_weights[device]
         finish = {"activation": self._final_activation(), "threshold": self.threshold}
-        fuse = _SlabFusion(batch, size, grid, weights, self.floor, self.memory_budget, device)
         groups = [[(b, z, y, x) for b in range(batch) for y in grid[1] for x in grid[2]] for z in grid[0]]
-        # Every window's corner on the output's device at once ([z group, window, 4]): one copy per call.
-        starts = torch.tensor(groups, dtype=torch.int64, device=device)
+        # Every window's corner ([z group, window, 4]) and the grid on the output's device: one copy.
+        starts, *grid_starts = _on_device(device, groups, *grid)
+        fuse = _SlabFusion(batch, size, grid, grid_starts, weights, self.floor, self.memory_budget, device)
         starts_in = starts.to(image.device)  # where the windows are read
         bar = tqdm(
             total=len(groups) * math.ceil(len(groups[0]) / self.sw_batch_size), disable=not self.progress
@@ -603,9 +650,9 @@ class _SlabFusion:
     output, the planes above them move down in place, and the freed planes are zeroed.
     """
 
-    def __init__(self, batch, size, grid, weights, floor, budget, device):
+    def __init__(self, batch, size, grid, grid_starts, weights, floor, budget, device):
         self.batch, self.size, self.grid = batch, size, grid
-        self.grid_starts = [torch.tensor(axis, dtype=torch.int64, device=device) for axis in grid]
+        self.grid_starts = grid_starts  # grid as int64 tensors on device
         self.weights, self.floor, self.budget, self.device = weights, floor, budget, device
         self.channels: int | None = None
         self.slabs = False

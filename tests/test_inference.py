@@ -236,6 +236,27 @@ def test_window_starts_are_built_once_per_call(monkeypatch, rng):
         assert len({storage for _, storage in calls}) == 2, (kind, calls)  # one per inference call
 
 
+def test_named_window_weights_are_made_once(monkeypatch, rng):
+    """A named mode's weights are computed once per setting; user vectors every call (never cached)."""
+    calls = []
+    separable = inference.windows.separable_window
+    monkeypatch.setattr(
+        inference.windows, "separable_window", lambda *a, **k: calls.append(a) or separable(*a, **k)
+    )
+    x = torch.randn(1, 1, 9, 8, 7, generator=rng)
+    sigma = [0.11, 0.12, 0.13]  # a list: made hashable for the cache
+    first = sliding_window_inference(x, 5, 2, lambda t: t * 3, 0.5, "gaussian", sigma_scale=sigma)
+    again = sliding_window_inference(x, 5, 2, lambda t: t * 3, 0.5, "gaussian", sigma_scale=sigma)
+    assert len(calls) == 1 and torch.equal(first, again)
+    vectors = [torch.rand(5, generator=rng, dtype=torch.float64) + 0.1 for _ in range(3)]
+    mine = sliding_window_inference(x, 5, 2, lambda t: t * 3, 0.5, vectors)
+    vectors[0].fill_(1.0)  # a changed vector is read again
+    changed = sliding_window_inference(x, 5, 2, lambda t: t * 3, 0.5, vectors)
+    assert len(calls) == 3
+    torch.testing.assert_close(mine, x * 3)
+    torch.testing.assert_close(changed, x * 3)
+
+
 def _positions(x, roi):
     grid = inference.window_grid(x.shape[2:], roi, (0.5,) * 3, (0, 0, 0))
     return [(0, z, y, w) for z in grid[0] for y in grid[1] for w in grid[2]]
