@@ -244,15 +244,16 @@ def main(argv: list[str] | None = None) -> None:
         timings = report.interleaved_ms(steps, args.reps)
         monai_ms = timings["monai"]["median_ms"]
         print(f"{case.name} ({device}, {torch.get_num_threads()} threads, {args.reps} interleaved rounds)")
+        peaks = {name: peak_extra_bytes(step, device) / 2**20 for name, step in steps.items()}
         rows = {}
         for name, timing in timings.items():
-            peak_mb = peak_extra_bytes(steps[name], device) / 2**20
-            rows[name] = {**timing, "peak_extra_mb": round(peak_mb, 1),
-                          "speedup_vs_monai": round(monai_ms / timing["median_ms"], 3)}  # fmt: skip
+            rows[name] = {**timing, "peak_extra_mb": round(peaks[name], 1),
+                          "speedup_vs_monai": round(monai_ms / timing["median_ms"], 3),
+                          "peak_vs_monai": round(peaks[name] / peaks["monai"], 3)}  # fmt: skip
             print(
                 f"  {name:<16} median {timing['median_ms']:8.2f} ms  (p20 {timing['p20_ms']:.2f}, "
                 f"p80 {timing['p80_ms']:.2f})  x{monai_ms / timing['median_ms']:5.2f} vs MONAI  "
-                f"peak extra {peak_mb:7.1f} MB"
+                f"peak extra {peaks[name]:7.1f} MB ({peaks[name] / peaks['monai']:.2f}x MONAI's)"
             )
         entry = {"case": asdict(case), "name": case.name, "providers": rows}
         if case.kind == "fusion":
