@@ -98,7 +98,7 @@ run_step() {  # one step of STEPS, by name
         "$PY" -c "import xdist" 2>/dev/null && plugins+=(-n "$(nproc)")
         "$PY" -c "import pytest_timeout" 2>/dev/null && plugins+=(--timeout 150)
         # shellcheck disable=SC2086
-        step tests 170 "$PY" -m pytest -v --tb=short -rfE --durations 15 "${plugins[@]}" $TEST_FILES \
+        DENSEFUSE_FAILURE_LOG="$WORK/failures.log" step tests 170 "$PY" -m pytest -v --tb=short -rfE --durations 15 "${plugins[@]}" $TEST_FILES \
             --ignore tests/test_triton_sm90.py -k "gpu or cuda" --junitxml="$WORK/pytest-gpu.xml" ;;
     profile)
         step profile 40 "$PY" benchmarks/profile_fusion.py --providers densefuse-triton,monai ;;

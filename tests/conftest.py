@@ -40,3 +40,13 @@ def one_thread():
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """With DENSEFUSE_FAILURE_LOG set, each failure's traceback is appended to that file as soon as
+    it is reported (pytest-xdist's controller too), so a run cut short by a time limit (the GPU
+    check) keeps them; pytest itself prints them only at the end."""
+    path = os.environ.get("DENSEFUSE_FAILURE_LOG")
+    if path and report.failed:
+        with open(path, "a") as log:
+            log.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")

@@ -390,23 +390,61 @@ def test_bad_input():
         DenseLayer3d(4, 2, dropout=1.0)
 
 
+def relative_l2_close(actual, expected, rel):
+    """||actual - expected|| <= rel ||expected|| per tensor. For fp32 gradients of larger blocks: two
+    implementations that round BN's pre-activation differently disagree on the ReLU mask of the
+    few values within an ulp of 0, which changes those voxels' gradients by O(1) and, through the
+    3x3x3 convolutions of earlier layers, their neighbours': a max-abs test fails on that, L2 does not
+    (measured at 33^3 on CPU: ~1700 of 2M input-gradient values off by > 1e-4 of the largest, L2 3e-4)."""
+    if isinstance(actual, dict):
+        for key in actual:
+            relative_l2_close(actual[key], expected[key], rel)
+        return
+    error = (actual.double() - expected.double()).norm() / expected.double().norm().clamp(min=1e-30)
+    assert error <= rel, (float(error), rel)
+
+
+def test_large_fp32_block_matches_naive_in_l2(rng):
+    """A bottleneck block at 33^3 (V > 2^15: several parallel work items per row of the C++ kernels),
+    fp32, fused (default backend) vs naive: every output, gradient and running statistic within
+    1e-3 relative L2 (see relative_l2_close for why not max-abs)."""
+    blocks, x = make_blocks((2, 24, 8, 4, 4, (33, 33, 33)), dtype=torch.float32)
+    results = {name: train_steps(blocks[name], x, steps=1) for name in ("naive", "fused")}
+    for actual, wanted in zip(results["fused"], results["naive"]):
+        relative_l2_close(actual, wanted, 1e-3)
+
+
+def _cuda_train(blocks, x, name):
+    """train_steps on the GPU (2 steps) -> (results, peak bytes above the level before)."""
+    block = blocks[name].cuda()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    results = train_steps(block, x.cuda(), steps=2)
+    return results, torch.cuda.max_memory_allocated() - base
+
+
 @requires_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("bottleneck", [4, None])
-def test_cuda_fused_matches_naive_with_less_memory(bottleneck, monkeypatch):
+def test_cuda_fused_matches_naive(bottleneck, monkeypatch):
+    """Max-abs agreement at a size where no ReLU mask flips (passed on an H100, 2026-11-27)."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 GEMMs on both sides
-    # large enough that activations, not cuDNN's workspace, set the peaks (at 17x19x21 the plain
-    # block measured 0.62x on an H100)
-    blocks, x = make_blocks((2, 24, 8, 4, bottleneck, (33, 35, 37)), dtype=torch.float32)
-    x = x.cuda()
-    peaks, results = {}, {}
-    for name in ("naive", "fused"):
-        block = blocks[name].cuda()
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        results[name] = train_steps(block, x, steps=2)
-        peaks[name] = torch.cuda.max_memory_allocated() - base
+    blocks, x = make_blocks((2, 24, 8, 4, bottleneck, (17, 19, 21)), dtype=torch.float32)
+    results = {name: _cuda_train(blocks, x, name)[0] for name in ("naive", "fused")}
     for actual, wanted in zip(results["fused"], results["naive"]):
         scaled_close(actual, wanted, 1e-4)
-    assert peaks["fused"] < 0.6 * peaks["naive"], peaks
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("bottleneck", [4, None])
+def test_cuda_fused_needs_less_memory(bottleneck, monkeypatch):
+    """At 33x35x37 activations, not cuDNN's workspace, set the peaks (at 17x19x21 the plain block
+    measured 0.62x naive's on an H100); the results agree in L2 (relative_l2_close)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    blocks, x = make_blocks((2, 24, 8, 4, bottleneck, (33, 35, 37)), dtype=torch.float32)
+    (naive, naive_peak), (fused, fused_peak) = (_cuda_train(blocks, x, n) for n in ("naive", "fused"))
+    for actual, wanted in zip(fused, naive):
+        relative_l2_close(actual, wanted, 1e-3)
+    assert fused_peak < 0.6 * naive_peak, (fused_peak, naive_peak)

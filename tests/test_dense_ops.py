@@ -456,8 +456,13 @@ def test_cuda_backends_match_torch(backend, dtype, rng, monkeypatch):
             grads = ops.bn_relu_conv1x1_backward_(grad_out, x, *params, conv, grad_x)
         results[name] = (*stats, out.float(), grad_x, *grads)
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=2e-4, atol=2e-4)
-    for actual, expected in zip(results[backend], results["torch"]):
+    for actual, expected in zip(results[backend][:3], results["torch"][:3]):  # continuous in x
         torch.testing.assert_close(actual, expected, **tol)
+    # The gradients pass the ReLU mask: the two backends may round the pre-activation of a value
+    # within an ulp of 0 to either side (an O(1) difference there), so they are compared in L2.
+    for actual, expected in zip(results[backend][3:], results["torch"][3:]):
+        error = (actual - expected).double().norm() / expected.double().norm()
+        assert error < (2e-2 if dtype == torch.bfloat16 else 1e-4), float(error)
 
 
 def test_torch_compile_fullgraph(rng):
