@@ -17,6 +17,7 @@ import time
 
 import fusion_providers as fp
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 
@@ -32,7 +33,8 @@ def profile_provider(name: str, case: fp.Case, device: str, calls: int, rows: in
             step()
     wall_ms = (time.perf_counter() - start) * 1e3 / calls
     events = prof.key_averages()
-    device_us = sum(e.self_device_time_total for e in events) / calls if device == "cuda" else 0.0
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]  # the kernels and copies themselves
+    device_us = sum(e.self_device_time_total for e in kernels) / calls
     print(f"\n=== {name} on {case.name}: {wall_ms:.2f} ms per call (wall, profiled), "
           f"device busy {device_us / 1e3:.3f} ms per call")  # fmt: skip
     print(events.table(sort_by="self_cpu_time_total", row_limit=rows))

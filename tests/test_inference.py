@@ -433,6 +433,7 @@ def test_slab_mode_keeps_only_a_slab(monkeypatch, rng):
 
 
 @requires_cuda
+@pytest.mark.gpu
 def test_model_and_accumulation_devices(rng):
     x = torch.randn(1, 1, 12, 10, 9, generator=rng)
     net = random_conv(rng, 1, 2)
