@@ -6,13 +6,17 @@
 For each provider of fusion_providers.py, after warm-up calls, ``--calls`` calls run under
 torch.profiler (CPU and, on a GPU, CUDA activity); the tables sorted by self CPU time and by device
 time are printed, with the wall-clock time per call and the device's busy time per call (the sum of
-kernel and copy times). Where device time per call is far below wall time per call, the host (Python,
-dispatch, launches, synchronisations) sets the pace, not the kernels.
+kernel and copy times), then cProfile's table of the Python functions by their own time over the same
+number of calls (kernel launchers included). Where device time per call is far below wall time per
+call, the host (Python, dispatch, launches, synchronisations) sets the pace, not the kernels.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
+import sys
 import time
 
 import fusion_providers as fp
@@ -40,6 +44,10 @@ def profile_provider(name: str, case: fp.Case, device: str, calls: int, rows: in
     print(events.table(sort_by="self_cpu_time_total", row_limit=rows))
     if device == "cuda":
         print(events.table(sort_by="self_device_time_total", row_limit=rows))
+    python_profile = cProfile.Profile()  # the host's Python, launchers included, per function
+    python_profile.runcall(lambda: [step() for _ in range(calls)])
+    print(f"--- {name}: Python functions by own time over {calls} calls (cProfile)")
+    pstats.Stats(python_profile, stream=sys.stdout).sort_stats("tottime").print_stats(rows)
 
 
 def main(argv: list[str] | None = None) -> None:
