@@ -201,14 +201,16 @@ def _check_starts(starts: object, acc: Tensor, count: int) -> Tensor:
 
 
 def _check_axis_starts(name: str, starts: object, acc: Tensor) -> Tensor:
-    error = ValueError(f"{name}: expected a 1-D sequence of integer window starts, got {starts!r}")
+    def error() -> ValueError:  # made only when raised: a tensor's repr reads it (a sync on a GPU)
+        return ValueError(f"{name}: expected a 1-D sequence of integer window starts, got {starts!r}")
+
     if not isinstance(starts, Tensor):
         try:
             starts = torch.tensor([operator.index(s) for s in starts], dtype=torch.int64)
         except TypeError:
-            raise error from None
+            raise error() from None
     if starts.dim() != 1 or starts.is_floating_point() or starts.is_complex() or starts.dtype == torch.bool:
-        raise error
+        raise error()
     return _to_device(name, starts, acc.device, torch.int64)
 
 
