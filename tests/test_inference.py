@@ -236,6 +236,19 @@ def test_window_starts_are_built_once_per_call(monkeypatch, rng):
         assert len({storage for _, storage in calls}) == 2, (kind, calls)  # one per inference call
 
 
+def test_no_tensor_is_formatted_per_call(monkeypatch, rng):
+    """Error messages are built only when raised: formatting a tensor reads it (a sync on a GPU)."""
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("a tensor was formatted during inference")
+
+    x = torch.randn(1, 2, 9, 8, 7, generator=rng)
+    monkeypatch.setattr(torch.Tensor, "__repr__", refuse)
+    monkeypatch.setattr(torch.Tensor, "__format__", refuse)
+    sliding_window_inference(x, 5, 2, lambda t: t, 0.5, "gaussian")
+    SlidingWindowPredictor(lambda t: t, 5, sw_batch_size=2, output="mask", memory_budget=1)(x)
+
+
 def test_named_window_weights_are_made_once(monkeypatch, rng):
     """A named mode's weights are computed once per setting; user vectors every call (never cached)."""
     calls = []
