@@ -19,6 +19,11 @@
 #                                                                     -> memory-model-<gpu>-<date>.json/.png
 #   plan    densefuse plan --check (prediction vs measured peak)      -> plan-<gpu>-<date>.json
 #
+# Seen on an H100 (2026-11-27, 16 cores): build 99 s; the full test selection 113 s with 16 xdist
+# workers (Triton compiles included); fusion 39 s; the planner test alone needs over 60 s. A full
+# check does not fit one 10-minute call: pick STEPS (e.g. "tests fusion profile", then
+# "loss dense model plan" with BUILD=0 and the kept extension carried).
+#
 # Results and logs are written to a work folder; at the end (also when a step fails or the deadline
 # cuts it short) $OUT (default benchmarks/results) receives summary.txt and gpu-check.tar.gz holding
 # everything (two files: the device tool returns at most eight). Wheels in ./.whl (monai, nibabel,
