@@ -429,6 +429,19 @@ def test_slab_mode_equals_whole_volume(backend, output, padding, activation, rng
     assert whole.dtype == slabs.dtype and torch.equal(whole, slabs)
 
 
+@pytest.mark.parametrize("overlap", [0.8, 0.6, 0.3, 0.0])
+def test_slab_mode_equals_whole_volume_at_any_stride(backend, overlap, rng):
+    """Strides of 1/5 of the window (the in-place shift in several chunks), just under it, over half
+    of it and the whole window (no shared planes); windows of 7 planes over 23."""
+    x = torch.randn(1, 2, 23, 9, 10, generator=rng)
+    net = random_conv(rng, 2, 3)
+    kwargs = dict(roi_size=(7, 6, 8), overlap=overlap, padding="constant", activation="softmax")
+    kwargs["output"] = "mask"
+    whole = SlidingWindowPredictor(net, sw_batch_size=3, **kwargs)(x)
+    slabs = SlidingWindowPredictor(net, sw_batch_size=3, memory_budget=1, **kwargs)(x)
+    assert torch.equal(whole, slabs)
+
+
 def test_slab_mode_keeps_only_a_slab(monkeypatch, rng):
     depths = []
 
