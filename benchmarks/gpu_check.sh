@@ -56,7 +56,7 @@ step() {  # step NAME LIMIT COMMAND...: run under a time limit, log to NAME.log,
     shift 2
     echo "== $name (limit ${limit}s, log: $name.log)"
     local start=$SECONDS
-    timeout "$limit" "$@" >"$WORK/$name.log" 2>&1
+    timeout -k 10 "$limit" "$@" >"$WORK/$name.log" 2>&1
     local rc=$?
     tail -n 15 "$WORK/$name.log"
     log "$name: exit $rc after $((SECONDS - start)) s"
@@ -80,7 +80,7 @@ else
     step build 200 "$PY" -m pip install --no-build-isolation --no-deps -v -e .
 fi
 if grep -q "build: exit 0" "$summary"; then  # keep the extension: a later check with unchanged csrc/ may reuse it
-    cp densefuse/_C*.so "$WORK/"
+    cp "densefuse/_C$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')" "$WORK/"
 else  # go on with the Python backends from the source tree
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
@@ -103,7 +103,7 @@ run_step() {  # one step of STEPS, by name
         "$PY" -c "import xdist" 2>/dev/null && plugins+=(-n "$(nproc)")
         "$PY" -c "import pytest_timeout" 2>/dev/null && plugins+=(--timeout 150)
         # shellcheck disable=SC2086
-        DENSEFUSE_FAILURE_LOG="$WORK/failures.log" step tests 170 "$PY" -m pytest -v --tb=short -rfE --durations 15 "${plugins[@]}" $TEST_FILES \
+        DENSEFUSE_FAILURE_LOG="$WORK/failures.log" step tests 170 "$PY" -m pytest -v --tb=short -rfE --durations 15 ${plugins[@]+"${plugins[@]}"} $TEST_FILES \
             --ignore tests/test_triton_sm90.py -k "gpu or cuda" --junitxml="$WORK/pytest-gpu.xml" ;;
     profile)
         step profile 40 "$PY" benchmarks/profile_fusion.py --providers densefuse-triton,monai ;;

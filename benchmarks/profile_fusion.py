@@ -25,6 +25,11 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 
+def _repeat(step, calls: int) -> None:
+    for _ in range(calls):
+        step()  # each result is dropped before the next call
+
+
 def profile_provider(name: str, case: fp.Case, device: str, calls: int, rows: int) -> None:
     inputs = fp.make_inputs(case, device)
     step = fp.synchronized(fp.setup(name, case, inputs), device)
@@ -45,7 +50,7 @@ def profile_provider(name: str, case: fp.Case, device: str, calls: int, rows: in
     if device == "cuda":
         print(events.table(sort_by="self_device_time_total", row_limit=rows))
     python_profile = cProfile.Profile()  # the host's Python, launchers included, per function
-    python_profile.runcall(lambda: [step() for _ in range(calls)])
+    python_profile.runcall(_repeat, step, calls)
     print(f"--- {name}: Python functions by own time over {calls} calls (cProfile)")
     pstats.Stats(python_profile, stream=sys.stdout).sort_stats("tottime").print_stats(rows)
 

@@ -266,9 +266,10 @@ def _mode_weights(
     lift = 3 - len(roi)
     if isinstance(sigma_scale, Sequence) and not isinstance(sigma_scale, str):
         sigma_scale = tuple(sigma_scale)
-    named = isinstance(mode, str) and all(isinstance(a, (int, float)) for a in (order, *_flat(sigma_scale)))
+    # exact types: the cache would take True for 1 and skip the check that rejects a bool
+    named = isinstance(mode, str) and all(type(a) in (int, float) for a in (order, *_flat(sigma_scale)))
     if named:
-        return _named_weights(mode, roi, order, sigma_scale, lift, dtype, device)
+        return _named_weights(mode, roi, order, sigma_scale, lift, dtype, _concrete(device))
     vectors = windows.separable_window(mode, roi, order=order, sigma_scale=sigma_scale)
     weights = _fusion_weights("mode", [torch.ones(1)] * lift + list(vectors), dtype, device)
     return weights, windows.monai_floor(vectors)
@@ -278,9 +279,18 @@ def _flat(value: object) -> tuple:
     return value if isinstance(value, tuple) else (value,)
 
 
+def _concrete(device: torch.device) -> torch.device:
+    """``device`` with its index ("cuda" -> "cuda:<current>"): a cache key that names where tensors live."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _on_device(device: torch.device, *arrays: Sequence) -> list[Tensor]:
     """int64 tensors of (nested) integer lists on ``device``, moved by one copy (views of one buffer)."""
     tensors = [torch.tensor(a, dtype=torch.int64) for a in arrays]
+    if device.type == "cpu":
+        return tensors
     flat = torch.cat([t.flatten() for t in tensors]).to(device)
     views, first = [], 0
     for t in tensors:
@@ -370,7 +380,8 @@ def sliding_window_inference(
     ]
     # Every window's corner and the grid on the output's device at once: one copy per call.
     starts, *grid = _on_device(device, positions, *starts3)
-    starts_in = starts.to(inputs.device)  # where the windows are read
+    # where the windows are read (from the host, not back from the output's device)
+    starts_in = starts if inputs.device == device else _on_device(inputs.device, positions)[0]
     run = _WindowPredictor(predictor, x3, cond3, roi, padding_mode, cval, sw_device, with_coord, args, kwargs)
     fusion = _Fusion(batch, size, roi, weights, floor, acc_dtype, device)
     for first in tqdm(range(0, len(positions), sw_batch_size), disable=not progress):
@@ -577,7 +588,20 @@ class SlidingWindowPredictor:
             _check_positive_int("memory_budget", memory_budget)
         self.memory_budget = memory_budget
         self.progress = progress
-        self._device_weights: dict[torch.device, list[Tensor]] = {}
+        self._moved: tuple | None = None  # (device, the weights moved, their versions, the copies)
+
+    def _weights_on(self, device: torch.device) -> list[Tensor]:
+        """self.weights checked and moved to ``device`` (float32), again only when the device or the
+        weights (reassigned, or changed in place) differ from the last call's."""
+        versions = tuple(w._version for w in self.weights)
+        moved = self._moved
+        if moved is None or moved[0] != device or moved[1] is not self.weights or moved[2] != versions:
+            copies = _fusion_weights("window", self.weights, torch.float32, device)
+            self._moved = moved = (device, self.weights, versions, copies)
+        return moved[3]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_moved": None}  # device copies are not part of the predictor
 
     # ------------------------------------------------------------------------------------ per window
     def _vote_activation(self) -> str:
@@ -613,15 +637,13 @@ class SlidingWindowPredictor:
         model_device = self.model_device or image.device
         margin = [r // 2 for r in self.roi] if self.padding == "reflect" else [0, 0, 0]
         grid = window_grid(size, self.roi, self.overlap, margin)
-        if device not in self._device_weights:  # moved and checked once per device
-            self._device_weights[device] = _fusion_weights("window", self.weights, torch.float32, device)
-        weights = self._device_weights[device]
+        weights = self._weights_on(_concrete(device))
         finish = {"activation": self._final_activation(), "threshold": self.threshold}
         groups = [[(b, z, y, x) for b in range(batch) for y in grid[1] for x in grid[2]] for z in grid[0]]
         # Every window's corner ([z group, window, 4]) and the grid on the output's device: one copy.
         starts, *grid_starts = _on_device(device, groups, *grid)
         fuse = _SlabFusion(batch, size, grid, grid_starts, weights, self.floor, self.memory_budget, device)
-        starts_in = starts.to(image.device)  # where the windows are read
+        starts_in = starts if image.device == device else _on_device(image.device, groups)[0]
         bar = tqdm(
             total=len(groups) * math.ceil(len(groups[0]) / self.sw_batch_size), disable=not self.progress
         )

@@ -60,6 +60,7 @@ Triton is imported at module import: import this module only where triton is ins
 from __future__ import annotations
 
 import functools
+import math
 import struct
 
 import torch
@@ -479,19 +480,20 @@ def _fp32(value: float) -> float:
 
 
 @functools.lru_cache(maxsize=64)
-def _parts(value: float) -> dict[str, float]:
-    """value as three fp32 numbers whose fp64 sum is value exactly (barring fp32 underflow)."""
+def _parts(value: float) -> tuple[float, float, float]:
+    """value as three fp32 numbers (hi, mid, lo) whose fp64 sum is value exactly (barring fp32
+    underflow)."""
     parts = []
     rest = float(value)
     for _ in range(3):
         part = _fp32(rest)
         parts.append(part)
         rest -= part
-    return dict(zip(("hi", "mid", "lo"), parts))
+    return tuple(parts)
 
 
 def _scalar_args(name: str, value: float) -> dict[str, float]:
-    return {f"{name}_{k}": v for k, v in _parts(value).items()}
+    return dict(zip((f"{name}_hi", f"{name}_mid", f"{name}_lo"), _parts(value)))
 
 
 def _tile(rows: int, width: int, device: torch.device, dtype: torch.dtype, kind: str, channels: int = 1):
@@ -768,9 +770,17 @@ def patch_finalize(
     return out
 
 
-@functools.lru_cache(maxsize=16)
 def _fill_value(cval: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """cval as a one-element tensor, rounded as Tensor.fill_ rounds (kept: extraction runs per batch)."""
+    """cval as a one-element tensor, rounded as Tensor.fill_ rounds. Kept (extraction runs per batch),
+    except while a CUDA graph is being captured (a tensor made then is only filled by replays)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.full((1,), cval, dtype=dtype, device=device)
+    return _kept_fill_value(cval, math.copysign(1.0, cval), dtype, device)
+
+
+@functools.lru_cache(maxsize=16)
+def _kept_fill_value(cval: float, sign: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """_fill_value's tensor, per value and sign (0.0 and -0.0 are equal keys otherwise)."""
     return torch.full((1,), cval, dtype=dtype, device=device)
 
 

@@ -47,6 +47,6 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     it is reported (pytest-xdist's controller too), so a run cut short by a time limit (the GPU
     check) keeps them; pytest itself prints them only at the end."""
     path = os.environ.get("DENSEFUSE_FAILURE_LOG")
-    if path and report.failed:
+    if path and report.failed and "PYTEST_XDIST_WORKER" not in os.environ:  # xdist: the controller writes
         with open(path, "a") as log:
             log.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")

@@ -249,8 +249,47 @@ def test_no_tensor_is_formatted_per_call(monkeypatch, rng):
     SlidingWindowPredictor(lambda t: t, 5, sw_batch_size=2, output="mask", memory_budget=1)(x)
 
 
+def test_results_record_nothing_for_autograd(backend, rng):
+    """Like MONAI's result under no_grad: a predictor with parameters leaves no graph behind."""
+    x = torch.randn(1, 1, 9, 8, 7, generator=rng, requires_grad=True)
+    net = random_conv(rng, 1, 2)
+    assert not sliding_window_inference(x, 5, 2, net, 0.5, "gaussian").requires_grad
+    assert not sliding_window_inference(x, 5, 2, lambda t: t * 2, 0.5).requires_grad
+    with torch.no_grad():  # SlidingWindowPredictor runs under inference_mode anyway
+        expected = SlidingWindowPredictor(net, 5, output="probabilities")(x)
+    assert not SlidingWindowPredictor(net, 5, output="probabilities")(x).requires_grad
+    assert torch.equal(SlidingWindowPredictor(net, 5, output="probabilities")(x), expected)
+
+
+def test_a_bool_order_is_rejected_after_a_cached_call(rng):
+    x = torch.randn(1, 1, 9, 8, 7, generator=rng)
+    sliding_window_inference(x, 5, 2, lambda t: t, 0.5, "bspline", bspline_order=1)
+    with pytest.raises(ValueError, match="order"):
+        sliding_window_inference(x, 5, 2, lambda t: t, 0.5, "bspline", bspline_order=True)
+
+
+def test_predictor_weights_changed_in_place_are_used(rng):
+    """The weights moved to the device are made again when self.weights change in place."""
+    x = torch.randn(1, 1, 12, 6, 6, generator=rng)
+
+    def window_means(t):  # each window predicts its own mean: the fusion then depends on the weights
+        return t.mean(dim=(2, 3, 4), keepdim=True).expand_as(t).contiguous()
+
+    vectors = [torch.linspace(0.2, 1.0, 6, dtype=torch.float64) for _ in range(3)]
+    predictor = SlidingWindowPredictor(window_means, 6, window=vectors, activation="none", output="logits")
+    before = predictor(x)
+    with torch.no_grad():
+        predictor.weights[0].copy_(predictor.weights[0].flip(0))
+    changed = [w.clone() for w in predictor.weights]
+    expected = SlidingWindowPredictor(window_means, 6, window=changed, activation="none", output="logits")(x)
+    after = predictor(x)
+    assert not torch.equal(before, expected)
+    assert torch.equal(after, expected)
+
+
 def test_named_window_weights_are_made_once(monkeypatch, rng):
     """A named mode's weights are computed once per setting; user vectors every call (never cached)."""
+    inference._named_weights.cache_clear()  # earlier tests may have made these settings' weights
     calls = []
     separable = inference.windows.separable_window
     monkeypatch.setattr(
@@ -431,14 +470,25 @@ def test_slab_mode_equals_whole_volume(backend, output, padding, activation, rng
 
 @pytest.mark.parametrize("overlap", [0.8, 0.6, 0.3, 0.0])
 def test_slab_mode_equals_whole_volume_at_any_stride(backend, overlap, rng):
-    """Strides of 1/5 of the window (the in-place shift in several chunks), just under it, over half
-    of it and the whole window (no shared planes); windows of 7 planes over 23."""
+    """Strides of 1, 2, 4 and 7 of a 7-plane window over 23 planes: the in-place shift in six chunks,
+    in one, and none (no shared planes)."""
     x = torch.randn(1, 2, 23, 9, 10, generator=rng)
     net = random_conv(rng, 2, 3)
     kwargs = dict(roi_size=(7, 6, 8), overlap=overlap, padding="constant", activation="softmax")
     kwargs["output"] = "mask"
     whole = SlidingWindowPredictor(net, sw_batch_size=3, **kwargs)(x)
     slabs = SlidingWindowPredictor(net, sw_batch_size=3, memory_budget=1, **kwargs)(x)
+    assert torch.equal(whole, slabs)
+
+
+@pytest.mark.parametrize(("padding", "output"), [("reflect", "probabilities"), ("constant", "mask")])
+def test_slab_mode_with_deep_windows(backend, padding, output, rng):
+    """17-plane windows: the slab is finalised two planes at a time (capacity // 8), with a rest."""
+    x = torch.randn(1, 1, 45, 5, 6, generator=rng)
+    net = random_conv(rng, 1, 2)
+    kwargs = dict(roi_size=(17, 4, 6), overlap=0.5, padding=padding, activation="softmax", output=output)
+    whole = SlidingWindowPredictor(net, sw_batch_size=2, **kwargs)(x)
+    slabs = SlidingWindowPredictor(net, sw_batch_size=2, memory_budget=1, **kwargs)(x)
     assert torch.equal(whole, slabs)
 
 

@@ -456,13 +456,19 @@ def test_batch_scatter_picks_the_gather_in_deterministic_mode(monkeypatch):
 
 
 BAD_BATCH_SCATTER = [
-    (lambda a, w, s: (a.float(), w, s), "acc: expected a contiguous"),
+    (lambda a, w, s: (a.float(), w, s), "acc: expected torch.float64, got torch.float32"),
     (lambda a, w, s: (a.transpose(2, 4), w, s), "acc: expected a contiguous"),
     (lambda a, w, s: (a, w.int(), s), "windows: expected a float16"),
-    (lambda a, w, s: (a, w[:, :2], s), "windows: expected shape"),
-    (lambda a, w, s: (a, w[..., :2], s), "windows: expected shape"),
+    (lambda a, w, s: (a, w[:, :2], s), r"windows: expected \[N, 3, 3, 4, 5\] on cpu, got \(9, 2"),
+    (
+        lambda a, w, s: (a, w[..., :2], s),
+        r"windows: expected \[N, 3, 3, 4, 5\] on cpu, got \(9, 3, 3, 4, 2\)",
+    ),
     (lambda a, w, s: (a, w, s.int()), "starts: expected an int64"),
-    (lambda a, w, s: (a, w, s[:2]), "starts: expected an int64"),
+    (
+        lambda a, w, s: (a, w, s[:2]),
+        r"starts: expected an int64 \[9, 4\] tensor on cpu, got torch.int64 \(2, 4\)",
+    ),
 ]
 
 
@@ -509,10 +515,18 @@ def test_batch_extract_is_patch_extract(backend, mode, rng):
         (lambda v, o, s: ((v, (2, 0, 2), "constant", 0.0), o, s), ValueError, "roi: expected three"),
         (lambda v, o, s: ((v, (2, 2, 2), "wrap", 0.0), o, s), ValueError, "mode: expected one of"),
         (lambda v, o, s: ((v.half(), (2, 2, 2), "constant", 1e6), o, s), ValueError, "cval: .* overflows"),
-        (lambda v, o, s: ((v, (2, 2, 2), "constant", 0.0), o.double(), s), ValueError, "out: expected"),
+        (
+            lambda v, o, s: ((v, (2, 2, 2), "constant", 0.0), o.double(), s),
+            TypeError,
+            "out: expected torch.float32",
+        ),
         (lambda v, o, s: ((v, (2, 2, 2), "constant", 0.0), o[:, :, :1], s), ValueError, "out: expected"),
         (lambda v, o, s: ((v, (2, 2, 2), "constant", 0.0), o, s.int()), ValueError, "starts: expected"),
-        (lambda v, o, s: ((v, (2, 2, 2), "constant", 0.0), o, s[:, :3]), ValueError, "out, starts:"),
+        (
+            lambda v, o, s: ((v, (2, 2, 2), "constant", 0.0), o, s[:, :3]),
+            ValueError,
+            r"starts: .* got torch.int64 \(3, 3\)",
+        ),
     ],
     ids=str,
 )

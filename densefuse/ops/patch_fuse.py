@@ -201,8 +201,10 @@ def _check_starts(starts: object, acc: Tensor, count: int) -> Tensor:
 
 
 def _check_axis_starts(name: str, starts: object, acc: Tensor) -> Tensor:
+    given = starts
+
     def error() -> ValueError:  # made only when raised: a tensor's repr reads it (a sync on a GPU)
-        return ValueError(f"{name}: expected a 1-D sequence of integer window starts, got {starts!r}")
+        return ValueError(f"{name}: expected a 1-D sequence of integer window starts, got {given!r}")
 
     if not isinstance(starts, Tensor):
         try:
@@ -475,8 +477,9 @@ class BatchExtract:
 
     volume, roi, mode and cval are checked once, and the kernel is resolved once (the backend chosen
     when the object is made, as patch_extract would choose it); each batch is then one kernel call,
-    with neither the custom-op dispatch nor a sync. Batch indices in starts are not checked per call:
-    a window whose batch index lies outside [0, B) reads cval.
+    with neither the custom-op dispatch nor a sync (the kernel backends). Batch indices in starts are
+    not checked per call: a window whose batch index lies outside [0, B) reads cval. Like the op, it
+    records nothing for autograd.
     """
 
     def __init__(self, volume: Tensor, roi: Sequence[int], mode: str = "constant", cval: float = 0.0):
@@ -488,16 +491,22 @@ class BatchExtract:
         """out [N, C, *roi] (contiguous, the volume's dtype and device) = the windows at starts [N, 4]
         (int64 on the volume's device), written in place; returns out."""
         volume = self.volume
-        if starts.dtype != torch.int64 or starts.device != volume.device or starts.dim() != 2:
-            raise ValueError(f"starts: expected an int64 [N, 4] tensor on {volume.device}")
+        if (
+            starts.dtype != torch.int64
+            or starts.device != volume.device
+            or starts.dim() != 2
+            or starts.shape[1] != 4
+        ):
+            got = f"{starts.dtype} {tuple(starts.shape)} on {starts.device}"
+            raise ValueError(f"starts: expected an int64 [N, 4] tensor on {volume.device}, got {got}")
         shape = (starts.shape[0], volume.shape[1], *self.roi)
-        if out.shape != shape or out.dtype != volume.dtype or out.device != volume.device:
-            raise ValueError(
-                f"out: expected {volume.dtype} {shape} on {volume.device}, got {tuple(out.shape)}"
-            )
-        if not out.is_contiguous() or starts.shape[1] != 4:
-            raise ValueError("out, starts: expected a contiguous out and starts of shape [N, 4]")
-        self._kernel(out, volume, starts.contiguous(), self.mode, self.cval)
+        if out.dtype != volume.dtype:
+            raise TypeError(f"out: expected {volume.dtype} like volume, got {out.dtype}")
+        if out.shape != shape or out.device != volume.device or not out.is_contiguous():
+            got = f"{tuple(out.shape)} on {out.device}" + ("" if out.is_contiguous() else ", not contiguous")
+            raise ValueError(f"out: expected a contiguous {shape} tensor on {volume.device}, got {got}")
+        with torch.no_grad():
+            self._kernel(out, volume, starts.contiguous(), self.mode, self.cval)
         return out
 
 
@@ -507,8 +516,9 @@ class BatchScatter:
     The weights and floor are checked once and moved to ``device`` in ``dtype`` (the accumulators'),
     and the kernel is resolved once: the scatter, or the deterministic gather where ``deterministic``
     (default: torch.are_deterministic_algorithms_enabled()). Each batch is then one kernel call, with
-    neither the custom-op dispatch nor a sync; its flags (NaN/Inf values added, windows skipped) are
-    kept on the device until flags() sums them.
+    neither the custom-op dispatch nor a sync (the kernel backends); its flags (NaN/Inf values added,
+    windows skipped) are kept on the device until flags() sums them. Like the op, it records nothing
+    for autograd (windows that require grad are read as values).
     """
 
     def __init__(
@@ -538,26 +548,32 @@ class BatchScatter:
     def __call__(self, acc: Tensor, windows: Tensor, starts: Tensor) -> None:
         """acc [B, C, D, H, W] (contiguous, ``dtype`` on ``device``) += w * windows [N, C, *roi] (any
         float dtype, on ``device``) at starts [N, 4] (int64 on ``device``), in place."""
-        if acc.dtype != self.dtype or acc.device != self.device or acc.dim() != 5 or not acc.is_contiguous():
-            raise ValueError(
-                f"acc: expected a contiguous [B, C, D, H, W] {self.dtype} tensor on {self.device}"
+        device = self.device
+        if acc.dtype != self.dtype:
+            raise TypeError(f"acc: expected {self.dtype}, got {acc.dtype}")
+        if acc.device != device or acc.dim() != 5 or not acc.is_contiguous():
+            got = f"{tuple(acc.shape)} on {acc.device}" + ("" if acc.is_contiguous() else ", not contiguous")
+            raise ValueError(f"acc: expected a contiguous [B, C, D, H, W] tensor on {device}, got {got}")
+        if windows.dtype not in _validate.FLOAT_DTYPES:
+            raise TypeError(
+                f"windows: expected a float16/bfloat16/float32/float64 tensor, got {windows.dtype}"
             )
-        if windows.dtype not in _validate.FLOAT_DTYPES or windows.device != self.device:
-            raise TypeError(f"windows: expected a float16/bfloat16/float32/float64 tensor on {self.device}")
-        if windows.dim() != 5 or windows.shape[1] != acc.shape[1] or tuple(windows.shape[2:]) != self.roi:
-            raise ValueError(
-                f"windows: expected shape [N, {acc.shape[1]}, {', '.join(map(str, self.roi))}], "
-                f"got {tuple(windows.shape)}"
-            )
+        expected = f"[N, {acc.shape[1]}, {', '.join(map(str, self.roi))}] on {device}"
         if (
-            starts.dtype != torch.int64
-            or starts.device != self.device
-            or starts.shape != (windows.shape[0], 4)
+            windows.device != device
+            or windows.dim() != 5
+            or windows.shape[1] != acc.shape[1]
+            or tuple(windows.shape[2:]) != self.roi
         ):
-            raise ValueError(f"starts: expected an int64 [{windows.shape[0]}, 4] tensor on {self.device}")
-        self._flags.append(
-            self._kernel(acc, windows.contiguous(), starts.contiguous(), *self.weights, self.floor)
-        )
+            raise ValueError(f"windows: expected {expected}, got {tuple(windows.shape)} on {windows.device}")
+        if starts.dtype != torch.int64 or starts.device != device or starts.shape != (windows.shape[0], 4):
+            got = f"{starts.dtype} {tuple(starts.shape)} on {starts.device}"
+            raise ValueError(
+                f"starts: expected an int64 [{windows.shape[0]}, 4] tensor on {device}, got {got}"
+            )
+        with torch.no_grad():
+            flags = self._kernel(acc, windows.contiguous(), starts.contiguous(), *self.weights, self.floor)
+        self._flags.append(flags)
 
     def flags(self) -> Tensor:
         """int64 [2] on ``device``: NaN/Inf window values added and windows skipped, over every batch
