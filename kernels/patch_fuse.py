@@ -773,7 +773,7 @@ def patch_finalize(
 def _fill_value(cval: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """cval as a one-element tensor, rounded as Tensor.fill_ rounds. Kept (extraction runs per batch),
     except while a CUDA graph is being captured (a tensor made then is only filled by replays)."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return torch.full((1,), cval, dtype=dtype, device=device)
     return _kept_fill_value(cval, math.copysign(1.0, cval), dtype, device)
 
