@@ -649,13 +649,13 @@ class SlidingWindowPredictor:
         )
         reader = _WindowReader(image, self.roi, self.padding, self.cval)
         for k, group in enumerate(groups):
+            local = fuse.local(starts[k])  # the group's corners in the accumulator's coordinates
             for first in range(0, len(group), self.sw_batch_size):
                 chunk = slice(first, first + self.sw_batch_size)
-                # no reference to the batch of windows outlives the step (see _WindowReader)
                 # neither the windows (the reader reuses them) nor the predictions (group_done needs
                 # the memory) are kept past the scatter
                 windows_in = reader.read(group[chunk], starts_in[k, chunk]).to(model_device)
-                fuse.add(self._predict(windows_in, fuse.channels).to(device), starts[k, chunk], grid[0][k])
+                fuse.add(self._predict(windows_in, fuse.channels).to(device), local[chunk])
                 del windows_in
                 bar.update()
             fuse.group_done(k, self.output, finish)
@@ -683,9 +683,18 @@ class _SlabFusion:
         self.out: Tensor | None = None  # the result, filled slab by slab
         self.scatter = BatchScatter(*weights, floor, torch.float32, device, weights_checked=True)
 
-    def add(self, out: Tensor, starts: Tensor, z: int) -> None:
-        """Scatters ``out`` for the windows at ``starts`` [n, 4] (volume coordinates, on the
-        accumulator's device), which all start at plane ``z``."""
+    def local(self, starts: Tensor) -> Tensor:
+        """Window corners [n, 4] (volume coordinates, on the accumulator's device) in the current
+        accumulator's coordinates (slab mode: z - lo), for the windows of the next z group."""
+        if not self.lo:
+            return starts
+        shifted = starts.clone()
+        shifted[:, 1] -= self.lo
+        return shifted
+
+    def add(self, out: Tensor, starts: Tensor) -> None:
+        """Scatters ``out`` for the windows at ``starts`` [n, 4] (local(): the accumulator's
+        coordinates, on its device)."""
         depth, height, width = self.size
         if self.acc is None:
             self.channels = out.shape[1]
@@ -694,9 +703,6 @@ class _SlabFusion:
             planes = min(out.shape[2], depth) if self.slabs else depth  # a group's windows span roi_z
             shape = (self.batch, self.channels, planes, height, width)
             self.acc = torch.zeros(shape, dtype=torch.float32, device=self.device)
-        if self.lo:
-            starts = starts.clone()
-            starts[:, 1] -= self.lo  # into the slab's coordinates, on the device
         self.scatter(self.acc, out, starts)
 
     def _finalize(self, acc: Tensor, output: str, finish: dict, inplace: bool = False, lo: int = 0) -> Tensor:
