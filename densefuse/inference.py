@@ -247,16 +247,25 @@ def _fusion_weights(name: str, vectors: Sequence[Tensor], dtype: torch.dtype, de
     return [w.to(device) for w in weights]
 
 
-@functools.lru_cache(maxsize=32)
-def _named_weights(
-    mode: str, roi: tuple[int, ...], order: int, sigma_scale: object, lift: int, dtype: torch.dtype, device
-) -> tuple[tuple[Tensor, ...], float]:
-    """sliding_window_inference's weights for a named ``mode``: the 1-D vectors lifted to 3-D by
-    leading ones, in ``dtype`` on ``device`` (_fusion_weights), and MONAI's floor. Computed once per
-    setting: a process fuses many volumes with the same one (the tensors are only read)."""
+def _make_weights(
+    mode: object,
+    roi: tuple[int, ...],
+    order: object,
+    sigma_scale: object,
+    lift: int,
+    dtype: torch.dtype,
+    device,
+) -> tuple[Sequence[Tensor], float]:
+    """sliding_window_inference's weights: the 1-D vectors lifted to 3-D by leading ones, in ``dtype``
+    on ``device`` (_fusion_weights), and MONAI's floor."""
     vectors = windows.separable_window(mode, roi, order=order, sigma_scale=sigma_scale)
     weights = _fusion_weights("mode", [torch.ones(1)] * lift + list(vectors), dtype, device)
     return tuple(weights), windows.monai_floor(vectors)
+
+
+# A named mode's weights, made once per setting: a process fuses many volumes with the same one (the
+# tensors are only read).
+_named_weights = functools.lru_cache(maxsize=32)(_make_weights)
 
 
 def _mode_weights(
@@ -270,9 +279,7 @@ def _mode_weights(
     named = isinstance(mode, str) and all(type(a) in (int, float) for a in (order, *_flat(sigma_scale)))
     if named:
         return _named_weights(mode, roi, order, sigma_scale, lift, dtype, _concrete(device))
-    vectors = windows.separable_window(mode, roi, order=order, sigma_scale=sigma_scale)
-    weights = _fusion_weights("mode", [torch.ones(1)] * lift + list(vectors), dtype, device)
-    return weights, windows.monai_floor(vectors)
+    return _make_weights(mode, roi, order, sigma_scale, lift, dtype, device)
 
 
 def _flat(value: object) -> tuple:
