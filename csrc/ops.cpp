@@ -17,7 +17,7 @@
 //   patch_finalize(acc, starts_z, starts_y, starts_x, wz, wy, wx, floor, activation, output, threshold)
 //                                                        -> act(acc / N) [B,C,...] or a uint8 mask
 //   patch_extract(out! [N,C,rz,ry,rx], volume [B,C,D,H,W], starts [N,4], padding, cval)    -> ()
-// CPU for all five; CUDA (vector atomics) for patch_scatter.
+// CPU and CUDA for all five (CUDA: the scatter with vector atomics, the gather by first-window owners).
 //
 // Dense-block BN (densefuse/reference.py bn_relu, bn_relu_backward, bn_stats_correction; CPU only;
 // x [B,C,V] any strides, per-channel vectors [C] in the accumulation dtype):
@@ -351,18 +351,19 @@ ScatterCall prepare_scatter(const Tensor& acc, const Tensor& windows, const Tens
   return call;
 }
 
-// gather: the output-stationary CPU kernel (patch_gather is registered for the CPU only).
+// gather: the output-stationary kernel (deterministic).
 Tensor run_scatter(const ScatterCall& call, bool gather) {
   Tensor flags = at::zeros({2}, call.acc.options().dtype(at::kLong));
   if (call.acc.is_cuda()) {
 #ifdef DENSEFUSE_WITH_CUDA
     const c10::cuda::CUDAGuard guard(call.acc.device());
-    const cudaError_t err =
-        cuda::launch_patch_scatter(call.args, flags.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream());
+    const auto launch = gather ? cuda::launch_patch_gather : cuda::launch_patch_scatter;
+    const cudaError_t err = launch(call.args, flags.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream());
     // Any window count, channel count and size launch (the launcher splits grids past the CUDA
     // limits), so an error here comes from the device: say which call it was.
-    TORCH_CHECK(err == cudaSuccess, "densefuse: CUDA patch_scatter failed for acc ", call.acc.sizes(), " and windows ",
-                call.windows.sizes(), ": ", cudaGetErrorString(err));
+    TORCH_CHECK(err == cudaSuccess, "densefuse: CUDA ", gather ? "patch_gather" : "patch_scatter",
+                " failed for acc ", call.acc.sizes(), " and windows ", call.windows.sizes(), ": ",
+                cudaGetErrorString(err));
 #else
     TORCH_CHECK(false, "densefuse._C was built without CUDA");
 #endif
@@ -426,11 +427,30 @@ FinalizeCall prepare_finalize(const Tensor& acc, bool in_place, const Tensor& st
   return call;
 }
 
+// out = the finalised values (out may be acc): the CPU kernel, or the CUDA one on acc's stream.
+void run_finalize(const FinalizeCall& call, void* out) {
+  if (call.acc.is_cuda()) {
+#ifdef DENSEFUSE_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(call.acc.device());
+    const auto& a = call.args;
+    const Tensor sums = a.floor > 0 ? Tensor() : at::empty({a.size[0] + a.size[1] + a.size[2]}, call.acc.options());
+    const cudaError_t err = cuda::launch_patch_finalize(a, out, sums.defined() ? sums.data_ptr() : nullptr,
+                                                        c10::cuda::getCurrentCUDAStream());
+    TORCH_CHECK(err == cudaSuccess, "densefuse: CUDA patch_finalize failed for acc ", call.acc.sizes(), ": ",
+                cudaGetErrorString(err));
+#else
+    TORCH_CHECK(false, "densefuse._C was built without CUDA");
+#endif
+  } else {
+    cpu::patch_finalize(call.args, out);
+  }
+}
+
 void patch_normalize(const Tensor& acc, const Tensor& starts_z, const Tensor& starts_y, const Tensor& starts_x,
                      const Tensor& wz, const Tensor& wy, const Tensor& wx, double floor, int64_t activation) {
   const FinalizeCall call = prepare_finalize(acc, true, starts_z, starts_y, starts_x, wz, wy, wx, floor, activation,
                                              kOutProbabilities, 0.0);
-  cpu::patch_finalize(call.args, call.acc.data_ptr());
+  run_finalize(call, call.acc.data_ptr());
 }
 
 Tensor patch_finalize(const Tensor& acc, const Tensor& starts_z, const Tensor& starts_y, const Tensor& starts_x,
@@ -445,7 +465,7 @@ Tensor patch_finalize(const Tensor& acc, const Tensor& starts_z, const Tensor& s
     const int64_t channels = activation == kActSoftmax ? 1 : acc.size(1);
     out = at::empty({acc.size(0), channels, acc.size(2), acc.size(3), acc.size(4)}, acc.options().dtype(at::kByte));
   }
-  cpu::patch_finalize(call.args, out.data_ptr());
+  run_finalize(call, out.data_ptr());
   return out;
 }
 
@@ -477,8 +497,19 @@ void patch_extract(const Tensor& out, const Tensor& volume, const Tensor& starts
   a.out = out.data_ptr();
   a.starts = starts64.data_ptr<int64_t>();
   a.mode = static_cast<int32_t>(padding);
-  a.cval = value.data_ptr();
-  cpu::patch_extract(a);
+  a.cval = value.data_ptr();  // on the host
+  if (volume.is_cuda()) {
+#ifdef DENSEFUSE_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(volume.device());
+    const cudaError_t err = cuda::launch_patch_extract(a, c10::cuda::getCurrentCUDAStream());
+    TORCH_CHECK(err == cudaSuccess, "densefuse: CUDA patch_extract failed for volume ", volume.sizes(),
+                " and windows ", out.sizes(), ": ", cudaGetErrorString(err));
+#else
+    TORCH_CHECK(false, "densefuse._C was built without CUDA");
+#endif
+  } else {
+    cpu::patch_extract(a);
+  }
 }
 
 // ----------------------------------------------------------------------------------- dense block
@@ -663,6 +694,10 @@ TORCH_LIBRARY_IMPL(densefuse_ext, CUDA, m) {
   densefuse::Registrar r(m, "cuda");
   DENSEFUSE_IMPL_LOSS_OPS(r, );
   r.impl("patch_scatter", &densefuse::patch_scatter);
+  r.impl("patch_gather", &densefuse::patch_gather);
+  r.impl("patch_normalize", &densefuse::patch_normalize);
+  r.impl("patch_finalize", &densefuse::patch_finalize);
+  r.impl("patch_extract", &densefuse::patch_extract);
 }
 #endif
 

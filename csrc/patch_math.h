@@ -10,7 +10,8 @@
 
 #include <cstdint>
 
-#include "loss_math.h"  // DF_HD, math::nonfinite
+#include "loss_math.h"        // DF_HD, math::nonfinite
+#include "patch_fuse_args.h"  // PadMode
 
 namespace densefuse::patch {
 
@@ -51,6 +52,21 @@ DF_HD T weight(T pzy, T wx, T floor) {
   const T w = pzy * wx;
   if constexpr (CLAMP) return w < floor ? floor : w;
   return w;
+}
+
+// The index in [0, size) that padding `mode` (PadMode, reference.pad_index) reads at position p of an
+// axis: p itself inside; outside, the edge (replicate), p mod size (circular), the mirror image without
+// repeating the edge, periodic with period 2 (size - 1) (reflect), or -1 (constant: read cval).
+DF_HD int64_t pad_index(int64_t p, int64_t size, int32_t mode) {
+  if (p >= 0 && p < size) return p;
+  if (mode == kPadReplicate) return p < 0 ? 0 : size - 1;
+  if (mode == kPadCircular) return ((p % size) + size) % size;
+  if (mode == kPadReflect) {
+    if (size == 1) return 0;
+    const int64_t period = 2 * (size - 1), q = ((p % period) + period) % period;
+    return q < size ? q : period - q;
+  }
+  return -1;
 }
 
 }  // namespace densefuse::patch

@@ -523,6 +523,33 @@ def test_model_and_accumulation_devices(rng):
     torch.testing.assert_close(on_gpu.cpu(), SlidingWindowPredictor(net, 6)(x), rtol=1e-4, atol=1e-4)
 
 
+CUDA_BACKENDS = [b for b in patch_fuse.implemented_backends("cuda") if b != "torch"]
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("cuda_backend", CUDA_BACKENDS)
+def test_cuda_backends_match_the_reference_end_to_end(cuda_backend, rng):
+    """sliding_window_inference against the torch backend, and in deterministic mode (the gather) slab
+    mode against whole-volume mode, bit for bit."""
+    x = torch.randn(2, 1, 21, 17, 19, generator=rng).cuda()
+    net = random_conv(rng, 1, 3).cuda()
+    with densefuse.use_backend("torch"):
+        expected = sliding_window_inference(x, (8, 7, 9), 3, net, 0.5, "gaussian")
+    before = torch.are_deterministic_algorithms_enabled()
+    with densefuse.use_backend(cuda_backend):
+        ours = sliding_window_inference(x, (8, 7, 9), 3, net, 0.5, "gaussian")
+        torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+        kwargs = dict(roi_size=8, activation="softmax", output="mask", sw_batch_size=3)
+        try:
+            torch.use_deterministic_algorithms(True)
+            whole = SlidingWindowPredictor(net, **kwargs)(x)
+            slabs = SlidingWindowPredictor(net, memory_budget=1, **kwargs)(x)
+        finally:
+            torch.use_deterministic_algorithms(before)
+    assert whole.dtype == torch.uint8 and torch.equal(slabs, whole)
+
+
 def test_predictor_constant_padding_matches_monai_gaussian(backend, rng):
     x = torch.randn(2, 1, 13, 7, 10, generator=rng)
     net = random_conv(rng, 1, 2)

@@ -687,7 +687,7 @@ def test_cpp_finalize_a_large_volume_in_parallel(rng):
 def test_build_info_lists_the_registered_ops_per_dispatch_key():
     ops = densefuse._C.build_info()["ops"]
     assert set(pf.OP_NAMES) <= set(ops["cpu"])
-    assert "patch_scatter" in ops.get("cuda", ["patch_scatter"])  # CUDA builds: the scatter only
+    assert set(pf.OP_NAMES) <= set(ops.get("cuda", pf.OP_NAMES))  # CUDA builds: every op too
     has_kernel = getattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", None)
     if has_kernel is not None:  # the dispatcher agrees, wherever torch still lets us ask it
         for key, names in ops.items():
@@ -762,3 +762,72 @@ def test_cuda_scatter_past_the_grid_limit():
     starts = torch.tensor([[0, -(2**31), 0, 0]], device="cuda")  # covers z = 0, 1, 2 with planes >= 2**31
     flags = torch.ops.densefuse_ext.patch_scatter(acc, win, starts, wz, one, one, 0.0)
     assert flags.tolist() == [0, 0] and acc.flatten().tolist() == [1.0, 1.0, 1.0, 0.0]
+
+
+def on_cuda(*tensors):
+    return [t.cuda() for t in tensors]
+
+
+@requires_cuda_ext
+@pytest.mark.gpu
+@pytest.mark.parametrize("acc_dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("win_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("floor", [0.0, 0.1])
+def test_cuda_gather_is_the_reference_bit_for_bit(acc_dtype, win_dtype, floor, rng):
+    """Every run gives the reference gather's bits and flags (many windows on the same voxels, windows
+    over every edge, a NaN, and windows that miss the volume or name a batch outside it)."""
+    win, starts, weights = random_case(rng, 2, 3, (9, 11, 13), (4, 5, 6), 40, win_dtype)
+    win[3, 1, 2, 2, 2] = float("nan")
+    starts = torch.cat([starts, torch.tensor([[2, 0, 0, 0], [0, 9, 0, 0]])])  # skipped
+    win = torch.cat([win, win[:2]])
+    weights = [w.to(acc_dtype) for w in weights]
+    start = torch.randn(2, 3, 9, 11, 13, generator=rng, dtype=torch.float64).to(acc_dtype)
+    expected = start.clone()
+    expected_flags = reference.patch_gather(expected, win, starts, *weights, floor)
+    for _ in range(2):
+        acc = start.cuda()
+        flags = torch.ops.densefuse_ext.patch_gather(acc, *on_cuda(win, starts, *weights), floor)
+        assert flags.tolist() == expected_flags.tolist()
+        torch.testing.assert_close(acc.cpu(), expected, rtol=0, atol=0, equal_nan=True)
+
+
+@requires_cuda_ext
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", PAD_MODES)
+@pytest.mark.parametrize("dtype", WINDOW_DTYPES, ids=str)
+def test_cuda_extract_is_the_reference(mode, dtype, rng):
+    volume = torch.randn(2, 3, 5, 7, 6, generator=rng, dtype=torch.float64).to(dtype)
+    roi = (4, 9, 5)  # y: larger than the volume
+    starts = random_starts(rng, 17, 2, (5, 7, 6), roi)
+    starts[0, 0] = 7  # a batch index outside the volume: reads cval
+    expected = torch.empty(17, 3, *roi, dtype=dtype)
+    reference.patch_extract(expected, volume, starts, reference.PAD_MODES[mode], 1.7)
+    strided = volume.cuda().transpose(2, 4).contiguous().transpose(2, 4)  # x is not the fastest axis
+    out = torch.full_like(expected, float("nan"), device="cuda")
+    torch.ops.densefuse_ext.patch_extract(out, strided, starts.cuda(), reference.PAD_MODES[mode], 1.7)
+    assert torch.equal(out.cpu(), expected)
+
+
+@requires_cuda_ext
+@pytest.mark.gpu
+@pytest.mark.parametrize("acc_dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("floor", [0.0, 0.05])
+@pytest.mark.parametrize("activation", [0, 1, 2], ids=["none", "sigmoid", "softmax"])
+def test_cuda_finalize_matches_the_reference(acc_dtype, floor, activation, rng):
+    """Probabilities (out of place and in place) and masks; x = 0 is covered by no window (0 out)."""
+    size, roi = (9, 10, 11), (4, 5, 6)
+    grid = [torch.tensor(s) for s in ([-1, 2, 5, 7], [0, 3, 5], [1, 4, 6])]
+    weights = [(torch.rand(r, generator=rng, dtype=torch.float64) + 0.05).to(acc_dtype) for r in roi]
+    acc = (torch.randn(2, 4, *size, generator=rng, dtype=torch.float64) * 3).to(acc_dtype)
+    args = on_cuda(acc, *grid, *weights)
+    for output in (0, 1):
+        expected = reference.patch_finalize(acc, *grid, *weights, floor, activation, output, 0.5)
+        out = torch.ops.densefuse_ext.patch_finalize(*args, floor, activation, output, 0.5).cpu()
+        if output == 1 or activation == 0:  # the same divisions: the same bits (random values: no ties)
+            assert torch.equal(out, expected)
+        else:  # exp rounds differently from torch's
+            torch.testing.assert_close(out, expected, rtol=2e-6, atol=1e-7)
+    in_place = args[0].clone()
+    torch.ops.densefuse_ext.patch_normalize(in_place, *args[1:], floor, activation)
+    expected = torch.ops.densefuse_ext.patch_finalize(*args, floor, activation, 0, 0.5)
+    assert torch.equal(in_place, expected)

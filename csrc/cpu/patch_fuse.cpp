@@ -485,22 +485,6 @@ DF_CLONES void finalize_rows(const Finalizer<T>& finalizer, int64_t r0, int64_t 
 }
 
 // ----------------------------------------------------------------------------------------- extract
-// The index in [0, size) that padding `mode` reads at position p of an axis (-1: constant, outside).
-int64_t pad_index(int64_t p, int64_t size, int32_t mode) {
-  if (p >= 0 && p < size) return p;
-  const auto floor_mod = [](int64_t a, int64_t m) { return ((a % m) + m) % m; };
-  switch (mode) {
-    case kPadReplicate: return p < 0 ? 0 : size - 1;
-    case kPadCircular: return floor_mod(p, size);
-    case kPadReflect: {
-      if (size == 1) return 0;
-      const int64_t period = 2 * (size - 1), q = floor_mod(p, period);
-      return q < size ? q : period - q;
-    }
-    default: return -1;
-  }
-}
-
 // Per window n and axis d: map[d][n * roi[d] + i] = the source index of window position i along d
 // (-1 for constant padding, and for every position of a window whose batch index is outside [0, B));
 // along x also the inside run [lo, hi) whose positions read start + i, contiguous in the volume.
@@ -515,7 +499,7 @@ struct ExtractPlan {
       const bool in_batch = s[0] >= 0 && s[0] < a.batch;
       for (int d = 0; d < 3; ++d) {
         for (int64_t i = 0; i < a.roi[d]; ++i) {
-          map[d][n * a.roi[d] + i] = in_batch ? pad_index(s[d + 1] + i, a.size[d], a.mode) : -1;
+          map[d][n * a.roi[d] + i] = in_batch ? patch::pad_index(s[d + 1] + i, a.size[d], a.mode) : -1;
         }
       }
       runs[n] = in_batch ? patch::clip_axis(s[3], a.roi[2], a.size[2]) : AxisClip{s[3], 0, 0};

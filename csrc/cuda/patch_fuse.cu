@@ -1,26 +1,50 @@
-// CUDA patch scatter (semantics: densefuse/reference.py patch_scatter; layout: patch_fuse_args.h).
+// CUDA patch-fusion kernels (semantics: densefuse/reference.py patch_*; layout: patch_fuse_args.h).
 //
-// Grid: blockIdx.x = one window plane (n, c, i) (window n, channel c, window z index i), blockIdx.y =
-// a band of rows_per_block window rows j (rows_per_block is chosen so that at most 65535 bands cover a
-// window). A call with more than 2^31 - 1 planes (N * C * rz) is split into launches of at most that
-// many planes, each starting at plane first_plane, so no size gives an invalid launch configuration. Every thread computes the window's placement from starts
-// (a few loads, the same for the whole block); blocks of unplaced windows exit, and the first block
-// of each counts it as skipped. The threads of a block stride over (row, x group) items of the band's
-// clipped part; a group is VEC consecutive voxels of acc, aligned to VEC in acc (so the window run is
-// covered by groups that may stick out by up to VEC - 1 voxels at either end; those lanes add 0).
-// Each item computes w = max((wz[i] * wy[j]) * wx[k], floor) * v for its lanes, counts non-finite v,
-// and adds the VEC values with one atomic:
+// Window-plane grids (scatter, gather, extract): blockIdx.x = one window plane (n, c, i) (window n,
+// channel c, window z index i), blockIdx.y = a band of rows_per_block window rows j (chosen so that at
+// most 65535 bands cover a window). A call with more than 2^31 - 1 planes (N * C * rz) is split into
+// launches of at most that many planes, each starting at plane first_plane, so no size gives an
+// invalid launch configuration. Every thread computes the window's placement from starts (a few
+// loads, the same for the whole block); blocks of unplaced windows exit, and the first block of each
+// counts it as skipped (scatter, gather).
+//
+// Scatter. The threads of a block stride over (row, x group) items of the band's clipped part; a
+// group is VEC consecutive voxels of acc, aligned to VEC in acc (so the window run is covered by
+// groups that may stick out by up to VEC - 1 voxels at either end; those lanes add 0). Each item
+// computes w = max((wz[i] * wy[j]) * wx[k], floor) * v for its lanes, counts non-finite v, and adds
+// the VEC values with one atomic:
 //   sm_90+, fp32 acc: atomicAdd on float4 / float2 (16 / 8 bytes, one L2 atomic for VEC voxels)
 //   otherwise (sm_80 builds, fp64 acc): one scalar atomicAdd per lane inside the window.
 // VEC = 4 when W % 4 == 0 and acc is 16-byte aligned, 2 for W % 2 == 0 (8 bytes), else 1.
 // A lane outside the window adds +0.0 with the vector atomics, which turns a -0.0 in acc into +0.0
 // and changes nothing else. Non-finite counts: warp sums, one integer atomic per warp that saw one.
+//
+// Gather (deterministic, no atomics on acc): the same grid and items, one voxel each. A voxel is owned
+// by the first window (in index order) that covers it: the thread of window n at voxel v returns at
+// once if an earlier window covers v; otherwise it sums w_m * v_m over the windows m >= n that cover
+// v, in index order, starting from 0, and adds that sum to acc[v] (reference.patch_gather). Each
+// voxel has one owner, so the result is the same bits on every run; each (window, voxel) value is
+// read once, so the non-finite count is the scatter's. Products are not fused into FMAs, so the sums
+// are reference.patch_gather's bits. Work per voxel: one start test per window of
+// the call (sw_batch_size of them in sliding-window inference).
+//
+// Extract: the same grid over the windows of out; each thread copies one value, reading the
+// volume (any strides) at patch::pad_index of every axis, or cval.
+//
+// Finalise: one thread per voxel (b, z, y, x), every channel. N = (Sz[z] * Sy[y]) * Sx[x] from three
+// 1-D sums made first by a small kernel (floor == 0), or the clamped weights of the covering grid
+// windows summed in grid order (a, b, c) (floor > 0), as the CPU kernel. v = acc / N (0 where N is
+// below the smallest normal T), then the activation (softmax over C in three passes over the voxel's
+// channels: max, sum of exp, output) and the output: floats (out may be acc), an argmax label (first
+// maximum, NaN wins, as torch.argmax) or a threshold mask.
 #include "cuda/patch_fuse.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cfloat>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "patch_math.h"
@@ -31,6 +55,7 @@ namespace {
 using patch::AxisClip;
 
 constexpr int kThreads = 256;
+constexpr int64_t kMaxBlocks = 1 << 20;             // finalise: grid-stride loop past this many blocks
 constexpr int64_t kItemsPerBlock = 4 * kThreads;  // (row, group) items a block aims for
 constexpr int64_t kMaxGridX = 2147483647;
 constexpr int64_t kMaxGridY = 65535;
@@ -73,31 +98,57 @@ __device__ __forceinline__ void atomic_add_lanes(double* dst, const double (&v)[
   }
 }
 
+// The part of window plane (n, c, i) that block (blockIdx.x, blockIdx.y) covers: window rows
+// [j_lo, j_hi) inside the volume, at acc plane z; `active` is false where the block has nothing to
+// do (the same for the whole block). The first block of an unplaced window counts it in flags[1].
+struct PlaneBand {
+  int64_t n, c, i, z, j_lo, j_hi;
+  patch::Placement at;
+  bool active;
+};
+
+__device__ __forceinline__ PlaneBand plane_band(const PatchScatterArgs& a, int64_t first_plane, int64_t rows_per_block,
+                                                unsigned long long* flags) {
+  PlaneBand p{};
+  const int64_t rz = a.roi[0];
+  const int64_t plane = first_plane + blockIdx.x;
+  p.i = plane % rz;
+  p.c = plane / rz % a.channels;
+  p.n = plane / (rz * a.channels);
+  p.at = patch::place_window(a.starts + 4 * p.n, a.roi, a.batch, a.size);
+  if (!p.at.placed) {
+    if (p.i == 0 && p.c == 0 && blockIdx.y == 0 && threadIdx.x == 0) atomicAdd(flags + 1, 1ull);
+    return p;
+  }
+  p.z = p.at.axis[0].start + p.i;
+  const AxisClip ys = p.at.axis[1];
+  p.j_lo = max(ys.offset(), static_cast<int64_t>(blockIdx.y) * rows_per_block);
+  p.j_hi = min(ys.hi - ys.start, static_cast<int64_t>(blockIdx.y + 1) * rows_per_block);
+  p.active = p.z >= p.at.axis[0].lo && p.z < p.at.axis[0].hi && p.j_lo < p.j_hi;
+  return p;
+}
+
+// bad summed over the warp, then one integer atomic per warp that saw a non-finite value.
+__device__ __forceinline__ void add_nonfinite(unsigned bad, unsigned long long* flags) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) bad += __shfl_down_sync(0xffffffffu, bad, offset);
+  if ((threadIdx.x & 31) == 0 && bad) atomicAdd(flags, static_cast<unsigned long long>(bad));
+}
+
 template <class T, class S, int VEC, bool CLAMP>
 __global__ void __launch_bounds__(kThreads)
     scatter_kernel(const PatchScatterArgs a, int64_t first_plane, int64_t rows_per_block, unsigned long long* flags) {
+  const PlaneBand p = plane_band(a, first_plane, rows_per_block, flags);
+  if (!p.active) return;
   const int64_t rz = a.roi[0], ry = a.roi[1], rx = a.roi[2];
-  const int64_t plane = first_plane + blockIdx.x;
-  const int64_t i = plane % rz;
-  const int64_t c = plane / rz % a.channels;
-  const int64_t n = plane / (rz * a.channels);
-  const patch::Placement at = patch::place_window(a.starts + 4 * n, a.roi, a.batch, a.size);
-  if (!at.placed) {
-    if (i == 0 && c == 0 && blockIdx.y == 0 && threadIdx.x == 0) atomicAdd(flags + 1, 1ull);
-    return;
-  }
-  const int64_t z = at.axis[0].start + i;
-  const AxisClip ys = at.axis[1], xs = at.axis[2];
-  const int64_t j_lo = max(ys.offset(), static_cast<int64_t>(blockIdx.y) * rows_per_block);
-  const int64_t j_hi = min(ys.hi - ys.start, static_cast<int64_t>(blockIdx.y + 1) * rows_per_block);
-  if (z < at.axis[0].lo || z >= at.axis[0].hi || j_lo >= j_hi) return;  // the same for the whole block
-
+  const int64_t i = p.i, c = p.c, n = p.n, z = p.z, j_lo = p.j_lo, j_hi = p.j_hi;
+  const AxisClip ys = p.at.axis[1], xs = p.at.axis[2];
   const T* wz = static_cast<const T*>(a.weights[0]);
   const T* wy = static_cast<const T*>(a.weights[1]);
   const T* wx = static_cast<const T*>(a.weights[2]);
   const T floor = static_cast<T>(a.floor);
   const int64_t height = a.size[1], width = a.size[2];
-  T* acc = static_cast<T*>(a.acc) + ((at.batch * a.channels + c) * a.size[0] + z) * height * width;
+  T* acc = static_cast<T*>(a.acc) + ((p.at.batch * a.channels + c) * a.size[0] + z) * height * width;
   const S* win = static_cast<const S*>(a.windows) + ((n * a.channels + c) * rz + i) * ry * rx;
   const int64_t g0 = xs.lo / VEC;
   const int64_t groups = (xs.hi + VEC - 1) / VEC - g0;
@@ -122,9 +173,199 @@ __global__ void __launch_bounds__(kThreads)
     }
     atomic_add_lanes<VEC>(acc + (ys.start + j) * width + x0, v, inside);
   }
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) bad += __shfl_down_sync(0xffffffffu, bad, offset);
-  if ((threadIdx.x & 31) == 0 && bad) atomicAdd(flags, static_cast<unsigned long long>(bad));
+  add_nonfinite(bad, flags);
+}
+
+// Whether the window at s = (b, z, y, x) of size roi covers voxel (b, z, y, x) of the volume (no
+// overflow for any int64 start: the voxel's coordinates are in [0, size)).
+__device__ __forceinline__ bool covers(const int64_t* s, const int64_t* roi, int64_t b, int64_t z, int64_t y,
+                                       int64_t x) {
+  return s[0] == b && s[1] <= z && s[1] > z - roi[0] && s[2] <= y && s[2] > y - roi[1] && s[3] <= x &&
+         s[3] > x - roi[2];
+}
+
+// a * b rounded on its own (never fused with the add that follows into an FMA): the gather's sums
+// then round as reference.patch_gather's, which multiplies and adds in separate kernels.
+__device__ __forceinline__ float product(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double product(double a, double b) { return __dmul_rn(a, b); }
+
+template <class T, class S, bool CLAMP>
+__global__ void __launch_bounds__(kThreads)
+    gather_kernel(const PatchScatterArgs a, int64_t first_plane, int64_t rows_per_block, unsigned long long* flags) {
+  const PlaneBand p = plane_band(a, first_plane, rows_per_block, flags);
+  if (!p.active) return;
+  const int64_t rz = a.roi[0], ry = a.roi[1], rx = a.roi[2];
+  const T* wz = static_cast<const T*>(a.weights[0]);
+  const T* wy = static_cast<const T*>(a.weights[1]);
+  const T* wx = static_cast<const T*>(a.weights[2]);
+  const T floor = static_cast<T>(a.floor);
+  const int64_t b = p.at.batch, width = a.size[2];
+  T* acc = static_cast<T*>(a.acc) + ((b * a.channels + p.c) * a.size[0] + p.z) * a.size[1] * width;
+  const S* windows = static_cast<const S*>(a.windows);
+  const AxisClip ys = p.at.axis[1], xs = p.at.axis[2];
+  const int64_t nx = xs.hi - xs.lo;
+  const int64_t items = (p.j_hi - p.j_lo) * nx;
+  unsigned bad = 0;
+  for (int64_t t = threadIdx.x; t < items; t += kThreads) {
+    const int64_t y = ys.start + p.j_lo + t / nx, x = xs.lo + t % nx;
+    bool owner = true;  // no earlier window covers (z, y, x)
+    for (int64_t m = 0; m < p.n && owner; ++m) owner = !covers(a.starts + 4 * m, a.roi, b, p.z, y, x);
+    if (!owner) continue;
+    T sum = T(0);
+    for (int64_t m = p.n; m < a.count; ++m) {
+      const int64_t* s = a.starts + 4 * m;
+      if (!covers(s, a.roi, b, p.z, y, x)) continue;
+      const int64_t i = p.z - s[1], j = y - s[2], k = x - s[3];
+      const auto raw = widen(windows[(((m * a.channels + p.c) * rz + i) * ry + j) * rx + k]);
+      bad += math::nonfinite(raw);
+      sum += product(patch::weight<CLAMP>(wz[i] * wy[j], wx[k], floor), static_cast<T>(raw));
+    }
+    acc[y * width + x] += sum;
+  }
+  add_nonfinite(bad, flags);
+}
+
+// out[n, c, i, j, k] = padded(volume)[b, c, z + i, y + j, x + k] (E: an unsigned integer of the element
+// size: values are only moved).
+template <class E>
+__global__ void __launch_bounds__(kThreads)
+    extract_kernel(const PatchExtractArgs a, E cval, int64_t first_plane, int64_t rows_per_block) {
+  const int64_t rz = a.roi[0], ry = a.roi[1], rx = a.roi[2];
+  const int64_t plane = first_plane + blockIdx.x;
+  const int64_t i = plane % rz, c = plane / rz % a.channels, n = plane / (rz * a.channels);
+  const int64_t j_lo = static_cast<int64_t>(blockIdx.y) * rows_per_block;
+  const int64_t j_hi = min(ry, j_lo + rows_per_block);
+  const int64_t* s = a.starts + 4 * n;
+  const int64_t* st = a.strides;
+  const bool in_batch = s[0] >= 0 && s[0] < a.batch;
+  const int64_t z = in_batch ? patch::pad_index(s[1] + i, a.size[0], a.mode) : -1;
+  const E* src = z >= 0 ? static_cast<const E*>(a.volume) + s[0] * st[0] + c * st[1] + z * st[2] : nullptr;
+  E* dst = static_cast<E*>(a.out) + (plane * ry + j_lo) * rx;
+  const int64_t items = (j_hi - j_lo) * rx;
+  for (int64_t t = threadIdx.x; t < items; t += kThreads) {
+    E value = cval;
+    if (src != nullptr) {
+      const int64_t y = patch::pad_index(s[2] + j_lo + t / rx, a.size[1], a.mode);
+      const int64_t x = patch::pad_index(s[3] + t % rx, a.size[2], a.mode);
+      if (y >= 0 && x >= 0) value = src[y * st[3] + x * st[4]];
+    }
+    dst[t] = value;
+  }
+}
+
+__device__ __forceinline__ float exp_of(float v) { return expf(v); }
+__device__ __forceinline__ double exp_of(double v) { return exp(v); }
+template <class T>
+__device__ __forceinline__ T smallest_normal();
+template <>
+__device__ __forceinline__ float smallest_normal<float>() {
+  return FLT_MIN;
+}
+template <>
+__device__ __forceinline__ double smallest_normal<double>() {
+  return DBL_MIN;
+}
+
+// sums [D + H + W] = the axis sums S of reference.axis_normalizer for z, then y, then x.
+template <class T>
+__global__ void __launch_bounds__(kThreads) axis_sums_kernel(const PatchFinalizeArgs a, T* sums) {
+  const int64_t total = a.size[0] + a.size[1] + a.size[2];
+  for (int64_t t = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; t < total;
+       t += static_cast<int64_t>(gridDim.x) * kThreads) {
+    int d = 0;
+    int64_t v = t;
+    while (v >= a.size[d]) v -= a.size[d++];
+    const T* w = static_cast<const T*>(a.weights[d]);
+    T sum = T(0);
+    for (int64_t s = 0; s < a.grid[d]; ++s) {
+      const AxisClip clip = patch::clip_axis(a.starts[d][s], a.roi[d], a.size[d]);
+      if (v >= clip.lo && v < clip.hi) sum += w[v - clip.start];
+    }
+    sums[t] = sum;
+  }
+}
+
+// N(z, y, x): (Sz Sy) Sx from the axis sums (no clamp), or the clamped weights of the covering grid
+// windows in grid order (a, b, c), as the CPU Normalizer.
+template <class T, bool CLAMP>
+__device__ __forceinline__ T normalizer(const PatchFinalizeArgs& a, const T* sums, int64_t z, int64_t y, int64_t x) {
+  if constexpr (!CLAMP) {
+    return (sums[z] * sums[a.size[0] + y]) * sums[a.size[0] + a.size[1] + x];
+  } else {
+    const T* wz = static_cast<const T*>(a.weights[0]);
+    const T* wy = static_cast<const T*>(a.weights[1]);
+    const T* wx = static_cast<const T*>(a.weights[2]);
+    const T floor = static_cast<T>(a.floor);
+    T total = T(0);
+    for (int64_t p = 0; p < a.grid[0]; ++p) {
+      const AxisClip cz = patch::clip_axis(a.starts[0][p], a.roi[0], a.size[0]);
+      if (z < cz.lo || z >= cz.hi) continue;
+      const T weight_z = wz[z - cz.start];
+      for (int64_t q = 0; q < a.grid[1]; ++q) {
+        const AxisClip cy = patch::clip_axis(a.starts[1][q], a.roi[1], a.size[1]);
+        if (y < cy.lo || y >= cy.hi) continue;
+        const T pzy = weight_z * wy[y - cy.start];
+        for (int64_t r = 0; r < a.grid[2]; ++r) {
+          const AxisClip cx = patch::clip_axis(a.starts[2][r], a.roi[2], a.size[2]);
+          if (x >= cx.lo && x < cx.hi) total += patch::weight<true>(pzy, wx[x - cx.start], floor);
+        }
+      }
+    }
+    return total;
+  }
+}
+
+// One voxel (b, z, y, x) per thread (grid-stride), every channel: see the file comment.
+template <class T, bool CLAMP>
+__global__ void __launch_bounds__(kThreads) finalize_kernel(const PatchFinalizeArgs a, const T* sums, void* out) {
+  const int64_t height = a.size[1], width = a.size[2];
+  const int64_t volume = a.size[0] * height * width, channels = a.channels;
+  const T level = static_cast<T>(a.threshold);
+  for (int64_t t = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; t < a.batch * volume;
+       t += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t b = t / volume, s = t % volume;  // s = (z H + y) W + x
+    const int64_t x = s % width, y = s / width % height, z = s / (width * height);
+    const T n = normalizer<T, CLAMP>(a, sums, z, y, x);
+    const bool covered = n >= smallest_normal<T>();
+    const T* acc = static_cast<const T*>(a.acc) + b * channels * volume + s;  // channel stride volume
+    const auto value = [&](int64_t c) {
+      const T q = acc[c * volume] / n;
+      return covered ? q : T(0);
+    };
+    if (a.output == kOutMask && a.activation == kActSoftmax) {
+      T best = value(0);
+      int64_t arg = 0;
+      for (int64_t c = 1; c < channels && best == best; ++c) {
+        const T v = value(c);
+        if (v > best || v != v) {
+          best = v;
+          arg = c;
+        }
+      }
+      static_cast<uint8_t*>(out)[b * volume + s] = covered ? static_cast<uint8_t>(arg) : uint8_t(0);
+    } else if (a.output == kOutMask) {
+      uint8_t* o = static_cast<uint8_t*>(out) + b * channels * volume + s;
+      for (int64_t c = 0; c < channels; ++c) {
+        const T v = value(c);
+        const T p = a.activation == kActSigmoid ? T(1) / (T(1) + exp_of(-v)) : v;
+        o[c * volume] = covered && p >= level;
+      }
+    } else {
+      T* o = static_cast<T*>(out) + b * channels * volume + s;  // may be acc: each value is read first
+      if (!covered || a.activation != kActSoftmax) {
+        for (int64_t c = 0; c < channels; ++c) {
+          const T v = value(c);
+          o[c * volume] = !covered ? T(0) : a.activation == kActSigmoid ? T(1) / (T(1) + exp_of(-v)) : v;
+        }
+        continue;
+      }
+      T max = value(0);
+      for (int64_t c = 1; c < channels; ++c) max = value(c) > max ? value(c) : max;
+      T sum = T(0);
+      for (int64_t c = 0; c < channels; ++c) sum += exp_of(value(c) - max);
+      for (int64_t c = 0; c < channels; ++c) o[c * volume] = exp_of(value(c) - max) / sum;
+    }
+  }
 }
 
 template <class F>
@@ -148,44 +389,129 @@ int vector_width(const PatchScatterArgs& a) {
   return 1;
 }
 
-template <class T, class S, int VEC>
-cudaError_t launch(const PatchScatterArgs& a, unsigned long long* flags, cudaStream_t stream) {
-  const int64_t ry = a.roi[1];
-  const int64_t groups = a.roi[2] / VEC + 2;  // most groups a clipped row can touch
-  int64_t rows = (kItemsPerBlock + groups - 1) / groups;
-  rows = rows > (ry + kMaxGridY - 1) / kMaxGridY ? rows : (ry + kMaxGridY - 1) / kMaxGridY;
-  rows = rows < ry ? rows : ry;
-  const int64_t planes = a.count * a.channels * a.roi[0];
-  const auto bands = static_cast<unsigned>((ry + rows - 1) / rows);  // <= kMaxGridY
+// Rows per band for windows of ry rows of per_row items each: about kItemsPerBlock items per block,
+// and at most kMaxGridY bands.
+int64_t band_rows(int64_t ry, int64_t per_row) {
+  int64_t rows = (kItemsPerBlock + per_row - 1) / per_row;
+  const int64_t fewest = (ry + kMaxGridY - 1) / kMaxGridY;
+  rows = rows > fewest ? rows : fewest;
+  return rows < ry ? rows : ry;
+}
+
+// launch(grid, first_plane) for the N * C * rz window planes, in grids of at most kMaxGridX planes.
+template <class F>
+cudaError_t for_plane_grids(const int64_t* roi, int64_t count, int64_t channels, int64_t rows, F&& launch) {
+  const int64_t planes = count * channels * roi[0];
+  const auto bands = static_cast<unsigned>((roi[1] + rows - 1) / rows);  // <= kMaxGridY
   for (int64_t first = 0; first < planes; first += kMaxGridX) {
-    const int64_t count = planes - first < kMaxGridX ? planes - first : kMaxGridX;
-    const dim3 grid(static_cast<unsigned>(count), bands);
-    if (a.floor > 0) {
-      scatter_kernel<T, S, VEC, true><<<grid, kThreads, 0, stream>>>(a, first, rows, flags);
-    } else {
-      scatter_kernel<T, S, VEC, false><<<grid, kThreads, 0, stream>>>(a, first, rows, flags);
-    }
+    const int64_t size = planes - first < kMaxGridX ? planes - first : kMaxGridX;
+    launch(dim3(static_cast<unsigned>(size), bands), first);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;
 }
 
-}  // namespace
+template <class T, class S, int VEC>
+cudaError_t launch_scatter(const PatchScatterArgs& a, unsigned long long* flags, cudaStream_t stream) {
+  const int64_t rows = band_rows(a.roi[1], a.roi[2] / VEC + 2);  // most groups a clipped row can touch
+  return for_plane_grids(a.roi, a.count, a.channels, rows, [&](dim3 grid, int64_t first) {
+    if (a.floor > 0) {
+      scatter_kernel<T, S, VEC, true><<<grid, kThreads, 0, stream>>>(a, first, rows, flags);
+    } else {
+      scatter_kernel<T, S, VEC, false><<<grid, kThreads, 0, stream>>>(a, first, rows, flags);
+    }
+  });
+}
 
-cudaError_t launch_patch_scatter(const PatchScatterArgs& args, int64_t* flags, cudaStream_t stream) {
+template <class T, class S>
+cudaError_t launch_gather(const PatchScatterArgs& a, unsigned long long* flags, cudaStream_t stream) {
+  const int64_t rows = band_rows(a.roi[1], a.roi[2]);
+  return for_plane_grids(a.roi, a.count, a.channels, rows, [&](dim3 grid, int64_t first) {
+    if (a.floor > 0) {
+      gather_kernel<T, S, true><<<grid, kThreads, 0, stream>>>(a, first, rows, flags);
+    } else {
+      gather_kernel<T, S, false><<<grid, kThreads, 0, stream>>>(a, first, rows, flags);
+    }
+  });
+}
+
+template <class E>
+cudaError_t launch_extract(const PatchExtractArgs& a, cudaStream_t stream) {
+  E cval;
+  std::memcpy(&cval, a.cval, sizeof(E));  // a host value
+  const int64_t rows = band_rows(a.roi[1], a.roi[2]);
+  return for_plane_grids(a.roi, a.count, a.channels, rows, [&](dim3 grid, int64_t first) {
+    extract_kernel<E><<<grid, kThreads, 0, stream>>>(a, cval, first, rows);
+  });
+}
+
+unsigned blocks_for(int64_t items) {
+  const int64_t blocks = (items + kThreads - 1) / kThreads;
+  return static_cast<unsigned>(blocks < kMaxBlocks ? blocks : kMaxBlocks);
+}
+
+template <class T>
+cudaError_t launch_finalize(const PatchFinalizeArgs& a, void* out, void* scratch, cudaStream_t stream) {
+  const unsigned blocks = blocks_for(a.batch * a.size[0] * a.size[1] * a.size[2]);
+  if (a.floor > 0) {
+    finalize_kernel<T, true><<<blocks, kThreads, 0, stream>>>(a, nullptr, out);
+    return cudaGetLastError();
+  }
+  T* sums = static_cast<T*>(scratch);
+  axis_sums_kernel<T><<<blocks_for(a.size[0] + a.size[1] + a.size[2]), kThreads, 0, stream>>>(a, sums);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  finalize_kernel<T, false><<<blocks, kThreads, 0, stream>>>(a, sums, out);
+  return cudaGetLastError();
+}
+
+// The window launcher for the windows' dtype and acc's dtype (and, for the scatter, its vector width).
+template <bool GATHER>
+cudaError_t launch_windows(const PatchScatterArgs& args, int64_t* flags, cudaStream_t stream) {
   const cudaError_t err = cudaMemsetAsync(flags, 0, 2 * sizeof(int64_t), stream);
   if (err != cudaSuccess || args.count == 0) return err;
   auto* counts = reinterpret_cast<unsigned long long*>(flags);
   return visit_windows(args.windows_dtype, [&](auto tag) {
     using S = typename decltype(tag)::type;
-    if (args.acc_dtype == DType::Float64) return launch<double, S, 1>(args, counts, stream);
-    switch (vector_width(args)) {
-      case 4: return launch<float, S, 4>(args, counts, stream);
-      case 2: return launch<float, S, 2>(args, counts, stream);
-      default: return launch<float, S, 1>(args, counts, stream);
+    if constexpr (GATHER) {
+      if (args.acc_dtype == DType::Float64) return launch_gather<double, S>(args, counts, stream);
+      return launch_gather<float, S>(args, counts, stream);
+    } else {
+      if (args.acc_dtype == DType::Float64) return launch_scatter<double, S, 1>(args, counts, stream);
+      switch (vector_width(args)) {
+        case 4: return launch_scatter<float, S, 4>(args, counts, stream);
+        case 2: return launch_scatter<float, S, 2>(args, counts, stream);
+        default: return launch_scatter<float, S, 1>(args, counts, stream);
+      }
     }
   });
+}
+
+}  // namespace
+
+cudaError_t launch_patch_scatter(const PatchScatterArgs& args, int64_t* flags, cudaStream_t stream) {
+  return launch_windows<false>(args, flags, stream);
+}
+
+cudaError_t launch_patch_gather(const PatchScatterArgs& args, int64_t* flags, cudaStream_t stream) {
+  return launch_windows<true>(args, flags, stream);
+}
+
+cudaError_t launch_patch_finalize(const PatchFinalizeArgs& args, void* out, void* sums, cudaStream_t stream) {
+  if (args.acc_dtype == DType::Float64) return launch_finalize<double>(args, out, sums, stream);
+  return launch_finalize<float>(args, out, sums, stream);
+}
+
+cudaError_t launch_patch_extract(const PatchExtractArgs& args, cudaStream_t stream) {
+  if (args.count == 0) return cudaSuccess;
+  switch (args.dtype) {
+    case DType::Float16:
+    case DType::BFloat16: return launch_extract<uint16_t>(args, stream);
+    case DType::Float32: return launch_extract<uint32_t>(args, stream);
+    case DType::Float64: return launch_extract<uint64_t>(args, stream);
+    default: return cudaErrorInvalidValue;
+  }
 }
 
 }  // namespace densefuse::cuda

@@ -1,4 +1,4 @@
-// CUDA patch-fusion launcher (csrc/cuda/patch_fuse.cu). Plain pointers + PatchScatterArgs + a stream:
+// CUDA patch-fusion launchers (csrc/cuda/patch_fuse.cu). Plain pointers + PatchScatterArgs + a stream:
 // no torch headers, so the .cu builds with bare nvcc. Arguments are validated by ops.cpp.
 #pragma once
 
@@ -15,5 +15,17 @@ namespace densefuse::cuda {
 // windows skipped). Not deterministic (atomic order). Any N * C * rz (split into several launches past
 // the grid limit). Enqueued on `stream`.
 cudaError_t launch_patch_scatter(const PatchScatterArgs& args, int64_t* flags, cudaStream_t stream);
+
+// The same sum output-stationary (reference.patch_gather): each voxel is owned by the first window
+// that covers it, whose thread sums every covering window in index order and adds the sum to acc
+// once. Deterministic (the same bits on every run); flags as launch_patch_scatter.
+cudaError_t launch_patch_gather(const PatchScatterArgs& args, int64_t* flags, cudaStream_t stream);
+
+// out = act(acc / N) in acc's dtype (out may be acc) or a uint8 mask, as args.output says; sums: device
+// scratch for D + H + W values in acc's dtype where args.floor == 0 (unused, may be null, otherwise).
+cudaError_t launch_patch_finalize(const PatchFinalizeArgs& args, void* out, void* sums, cudaStream_t stream);
+
+// args.out = the windows of args.volume (device pointers; args.cval points to one value on the host).
+cudaError_t launch_patch_extract(const PatchExtractArgs& args, cudaStream_t stream);
 
 }  // namespace densefuse::cuda
