@@ -33,8 +33,8 @@ from densefuse.ops.patch_fuse import (
     EXTRACT_DTYPES,
     BatchExtract,
     BatchScatter,
+    Finalizer,
     check_patch_flags,
-    patch_finalize,
 )
 
 PAD_MODES = tuple(reference.PAD_MODES)
@@ -99,6 +99,14 @@ def _check_volume(name: str, x: object, dims: Sequence[int]) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------ the window grid
+@functools.lru_cache(maxsize=64)
+def _grid(size: tuple[int, ...], roi: tuple[int, ...], overlap: tuple[float, ...], margin: tuple[int, ...]):
+    """window_grid as tuples, made once per setting."""
+    padded = [max(s + 2 * m, r) for s, m, r in zip(size, margin, roi)]
+    starts = windows.grid_starts(padded, roi, overlap)
+    return tuple(tuple(a - (p - s) // 2 for a in axis) for axis, p, s in zip(starts, padded, size))
+
+
 def window_grid(
     size: Sequence[int], roi: Sequence[int], overlap: Sequence[float], margin: Sequence[int]
 ) -> tuple[list[int], ...]:
@@ -108,9 +116,7 @@ def window_grid(
     the roi where it is still smaller (half before, rounded down); MONAI's grid is laid over the
     padded extent and shifted back, so starts are negative where windows begin in the padding.
     """
-    padded = [max(s + 2 * m, r) for s, m, r in zip(size, margin, roi)]
-    starts = windows.grid_starts(padded, roi, overlap)
-    return tuple([a - (p - s) // 2 for a in axis] for axis, p, s in zip(starts, padded, size))
+    return tuple(list(axis) for axis in _grid(*(tuple(v) for v in (size, roi, overlap, margin))))
 
 
 def read_window(
@@ -293,17 +299,24 @@ def _concrete(device: torch.device) -> torch.device:
     return device
 
 
-def _on_device(device: torch.device, *arrays: Sequence) -> list[Tensor]:
-    """int64 tensors of (nested) integer lists on ``device``, moved by one copy (views of one buffer)."""
-    tensors = [torch.tensor(a, dtype=torch.int64) for a in arrays]
-    if device.type == "cpu":
-        return tensors
-    flat = torch.cat([t.flatten() for t in tensors]).to(device)
-    views, first = [], 0
-    for t in tensors:
-        views.append(flat[first : first + t.numel()].view(t.shape))
-        first += t.numel()
-    return views
+@functools.lru_cache(maxsize=32)
+def _on_device(device: torch.device, *arrays: tuple) -> tuple[Tensor, ...]:
+    """int64 tensors of (nested) integer tuples on ``device``, moved by one copy (views of one buffer).
+
+    Made once per argument (a process fuses many volumes of one size): later calls neither build
+    them nor copy them to the device again (a copy from pageable host memory also waits for the
+    device). They are only read; they are made outside inference mode, so any mode may use them.
+    """
+    with torch.inference_mode(False):
+        tensors = [torch.tensor(a, dtype=torch.int64) for a in arrays]
+        if device.type == "cpu":
+            return tuple(tensors)
+        flat = torch.cat([t.flatten() for t in tensors]).to(device)
+        views, first = [], 0
+        for t in tensors:
+            views.append(flat[first : first + t.numel()].view(t.shape))
+            first += t.numel()
+        return tuple(views)
 
 
 def _activate(x: Tensor, activation: str) -> Tensor:
@@ -378,24 +391,29 @@ def sliding_window_inference(
     lift = (1,) * (3 - dims)
     x3 = inputs.reshape(batch, -1, *lift, *size)
     cond3 = None if condition is None else condition.reshape(*condition.shape[:2], *lift, *size)
-    starts3 = ([0],) * (3 - dims) + window_grid(size, roi, overlap, (0,) * dims)
+    starts3 = ((0,),) * (3 - dims) + _grid(tuple(size), roi, overlap, (0,) * dims)
     floating = inputs.is_floating_point()
     acc_dtype = reference.accumulate_dtype(inputs.dtype) if floating else torch.float32
     weights, floor = _mode_weights(mode, roi, bspline_order, sigma_scale, acc_dtype, device)
-    positions = [
-        (b, z, y, x) for b in range(batch) for z in starts3[0] for y in starts3[1] for x in starts3[2]
-    ]
+    positions = _positions(batch, *starts3)
     # Every window's corner and the grid on the output's device at once: one copy per call.
     starts, *grid = _on_device(device, positions, *starts3)
     # where the windows are read (from the host, not back from the output's device)
     starts_in = starts if inputs.device == device else _on_device(inputs.device, positions)[0]
     run = _WindowPredictor(predictor, x3, cond3, roi, padding_mode, cval, sw_device, with_coord, args, kwargs)
     fusion = _Fusion(batch, size, roi, weights, floor, acc_dtype, device)
-    for first in tqdm(range(0, len(positions), sw_batch_size), disable=not progress):
+    steps = range(0, len(positions), sw_batch_size)
+    for first in tqdm(steps) if progress else steps:
         chunk = slice(first, first + sw_batch_size)
         # no reference to the batch outlives the step (_WindowReader)
         fusion.add(run(positions[chunk], starts_in[chunk]), starts[chunk])
     return fusion.result(grid, inputs.dtype if floating else torch.float32)
+
+
+@functools.lru_cache(maxsize=32)
+def _positions(batch: int, starts_z: tuple[int, ...], starts_y: tuple[int, ...], starts_x: tuple[int, ...]):
+    """MONAI's window order: (b, z, y, x) for every batch index and grid corner, x fastest."""
+    return tuple((b, z, y, x) for b in range(batch) for z in starts_z for y in starts_y for x in starts_x)
 
 
 class _WindowPredictor:
@@ -446,6 +464,7 @@ class _Fusion:
         self.size3, self.roi3 = (*lift, *size), (*lift, *roi)
         self.weights, self.floor, self.dtype, self.device = weights, floor, dtype, device
         self.scatter = BatchScatter(*weights, floor, dtype, device, weights_checked=True)  # _fusion_weights
+        self.finalize = Finalizer(*weights, floor, dtype, device, weights_checked=True)
         self.accs: list[Tensor] = []
         self.keys: list | None = None
 
@@ -472,7 +491,7 @@ class _Fusion:
         check_patch_flags(self.scatter.flags(), "predictor")
         results = []
         for acc in self.accs:
-            fused = patch_finalize(acc, *grid, *self.weights, self.floor, inplace=True, check_values=False)
+            fused = self.finalize(acc, *grid, inplace=True)
             results.append(fused.reshape(self.batch, -1, *self.size).to(dtype))
         if self.keys is not None:
             return dict(zip(self.keys, results))
@@ -643,17 +662,21 @@ class SlidingWindowPredictor:
         device = self.device or image.device
         model_device = self.model_device or image.device
         margin = [r // 2 for r in self.roi] if self.padding == "reflect" else [0, 0, 0]
-        grid = window_grid(size, self.roi, self.overlap, margin)
+        grid = _grid(tuple(size), self.roi, self.overlap, tuple(margin))
         weights = self._weights_on(_concrete(device))
-        finish = {"activation": self._final_activation(), "threshold": self.threshold}
-        groups = [[(b, z, y, x) for b in range(batch) for y in grid[1] for x in grid[2]] for z in grid[0]]
+        groups = _groups(batch, *grid)
         # Every window's corner ([z group, window, 4]) and the grid on the output's device: one copy.
         starts, *grid_starts = _on_device(device, groups, *grid)
-        fuse = _SlabFusion(batch, size, grid, grid_starts, weights, self.floor, self.memory_budget, device)
+        kind = "mask" if self.output == "mask" else "probabilities"
+        finish = Finalizer(
+            *weights, self.floor, torch.float32, device, self._final_activation(), kind, self.threshold,
+            weights_checked=True,
+        )  # fmt: skip
+        budget = self.memory_budget
+        fuse = _SlabFusion(batch, size, grid, grid_starts, weights, self.floor, finish, budget, device)
         starts_in = starts if image.device == device else _on_device(image.device, groups)[0]
-        bar = tqdm(
-            total=len(groups) * math.ceil(len(groups[0]) / self.sw_batch_size), disable=not self.progress
-        )
+        steps = len(groups) * math.ceil(len(groups[0]) / self.sw_batch_size)
+        bar = tqdm(total=steps) if self.progress else None
         reader = _WindowReader(image, self.roi, self.padding, self.cval)
         for k, group in enumerate(groups):
             local = fuse.local(starts[k])  # the group's corners in the accumulator's coordinates
@@ -664,10 +687,21 @@ class SlidingWindowPredictor:
                 windows_in = reader.read(group[chunk], starts_in[k, chunk]).to(model_device)
                 fuse.add(self._predict(windows_in, fuse.channels).to(device), local[chunk])
                 del windows_in
-                bar.update()
-            fuse.group_done(k, self.output, finish)
-        bar.close()
-        return fuse.result(self.output, finish)
+                if bar is not None:
+                    bar.update()
+            fuse.group_done(k)
+        if bar is not None:
+            bar.close()
+        return fuse.result()
+
+
+@functools.lru_cache(maxsize=32)
+def _groups(batch: int, starts_z: tuple[int, ...], starts_y: tuple[int, ...], starts_x: tuple[int, ...]):
+    """SlidingWindowPredictor's window order: one group per z start (slab mode finalises planes
+    group by group), each (b, z, y, x) for every batch index and (y, x) corner, x fastest."""
+    return tuple(
+        tuple((b, z, y, x) for b in range(batch) for y in starts_y for x in starts_x) for z in starts_z
+    )
 
 
 class _SlabFusion:
@@ -679,10 +713,10 @@ class _SlabFusion:
     output, the planes above them move down in place, and the freed planes are zeroed.
     """
 
-    def __init__(self, batch, size, grid, grid_starts, weights, floor, budget, device):
+    def __init__(self, batch, size, grid, grid_starts, weights, floor, finalizer, budget, device):
         self.batch, self.size, self.grid = batch, size, grid
         self.grid_starts = grid_starts  # grid as int64 tensors on device
-        self.weights, self.floor, self.budget, self.device = weights, floor, budget, device
+        self.finalizer, self.budget, self.device = finalizer, budget, device
         self.channels: int | None = None
         self.slabs = False
         self.acc: Tensor | None = None  # planes [lo, lo + acc.shape[2]) of the volume
@@ -712,14 +746,11 @@ class _SlabFusion:
             self.acc = torch.zeros(shape, dtype=torch.float32, device=self.device)
         self.scatter(self.acc, out, starts)
 
-    def _finalize(self, acc: Tensor, output: str, finish: dict, inplace: bool = False, lo: int = 0) -> Tensor:
+    def _finalize(self, acc: Tensor, inplace: bool = False, lo: int = 0) -> Tensor:
         """The finalised planes [lo, lo + acc.shape[2]) of the volume, from their sums ``acc``."""
-        grid = (self.grid_starts[0] - lo, *self.grid_starts[1:])
-        kind = "mask" if output == "mask" else "probabilities"
-        options = dict(output=kind, inplace=inplace, check_values=False, **finish)
-        return patch_finalize(acc, *grid, *self.weights, self.floor, **options)
+        return self.finalizer(acc, self.grid_starts[0] - lo, *self.grid_starts[1:], inplace=inplace)
 
-    def group_done(self, k: int, output: str, finish: dict) -> None:
+    def group_done(self, k: int) -> None:
         if not self.slabs:
             return
         next_start = self.grid[0][k + 1] if k + 1 < len(self.grid[0]) else self.size[0]
@@ -730,7 +761,7 @@ class _SlabFusion:
         chunk = max(1, capacity // 8)  # finalised a few planes at a time: their contiguous copy is small
         for first in range(0, planes, chunk):
             count = min(chunk, planes - first)
-            part = self._finalize(self.acc[:, :, first : first + count], output, finish, lo=self.lo + first)
+            part = self._finalize(self.acc[:, :, first : first + count], lo=self.lo + first)
             if self.out is None:
                 self.out = part.new_empty((*part.shape[:2], *self.size))
             self.out[:, :, self.lo + first : self.lo + first + count] = part
@@ -740,8 +771,8 @@ class _SlabFusion:
         self.acc[:, :, max(capacity - planes, 0) :].zero_()
         self.lo += planes
 
-    def result(self, output: str, finish: dict) -> Tensor:
+    def result(self) -> Tensor:
         check_patch_flags(self.scatter.flags(), "model")
         if self.slabs:
             return self.out
-        return self._finalize(self.acc, output, finish, inplace=output != "mask")
+        return self._finalize(self.acc, inplace=self.finalizer.output == 0)  # probabilities: in place

@@ -582,3 +582,64 @@ class BatchScatter:
             return torch.zeros(2, dtype=torch.int64, device=self.device)
         self._flags = [torch.stack(self._flags).sum(0)]
         return self._flags[0]
+
+
+class Finalizer:
+    """patch_finalize for many accumulators, or many slabs of one, with the same weights and settings.
+
+    The weights (moved to ``device`` in ``dtype``, the accumulators'), floor, activation, output and
+    threshold are checked once and the kernels resolved once (the backend chosen when the object is
+    made); each call then checks acc's dtype, device and shape and calls the kernel, with neither the
+    custom-op dispatch nor a sync. The per-axis starts are int64 1-D tensors on ``device``, not
+    checked per call. Records nothing for autograd.
+    """
+
+    def __init__(
+        self,
+        wz: Tensor,
+        wy: Tensor,
+        wx: Tensor,
+        floor: float,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        activation: str = "none",
+        output: str = "probabilities",
+        threshold: float = 0.5,
+        *,
+        weights_checked: bool = False,
+    ):
+        if dtype not in ACC_DTYPES:
+            raise TypeError(f"dtype: expected float32/float64 for the accumulator, got {dtype}")
+        like = torch.empty(0, dtype=dtype, device=device)
+        self.weights = _check_weights((wz, wy, wx), None, like, True, weights_checked)
+        self.floor = _check_number("floor", floor, 0.0)
+        self.activation = _validate.check_activation(activation, tuple(reference.ACTIVATIONS))
+        if output not in reference.FUSE_OUTPUTS:
+            raise ValueError(f"output: expected one of {tuple(reference.FUSE_OUTPUTS)}, got {output!r}")
+        self.output = reference.FUSE_OUTPUTS[output]
+        self.threshold = _check_number("threshold", threshold)
+        self.dtype, self.device = dtype, like.device
+        self._normalize, self._finalize = _normalize(self.device), _finalize(self.device)
+
+    def __call__(
+        self, acc: Tensor, starts_z: Tensor, starts_y: Tensor, starts_x: Tensor, *, inplace: bool = False
+    ) -> Tensor:
+        """act(acc / N) as patch_finalize gives it for acc [B, C, D, H, W] (``dtype`` on ``device``) and
+        the grid starts_z x starts_y x starts_x in acc's coordinates; ``inplace`` (output
+        "probabilities", contiguous acc): written into acc, which is returned."""
+        if acc.dtype != self.dtype:
+            raise TypeError(f"acc: expected {self.dtype}, got {acc.dtype}")
+        if acc.device != self.device or acc.dim() != 5 or acc.numel() == 0:
+            got = f"{tuple(acc.shape)} on {acc.device}"
+            raise ValueError(f"acc: expected a non-empty [B, C, D, H, W] tensor on {self.device}, got {got}")
+        if self.output == 1 and self.activation == 2 and acc.shape[1] > 256:
+            raise ValueError(f"acc: an argmax mask is uint8, so at most 256 classes, got {acc.shape[1]}")
+        starts = (starts_z, starts_y, starts_x)
+        with torch.no_grad():
+            if inplace:
+                if self.output != 0 or not acc.is_contiguous():
+                    raise ValueError("inplace: needs output='probabilities' and a contiguous acc")
+                self._normalize(acc, *starts, *self.weights, self.floor, self.activation)
+                return acc
+            settings = (self.floor, self.activation, self.output, self.threshold)
+            return self._finalize(acc.contiguous(), *starts, *self.weights, *settings)
