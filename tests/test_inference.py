@@ -523,6 +523,23 @@ def test_model_and_accumulation_devices(rng):
     torch.testing.assert_close(on_gpu.cpu(), SlidingWindowPredictor(net, 6)(x), rtol=1e-4, atol=1e-4)
 
 
+def test_window_layouts_made_once_serve_every_mode_and_call(rng):
+    """The cached grid and corners: made under inference mode, used outside it (and in slab mode, whose
+    shifted corners are copies) with the same results as freshly made ones."""
+    x = torch.randn(1, 1, 11, 8, 9, generator=rng)
+    net = random_conv(rng, 1, 2)
+    predictor = SlidingWindowPredictor(net, 5, sw_batch_size=3, output="mask", memory_budget=1)
+    for cache in (inference._on_device, inference._grid, inference._positions, inference._groups):
+        cache.cache_clear()
+    with torch.inference_mode():
+        first = sliding_window_inference(x, 5, 2, net, 0.5, "gaussian")
+    mask = predictor(x)
+    assert inference._on_device.cache_info().currsize == 2  # one layout per entry point
+    second = sliding_window_inference(x, 5, 2, net, 0.5, "gaussian")  # outside inference mode
+    assert torch.equal(first, second) and torch.equal(predictor(x), mask)
+    assert inference._on_device.cache_info().hits >= 2
+
+
 CUDA_BACKENDS = [b for b in patch_fuse.implemented_backends("cuda") if b != "torch"]
 
 

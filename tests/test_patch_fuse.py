@@ -497,6 +497,65 @@ def test_bad_batch_scatter_arguments(args, error, message):
         pf.BatchScatter(*weights, floor, dtype, "cpu")
 
 
+@pytest.mark.parametrize("floor", [0.0, 0.3])
+@pytest.mark.parametrize(
+    ("activation", "output"),
+    [("none", "probabilities"), ("sigmoid", "probabilities"), ("softmax", "probabilities"),
+     ("sigmoid", "mask"), ("softmax", "mask")],
+)  # fmt: skip
+def test_finalizer_is_patch_finalize(backend, floor, activation, output, rng):
+    """Finalizer gives patch_finalize's bits, out of place and in place, on accumulators and slabs."""
+    size, roi, starts = (7, 6, 8), (3, 4, 5), ([-1, 2, 4], [0, 2], [0, 3])
+    weights = [torch.rand(r, generator=rng, dtype=torch.float64) + 0.05 for r in roi]
+    acc = torch.randn(2, 3, *size, generator=rng, dtype=torch.float64)
+    grid = [torch.tensor(s) for s in starts]
+    finalize = pf.Finalizer(*weights, floor, torch.float64, "cpu", activation, output, 0.4)
+    options = dict(activation=activation, output=output, threshold=0.4)
+    assert torch.equal(finalize(acc, *grid), patch_finalize(acc, *starts, *weights, floor, **options))
+    slab = acc[:, :, 2:5]  # planes 2..4: the grid in the slab's coordinates
+    shifted = [s - 2 for s in starts[0]]
+    expected = patch_finalize(slab, shifted, *starts[1:], *weights, floor, **options)
+    assert torch.equal(finalize(slab, grid[0] - 2, *grid[1:]), expected)
+    if output == "probabilities":
+        inplace = acc.clone()
+        assert finalize(inplace, *grid, inplace=True) is inplace
+        assert torch.equal(inplace, patch_finalize(acc, *starts, *weights, floor, **options))
+
+
+@pytest.mark.parametrize(
+    ("settings", "call", "error", "message"),
+    [
+        (dict(dtype=torch.float16), None, TypeError, "dtype: expected float32/float64"),
+        (dict(weights=[torch.ones(3), torch.tensor([1.0, -1.0]), torch.ones(3)]), None, ValueError, "wy:"),
+        (dict(floor=-1.0), None, ValueError, "floor: expected a finite number >= 0"),
+        (dict(activation="relu"), None, ValueError, "activation"),
+        (dict(output="labels"), None, ValueError, "output: expected one of"),
+        (dict(threshold=float("nan")), None, ValueError, "threshold: expected a finite number"),
+        (dict(), lambda a: (a.float(),), TypeError, "acc: expected torch.float64, got torch.float32"),
+        (dict(), lambda a: (a[0],), ValueError, r"acc: expected a non-empty \[B, C, D, H, W\] tensor on cpu"),
+        (dict(), lambda a: (a[:, :, :0],), ValueError, "acc: expected a non-empty"),
+        (dict(output="mask"), lambda a: (a, "inplace"), ValueError, "inplace: needs output='probabilities'"),
+        (dict(), lambda a: (a.transpose(2, 4), "inplace"), ValueError, "inplace: needs .* a contiguous acc"),
+        (
+            dict(activation="softmax", output="mask"),
+            lambda a: (a.expand(1, 257, *a.shape[2:]),),
+            ValueError,
+            "at most 256 classes",
+        ),
+    ],
+    ids=str,
+)
+def test_bad_finalizer_input(settings, call, error, message):
+    arguments = dict(weights=[torch.ones(3)] * 3, floor=0.0, dtype=torch.float64)
+    arguments.update(settings)
+    weights, floor, dtype = arguments.pop("weights"), arguments.pop("floor"), arguments.pop("dtype")
+    grid = [torch.tensor([0])] * 3
+    with pytest.raises(error, match=message):
+        finalize = pf.Finalizer(*weights, floor, dtype, "cpu", **arguments)
+        acc, *inplace = call(torch.zeros(1, 1, 3, 3, 3, dtype=torch.float64))
+        finalize(acc, *grid, inplace=bool(inplace))
+
+
 @pytest.mark.parametrize("mode", PAD_MODES)
 def test_batch_extract_is_patch_extract(backend, mode, rng):
     volume = torch.randn(2, 3, 9, 11, 10, generator=rng)[..., ::2]  # strided
