@@ -54,16 +54,20 @@ DF_HD T weight(T pzy, T wx, T floor) {
   return w;
 }
 
-// The index in [0, size) that padding `mode` (PadMode, reference.pad_index) reads at position p of an
-// axis: p itself inside; outside, the edge (replicate), p mod size (circular), the mirror image without
-// repeating the edge, periodic with period 2 (size - 1) (reflect), or -1 (constant: read cval).
-DF_HD int64_t pad_index(int64_t p, int64_t size, int32_t mode) {
-  if (p >= 0 && p < size) return p;
-  if (mode == kPadReplicate) return p < 0 ? 0 : size - 1;
-  if (mode == kPadCircular) return ((p % size) + size) % size;
+// The index in [0, size) that padding `mode` (PadMode, reference.pad_index) reads at position
+// start + offset of an axis (0 <= offset, a window index): that position inside; outside, the edge
+// (replicate), the position mod size (circular), its mirror image without repeating the edge,
+// periodic with period 2 (size - 1) (reflect), or -1 (constant: read cval). Exact for any int64
+// start (start + offset itself is never formed).
+DF_HD int64_t pad_index(int64_t start, int64_t offset, int64_t size, int32_t mode) {
+  const auto floor_mod = [](int64_t a, int64_t m) { return ((a % m) + m) % m; };
+  if (start >= -offset && start < size - offset) return start + offset;
+  if (mode == kPadReplicate) return start < -offset ? 0 : size - 1;
+  if (mode == kPadCircular) return (floor_mod(start, size) + offset % size) % size;
   if (mode == kPadReflect) {
     if (size == 1) return 0;
-    const int64_t period = 2 * (size - 1), q = ((p % period) + period) % period;
+    const int64_t period = 2 * (size - 1);
+    const int64_t q = (floor_mod(start, period) + offset % period) % period;
     return q < size ? q : period - q;
   }
   return -1;

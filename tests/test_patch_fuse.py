@@ -380,6 +380,11 @@ BAD_EXTRACT = [
         ValueError,
         r"starts: batch indices .* \[0, 2\)",
     ),
+    (
+        dict(starts=torch.tensor([[0, 0, -(2**62) - 1, 0], [1, 0, 0, 0]])),
+        ValueError,
+        r"starts: window corners must lie within \+-2\*\*62",
+    ),
     (dict(roi=(2, 0, 2)), ValueError, "roi: expected three integers >= 1"),
     (dict(roi=(2, 2)), ValueError, "roi: expected three integers >= 1"),
     (dict(mode="wrap"), ValueError, "mode: expected one of"),
@@ -620,6 +625,38 @@ def test_opcheck(backend, rng):
 # Its scatter is plane-stationary (each (batch, z) plane of acc, or a band of its rows, is written
 # by one thread, windows in index order), so scatter and gather are both deterministic.
 requires_cpp = pytest.mark.skipif("cpp" not in BACKENDS, reason="needs densefuse._C")
+
+
+@requires_cpp
+@pytest.mark.parametrize("mode", PAD_MODES)
+def test_cpp_extract_is_exact_for_corners_near_the_int64_limits(mode):
+    """start + window index is never formed: the padding index is exact for any int64 corner (the
+    public op rejects corners past +-2**62; the kernel itself needs no such bound)."""
+    size, roi = (5, 7, 6), (2, 3, 4)
+    volume = torch.arange(2 * 5 * 7 * 6, dtype=torch.float32).reshape(2, 1, *size)
+    corners = [(1, 2**63 - 1, -(2**63), 3), (0, -(2**63) + 1, 2**63 - 2, 2**63 - 3)]  # start + i overflows
+    out = torch.empty(len(corners), 1, *roi)
+    code = reference.PAD_MODES[mode]
+    torch.ops.densefuse_ext.patch_extract(out, volume, torch.tensor(corners), code, -1.0)
+    for n, (b, *start) in enumerate(corners):  # the definitions of reference.pad_index, in exact integers
+        index = []
+        for s, r, length in zip(start, roi, size):
+            positions = [s + i for i in range(r)]
+            if mode == "constant":
+                index.append([p if 0 <= p < length else -1 for p in positions])
+            elif mode == "replicate":
+                index.append([min(max(p, 0), length - 1) for p in positions])
+            elif mode == "circular":
+                index.append([p % length for p in positions])
+            else:
+                period = 2 * (length - 1)
+                index.append([p % period if p % period < length else period - p % period for p in positions])
+        for i, j, k in itertools.product(*(range(r) for r in roi)):
+            z, y, x = index[0][i], index[1][j], index[2][k]
+            expected = -1.0 if min(z, y, x) < 0 else float(volume[b, 0, z, y, x])
+            assert float(out[n, 0, i, j, k]) == expected, (mode, n, i, j, k)
+
+
 SCATTER_CASES = [  # (batch, channels, size, roi, count)
     (1, 2, (1, 37, 29), (1, 5, 7), 60),  # a single plane (split into row bands), many windows per voxel
     (2, 3, (9, 11, 13), (4, 3, 5), 40),
@@ -833,8 +870,10 @@ def on_cuda(*tensors):
 @pytest.mark.parametrize("win_dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("floor", [0.0, 0.1])
 def test_cuda_gather_is_the_reference_bit_for_bit(acc_dtype, win_dtype, floor, rng):
-    """Every run gives the reference gather's bits and flags (many windows on the same voxels, windows
-    over every edge, a NaN, and windows that miss the volume or name a batch outside it)."""
+    """Every run gives the reference gather's values, bit for bit (NaN where it has NaN; the reference
+    also turns a -0.0 it does not cover into +0.0, so zeros are compared by value) and flags (many
+    windows on the same voxels, windows over every edge, a NaN, windows that miss the volume or name
+    a batch outside it)."""
     win, starts, weights = random_case(rng, 2, 3, (9, 11, 13), (4, 5, 6), 40, win_dtype)
     win[3, 1, 2, 2, 2] = float("nan")
     starts = torch.cat([starts, torch.tensor([[2, 0, 0, 0], [0, 9, 0, 0]])])  # skipped
@@ -878,15 +917,40 @@ def test_cuda_finalize_matches_the_reference(acc_dtype, floor, activation, rng):
     grid = [torch.tensor(s) for s in ([-1, 2, 5, 7], [0, 3, 5], [1, 4, 6])]
     weights = [(torch.rand(r, generator=rng, dtype=torch.float64) + 0.05).to(acc_dtype) for r in roi]
     acc = (torch.randn(2, 4, *size, generator=rng, dtype=torch.float64) * 3).to(acc_dtype)
+    acc[0, :, 1, 1, 1] = 0.25  # a tie: the first class wins the argmax
+    acc[1, 2, 2, 2, 2] = float("nan")  # the NaN wins the argmax; softmax is NaN over the voxel
     args = on_cuda(acc, *grid, *weights)
     for output in (0, 1):
         expected = reference.patch_finalize(acc, *grid, *weights, floor, activation, output, 0.5)
         out = torch.ops.densefuse_ext.patch_finalize(*args, floor, activation, output, 0.5).cpu()
-        if output == 1 or activation == 0:  # the same divisions: the same bits (random values: no ties)
-            assert torch.equal(out, expected)
+        if output == 1 or activation == 0:  # the same divisions: the same bits
+            torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
         else:  # exp rounds differently from torch's
-            torch.testing.assert_close(out, expected, rtol=2e-6, atol=1e-7)
+            torch.testing.assert_close(out, expected, rtol=2e-6, atol=1e-7, equal_nan=True)
     in_place = args[0].clone()
     torch.ops.densefuse_ext.patch_normalize(in_place, *args[1:], floor, activation)
     expected = torch.ops.densefuse_ext.patch_finalize(*args, floor, activation, 0, 0.5)
-    assert torch.equal(in_place, expected)
+    torch.testing.assert_close(in_place, expected, rtol=0, atol=0, equal_nan=True)
+
+
+@requires_cuda_ext
+@pytest.mark.gpu
+def test_cuda_window_kernels_over_many_row_bands(rng):
+    """Windows of 1500 rows span several blocks (row bands) per plane: extraction, scatter and gather
+    against the reference."""
+    roi, size = (2, 1500, 3), (3, 1600, 4)
+    volume = torch.randn(1, 2, *size, generator=rng)
+    starts = torch.tensor([[0, 0, 0, 0], [0, 1, 90, 1], [0, -1, 100, -1]])
+    expected, reflect = torch.empty(3, 2, *roi), reference.PAD_MODES["reflect"]
+    reference.patch_extract(expected, volume, starts, reflect, 0.0)
+    windows = torch.empty(3, 2, *roi, device="cuda")
+    torch.ops.densefuse_ext.patch_extract(windows, volume.cuda(), starts.cuda(), reflect, 0.0)
+    assert torch.equal(windows.cpu(), expected)
+    weights = [torch.rand(r, generator=rng) + 0.05 for r in roi]
+    for name in ("patch_scatter", "patch_gather"):
+        acc = torch.zeros(1, 2, *size)
+        getattr(reference, name)(acc, expected, starts, *weights, 0.0)
+        ours = torch.zeros(1, 2, *size, device="cuda")
+        flags = getattr(torch.ops.densefuse_ext, name)(ours, windows, *on_cuda(starts, *weights), 0.0)
+        assert flags.tolist() == [0, 0]
+        torch.testing.assert_close(ours.cpu(), acc, rtol=1e-6, atol=1e-6)

@@ -499,7 +499,7 @@ struct ExtractPlan {
       const bool in_batch = s[0] >= 0 && s[0] < a.batch;
       for (int d = 0; d < 3; ++d) {
         for (int64_t i = 0; i < a.roi[d]; ++i) {
-          map[d][n * a.roi[d] + i] = in_batch ? patch::pad_index(s[d + 1] + i, a.size[d], a.mode) : -1;
+          map[d][n * a.roi[d] + i] = in_batch ? patch::pad_index(s[d + 1], i, a.size[d], a.mode) : -1;
         }
       }
       runs[n] = in_batch ? patch::clip_axis(s[3], a.roi[2], a.size[2]) : AxisClip{s[3], 0, 0};

@@ -238,15 +238,15 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t* s = a.starts + 4 * n;
   const int64_t* st = a.strides;
   const bool in_batch = s[0] >= 0 && s[0] < a.batch;
-  const int64_t z = in_batch ? patch::pad_index(s[1] + i, a.size[0], a.mode) : -1;
+  const int64_t z = in_batch ? patch::pad_index(s[1], i, a.size[0], a.mode) : -1;
   const E* src = z >= 0 ? static_cast<const E*>(a.volume) + s[0] * st[0] + c * st[1] + z * st[2] : nullptr;
   E* dst = static_cast<E*>(a.out) + (plane * ry + j_lo) * rx;
   const int64_t items = (j_hi - j_lo) * rx;
   for (int64_t t = threadIdx.x; t < items; t += kThreads) {
     E value = cval;
     if (src != nullptr) {
-      const int64_t y = patch::pad_index(s[2] + j_lo + t / rx, a.size[1], a.mode);
-      const int64_t x = patch::pad_index(s[3] + t % rx, a.size[2], a.mode);
+      const int64_t y = patch::pad_index(s[2], j_lo + t / rx, a.size[1], a.mode);
+      const int64_t x = patch::pad_index(s[3], t % rx, a.size[2], a.mode);
       if (y >= 0 && x >= 0) value = src[y * st[3] + x * st[4]];
     }
     dst[t] = value;

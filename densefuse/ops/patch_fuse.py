@@ -308,7 +308,9 @@ def patch_scatter(
             (ValueError otherwise).
         floor: lower bound of the 3-D weight (0: separable, MONAI's clamp: windows.monai_floor).
         deterministic: use the output-stationary gather (same bits on every run); default
-            torch.are_deterministic_algorithms_enabled().
+            torch.are_deterministic_algorithms_enabled(). Its work per voxel grows with the number
+            of windows in the call (the CUDA C++ gather tests every window's corner per voxel): it
+            is meant for batches of windows (sw_batch_size), not thousands in one call.
         check_values: raise ValueError for NaN/Inf window values (in the volume), windows that
             miss the volume and bad weights; False leaves that to the caller (check_patch_flags),
             saving a sync (weights on the CPU are still checked: that needs no sync).
@@ -388,6 +390,11 @@ def patch_finalize(
     return patch_finalize_op(acc.contiguous(), *starts, wz, wy, wx, floor, code, out, threshold)
 
 
+# Window corners patch_extract accepts (check_values): start + window index stays far from int64's
+# limits in every kernel's index arithmetic (the C++ kernels are exact for any int64 start).
+_FARTHEST_START = 2**62
+
+
 def _check_extract(
     volume: object, roi: Sequence[int], mode: str, cval: object
 ) -> tuple[Tensor, tuple[int, ...]]:
@@ -438,8 +445,8 @@ def patch_extract(
         roi: the window size (rz, ry, rx), each >= 1.
         out: [N, C, rz, ry, rx] contiguous, volume's dtype and device, written in place (a batch
             buffer reused from call to call); None: a new tensor.
-        check_values: raise ValueError for batch indices outside [0, B) (one sync where starts are on
-            a GPU); False: such windows read cval.
+        check_values: raise ValueError for batch indices outside [0, B) and corners beyond +-2**62
+            (one sync where starts are on a GPU); False: windows of another batch index read cval.
 
     Returns out (or the new tensor) [N, C, rz, ry, rx] in volume's dtype: exact copies of the values.
     """
@@ -462,11 +469,16 @@ def patch_extract(
         if tuple(out.shape) != shape or not out.is_contiguous():
             raise ValueError(f"out: expected a contiguous tensor of shape {shape}, got {tuple(out.shape)}")
     if check_values and _validate.value_checks_enabled() and count:
-        batch = starts[:, 0]
-        if bool(((batch < 0) | (batch >= volume.shape[0])).any()):
+        batch, corners = starts[:, 0], starts[:, 1:]
+        outside = (batch < 0) | (batch >= volume.shape[0])
+        far = (corners < -_FARTHEST_START) | (corners > _FARTHEST_START)
+        outside, far = torch.stack([outside.any(), far.any()]).tolist()  # one sync
+        if outside:
             raise ValueError(
                 f"starts: batch indices must lie in [0, {volume.shape[0]}), got {batch.tolist()}"
             )
+        if far:
+            raise ValueError(f"starts: window corners must lie within +-2**62, got {corners.tolist()}")
     patch_extract_op(out, volume, starts, reference.PAD_MODES[mode], float(cval))
     return out
 
