@@ -484,6 +484,18 @@ def patch_extract(
 
 
 # ------------------------------------------------------------- many batches, arguments checked once
+def _prepared_weights(
+    vectors: Sequence[Tensor], floor: float, dtype: torch.dtype, device: torch.device | str, checked: bool
+) -> tuple[list[Tensor], float, torch.device]:
+    """(wz, wy, wx checked and moved to ``device`` in ``dtype``, floor checked, the device made concrete)
+    for the objects below, which check them once for many calls."""
+    if dtype not in ACC_DTYPES:
+        raise TypeError(f"dtype: expected float32/float64 for the accumulator, got {dtype}")
+    like = torch.empty(0, dtype=dtype, device=device)
+    weights = _check_weights(vectors, None, like, True, checked)
+    return weights, _check_number("floor", floor, 0.0), like.device
+
+
 class BatchExtract:
     """patch_extract for the many batches of windows of one volume (sliding-window inference).
 
@@ -545,13 +557,10 @@ class BatchScatter:
         deterministic: bool | None = None,
         weights_checked: bool = False,
     ):
-        if dtype not in ACC_DTYPES:
-            raise TypeError(f"dtype: expected float32/float64 for the accumulator, got {dtype}")
-        like = torch.empty(0, dtype=dtype, device=device)
-        self.weights = _check_weights((wz, wy, wx), None, like, True, weights_checked)
+        prepared = _prepared_weights((wz, wy, wx), floor, dtype, device, weights_checked)
+        self.weights, self.floor, self.device = prepared
         self.roi = tuple(w.numel() for w in self.weights)
-        self.floor = _check_number("floor", floor, 0.0)
-        self.dtype, self.device = dtype, like.device
+        self.dtype = dtype
         if deterministic is None:
             deterministic = torch.are_deterministic_algorithms_enabled()
         self._kernel = (_gather if deterministic else _scatter)(self.device)
@@ -620,17 +629,14 @@ class Finalizer:
         *,
         weights_checked: bool = False,
     ):
-        if dtype not in ACC_DTYPES:
-            raise TypeError(f"dtype: expected float32/float64 for the accumulator, got {dtype}")
-        like = torch.empty(0, dtype=dtype, device=device)
-        self.weights = _check_weights((wz, wy, wx), None, like, True, weights_checked)
-        self.floor = _check_number("floor", floor, 0.0)
+        prepared = _prepared_weights((wz, wy, wx), floor, dtype, device, weights_checked)
+        self.weights, self.floor, self.device = prepared
         self.activation = _validate.check_activation(activation, tuple(reference.ACTIVATIONS))
         if output not in reference.FUSE_OUTPUTS:
             raise ValueError(f"output: expected one of {tuple(reference.FUSE_OUTPUTS)}, got {output!r}")
         self.output = reference.FUSE_OUTPUTS[output]
         self.threshold = _check_number("threshold", threshold)
-        self.dtype, self.device = dtype, like.device
+        self.dtype = dtype
         self._normalize, self._finalize = _normalize(self.device), _finalize(self.device)
 
     def __call__(
