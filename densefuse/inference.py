@@ -299,7 +299,6 @@ def _concrete(device: torch.device) -> torch.device:
     return device
 
 
-@functools.lru_cache(maxsize=32)
 def _on_device(device: torch.device, *arrays: tuple) -> tuple[Tensor, ...]:
     """int64 tensors of (nested) integer tuples on ``device``, moved by one copy (views of one buffer).
 
@@ -307,6 +306,11 @@ def _on_device(device: torch.device, *arrays: tuple) -> tuple[Tensor, ...]:
     them nor copy them to the device again (a copy from pageable host memory also waits for the
     device). They are only read; they are made outside inference mode, so any mode may use them.
     """
+    return _on_concrete_device(_concrete(device), *arrays)  # "cuda" names the current device now
+
+
+@functools.lru_cache(maxsize=32)
+def _on_concrete_device(device: torch.device, *arrays: tuple) -> tuple[Tensor, ...]:
     with torch.inference_mode(False):
         tensors = [torch.tensor(a, dtype=torch.int64) for a in arrays]
         if device.type == "cpu":

@@ -529,15 +529,15 @@ def test_window_layouts_made_once_serve_every_mode_and_call(rng):
     x = torch.randn(1, 1, 11, 8, 9, generator=rng)
     net = random_conv(rng, 1, 2)
     predictor = SlidingWindowPredictor(net, 5, sw_batch_size=3, output="mask", memory_budget=1)
-    for cache in (inference._on_device, inference._grid, inference._positions, inference._groups):
+    for cache in (inference._on_concrete_device, inference._grid, inference._positions, inference._groups):
         cache.cache_clear()
     with torch.inference_mode():
         first = sliding_window_inference(x, 5, 2, net, 0.5, "gaussian")
     mask = predictor(x)
-    assert inference._on_device.cache_info().currsize == 2  # one layout per entry point
+    assert inference._on_concrete_device.cache_info().currsize == 2  # one layout per entry point
     second = sliding_window_inference(x, 5, 2, net, 0.5, "gaussian")  # outside inference mode
     assert torch.equal(first, second) and torch.equal(predictor(x), mask)
-    assert inference._on_device.cache_info().hits >= 2
+    assert inference._on_concrete_device.cache_info().hits >= 2
 
 
 CUDA_BACKENDS = [b for b in patch_fuse.implemented_backends("cuda") if b != "torch"]
