@@ -11,7 +11,8 @@ fixed volume, with MONAI's arguments (roi, sw_batch_size, overlap 0.5, mode "gau
 Cases: "fusion" runs the identity predictor, so the fusion machinery is all that is timed (window
 extraction, weights, scatter, normalisation); "model" runs a small 3-D conv net (end to end, the
 net included); "argmax" asks for a 16-class label map from a 1x1x1 conv (1 -> 16 classes): densefuse's
-SlidingWindowPredictor with output "mask" in slab mode (memory_budget=1: the thinnest slabs) against
+SlidingWindowPredictor with output "mask" in slab mode (memory_budget=1: the thinnest slabs, in bands
+of roi rows, so windows that meet two bands are predicted twice) against
 MONAI's sliding_window_inference followed by argmax (the kernel backends only: the torch reference
 is left out). Steps run under torch.inference_mode().
 

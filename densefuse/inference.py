@@ -559,6 +559,13 @@ class SlidingWindowPredictor:
             same bits where the scatter is deterministic: the cpp and torch backends, or the
             output-stationary gather that torch.use_deterministic_algorithms(True) selects; with
             atomics (the triton and cuda scatters) the two modes differ by rounding, as two runs do.
+            Where even a slab exceeds the budget, its rows are split into bands, the fewest that fit
+            but at least roi_y rows each, processed one after the other: O(B * C * roi_z * band *
+            W), at the price of predicting each window once per band it meets (at most twice).
+            Windows are then batched band by band, so the results equal whole-volume mode bit for
+            bit with sw_batch_size=1 and up to the model's (and torch's softmax's) dependence on the
+            batch otherwise. The model's channel count, needed for the plan, comes from one extra
+            window predicted first.
         progress: show a tqdm progress bar.
     """
 
@@ -676,27 +683,78 @@ class SlidingWindowPredictor:
             *weights, self.floor, torch.float32, device, self._final_activation(), kind, self.threshold,
             weights_checked=True,
         )  # fmt: skip
-        budget = self.memory_budget
-        fuse = _SlabFusion(batch, size, grid, grid_starts, weights, self.floor, finish, budget, device)
         starts_in = starts if image.device == device else _on_device(image.device, groups)[0]
-        steps = len(groups) * math.ceil(len(groups[0]) / self.sw_batch_size)
-        bar = tqdm(total=steps) if self.progress else None
         reader = _WindowReader(image, self.roi, self.padding, self.cval)
-        for k, group in enumerate(groups):
-            local = fuse.local(starts[k])  # the group's corners in the accumulator's coordinates
-            for first in range(0, len(group), self.sw_batch_size):
-                chunk = slice(first, first + self.sw_batch_size)
-                # neither the windows (the reader reuses them) nor the predictions (group_done needs
-                # the memory) are kept past the scatter
-                windows_in = reader.read(group[chunk], starts_in[k, chunk]).to(model_device)
-                fuse.add(self._predict(windows_in, fuse.channels).to(device), local[chunk])
-                del windows_in
-                if bar is not None:
-                    bar.update()
-            fuse.group_done(k)
+        slabs, bands, channels = False, [(0, size[1])], None
+        if self.memory_budget is not None:  # the plan needs the model's channels: one window tells
+            probe = reader.read(groups[0][:1], starts_in[0, :1]).to(model_device)
+            channels = _check_prediction(self.model(probe), 1, self.roi, None).shape[1]
+            del probe
+            slabs, bands = _slab_plan(batch, channels, size, self.roi, self.memory_budget)
+        members = [_band_members(groups, rows, self.roi[1]) for rows in bands]
+        steps = sum(math.ceil(len(m) / self.sw_batch_size) for band in members for m in band)
+        bar = tqdm(total=steps) if self.progress else None
+        out = None
+        for rows, band in zip(bands, members):
+            fuse = _SlabFusion(
+                batch,
+                size,
+                grid,
+                grid_starts,
+                weights,
+                self.floor,
+                finish,
+                slabs,
+                rows,
+                channels,
+                out,
+                device,
+            )
+            # the band's windows of every group: their positions and corners, on both devices
+            index = [None] * len(groups) if len(bands) == 1 else _on_device(device, *band)
+            index_in = index if image.device == device or len(bands) == 1 else _on_device(image.device, *band)
+            for k, (group, chosen) in enumerate(zip(groups, band)):
+                group_starts, group_in = starts[k], starts_in[k]
+                if index[k] is not None:
+                    group_starts, group_in = group_starts[index[k]], group_in[index_in[k]]
+                    group = [group[i] for i in chosen]
+                local = fuse.local(group_starts)  # the corners in the accumulator's coordinates
+                for first in range(0, len(group), self.sw_batch_size):
+                    chunk = slice(first, first + self.sw_batch_size)
+                    # neither the windows (the reader reuses them) nor the predictions (group_done
+                    # needs the memory) are kept past the scatter
+                    windows_in = reader.read(group[chunk], group_in[chunk]).to(model_device)
+                    fuse.add(self._predict(windows_in, fuse.channels).to(device), local[chunk])
+                    del windows_in
+                    if bar is not None:
+                        bar.update()
+                fuse.group_done(k)
+            out = fuse.result()
         if bar is not None:
             bar.close()
-        return fuse.result()
+        return out
+
+
+def _slab_plan(
+    batch: int, channels: int, size: Sequence[int], roi: Sequence[int], budget: int
+) -> tuple[bool, list[tuple[int, int]]]:
+    """(slab mode, the row bands [y0, y1) the accumulator covers in turn) for a float32 accumulator
+    of at most ``budget`` bytes, where possible: the whole volume (no slabs, one band) if it fits;
+    else slabs of min(roi_z, D) planes, of whole rows if they fit, else of row bands, the fewest
+    that fit but never thinner than a window (so a window crosses at most two bands)."""
+    depth, height, width = size
+    if 4 * batch * channels * depth * height * width <= budget:
+        return False, [(0, height)]
+    row = 4 * batch * channels * min(roi[0], depth) * width  # bytes per row of a slab
+    rows = max(budget // row, min(roi[1], height))
+    return True, [(y, min(y + rows, height)) for y in range(0, height, rows)]
+
+
+@functools.lru_cache(maxsize=64)
+def _band_members(groups: tuple, rows: tuple[int, int], roi_y: int) -> tuple[tuple[int, ...], ...]:
+    """Per group, the indices of the windows (b, z, y, x) whose rows [y, y + roi_y) meet ``rows``."""
+    y0, y1 = rows
+    return tuple(tuple(i for i, (_, _, y, _) in enumerate(g) if y < y1 and y + roi_y > y0) for g in groups)
 
 
 @functools.lru_cache(maxsize=32)
@@ -709,50 +767,57 @@ def _groups(batch: int, starts_z: tuple[int, ...], starts_y: tuple[int, ...], st
 
 
 class _SlabFusion:
-    """The accumulator of SlidingWindowPredictor: whole-volume, or a slab of planes along z.
+    """The accumulator of SlidingWindowPredictor for rows ``rows`` = [y0, y1) of the volume (all rows
+    but in banded slab mode): whole-volume, or a slab of planes along z.
 
     Windows arrive grouped by their z start (in increasing order). In slab mode the accumulator
     holds planes [lo, lo + min(roi_z, D)) only, allocated once; once group k is in, planes below the
     next group's z start are complete (no later window reaches them): they are finalised into the
-    output, the planes above them move down in place, and the freed planes are zeroed.
+    output ``out`` (made here if None, shared by the bands), the planes above them move down in
+    place, and the freed planes are zeroed.
     """
 
-    def __init__(self, batch, size, grid, grid_starts, weights, floor, finalizer, budget, device):
+    def __init__(
+        self, batch, size, grid, grid_starts, weights, floor, finalizer, slabs, rows, channels, out, device
+    ):
         self.batch, self.size, self.grid = batch, size, grid
         self.grid_starts = grid_starts  # grid as int64 tensors on device
-        self.finalizer, self.budget, self.device = finalizer, budget, device
-        self.channels: int | None = None
-        self.slabs = False
-        self.acc: Tensor | None = None  # planes [lo, lo + acc.shape[2]) of the volume
+        self.finalizer, self.slabs, self.rows, self.device = finalizer, slabs, rows, device
+        self.channels: int | None = channels
+        self.acc: Tensor | None = None  # planes [lo, lo + acc.shape[2]) and rows [y0, y1) of the volume
         self.lo = 0
-        self.out: Tensor | None = None  # the result, filled slab by slab
+        self.out: Tensor | None = out  # the result, filled slab by slab
         self.scatter = BatchScatter(*weights, floor, torch.float32, device, weights_checked=True)
 
     def local(self, starts: Tensor) -> Tensor:
         """Window corners [n, 4] (volume coordinates, on the accumulator's device) in the current
-        accumulator's coordinates (slab mode: z - lo), for the windows of the next z group."""
-        if not self.lo:
+        accumulator's coordinates (z - lo, y - y0), for the windows of the next z group."""
+        y0 = self.rows[0]
+        if not self.lo and not y0:
             return starts
         shifted = starts.clone()
         shifted[:, 1] -= self.lo
+        shifted[:, 2] -= y0
         return shifted
 
     def add(self, out: Tensor, starts: Tensor) -> None:
         """Scatters ``out`` for the windows at ``starts`` [n, 4] (local(): the accumulator's
         coordinates, on its device)."""
-        depth, height, width = self.size
         if self.acc is None:
             self.channels = out.shape[1]
-            full = 4 * self.batch * self.channels * depth * height * width
-            self.slabs = self.budget is not None and full > self.budget
+            depth = self.size[0]
             planes = min(out.shape[2], depth) if self.slabs else depth  # a group's windows span roi_z
-            shape = (self.batch, self.channels, planes, height, width)
+            shape = (self.batch, self.channels, planes, self.rows[1] - self.rows[0], self.size[2])
             self.acc = torch.zeros(shape, dtype=torch.float32, device=self.device)
         self.scatter(self.acc, out, starts)
 
     def _finalize(self, acc: Tensor, inplace: bool = False, lo: int = 0) -> Tensor:
-        """The finalised planes [lo, lo + acc.shape[2]) of the volume, from their sums ``acc``."""
-        return self.finalizer(acc, self.grid_starts[0] - lo, *self.grid_starts[1:], inplace=inplace)
+        """The finalised planes [lo, lo + acc.shape[2]) of the accumulator's rows, from their sums."""
+        starts_z, starts_y, starts_x = self.grid_starts
+        y0 = self.rows[0]
+        return self.finalizer(
+            acc, starts_z - lo, starts_y - y0 if y0 else starts_y, starts_x, inplace=inplace
+        )
 
     def group_done(self, k: int) -> None:
         if not self.slabs:
@@ -768,7 +833,7 @@ class _SlabFusion:
             part = self._finalize(self.acc[:, :, first : first + count], lo=self.lo + first)
             if self.out is None:
                 self.out = part.new_empty((*part.shape[:2], *self.size))
-            self.out[:, :, self.lo + first : self.lo + first + count] = part
+            self.out[:, :, self.lo + first : self.lo + first + count, self.rows[0] : self.rows[1]] = part
         for first in range(0, capacity - planes, planes):  # chunks of `planes`: source and target apart
             count = min(planes, capacity - planes - first)
             self.acc[:, :, first : first + count] = self.acc[:, :, planes + first : planes + first + count]

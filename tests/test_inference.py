@@ -477,7 +477,8 @@ def test_slab_mode_equals_whole_volume_at_any_stride(backend, overlap, rng):
     kwargs = dict(roi_size=(7, 6, 8), overlap=overlap, padding="constant", activation="softmax")
     kwargs["output"] = "mask"
     whole = SlidingWindowPredictor(net, sw_batch_size=3, **kwargs)(x)
-    slabs = SlidingWindowPredictor(net, sw_batch_size=3, memory_budget=1, **kwargs)(x)
+    slab = 4 * 3 * 7 * 9 * 10  # one slab of whole rows (a smaller budget splits rows into bands)
+    slabs = SlidingWindowPredictor(net, sw_batch_size=3, memory_budget=slab, **kwargs)(x)
     assert torch.equal(whole, slabs)
 
 
@@ -488,7 +489,7 @@ def test_slab_mode_with_deep_windows(backend, padding, output, rng):
     net = random_conv(rng, 1, 2)
     kwargs = dict(roi_size=(17, 4, 6), overlap=0.5, padding=padding, activation="softmax", output=output)
     whole = SlidingWindowPredictor(net, sw_batch_size=2, **kwargs)(x)
-    slabs = SlidingWindowPredictor(net, sw_batch_size=2, memory_budget=1, **kwargs)(x)
+    slabs = SlidingWindowPredictor(net, sw_batch_size=2, memory_budget=4 * 2 * 17 * 5 * 6, **kwargs)(x)
     assert torch.equal(whole, slabs)
 
 
@@ -506,6 +507,57 @@ def test_slab_mode_keeps_only_a_slab(monkeypatch, rng):
     mask = SlidingWindowPredictor(lambda t: t, (8, 6, 6), sw_batch_size=9, output="mask", memory_budget=1)(x)
     assert torch.equal(mask, (torch.sigmoid(x) >= 0.5).to(torch.uint8))
     assert max(depths) <= 8 and len(depths) == 11  # windows at z = -4, 0, 4, ..., 36
+
+
+@pytest.mark.parametrize(
+    ("budget", "expected"),
+    [
+        (4 * 2 * 3 * 20 * 30 * 10, (False, [(0, 30)])),  # the whole volume fits
+        (4 * 2 * 3 * 20 * 30 * 10 - 1, (True, [(0, 30)])),  # a slab of whole rows fits
+        (4 * 2 * 3 * 6 * 12 * 10, (True, [(0, 12), (12, 24), (24, 30)])),  # bands of 12 rows fit
+        (1, (True, [(0, 7), (7, 14), (14, 21), (21, 28), (28, 30)])),  # never thinner than a window
+    ],
+)
+def test_slab_plan(budget, expected):
+    assert inference._slab_plan(2, 3, (20, 30, 10), (6, 7, 8), budget) == expected
+
+
+@pytest.mark.parametrize(("padding", "output"), [("reflect", "mask"), ("constant", "probabilities")])
+def test_banded_slabs_equal_whole_volume_and_keep_only_a_band(backend, monkeypatch, padding, output, rng):
+    """A slab too large for the budget is split into bands of rows: every window is predicted once per
+    band it meets (here at most two), the accumulator never holds more than a band of a slab, and the
+    result is whole-volume mode's: bit for bit with one window per batch (batches of several group
+    other windows than in whole-volume mode, and torch's softmax rounds a window's values
+    differently in batches of another size), within rounding otherwise."""
+    x = torch.randn(2, 1, 13, 23, 9, generator=rng)
+    net = random_conv(rng, 1, 3)
+    kwargs = dict(roi_size=(5, 6, 4), overlap=0.5, padding=padding, activation="softmax", output=output)
+    whole = SlidingWindowPredictor(net, sw_batch_size=1, **kwargs)(x)
+    shapes, predicted = [], []
+    scatter = patch_fuse.BatchScatter.__call__
+
+    def spy(self, acc, windows, starts):
+        shapes.append(tuple(acc.shape))
+        predicted.append(windows.shape[0])
+        return scatter(self, acc, windows, starts)
+
+    monkeypatch.setattr(patch_fuse.BatchScatter, "__call__", spy)
+    budget = 4 * 2 * 3 * 5 * 9 * 8  # 8 rows of a slab: bands of 8 rows
+    banded = SlidingWindowPredictor(net, sw_batch_size=1, memory_budget=budget, **kwargs)(x)
+    assert torch.equal(banded, whole)
+    predicted_once = sum(predicted)
+    in_batches = SlidingWindowPredictor(net, sw_batch_size=5, memory_budget=budget, **kwargs)(x)
+    torch.testing.assert_close(in_batches.float(), whole.float(), rtol=1e-6, atol=1e-6)
+    assert max(shapes) == (2, 3, 5, 8, 9) and {shape[3] for shape in shapes} == {8, 7}  # 23 = 8 + 8 + 7
+    margin = (2, 3, 2) if padding == "reflect" else (0, 0, 0)
+    grid = inference.window_grid((13, 23, 9), (5, 6, 4), (0.5,) * 3, margin)
+    bands = [(0, 8), (8, 16), (16, 23)]
+    meets = sum(y < y1 and y + 6 > y0 for y in grid[1] for y0, y1 in bands)
+    assert (
+        predicted_once
+        == 2 * len(grid[0]) * meets * len(grid[2])
+        > 2 * len(grid[0]) * len(grid[1]) * len(grid[2])
+    )
 
 
 @requires_cuda
@@ -534,10 +586,11 @@ def test_window_layouts_made_once_serve_every_mode_and_call(rng):
     with torch.inference_mode():
         first = sliding_window_inference(x, 5, 2, net, 0.5, "gaussian")
     mask = predictor(x)
-    assert inference._on_concrete_device.cache_info().currsize == 2  # one layout per entry point
+    made = inference._on_concrete_device.cache_info()
     second = sliding_window_inference(x, 5, 2, net, 0.5, "gaussian")  # outside inference mode
     assert torch.equal(first, second) and torch.equal(predictor(x), mask)
-    assert inference._on_concrete_device.cache_info().hits >= 2
+    now = inference._on_concrete_device.cache_info()
+    assert now.currsize == made.currsize and now.hits >= made.hits + 2  # nothing made twice
 
 
 CUDA_BACKENDS = [b for b in patch_fuse.implemented_backends("cuda") if b != "torch"]
@@ -562,7 +615,8 @@ def test_cuda_backends_match_the_reference_end_to_end(cuda_backend, rng):
         try:
             torch.use_deterministic_algorithms(True)
             whole = SlidingWindowPredictor(net, **kwargs)(x)
-            slabs = SlidingWindowPredictor(net, memory_budget=1, **kwargs)(x)
+            slab = 4 * 2 * 3 * 8 * 17 * 19  # whole rows: the same batches as whole-volume mode
+            slabs = SlidingWindowPredictor(net, memory_budget=slab, **kwargs)(x)
         finally:
             torch.use_deterministic_algorithms(before, warn_only=warn_only)
     assert whole.dtype == torch.uint8 and torch.equal(slabs, whole)
