@@ -552,20 +552,21 @@ class SlidingWindowPredictor:
             (uint8: argmax [B, 1, ...] for softmax, [p >= threshold] per channel otherwise).
         model_device, device: where windows are predicted and where the output is accumulated
             (default: the image's device).
-        memory_budget: bytes the float accumulator may take; above it the volume is processed in
-            slabs along z, each finalised as soon as no later window touches it, so memory is
-            O(B * C * roi_z * H * W) plus the output (a uint8 mask for output "mask"). Every voxel
-            gets the same sums in the same order as in the whole-volume mode, so the result is the
-            same bits where the scatter is deterministic: the cpp and torch backends, or the
-            output-stationary gather that torch.use_deterministic_algorithms(True) selects; with
-            atomics (the triton and cuda scatters) the two modes differ by rounding, as two runs do.
-            Where even a slab exceeds the budget, its rows are split into bands, the fewest that fit
-            but at least roi_y rows each, processed one after the other: O(B * C * roi_z * band *
-            W), at the price of predicting each window once per band it meets (at most twice).
-            Windows are then batched band by band, so the results equal whole-volume mode bit for
-            bit with sw_batch_size=1 and up to the model's (and torch's softmax's) dependence on the
-            batch otherwise. The model's channel count, needed for the plan, comes from one extra
-            window predicted first.
+        memory_budget: bytes the float accumulator may take, for output "mask" (float outputs are
+            as large as the accumulator, which whole-volume mode finalises in place: the least
+            memory already). Above it the volume is processed in slabs along z, each finalised as
+            soon as no later window touches it, so memory is O(B * C * roi_z * H * W) plus the
+            uint8 mask. Every voxel gets the same sums in the same order as in the whole-volume
+            mode, so the result is the same bits where the scatter is deterministic: the cpp and
+            torch backends, or the output-stationary gather that
+            torch.use_deterministic_algorithms(True) selects; with atomics (the triton and cuda
+            scatters) the two modes differ by rounding, as two runs do. Where even a slab exceeds
+            the budget, its rows are split into bands, the fewest that fit but at least roi_y rows
+            each, processed one after the other: O(B * C * roi_z * band * W), at the price of
+            predicting each window once per band it meets (at most twice). Windows are then batched
+            band by band, so the result equals whole-volume mode's bit for bit with
+            sw_batch_size=1, and up to the model's (and torch's softmax's) dependence on the batch
+            otherwise. A band may still exceed a budget smaller than one window-high band.
         progress: show a tqdm progress bar.
     """
 
@@ -673,7 +674,7 @@ class SlidingWindowPredictor:
         device = self.device or image.device
         model_device = self.model_device or image.device
         margin = [r // 2 for r in self.roi] if self.padding == "reflect" else [0, 0, 0]
-        grid = _grid(tuple(size), self.roi, self.overlap, tuple(margin))
+        grid = _grid(tuple(size), tuple(self.roi), tuple(self.overlap), tuple(margin))
         weights = self._weights_on(_concrete(device))
         groups = _groups(batch, *grid)
         # Every window's corner ([z group, window, 4]) and the grid on the output's device: one copy.
@@ -685,47 +686,46 @@ class SlidingWindowPredictor:
         )  # fmt: skip
         starts_in = starts if image.device == device else _on_device(image.device, groups)[0]
         reader = _WindowReader(image, self.roi, self.padding, self.cval)
-        slabs, bands, channels = False, [(0, size[1])], None
-        if self.memory_budget is not None:  # the plan needs the model's channels: one window tells
-            probe = reader.read(groups[0][:1], starts_in[0, :1]).to(model_device)
-            channels = _check_prediction(self.model(probe), 1, self.roi, None).shape[1]
-            del probe
+        size_b = self.sw_batch_size
+        # The plan needs the model's channels: the first batch tells. It is also the plan's first
+        # batch (kept), unless row bands put other windows first (then it is predicted again).
+        windows_in = reader.read(groups[0][:size_b], starts_in[0, :size_b]).to(model_device)
+        first = self._predict(windows_in, None).to(device)
+        del windows_in
+        channels = first.shape[1]
+        slabs, bands = False, [(0, size[1])]
+        if self.memory_budget is not None and self.output == "mask":
             slabs, bands = _slab_plan(batch, channels, size, self.roi, self.memory_budget)
-        members = [_band_members(groups, rows, self.roi[1]) for rows in bands]
-        steps = sum(math.ceil(len(m) / self.sw_batch_size) for band in members for m in band)
+        # per band, the windows of a z group that meet it (the same in every group)
+        members = [_band_members(groups[0], rows, self.roi[1]) for rows in bands]
+        if members[0][:size_b] != tuple(range(min(size_b, len(groups[0])))):
+            first = None
+        index = [None] if len(bands) == 1 else _on_device(device, *members)
+        index_in = index if image.device == device or len(bands) == 1 else _on_device(image.device, *members)
+        steps = len(groups) * sum(math.ceil(len(m) / size_b) for m in members)
         bar = tqdm(total=steps) if self.progress else None
+        scatter = BatchScatter(*weights, self.floor, torch.float32, device, weights_checked=True)
         out = None
-        for rows, band in zip(bands, members):
-            fuse = _SlabFusion(
-                batch,
-                size,
-                grid,
-                grid_starts,
-                weights,
-                self.floor,
-                finish,
-                slabs,
-                rows,
-                channels,
-                out,
-                device,
-            )
-            # the band's windows of every group: their positions and corners, on both devices
-            index = [None] * len(groups) if len(bands) == 1 else _on_device(device, *band)
-            index_in = index if image.device == device or len(bands) == 1 else _on_device(image.device, *band)
-            for k, (group, chosen) in enumerate(zip(groups, band)):
+        for band, (rows, chosen) in enumerate(zip(bands, members)):
+            fuse = _SlabFusion(batch, size, grid, grid_starts, scatter, finish, slabs, rows, channels, out)
+            for k, group in enumerate(groups):
                 group_starts, group_in = starts[k], starts_in[k]
-                if index[k] is not None:
-                    group_starts, group_in = group_starts[index[k]], group_in[index_in[k]]
+                if index[0] is not None:
+                    group_starts, group_in = group_starts[index[band]], group_in[index_in[band]]
                     group = [group[i] for i in chosen]
                 local = fuse.local(group_starts)  # the corners in the accumulator's coordinates
-                for first in range(0, len(group), self.sw_batch_size):
-                    chunk = slice(first, first + self.sw_batch_size)
+                for start in range(0, len(group), size_b):
+                    chunk = slice(start, start + size_b)
                     # neither the windows (the reader reuses them) nor the predictions (group_done
                     # needs the memory) are kept past the scatter
-                    windows_in = reader.read(group[chunk], group_in[chunk]).to(model_device)
-                    fuse.add(self._predict(windows_in, fuse.channels).to(device), local[chunk])
-                    del windows_in
+                    if first is not None:  # the first batch, predicted above
+                        prediction, first = first, None
+                    else:
+                        windows_in = reader.read(group[chunk], group_in[chunk]).to(model_device)
+                        prediction = self._predict(windows_in, channels).to(device)
+                        del windows_in
+                    fuse.add(prediction, local[chunk])
+                    del prediction
                     if bar is not None:
                         bar.update()
                 fuse.group_done(k)
@@ -751,10 +751,10 @@ def _slab_plan(
 
 
 @functools.lru_cache(maxsize=64)
-def _band_members(groups: tuple, rows: tuple[int, int], roi_y: int) -> tuple[tuple[int, ...], ...]:
-    """Per group, the indices of the windows (b, z, y, x) whose rows [y, y + roi_y) meet ``rows``."""
+def _band_members(group: tuple, rows: tuple[int, int], roi_y: int) -> tuple[int, ...]:
+    """The indices of the windows (b, z, y, x) of ``group`` whose rows [y, y + roi_y) meet ``rows``."""
     y0, y1 = rows
-    return tuple(tuple(i for i, (_, _, y, _) in enumerate(g) if y < y1 and y + roi_y > y0) for g in groups)
+    return tuple(i for i, (_, _, y, _) in enumerate(group) if y < y1 and y + roi_y > y0)
 
 
 @functools.lru_cache(maxsize=32)
@@ -777,17 +777,14 @@ class _SlabFusion:
     place, and the freed planes are zeroed.
     """
 
-    def __init__(
-        self, batch, size, grid, grid_starts, weights, floor, finalizer, slabs, rows, channels, out, device
-    ):
+    def __init__(self, batch, size, grid, grid_starts, scatter, finalizer, slabs, rows, channels, out):
         self.batch, self.size, self.grid = batch, size, grid
-        self.grid_starts = grid_starts  # grid as int64 tensors on device
-        self.finalizer, self.slabs, self.rows, self.device = finalizer, slabs, rows, device
+        self.grid_starts = grid_starts  # grid as int64 tensors on the accumulator's device
+        self.scatter, self.finalizer, self.slabs, self.rows = scatter, finalizer, slabs, rows
         self.channels: int | None = channels
         self.acc: Tensor | None = None  # planes [lo, lo + acc.shape[2]) and rows [y0, y1) of the volume
         self.lo = 0
         self.out: Tensor | None = out  # the result, filled slab by slab
-        self.scatter = BatchScatter(*weights, floor, torch.float32, device, weights_checked=True)
 
     def local(self, starts: Tensor) -> Tensor:
         """Window corners [n, 4] (volume coordinates, on the accumulator's device) in the current
@@ -808,7 +805,7 @@ class _SlabFusion:
             depth = self.size[0]
             planes = min(out.shape[2], depth) if self.slabs else depth  # a group's windows span roi_z
             shape = (self.batch, self.channels, planes, self.rows[1] - self.rows[0], self.size[2])
-            self.acc = torch.zeros(shape, dtype=torch.float32, device=self.device)
+            self.acc = torch.zeros(shape, dtype=torch.float32, device=self.scatter.device)
         self.scatter(self.acc, out, starts)
 
     def _finalize(self, acc: Tensor, inplace: bool = False, lo: int = 0) -> Tensor:

@@ -457,15 +457,35 @@ def test_predictor_probabilities_and_masks(backend, rng):
     )
 
 
-@pytest.mark.parametrize("output", ["mask", "probabilities", "logits"])
 @pytest.mark.parametrize(("padding", "activation"), [("reflect", "softmax"), ("constant", "sigmoid")])
-def test_slab_mode_equals_whole_volume(backend, output, padding, activation, rng):
+def test_slab_mode_equals_whole_volume(backend, padding, activation, rng):
     x = torch.randn(2, 1, 21, 9, 10, generator=rng)
     net = random_conv(rng, 1, 3)
-    kwargs = dict(roi_size=(6, 8, 8), overlap=0.5, padding=padding, activation=activation, output=output)
+    kwargs = dict(roi_size=(6, 8, 8), overlap=0.5, padding=padding, activation=activation, output="mask")
     whole = SlidingWindowPredictor(net, sw_batch_size=4, **kwargs)(x)
-    slabs = SlidingWindowPredictor(net, sw_batch_size=4, memory_budget=4 * 3 * 9 * 10 * 8, **kwargs)(x)
-    assert whole.dtype == slabs.dtype and torch.equal(whole, slabs)
+    slab = 4 * 2 * 3 * 6 * 9 * 10  # one slab of whole rows
+    slabs = SlidingWindowPredictor(net, sw_batch_size=4, memory_budget=slab, **kwargs)(x)
+    assert whole.dtype == slabs.dtype == torch.uint8 and torch.equal(whole, slabs)
+
+
+@pytest.mark.parametrize("output", ["probabilities", "logits"])
+def test_float_outputs_ignore_the_budget(monkeypatch, output, rng):
+    """A float output is as large as the whole accumulator, which whole-volume mode finalises in
+    place: slabs would only add to that, so the budget leaves the mode alone."""
+    depths = []
+    scatter = patch_fuse.BatchScatter.__call__
+
+    def spy(self, acc, *args):
+        depths.append(acc.shape[2])
+        return scatter(self, acc, *args)
+
+    monkeypatch.setattr(patch_fuse.BatchScatter, "__call__", spy)
+    x = torch.randn(1, 1, 21, 9, 10, generator=rng)
+    net = random_conv(rng, 1, 3)
+    kwargs = dict(roi_size=(6, 8, 8), output=output)
+    whole = SlidingWindowPredictor(net, **kwargs)(x)
+    assert torch.equal(SlidingWindowPredictor(net, memory_budget=1, **kwargs)(x), whole)
+    assert set(depths) == {21}
 
 
 @pytest.mark.parametrize("overlap", [0.8, 0.6, 0.3, 0.0])
@@ -482,12 +502,12 @@ def test_slab_mode_equals_whole_volume_at_any_stride(backend, overlap, rng):
     assert torch.equal(whole, slabs)
 
 
-@pytest.mark.parametrize(("padding", "output"), [("reflect", "probabilities"), ("constant", "mask")])
-def test_slab_mode_with_deep_windows(backend, padding, output, rng):
+@pytest.mark.parametrize(("padding", "activation"), [("reflect", "sigmoid"), ("constant", "softmax")])
+def test_slab_mode_with_deep_windows(backend, padding, activation, rng):
     """17-plane windows: the slab is finalised two planes at a time (capacity // 8), with a rest."""
     x = torch.randn(1, 1, 45, 5, 6, generator=rng)
     net = random_conv(rng, 1, 2)
-    kwargs = dict(roi_size=(17, 4, 6), overlap=0.5, padding=padding, activation="softmax", output=output)
+    kwargs = dict(roi_size=(17, 4, 6), overlap=0.5, padding=padding, activation=activation, output="mask")
     whole = SlidingWindowPredictor(net, sw_batch_size=2, **kwargs)(x)
     slabs = SlidingWindowPredictor(net, sw_batch_size=2, memory_budget=4 * 2 * 17 * 5 * 6, **kwargs)(x)
     assert torch.equal(whole, slabs)
@@ -522,8 +542,8 @@ def test_slab_plan(budget, expected):
     assert inference._slab_plan(2, 3, (20, 30, 10), (6, 7, 8), budget) == expected
 
 
-@pytest.mark.parametrize(("padding", "output"), [("reflect", "mask"), ("constant", "probabilities")])
-def test_banded_slabs_equal_whole_volume_and_keep_only_a_band(backend, monkeypatch, padding, output, rng):
+@pytest.mark.parametrize(("padding", "activation"), [("reflect", "softmax"), ("constant", "sigmoid")])
+def test_banded_slabs_equal_whole_volume_and_keep_only_a_band(backend, monkeypatch, padding, activation, rng):
     """A slab too large for the budget is split into bands of rows: every window is predicted once per
     band it meets (here at most two), the accumulator never holds more than a band of a slab, and the
     result is whole-volume mode's: bit for bit with one window per batch (batches of several group
@@ -531,7 +551,7 @@ def test_banded_slabs_equal_whole_volume_and_keep_only_a_band(backend, monkeypat
     differently in batches of another size), within rounding otherwise."""
     x = torch.randn(2, 1, 13, 23, 9, generator=rng)
     net = random_conv(rng, 1, 3)
-    kwargs = dict(roi_size=(5, 6, 4), overlap=0.5, padding=padding, activation="softmax", output=output)
+    kwargs = dict(roi_size=(5, 6, 4), overlap=0.5, padding=padding, activation=activation, output="mask")
     whole = SlidingWindowPredictor(net, sw_batch_size=1, **kwargs)(x)
     shapes, predicted = [], []
     scatter = patch_fuse.BatchScatter.__call__
@@ -547,7 +567,7 @@ def test_banded_slabs_equal_whole_volume_and_keep_only_a_band(backend, monkeypat
     assert torch.equal(banded, whole)
     predicted_once = sum(predicted)
     in_batches = SlidingWindowPredictor(net, sw_batch_size=5, memory_budget=budget, **kwargs)(x)
-    torch.testing.assert_close(in_batches.float(), whole.float(), rtol=1e-6, atol=1e-6)
+    assert (in_batches != whole).float().mean() < 1e-3  # a rounding may tip a voxel at a tie
     assert max(shapes) == (2, 3, 5, 8, 9) and {shape[3] for shape in shapes} == {8, 7}  # 23 = 8 + 8 + 7
     margin = (2, 3, 2) if padding == "reflect" else (0, 0, 0)
     grid = inference.window_grid((13, 23, 9), (5, 6, 4), (0.5,) * 3, margin)
