@@ -34,6 +34,20 @@ def backend(request):
         yield request.param
 
 
+@pytest.fixture
+def scatter_calls(monkeypatch):
+    """(accumulator shape, number of windows) of every BatchScatter call the test makes."""
+    calls = []
+    scatter = patch_fuse.BatchScatter.__call__
+
+    def spy(self, acc, windows, starts):
+        calls.append((tuple(acc.shape), windows.shape[0]))
+        return scatter(self, acc, windows, starts)
+
+    monkeypatch.setattr(patch_fuse.BatchScatter, "__call__", spy)
+    return calls
+
+
 def random_conv(rng, c_in, c_out, dims=3, dtype=torch.float32):
     conv = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)[dims - 1](c_in, c_out, 3, padding=1)
     with torch.no_grad():
@@ -469,23 +483,15 @@ def test_slab_mode_equals_whole_volume(backend, padding, activation, rng):
 
 
 @pytest.mark.parametrize("output", ["probabilities", "logits"])
-def test_float_outputs_ignore_the_budget(monkeypatch, output, rng):
+def test_float_outputs_ignore_the_budget(scatter_calls, output, rng):
     """A float output is as large as the whole accumulator, which whole-volume mode finalises in
     place: slabs would only add to that, so the budget leaves the mode alone."""
-    depths = []
-    scatter = patch_fuse.BatchScatter.__call__
-
-    def spy(self, acc, *args):
-        depths.append(acc.shape[2])
-        return scatter(self, acc, *args)
-
-    monkeypatch.setattr(patch_fuse.BatchScatter, "__call__", spy)
     x = torch.randn(1, 1, 21, 9, 10, generator=rng)
     net = random_conv(rng, 1, 3)
     kwargs = dict(roi_size=(6, 8, 8), output=output)
     whole = SlidingWindowPredictor(net, **kwargs)(x)
     assert torch.equal(SlidingWindowPredictor(net, memory_budget=1, **kwargs)(x), whole)
-    assert set(depths) == {21}
+    assert {shape[2] for shape, _ in scatter_calls} == {21}
 
 
 @pytest.mark.parametrize("overlap", [0.8, 0.6, 0.3, 0.0])
@@ -513,19 +519,11 @@ def test_slab_mode_with_deep_windows(backend, padding, activation, rng):
     assert torch.equal(whole, slabs)
 
 
-def test_slab_mode_keeps_only_a_slab(monkeypatch, rng):
-    depths = []
-
-    scatter = patch_fuse.BatchScatter.__call__
-
-    def spy(self, acc, *args):
-        depths.append(acc.shape[2])
-        return scatter(self, acc, *args)
-
-    monkeypatch.setattr(patch_fuse.BatchScatter, "__call__", spy)
+def test_slab_mode_keeps_only_a_slab(scatter_calls, rng):
     x = torch.randn(1, 1, 40, 6, 6, generator=rng)
     mask = SlidingWindowPredictor(lambda t: t, (8, 6, 6), sw_batch_size=9, output="mask", memory_budget=1)(x)
     assert torch.equal(mask, (torch.sigmoid(x) >= 0.5).to(torch.uint8))
+    depths = [shape[2] for shape, _ in scatter_calls]
     assert max(depths) <= 8 and len(depths) == 11  # windows at z = -4, 0, 4, ..., 36
 
 
@@ -543,7 +541,9 @@ def test_slab_plan(budget, expected):
 
 
 @pytest.mark.parametrize(("padding", "activation"), [("reflect", "softmax"), ("constant", "sigmoid")])
-def test_banded_slabs_equal_whole_volume_and_keep_only_a_band(backend, monkeypatch, padding, activation, rng):
+def test_banded_slabs_equal_whole_volume_and_keep_only_a_band(
+    backend, scatter_calls, padding, activation, rng
+):
     """A slab too large for the budget is split into bands of rows: every window is predicted once per
     band it meets (here at most two), the accumulator never holds more than a band of a slab, and the
     result is whole-volume mode's: bit for bit with one window per batch (batches of several group
@@ -553,19 +553,12 @@ def test_banded_slabs_equal_whole_volume_and_keep_only_a_band(backend, monkeypat
     net = random_conv(rng, 1, 3)
     kwargs = dict(roi_size=(5, 6, 4), overlap=0.5, padding=padding, activation=activation, output="mask")
     whole = SlidingWindowPredictor(net, sw_batch_size=1, **kwargs)(x)
-    shapes, predicted = [], []
-    scatter = patch_fuse.BatchScatter.__call__
-
-    def spy(self, acc, windows, starts):
-        shapes.append(tuple(acc.shape))
-        predicted.append(windows.shape[0])
-        return scatter(self, acc, windows, starts)
-
-    monkeypatch.setattr(patch_fuse.BatchScatter, "__call__", spy)
+    del scatter_calls[:]
     budget = 4 * 2 * 3 * 5 * 9 * 8  # 8 rows of a slab: bands of 8 rows
     banded = SlidingWindowPredictor(net, sw_batch_size=1, memory_budget=budget, **kwargs)(x)
     assert torch.equal(banded, whole)
-    predicted_once = sum(predicted)
+    shapes = [shape for shape, _ in scatter_calls]
+    predicted = sum(count for _, count in scatter_calls)
     in_batches = SlidingWindowPredictor(net, sw_batch_size=5, memory_budget=budget, **kwargs)(x)
     assert (in_batches != whole).float().mean() < 1e-3  # a rounding may tip a voxel at a tie
     assert max(shapes) == (2, 3, 5, 8, 9) and {shape[3] for shape in shapes} == {8, 7}  # 23 = 8 + 8 + 7
@@ -574,9 +567,7 @@ def test_banded_slabs_equal_whole_volume_and_keep_only_a_band(backend, monkeypat
     bands = [(0, 8), (8, 16), (16, 23)]
     meets = sum(y < y1 and y + 6 > y0 for y in grid[1] for y0, y1 in bands)
     assert (
-        predicted_once
-        == 2 * len(grid[0]) * meets * len(grid[2])
-        > 2 * len(grid[0]) * len(grid[1]) * len(grid[2])
+        predicted == 2 * len(grid[0]) * meets * len(grid[2]) > 2 * len(grid[0]) * len(grid[1]) * len(grid[2])
     )
 
 
