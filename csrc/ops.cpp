@@ -353,7 +353,9 @@ ScatterCall prepare_scatter(const Tensor& acc, const Tensor& windows, const Tens
 
 // gather: the output-stationary kernel (deterministic).
 Tensor run_scatter(const ScatterCall& call, bool gather) {
-  Tensor flags = at::zeros({2}, call.acc.options().dtype(at::kLong));
+  // CUDA: the launcher zeroes the flags on the stream (no fill kernel here)
+  const auto options = call.acc.options().dtype(at::kLong);
+  Tensor flags = call.acc.is_cuda() ? at::empty({2}, options) : at::zeros({2}, options);
   if (call.acc.is_cuda()) {
 #ifdef DENSEFUSE_WITH_CUDA
     const c10::cuda::CUDAGuard guard(call.acc.device());
