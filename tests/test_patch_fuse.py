@@ -197,7 +197,7 @@ def _case():
 
 BAD_SCATTER = [
     (lambda a, w, s, *v: (a.long(), w, s, *v), TypeError, "acc: expected a float32/float64"),
-    (lambda a, w, s, *v: (a[0], w, s, *v), ValueError, r"acc: expected a non-empty \[B, C, D, H, W\]"),
+    (lambda a, w, s, *v: (a[0, 0], w, s, *v), ValueError, r"acc: expected a non-empty \[B, C, D, H, W\]"),
     (lambda a, w, s, *v: (a.transpose(3, 4), w, s, *v), ValueError, "acc: expected a contiguous"),
     (lambda a, w, s, *v: (a, w.int(), s, *v), TypeError, "windows: expected a float16"),
     (lambda a, w, s, *v: (a, w[:, :2], s, *v), ValueError, r"windows: expected shape \[N, 3, rz, ry, rx\]"),
@@ -207,7 +207,7 @@ BAD_SCATTER = [
         "windows: window size",
     ),
     (lambda a, w, s, *v: (a, w, s.float(), *v), TypeError, "starts: expected an integer tensor"),
-    (lambda a, w, s, *v: (a, w, s[:, :3], *v), ValueError, r"starts: expected shape \(4, 4\)"),
+    (lambda a, w, s, *v: (a, w, s[:, :2], *v), ValueError, r"starts: expected shape \(4, 4\)"),
     (
         lambda a, w, s, *v: (a, w, s, v[0], torch.ones(3), v[2]),
         ValueError,
@@ -300,6 +300,25 @@ def test_forcing_a_backend_without_kernels_is_a_clear_error(missing):
     patch_scatter(acc, win, starts, *weights)  # unforced, the default backend falls back to one that has it
 
 
+def test_a_single_volume_takes_no_batch_axis(backend, rng):
+    """acc [C, D, H, W] and corners (z, y, x): the same sums, normaliser and windows as with B = 1."""
+    win, starts, weights = random_case(rng, batch=1, count=6)
+    acc = torch.zeros(3, 5, 7, 6, dtype=torch.float64)
+    expected = torch.zeros(1, 3, 5, 7, 6, dtype=torch.float64)
+    flags = patch_scatter(acc, win, starts[:, 1:], *weights, 0.2)
+    assert torch.equal(flags, patch_scatter(expected, win, starts, *weights, 0.2))
+    assert torch.equal(acc, expected[0])
+    grid = ([0, 2], [0, 3], [1, 2])
+    for options in (dict(), dict(activation="softmax", output="mask")):
+        fused = patch_finalize(acc, *grid, *weights, 0.2, **options)
+        assert torch.equal(fused, patch_finalize(expected, *grid, *weights, 0.2, **options)[0])
+    assert patch_finalize(acc, *grid, *weights, 0.2, inplace=True) is acc
+    volume = torch.randn(2, 5, 7, 6, generator=rng)
+    assert torch.equal(
+        patch_extract(volume, starts[:, 1:], (3, 4, 5)), patch_extract(volume[None], starts, (3, 4, 5))
+    )
+
+
 # ------------------------------------------------------------------------------------------ extract
 PAD_MODES = list(reference.PAD_MODES)
 
@@ -374,7 +393,7 @@ BAD_EXTRACT = [
     (dict(volume=torch.zeros(2, 3, 4, 4, 4, dtype=torch.int32)), TypeError, "volume: expected a float16"),
     (dict(volume=torch.zeros(3, 4, 4)), ValueError, r"volume: expected a non-empty \[B, C, D, H, W\]"),
     (dict(starts=torch.zeros(2, 4)), TypeError, "starts: expected an integer tensor"),
-    (dict(starts=torch.zeros(2, 3, dtype=torch.int64)), ValueError, r"starts: expected shape \(2, 4\)"),
+    (dict(starts=torch.zeros(2, 2, dtype=torch.int64)), ValueError, r"starts: expected shape \(2, 4\)"),
     (
         dict(starts=torch.tensor([[0, 0, 0, 0], [2, 0, 0, 0]])),
         ValueError,

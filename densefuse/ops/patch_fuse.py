@@ -152,12 +152,16 @@ def _(out, volume, starts, padding, cval):
 
 # --------------------------------------------------------------------------------------- validation
 def _check_acc(acc: object) -> Tensor:
+    """acc as [B, C, D, H, W]: a [C, D, H, W] accumulator is read as B = 1 (a view: writes reach it)."""
     acc = _validate.check_tensor("acc", acc)
     if acc.dtype not in ACC_DTYPES:
         raise TypeError(f"acc: expected a float32/float64 accumulator, got {acc.dtype}")
-    if acc.dim() != 5 or acc.numel() == 0:
-        raise ValueError(f"acc: expected a non-empty [B, C, D, H, W] tensor, got shape {tuple(acc.shape)}")
-    return acc
+    if acc.dim() not in (4, 5) or acc.numel() == 0:
+        shape = tuple(acc.shape)
+        raise ValueError(
+            f"acc: expected a non-empty [B, C, D, H, W] or [C, D, H, W] tensor, got shape {shape}"
+        )
+    return acc if acc.dim() == 5 else acc[None]
 
 
 def _check_windows(windows: object, acc: Tensor) -> Tensor:
@@ -190,12 +194,16 @@ def _to_device(name: str, tensor: Tensor, device: torch.device, dtype: torch.dty
 
 
 def _check_starts(starts: object, acc: Tensor, count: int) -> Tensor:
+    """starts as int64 [count, 4] on acc's device; [count, 3] corners (z, y, x) are read as batch 0."""
     starts = _validate.check_tensor("starts", starts)
     if starts.is_floating_point() or starts.is_complex() or starts.dtype == torch.bool:
         raise TypeError(f"starts: expected an integer tensor, got {starts.dtype}")
+    if tuple(starts.shape) == (count, 3):
+        starts = torch.cat([starts.new_zeros(count, 1), starts], dim=1)
     if tuple(starts.shape) != (count, 4):
         raise ValueError(
-            f"starts: expected shape ({count}, 4) = (batch, z, y, x) per window, got {tuple(starts.shape)}"
+            f"starts: expected shape ({count}, 4) = (batch, z, y, x) per window (or ({count}, 3) = "
+            f"(z, y, x) in batch 0), got {tuple(starts.shape)}"
         )
     return _to_device("starts", starts, acc.device, torch.int64)
 
@@ -300,10 +308,11 @@ def patch_scatter(
     for each window n with starts[n] = (b, z, y, x); the parts outside the volume are dropped.
 
     Args:
-        acc: [B, C, D, H, W] float32/float64, contiguous; modified in place.
+        acc: [B, C, D, H, W] (or [C, D, H, W]: B = 1) float32/float64, contiguous; modified in place.
         windows: [N, C, rz, ry, rx] float16/bfloat16/float32/float64 on acc's device.
-        starts: [N, 4] integer (batch, z, y, x), on acc's device or the CPU; z, y, x may be negative
-            or run past the end as long as each window overlaps the volume.
+        starts: [N, 4] integer (batch, z, y, x) (or [N, 3]: (z, y, x) in batch 0), on acc's device
+            or the CPU; z, y, x may be negative or run past the end as long as each window overlaps
+            the volume.
         wz, wy, wx: float 1-D weights of lengths rz, ry, rx (densefuse.windows), finite and >= 0
             (ValueError otherwise).
         floor: lower bound of the 3-D weight (0: separable, MONAI's clamp: windows.monai_floor).
@@ -359,7 +368,7 @@ def patch_finalize(
     smallest normal float) read 0 in every output.
 
     Args:
-        acc: [B, C, D, H, W] float32/float64.
+        acc: [B, C, D, H, W] float32/float64 (or [C, D, H, W]: so is the result, [1 or C, D, H, W]).
         starts_z, starts_y, starts_x: the per-axis window starts (densefuse.windows.grid_starts),
             in acc's coordinates (negative when the grid started in a padding).
         wz, wy, wx, floor: the weights given to patch_scatter.
@@ -370,7 +379,7 @@ def patch_finalize(
         check_values: raise ValueError for negative or NaN/Inf weights on acc's device (one sync);
             False leaves that to the caller (weights on the CPU are checked anyway: no sync).
     """
-    acc = _check_acc(acc)
+    given, acc = acc, _check_acc(acc)
     axes = zip(("starts_z", "starts_y", "starts_x"), (starts_z, starts_y, starts_x))
     starts = [_check_axis_starts(name, s, acc) for name, s in axes]
     wz, wy, wx = _check_weights((wz, wy, wx), None, acc, check_values)
@@ -385,9 +394,10 @@ def patch_finalize(
         if output != "probabilities" or not acc.is_contiguous():
             raise ValueError("inplace: needs output='probabilities' and a contiguous acc")
         patch_normalize_op(acc, *starts, wz, wy, wx, floor, code)
-        return acc
+        return given
     out = reference.FUSE_OUTPUTS[output]
-    return patch_finalize_op(acc.contiguous(), *starts, wz, wy, wx, floor, code, out, threshold)
+    fused = patch_finalize_op(acc.contiguous(), *starts, wz, wy, wx, floor, code, out, threshold)
+    return fused if given.dim() == 5 else fused[0]
 
 
 # Window corners patch_extract accepts (check_values): start + window index stays far from int64's
@@ -441,7 +451,8 @@ def patch_extract(
     Args:
         volume: [B, C, D, H, W] (or [C, D, H, W], read as B = 1) float16/bfloat16/float32/float64,
             any strides.
-        starts: [N, 4] integer (batch, z, y, x), on volume's device or the CPU.
+        starts: [N, 4] integer (batch, z, y, x) (or [N, 3]: (z, y, x) in batch 0), on volume's
+            device or the CPU.
         roi: the window size (rz, ry, rx), each >= 1.
         out: [N, C, rz, ry, rx] contiguous, volume's dtype and device, written in place (a batch
             buffer reused from call to call); None: a new tensor.
@@ -454,7 +465,9 @@ def patch_extract(
     starts = _validate.check_tensor("starts", starts)
     if starts.dim() != 2:
         shape = tuple(starts.shape)
-        raise ValueError(f"starts: expected shape (N, 4), one (batch, z, y, x) per window, got {shape}")
+        raise ValueError(
+            f"starts: expected shape (N, 4), one (batch, z, y, x) per window (or (N, 3)), got {shape}"
+        )
     count = starts.shape[0]
     starts = _check_starts(starts, volume, count)
     shape = (count, volume.shape[1], *roi)
