@@ -21,6 +21,7 @@ RuntimeError when forced with use_backend().
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import operator
@@ -497,6 +498,12 @@ def patch_extract(
 
 
 # ------------------------------------------------------------- many batches, arguments checked once
+def _no_grad() -> contextlib.AbstractContextManager:
+    """torch.no_grad() where grad mode is on; where it is off already, nothing (a tenth of the cost:
+    the objects below run once per batch of windows)."""
+    return torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext()
+
+
 def _prepared_weights(
     vectors: Sequence[Tensor], floor: float, dtype: torch.dtype, device: torch.device | str, checked: bool
 ) -> tuple[list[Tensor], float, torch.device]:
@@ -542,7 +549,7 @@ class BatchExtract:
         if out.shape != shape or out.device != volume.device or not out.is_contiguous():
             got = f"{tuple(out.shape)} on {out.device}" + ("" if out.is_contiguous() else ", not contiguous")
             raise ValueError(f"out: expected a contiguous {shape} tensor on {volume.device}, got {got}")
-        with torch.no_grad():
+        with _no_grad():
             self._kernel(out, volume, starts.contiguous(), self.mode, self.cval)
         return out
 
@@ -605,7 +612,7 @@ class BatchScatter:
             raise ValueError(
                 f"starts: expected an int64 [{windows.shape[0]}, 4] tensor on {device}, got {got}"
             )
-        with torch.no_grad():
+        with _no_grad():
             flags = self._kernel(acc, windows.contiguous(), starts.contiguous(), *self.weights, self.floor)
         self._flags.append(flags)
 
@@ -666,7 +673,7 @@ class Finalizer:
         if self.output == 1 and self.activation == 2 and acc.shape[1] > 256:
             raise ValueError(f"acc: an argmax mask is uint8, so at most 256 classes, got {acc.shape[1]}")
         starts = (starts_z, starts_y, starts_x)
-        with torch.no_grad():
+        with _no_grad():
             if inplace:
                 if self.output != 0 or not acc.is_contiguous():
                     raise ValueError("inplace: needs output='probabilities' and a contiguous acc")
