@@ -598,9 +598,10 @@ class SlidingWindowPredictor:
         self.model = model
         self.roi = _check_roi(roi_size, (0, 0, 0), none_means_full=False)
         self.overlap = _check_overlap(overlap, 3)
-        self.weights = windows.separable_window(
-            window, self.roi, order=order, sigma_scale=sigma_scale, name="window"
-        )
+        with torch.inference_mode(False):  # made in inference mode, they would have no version counter
+            self.weights = windows.separable_window(
+                window, self.roi, order=order, sigma_scale=sigma_scale, name="window"
+            )
         self.padding = _check_choice("padding", padding, ("reflect", "constant"))
         self.cval = float(cval)
         if floor is None:
@@ -631,9 +632,11 @@ class SlidingWindowPredictor:
     def _weights_on(self, device: torch.device) -> list[Tensor]:
         """self.weights checked and moved to ``device`` (float32), again only when the device or the
         weights (reassigned, or changed in place) differ from the last call's."""
-        versions = tuple(w._version for w in self.weights)
+        # inference tensors (weights assigned in inference mode) have no version counter: moved again
+        versions = tuple(None if w.is_inference() else w._version for w in self.weights)
         moved = self._moved
-        if moved is None or moved[0] != device or moved[1] is not self.weights or moved[2] != versions:
+        stale = moved is None or moved[0] != device or moved[1] is not self.weights or moved[2] != versions
+        if stale or None in versions:
             copies = _fusion_weights("window", self.weights, torch.float32, device)
             self._moved = moved = (device, self.weights, versions, copies)
         return moved[3]

@@ -586,6 +586,25 @@ def test_model_and_accumulation_devices(rng):
     torch.testing.assert_close(on_gpu.cpu(), SlidingWindowPredictor(net, 6)(x), rtol=1e-4, atol=1e-4)
 
 
+def test_predictor_made_or_fed_in_inference_mode(rng):
+    """A predictor made inside torch.inference_mode() (whose weights would have no version counter)
+    and weights assigned there work in and out of it."""
+    x = torch.randn(1, 1, 9, 8, 7, generator=rng)
+    net = random_conv(rng, 1, 2)
+    expected = SlidingWindowPredictor(net, 5)(x)
+    with torch.inference_mode():
+        predictor = SlidingWindowPredictor(net, 5)
+        assert torch.equal(predictor(x), expected)
+    assert torch.equal(predictor(x), expected)
+    with torch.inference_mode():
+        predictor.weights = [w.clone() for w in predictor.weights]  # inference tensors
+        assert torch.equal(predictor(x), expected)
+        predictor.weights[0][:2] *= 50  # a change no version counter records: still noticed
+        changed = predictor(x)
+        assert not torch.allclose(changed, expected)
+    assert torch.equal(predictor(x), changed)
+
+
 def test_window_layouts_made_once_serve_every_mode_and_call(rng):
     """The cached grid and corners: made under inference mode, used outside it (and in slab mode, whose
     shifted corners are copies) with the same results as freshly made ones."""
