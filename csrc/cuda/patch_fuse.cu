@@ -49,6 +49,12 @@
 
 #include "patch_math.h"
 
+// A kernel launch, DF_LAUNCH(grid, block, stream, kernel)(args...). tests/cuda_emulation.cpp defines
+// it (and DENSEFUSE_CUDA_EMULATION) to run the kernels on the CPU, thread after thread.
+#ifndef DF_LAUNCH
+#define DF_LAUNCH(grid, block, stream, ...) __VA_ARGS__<<<grid, block, 0, stream>>>
+#endif
+
 namespace densefuse::cuda {
 namespace {
 
@@ -128,11 +134,16 @@ __device__ __forceinline__ PlaneBand plane_band(const PatchScatterArgs& a, int64
   return p;
 }
 
-// bad summed over the warp, then one integer atomic per warp that saw a non-finite value.
+// bad summed over the warp, then one integer atomic per warp that saw a non-finite value (emulated
+// threads run one at a time: each adds its own).
 __device__ __forceinline__ void add_nonfinite(unsigned bad, unsigned long long* flags) {
+#ifndef DENSEFUSE_CUDA_EMULATION
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) bad += __shfl_down_sync(0xffffffffu, bad, offset);
   if ((threadIdx.x & 31) == 0 && bad) atomicAdd(flags, static_cast<unsigned long long>(bad));
+#else
+  if (bad) atomicAdd(flags, static_cast<unsigned long long>(bad));
+#endif
 }
 
 template <class T, class S, int VEC, bool CLAMP>
@@ -417,9 +428,9 @@ cudaError_t launch_scatter(const PatchScatterArgs& a, unsigned long long* flags,
   const int64_t rows = band_rows(a.roi[1], a.roi[2] / VEC + 2);  // most groups a clipped row can touch
   return for_plane_grids(a.roi, a.count, a.channels, rows, [&](dim3 grid, int64_t first) {
     if (a.floor > 0) {
-      scatter_kernel<T, S, VEC, true><<<grid, kThreads, 0, stream>>>(a, first, rows, flags);
+      DF_LAUNCH(grid, kThreads, stream, scatter_kernel<T, S, VEC, true>)(a, first, rows, flags);
     } else {
-      scatter_kernel<T, S, VEC, false><<<grid, kThreads, 0, stream>>>(a, first, rows, flags);
+      DF_LAUNCH(grid, kThreads, stream, scatter_kernel<T, S, VEC, false>)(a, first, rows, flags);
     }
   });
 }
@@ -429,9 +440,9 @@ cudaError_t launch_gather(const PatchScatterArgs& a, unsigned long long* flags, 
   const int64_t rows = band_rows(a.roi[1], a.roi[2]);
   return for_plane_grids(a.roi, a.count, a.channels, rows, [&](dim3 grid, int64_t first) {
     if (a.floor > 0) {
-      gather_kernel<T, S, true><<<grid, kThreads, 0, stream>>>(a, first, rows, flags);
+      DF_LAUNCH(grid, kThreads, stream, gather_kernel<T, S, true>)(a, first, rows, flags);
     } else {
-      gather_kernel<T, S, false><<<grid, kThreads, 0, stream>>>(a, first, rows, flags);
+      DF_LAUNCH(grid, kThreads, stream, gather_kernel<T, S, false>)(a, first, rows, flags);
     }
   });
 }
@@ -442,7 +453,7 @@ cudaError_t launch_extract(const PatchExtractArgs& a, cudaStream_t stream) {
   std::memcpy(&cval, a.cval, sizeof(E));  // a host value
   const int64_t rows = band_rows(a.roi[1], a.roi[2]);
   return for_plane_grids(a.roi, a.count, a.channels, rows, [&](dim3 grid, int64_t first) {
-    extract_kernel<E><<<grid, kThreads, 0, stream>>>(a, cval, first, rows);
+    DF_LAUNCH(grid, kThreads, stream, extract_kernel<E>)(a, cval, first, rows);
   });
 }
 
@@ -455,14 +466,14 @@ template <class T>
 cudaError_t launch_finalize(const PatchFinalizeArgs& a, void* out, void* scratch, cudaStream_t stream) {
   const unsigned blocks = blocks_for(a.batch * a.size[0] * a.size[1] * a.size[2]);
   if (a.floor > 0) {
-    finalize_kernel<T, true><<<blocks, kThreads, 0, stream>>>(a, nullptr, out);
+    DF_LAUNCH(blocks, kThreads, stream, finalize_kernel<T, true>)(a, nullptr, out);
     return cudaGetLastError();
   }
   T* sums = static_cast<T*>(scratch);
-  axis_sums_kernel<T><<<blocks_for(a.size[0] + a.size[1] + a.size[2]), kThreads, 0, stream>>>(a, sums);
+  DF_LAUNCH(blocks_for(a.size[0] + a.size[1] + a.size[2]), kThreads, stream, axis_sums_kernel<T>)(a, sums);
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  finalize_kernel<T, false><<<blocks, kThreads, 0, stream>>>(a, sums, out);
+  DF_LAUNCH(blocks, kThreads, stream, finalize_kernel<T, false>)(a, sums, out);
   return cudaGetLastError();
 }
 
