@@ -81,7 +81,8 @@ def test_scatter_matches_the_reference(emulated, acc_dtype, width, floor, rng):
     weights = [w.to(acc_dtype) for w in weights]
     acc = torch.zeros(2, 3, 9, 11, width, dtype=acc_dtype)
     expected = torch.zeros(2, 3, 9, 11, width, dtype=torch.float64)
-    expected_flags = reference.patch_scatter(expected, win.double(), starts, *[w.double() for w in weights], floor)
+    exact = [w.double() for w in weights]
+    expected_flags = reference.patch_scatter(expected, win.double(), starts, *exact, floor)
     flags = emulated.scatter(acc, win, starts, *weights, floor, False)
     assert flags.tolist() == expected_flags.tolist()
     torch.testing.assert_close(acc.double(), expected, rtol=1e-5, atol=1e-5, equal_nan=True)
