@@ -466,7 +466,7 @@ class _Fusion:
         lift = (1,) * (3 - len(size))
         self.batch, self.size, self.roi = batch, tuple(size), tuple(roi)
         self.size3, self.roi3 = (*lift, *size), (*lift, *roi)
-        self.weights, self.floor, self.dtype, self.device = weights, floor, dtype, device
+        self.dtype, self.device = dtype, device
         self.scatter = BatchScatter(*weights, floor, dtype, device, weights_checked=True)  # _fusion_weights
         self.finalize = Finalizer(*weights, floor, dtype, device, weights_checked=True)
         self.accs: list[Tensor] = []
