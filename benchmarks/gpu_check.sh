@@ -109,11 +109,11 @@ run_step() {  # one step of STEPS, by name
         DENSEFUSE_FAILURE_LOG="$WORK/failures.log" step tests 170 "$PY" -m pytest -v --tb=short -rfE --durations 15 ${plugins[@]+"${plugins[@]}"} $TEST_FILES \
             --ignore tests/test_triton_sm90.py -k "gpu or cuda" --junitxml="$WORK/pytest-gpu.xml" ;;
     profile)
-        step profile 40 "$PY" benchmarks/profile_fusion.py --providers densefuse-triton,monai ;;
+        step profile 40 "$PY" benchmarks/profile_fusion.py --providers densefuse-triton,densefuse-cuda,monai ;;
     loss)
         step loss 90 "$PY" benchmarks/report.py --device cuda --out "$WORK/$slug-$day.json" ;;
     fusion)
-        step fusion 90 "$PY" benchmarks/fusion_providers.py --reps 20 --out "$WORK/fusion-$slug-$day.json" ;;
+        step fusion 120 "$PY" benchmarks/fusion_providers.py --reps 20 --out "$WORK/fusion-$slug-$day.json" ;;
     dense)
         step dense 70 "$PY" benchmarks/dense_providers.py --reps 5 --out "$WORK/dense-$slug-$day.json"
         step model-step 70 "$PY" benchmarks/dense_providers.py --model --reps 3 \
