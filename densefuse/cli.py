@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import densefuse
-from densefuse.ops import _backend
+from densefuse.ops import _backend, patch_fuse
 
 
 def info() -> dict:
@@ -46,6 +46,7 @@ def info() -> dict:
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "backends": {d: _backend.available_backends(d) for d in devices},
         "default_backend": {d: _backend.default_backend(d) for d in devices},
+        "patch_fusion_backend": {d: patch_fuse.default_backend(d) for d in devices},
         "forced_backend": _backend.forced_backend(),
     }
 

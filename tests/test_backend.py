@@ -110,3 +110,29 @@ def test_registry_falls_back_to_the_reference_only_when_not_forced():
     if "triton" in cpu_backends():
         with _backend.use_backend("triton"):
             assert registry(cpu) == "triton kernel"
+
+
+def test_registry_follows_its_own_order():
+    """An op family's order replaces the device default: its first usable backend with a kernel wins."""
+    present = {"torch": True, "cpp": True, "triton": True}
+    loaders = {name: (lambda name=name: name) for name in present}
+    registry = _backend.Registry(
+        "demo_op", loaders, present.__getitem__, order={"cpu": ("triton", "cpp", "torch")}
+    )
+    cpu = torch.device("cpu")
+    expected = next(b for b in ("triton", "cpp", "torch") if b in cpu_backends())
+    assert registry.default("cpu") == registry(cpu) == expected
+    present["triton"] = False  # no kernel: the next backend of the order, not the reference
+    assert registry.default("cpu") == ("cpp" if "cpp" in cpu_backends() else "torch")
+    with _backend.use_backend("torch"):
+        assert registry(cpu) == "torch"
+
+
+def test_patch_fusion_prefers_the_cuda_kernels_on_cuda():
+    """Measured on an H100: the C++ fusion kernels beat Triton's (host time); the loss keeps Triton."""
+    from densefuse.ops import loss_stats, patch_fuse
+
+    assert patch_fuse.ORDER["cuda"][:2] == ("cuda", "triton")
+    assert loss_stats._overlap_fwd.order["cuda"] == _backend.DEFAULT_ORDER["cuda"]
+    if torch.cuda.is_available() and "cuda" in patch_fuse.implemented_backends("cuda"):
+        assert patch_fuse.default_backend("cuda") == "cuda"

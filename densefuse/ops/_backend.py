@@ -6,7 +6,8 @@ Backends (DESIGN §2):
     cpp     CPU tensors, when densefuse._C was built.
     torch   any device: densefuse.reference, the readable oracle.
 
-Default per device: cuda -> triton (else cuda, else torch); cpu -> cpp (else torch).
+Default per device: cuda -> triton (else cuda, else torch); cpu -> cpp (else torch). An op family may
+prefer another order where it was measured faster (patch fusion on CUDA: cuda, then triton).
 ``use_backend(name)`` (a context manager) or the environment variable DENSEFUSE_BACKEND force one.
 """
 
@@ -130,17 +131,23 @@ def forced_backend_scope(backend: str | None) -> contextlib.AbstractContextManag
     return use_backend(backend) if backend is not None else contextlib.nullcontext()
 
 
+DEFAULT_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
+
+
 def default_backend(device_type: str) -> str:
-    order = ("triton", "cuda", "torch") if device_type == "cuda" else ("cpp", "torch")
-    return next(b for b in order if unavailable_reason(b, device_type) is None)
+    """The first backend of DEFAULT_ORDER[device_type] that can run here (ops without a kernel for it
+    fall back as Registry.default says)."""
+    ranked = DEFAULT_ORDER.get(device_type, ())
+    return next((b for b in ranked if unavailable_reason(b, device_type) is None), "torch")
 
 
-def select(device: torch.device) -> str:
-    """The backend that runs an op whose inputs live on ``device``."""
+def select(device: torch.device, default: Callable[[str], str] = default_backend) -> str:
+    """The backend that runs an op whose inputs live on ``device``: the forced one (checked), else
+    ``default(device.type)``."""
     forced = forced_backend()
     if forced is not None:
         return _check(forced, device.type)
-    return default_backend(device.type)
+    return default(device.type)
 
 
 class Registry:
@@ -151,6 +158,7 @@ class Registry:
     that kernel is really there (e.g. the compiled extension has the op), default: it is. Calling
     the registry with a device picks the forced backend (an error if it has no kernel for this op)
     or the device's default, falling back to the ``torch`` reference where the default has none.
+    ``order`` (device type -> backends, best first) replaces DEFAULT_ORDER for this op.
     """
 
     def __init__(
@@ -158,10 +166,12 @@ class Registry:
         name: str,
         loaders: dict[str, Callable[[], Callable]],
         has_kernel: Callable[[str], bool] | None = None,
+        order: dict[str, tuple[str, ...]] | None = None,
     ):
         self.name = name
         self._loaders = loaders
         self._has_kernel = has_kernel
+        self.order = {**DEFAULT_ORDER, **(order or {})}
 
     def has(self, backend: str) -> bool:
         """Whether this op has a ``backend`` kernel (whether or not it can run on this machine)."""
@@ -174,8 +184,12 @@ class Registry:
             raise RuntimeError(f"densefuse: op {self.name} has no {backend!r} kernel; {hint}")
         return self._loaders[backend]()
 
+    def default(self, device_type: str) -> str:
+        """The backend this op runs on ``device_type`` unless one is forced: the first of its order
+        that can run here and has a kernel for it, else the reference."""
+        ranked = self.order.get(device_type, ())
+        usable = (b for b in ranked if self.has(b) and unavailable_reason(b, device_type) is None)
+        return next(usable, "torch")
+
     def __call__(self, device: torch.device) -> Callable:
-        backend = select(device)
-        if forced_backend() is None and not self.has(backend):
-            backend = "torch"
-        return self.impl(backend)
+        return self.impl(select(device, self.default))
