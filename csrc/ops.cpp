@@ -435,9 +435,9 @@ void run_finalize(const FinalizeCall& call, void* out) {
 #ifdef DENSEFUSE_WITH_CUDA
     const c10::cuda::CUDAGuard guard(call.acc.device());
     const auto& a = call.args;
-    const Tensor sums = a.floor > 0 ? Tensor() : at::empty({a.size[0] + a.size[1] + a.size[2]}, call.acc.options());
-    const cudaError_t err = cuda::launch_patch_finalize(a, out, sums.defined() ? sums.data_ptr() : nullptr,
-                                                        c10::cuda::getCurrentCUDAStream());
+    const Tensor scratch = at::empty({2 * (a.size[0] + a.size[1] + a.size[2])}, call.acc.options().dtype(at::kLong));
+    const cudaError_t err =
+        cuda::launch_patch_finalize(a, out, scratch.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream());
     TORCH_CHECK(err == cudaSuccess, "densefuse: CUDA patch_finalize failed for acc ", call.acc.sizes(), ": ",
                 cudaGetErrorString(err));
 #else

@@ -129,6 +129,22 @@ def test_finalize_matches_the_reference(emulated, acc_dtype, floor, activation, 
             torch.testing.assert_close(in_place, out, rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("floor", [0.0, 0.05])
+def test_finalize_with_unsorted_and_repeated_grid_starts(emulated, floor, rng):
+    """The finaliser visits, per axis, the index range of the starts that cover a coordinate: with
+    starts out of order, repeated, and many covering windows (overlap 0.8), it must still sum every
+    covering window in grid order and no other."""
+    size, roi = (13, 11, 12), (5, 6, 5)
+    grid = [torch.tensor(s) for s in ([5, -1, 2, 2, 9, 0, 1], [3, 0, 5, 3, 4, 1], [6, 1, 4, 0, 8, 2, 3])]
+    weights = [torch.rand(r, generator=rng, dtype=torch.float64) + 0.05 for r in roi]
+    acc = torch.randn(1, 3, *size, generator=rng, dtype=torch.float64)
+    for output in (0, 1):
+        expected = reference.patch_finalize(acc, *grid, *weights, floor, 0, output, 0.5)
+        out = torch.empty_like(expected)
+        emulated.finalize(acc, out, *grid, *weights, floor, 0, output, 0.5)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
 def test_windows_over_many_row_bands(emulated, rng):
     """Windows of 1500 rows span several blocks (row bands) per plane."""
     roi, size = (2, 1500, 3), (3, 1600, 4)

@@ -31,9 +31,11 @@
 // Extract: the same grid over the windows of out; each thread copies one value, reading the
 // volume (any strides) at patch::pad_index of every axis, or cval.
 //
-// Finalise: one thread per voxel (b, z, y, x), every channel. N = (Sz[z] * Sy[y]) * Sx[x] from three
-// 1-D sums made first by a small kernel (floor == 0), or the clamped weights of the covering grid
-// windows summed in grid order (a, b, c) (floor > 0), as the CPU kernel. v = acc / N (0 where N is
+// Finalise: a small kernel first makes, per coordinate of each axis, the 1-D sum (floor == 0) or the
+// index range of the grid starts covering it (floor > 0); then one thread per voxel (b, z, y, x),
+// every channel: N = (Sz[z] * Sy[y]) * Sx[x], or the clamped weights of the covering grid windows
+// summed in grid order (a, b, c), as the CPU kernel (about cz * cy * cx steps, c the windows covering
+// the voxel along an axis). v = acc / N (0 where N is
 // below the smallest normal T), then the activation (softmax over C in three passes over the voxel's
 // channels: max, sum of exp, output) and the output: floats (out may be acc), an argmax label (first
 // maximum, NaN wins, as torch.argmax) or a threshold mask.
@@ -187,12 +189,14 @@ __global__ void __launch_bounds__(kThreads)
   add_nonfinite(bad, flags);
 }
 
-// Whether the window at s = (b, z, y, x) of size roi covers voxel (b, z, y, x) of the volume (no
-// overflow for any int64 start: the voxel's coordinates are in [0, size)).
+// Whether a window starting at s of length roi covers coordinate v in [0, size) (no overflow for any
+// int64 start).
+__device__ __forceinline__ bool covers_axis(int64_t s, int64_t roi, int64_t v) { return s <= v && s > v - roi; }
+
+// Whether the window at s = (b, z, y, x) of size roi covers voxel (b, z, y, x) of the volume.
 __device__ __forceinline__ bool covers(const int64_t* s, const int64_t* roi, int64_t b, int64_t z, int64_t y,
                                        int64_t x) {
-  return s[0] == b && s[1] <= z && s[1] > z - roi[0] && s[2] <= y && s[2] > y - roi[1] && s[3] <= x &&
-         s[3] > x - roi[2];
+  return s[0] == b && covers_axis(s[1], roi[0], z) && covers_axis(s[2], roi[1], y) && covers_axis(s[3], roi[2], x);
 }
 
 // a * b rounded on its own (never fused with the add that follows into an FMA): the gather's sums
@@ -277,48 +281,65 @@ __device__ __forceinline__ double smallest_normal<double>() {
   return DBL_MIN;
 }
 
-// sums [D + H + W] = the axis sums S of reference.axis_normalizer for z, then y, then x.
-template <class T>
-__global__ void __launch_bounds__(kThreads) axis_sums_kernel(const PatchFinalizeArgs a, T* sums) {
+// Per coordinate t of the axes z, y, x laid end to end (D + H + W of them), into scratch:
+//   floor == 0: the axis sum S of reference.axis_normalizer (acc's dtype T, scratch[t]);
+//   floor > 0:  the smallest index range [first, end) of the axis's grid starts holding every start
+//               whose window covers the coordinate (int64, scratch[2t], scratch[2t + 1]; [0, 0) where
+//               none does). The normaliser visits only that range, testing each start again, so
+//               unsorted or repeated starts still give every covering window in grid order.
+template <class T, bool CLAMP>
+__global__ void __launch_bounds__(kThreads) axis_prep_kernel(const PatchFinalizeArgs a, int64_t* scratch) {
   const int64_t total = a.size[0] + a.size[1] + a.size[2];
   for (int64_t t = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; t < total;
        t += static_cast<int64_t>(gridDim.x) * kThreads) {
     int d = 0;
     int64_t v = t;
     while (v >= a.size[d]) v -= a.size[d++];
-    const T* w = static_cast<const T*>(a.weights[d]);
-    T sum = T(0);
-    for (int64_t s = 0; s < a.grid[d]; ++s) {
-      const AxisClip clip = patch::clip_axis(a.starts[d][s], a.roi[d], a.size[d]);
-      if (v >= clip.lo && v < clip.hi) sum += w[v - clip.start];
+    const int64_t* starts = a.starts[d];
+    if constexpr (CLAMP) {
+      int64_t first = a.grid[d], end = 0;
+      for (int64_t g = 0; g < a.grid[d]; ++g) {
+        if (!covers_axis(starts[g], a.roi[d], v)) continue;
+        first = g < first ? g : first;
+        end = g + 1;
+      }
+      scratch[2 * t] = first < end ? first : 0;
+      scratch[2 * t + 1] = end;
+    } else {
+      const T* w = static_cast<const T*>(a.weights[d]);
+      T sum = T(0);
+      for (int64_t g = 0; g < a.grid[d]; ++g) {
+        if (covers_axis(starts[g], a.roi[d], v)) sum += w[v - starts[g]];
+      }
+      reinterpret_cast<T*>(scratch)[t] = sum;
     }
-    sums[t] = sum;
   }
 }
 
 // N(z, y, x): (Sz Sy) Sx from the axis sums (no clamp), or the clamped weights of the covering grid
-// windows in grid order (a, b, c), as the CPU Normalizer.
+// windows summed in grid order (a, b, c), as the CPU Normalizer, visiting each axis's covering range.
 template <class T, bool CLAMP>
-__device__ __forceinline__ T normalizer(const PatchFinalizeArgs& a, const T* sums, int64_t z, int64_t y, int64_t x) {
+__device__ __forceinline__ T normalizer(const PatchFinalizeArgs& a, const int64_t* scratch, int64_t z, int64_t y,
+                                        int64_t x) {
+  const int64_t at[3] = {z, a.size[0] + y, a.size[0] + a.size[1] + x};
   if constexpr (!CLAMP) {
-    return (sums[z] * sums[a.size[0] + y]) * sums[a.size[0] + a.size[1] + x];
+    const T* sums = reinterpret_cast<const T*>(scratch);
+    return (sums[at[0]] * sums[at[1]]) * sums[at[2]];
   } else {
     const T* wz = static_cast<const T*>(a.weights[0]);
     const T* wy = static_cast<const T*>(a.weights[1]);
     const T* wx = static_cast<const T*>(a.weights[2]);
+    const int64_t *sz = a.starts[0], *sy = a.starts[1], *sx = a.starts[2];
     const T floor = static_cast<T>(a.floor);
     T total = T(0);
-    for (int64_t p = 0; p < a.grid[0]; ++p) {
-      const AxisClip cz = patch::clip_axis(a.starts[0][p], a.roi[0], a.size[0]);
-      if (z < cz.lo || z >= cz.hi) continue;
-      const T weight_z = wz[z - cz.start];
-      for (int64_t q = 0; q < a.grid[1]; ++q) {
-        const AxisClip cy = patch::clip_axis(a.starts[1][q], a.roi[1], a.size[1]);
-        if (y < cy.lo || y >= cy.hi) continue;
-        const T pzy = weight_z * wy[y - cy.start];
-        for (int64_t r = 0; r < a.grid[2]; ++r) {
-          const AxisClip cx = patch::clip_axis(a.starts[2][r], a.roi[2], a.size[2]);
-          if (x >= cx.lo && x < cx.hi) total += patch::weight<true>(pzy, wx[x - cx.start], floor);
+    for (int64_t p = scratch[2 * at[0]]; p < scratch[2 * at[0] + 1]; ++p) {
+      if (!covers_axis(sz[p], a.roi[0], z)) continue;
+      const T weight_z = wz[z - sz[p]];
+      for (int64_t q = scratch[2 * at[1]]; q < scratch[2 * at[1] + 1]; ++q) {
+        if (!covers_axis(sy[q], a.roi[1], y)) continue;
+        const T pzy = weight_z * wy[y - sy[q]];
+        for (int64_t r = scratch[2 * at[2]]; r < scratch[2 * at[2] + 1]; ++r) {
+          if (covers_axis(sx[r], a.roi[2], x)) total += patch::weight<true>(pzy, wx[x - sx[r]], floor);
         }
       }
     }
@@ -328,7 +349,8 @@ __device__ __forceinline__ T normalizer(const PatchFinalizeArgs& a, const T* sum
 
 // One voxel (b, z, y, x) per thread (grid-stride), every channel: see the file comment.
 template <class T, bool CLAMP>
-__global__ void __launch_bounds__(kThreads) finalize_kernel(const PatchFinalizeArgs a, const T* sums, void* out) {
+__global__ void __launch_bounds__(kThreads)
+    finalize_kernel(const PatchFinalizeArgs a, const int64_t* scratch, void* out) {
   const int64_t height = a.size[1], width = a.size[2];
   const int64_t volume = a.size[0] * height * width, channels = a.channels;
   const T level = static_cast<T>(a.threshold);
@@ -336,7 +358,7 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(const PatchFinalizeA
        t += static_cast<int64_t>(gridDim.x) * kThreads) {
     const int64_t b = t / volume, s = t % volume;  // s = (z H + y) W + x
     const int64_t x = s % width, y = s / width % height, z = s / (width * height);
-    const T n = normalizer<T, CLAMP>(a, sums, z, y, x);
+    const T n = normalizer<T, CLAMP>(a, scratch, z, y, x);
     const bool covered = n >= smallest_normal<T>();
     const T* acc = static_cast<const T*>(a.acc) + b * channels * volume + s;  // channel stride volume
     const auto value = [&](int64_t c) {
@@ -462,19 +484,21 @@ unsigned blocks_for(int64_t items) {
   return static_cast<unsigned>(blocks < kMaxBlocks ? blocks : kMaxBlocks);
 }
 
-template <class T>
-cudaError_t launch_finalize(const PatchFinalizeArgs& a, void* out, void* scratch, cudaStream_t stream) {
-  const unsigned blocks = blocks_for(a.batch * a.size[0] * a.size[1] * a.size[2]);
-  if (a.floor > 0) {
-    DF_LAUNCH(blocks, kThreads, stream, finalize_kernel<T, true>)(a, nullptr, out);
-    return cudaGetLastError();
-  }
-  T* sums = static_cast<T*>(scratch);
-  DF_LAUNCH(blocks_for(a.size[0] + a.size[1] + a.size[2]), kThreads, stream, axis_sums_kernel<T>)(a, sums);
+template <class T, bool CLAMP>
+cudaError_t launch_finalize(const PatchFinalizeArgs& a, void* out, int64_t* scratch, cudaStream_t stream) {
+  const int64_t coordinates = a.size[0] + a.size[1] + a.size[2];
+  DF_LAUNCH(blocks_for(coordinates), kThreads, stream, axis_prep_kernel<T, CLAMP>)(a, scratch);
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  DF_LAUNCH(blocks, kThreads, stream, finalize_kernel<T, false>)(a, sums, out);
+  const unsigned blocks = blocks_for(a.batch * a.size[0] * a.size[1] * a.size[2]);
+  DF_LAUNCH(blocks, kThreads, stream, finalize_kernel<T, CLAMP>)(a, scratch, out);
   return cudaGetLastError();
+}
+
+template <class T>
+cudaError_t launch_finalize(const PatchFinalizeArgs& a, void* out, int64_t* scratch, cudaStream_t stream) {
+  if (a.floor > 0) return launch_finalize<T, true>(a, out, scratch, stream);
+  return launch_finalize<T, false>(a, out, scratch, stream);
 }
 
 // The window launcher for the windows' dtype and acc's dtype (and, for the scatter, its vector width).
@@ -509,9 +533,9 @@ cudaError_t launch_patch_gather(const PatchScatterArgs& args, int64_t* flags, cu
   return launch_windows<true>(args, flags, stream);
 }
 
-cudaError_t launch_patch_finalize(const PatchFinalizeArgs& args, void* out, void* sums, cudaStream_t stream) {
-  if (args.acc_dtype == DType::Float64) return launch_finalize<double>(args, out, sums, stream);
-  return launch_finalize<float>(args, out, sums, stream);
+cudaError_t launch_patch_finalize(const PatchFinalizeArgs& args, void* out, int64_t* scratch, cudaStream_t stream) {
+  if (args.acc_dtype == DType::Float64) return launch_finalize<double>(args, out, scratch, stream);
+  return launch_finalize<float>(args, out, scratch, stream);
 }
 
 cudaError_t launch_patch_extract(const PatchExtractArgs& args, cudaStream_t stream) {

@@ -21,9 +21,9 @@ cudaError_t launch_patch_scatter(const PatchScatterArgs& args, int64_t* flags, c
 // once. Deterministic (the same bits on every run); flags as launch_patch_scatter.
 cudaError_t launch_patch_gather(const PatchScatterArgs& args, int64_t* flags, cudaStream_t stream);
 
-// out = act(acc / N) in acc's dtype (out may be acc) or a uint8 mask, as args.output says; sums: device
-// scratch for D + H + W values in acc's dtype where args.floor == 0 (unused, may be null, otherwise).
-cudaError_t launch_patch_finalize(const PatchFinalizeArgs& args, void* out, void* sums, cudaStream_t stream);
+// out = act(acc / N) in acc's dtype (out may be acc) or a uint8 mask, as args.output says; scratch:
+// device memory for 2 * (D + H + W) int64 (per-axis sums or covering ranges, made here).
+cudaError_t launch_patch_finalize(const PatchFinalizeArgs& args, void* out, int64_t* scratch, cudaStream_t stream);
 
 // args.out = the windows of args.volume (device pointers; args.cval points to one value on the host).
 cudaError_t launch_patch_extract(const PatchExtractArgs& args, cudaStream_t stream);
