@@ -15,7 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_patch_fuse import WINDOW_DTYPES, random_case, random_starts
+from test_patch_fuse import (
+    WINDOW_DTYPES,
+    random_case,
+    random_starts,
+    unsorted_grid_case,
+    vector_extract_case,
+)
 
 from densefuse import reference
 
@@ -103,6 +109,16 @@ def test_extract_is_the_reference(emulated, mode, dtype, rng):
     assert torch.equal(out, expected)
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", WINDOW_DTYPES, ids=str)
+def test_extract_copies_inner_windows_in_whole_vectors(emulated, mode, dtype, rng):
+    """Windows inside along y and x at an aligned x are copied 16 bytes at a time; the others pad."""
+    volume, starts, expected = vector_extract_case(rng, dtype, reference.PAD_MODES[mode])
+    out = torch.full_like(expected, float("nan"))
+    emulated.extract(out, volume, starts, reference.PAD_MODES[mode], -2.5)
+    assert torch.equal(out, expected)
+
+
 @pytest.mark.parametrize("acc_dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("floor", [0.0, 0.05])
 @pytest.mark.parametrize("activation", [0, 1, 2], ids=["none", "sigmoid", "softmax"])
@@ -131,13 +147,9 @@ def test_finalize_matches_the_reference(emulated, acc_dtype, floor, activation, 
 
 @pytest.mark.parametrize("floor", [0.0, 0.05])
 def test_finalize_with_unsorted_and_repeated_grid_starts(emulated, floor, rng):
-    """The finaliser visits, per axis, the index range of the starts that cover a coordinate: with
-    starts out of order, repeated, and many covering windows (overlap 0.8), it must still sum every
-    covering window in grid order and no other."""
-    size, roi = (13, 11, 12), (5, 6, 5)
-    grid = [torch.tensor(s) for s in ([5, -1, 2, 2, 9, 0, 1], [3, 0, 5, 3, 4, 1], [6, 1, 4, 0, 8, 2, 3])]
-    weights = [torch.rand(r, generator=rng, dtype=torch.float64) + 0.05 for r in roi]
-    acc = torch.randn(1, 3, *size, generator=rng, dtype=torch.float64)
+    """Per axis the finaliser visits the index range of the starts covering a coordinate: out of
+    order, repeated and many covering starts must still give every covering window in grid order."""
+    acc, grid, weights = unsorted_grid_case(rng)
     for output in (0, 1):
         expected = reference.patch_finalize(acc, *grid, *weights, floor, 0, output, 0.5)
         out = torch.empty_like(expected)

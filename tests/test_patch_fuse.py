@@ -187,6 +187,13 @@ def test_finalize_accepts_a_slab_with_shifted_starts(backend, rng):
     assert torch.equal(part, whole[:, :, 2:5])
 
 
+@pytest.mark.parametrize("floor", [0.0, 0.05])
+def test_finalize_with_unsorted_and_repeated_grid_starts(backend, floor, rng):
+    acc, grid, weights = unsorted_grid_case(rng)
+    expected = reference.patch_finalize(acc, *grid, *weights, floor, 0, 0, 0.5)
+    torch.testing.assert_close(patch_finalize(acc, *grid, *weights, floor), expected, rtol=1e-12, atol=0)
+
+
 # ---------------------------------------------------------------------------------------- bad input
 def _case():
     acc = torch.zeros(2, 3, 5, 7, 6)
@@ -350,6 +357,27 @@ def random_starts(rng, count, batch, size, roi, reach=3):
     columns = [torch.randint(0, batch, (count,), generator=rng)]
     columns += [torch.randint(-r - reach, n + reach, (count,), generator=rng) for r, n in zip(roi, size)]
     return torch.stack(columns, dim=1)
+
+
+def vector_extract_case(rng, dtype, mode):
+    """(volume, starts, expected windows with cval -2.5): a contiguous [2, 3, 6, 10, 24] volume whose
+    rows are whole 16-byte vectors for every dtype, roi (3, 4, 8); windows inside along y and x at an
+    x divisible by 8 (z padded or not), then unaligned, edge, outside and out-of-batch ones."""
+    volume = torch.randn(2, 3, 6, 10, 24, generator=rng, dtype=torch.float64).to(dtype)
+    inner = [[0, 0, 0, 0], [1, 2, 6, 16], [0, -1, 3, 8], [1, 3, 5, 0]]
+    other = [[1, 4, 2, 3], [0, 1, -2, 8], [1, 0, 7, 16], [0, 2, 1, 20], [0, 5, 0, -8], [2, 0, 0, 0]]
+    starts = torch.tensor(inner + other)
+    expected = torch.empty(len(starts), 3, 3, 4, 8, dtype=dtype)
+    reference.patch_extract(expected, volume, starts, mode, -2.5)
+    return volume, starts, expected
+
+
+def unsorted_grid_case(rng):
+    """(acc [1, 3, 13, 11, 12] float64, per-axis grid starts out of order and repeated, with up to
+    five windows covering a coordinate, weights for roi (5, 6, 5))."""
+    grid = [torch.tensor(s) for s in ([5, -1, 2, 2, 9, 0, 1], [3, 0, 5, 3, 4, 1], [6, 1, 4, 0, 8, 2, 3])]
+    weights = [torch.rand(r, generator=rng, dtype=torch.float64) + 0.05 for r in (5, 6, 5)]
+    return torch.randn(1, 3, 13, 11, 12, generator=rng, dtype=torch.float64), grid, weights
 
 
 @pytest.mark.parametrize("mode", PAD_MODES)
@@ -923,6 +951,29 @@ def test_cuda_extract_is_the_reference(mode, dtype, rng):
     out = torch.full_like(expected, float("nan"), device="cuda")
     torch.ops.densefuse_ext.patch_extract(out, strided, starts.cuda(), reference.PAD_MODES[mode], 1.7)
     assert torch.equal(out.cpu(), expected)
+
+
+@requires_cuda_ext
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", WINDOW_DTYPES, ids=str)
+def test_cuda_extract_copies_inner_windows_in_whole_vectors(dtype, rng):
+    volume, starts, expected = vector_extract_case(rng, dtype, reference.PAD_MODES["reflect"])
+    out = torch.full_like(expected, float("nan"), device="cuda")
+    torch.ops.densefuse_ext.patch_extract(
+        out, volume.cuda(), starts.cuda(), reference.PAD_MODES["reflect"], -2.5
+    )
+    assert torch.equal(out.cpu(), expected)
+
+
+@requires_cuda_ext
+@pytest.mark.gpu
+@pytest.mark.parametrize("floor", [0.0, 0.05])
+def test_cuda_finalize_with_unsorted_and_repeated_grid_starts(floor, rng):
+    acc, grid, weights = unsorted_grid_case(rng)
+    expected = reference.patch_finalize(acc, *grid, *weights, floor, 0, 0, 0.5)
+    on_gpu = [t.cuda() for t in (acc, *grid, *weights)]
+    out = torch.ops.densefuse_ext.patch_finalize(*on_gpu, floor, 0, 0, 0.5)
+    torch.testing.assert_close(out.cpu(), expected, rtol=0, atol=0)
 
 
 @requires_cuda_ext

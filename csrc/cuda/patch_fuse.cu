@@ -29,7 +29,8 @@
 // the call (sw_batch_size of them in sliding-window inference).
 //
 // Extract: the same grid over the windows of out; each thread copies one value, reading the
-// volume (any strides) at patch::pad_index of every axis, or cval.
+// volume (any strides) at patch::pad_index of every axis, or cval; or, for a window inside the
+// volume along y and x where the layout allows, 16 bytes at a time (no padding arithmetic).
 //
 // Finalise: a small kernel first makes, per coordinate of each axis, the 1-D sum (floor == 0) or the
 // index range of the grid starts covering it (floor > 0); then one thread per voxel (b, z, y, x),
@@ -241,8 +242,10 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // out[n, c, i, j, k] = padded(volume)[b, c, z + i, y + j, x + k] (E: an unsigned integer of the element
-// size: values are only moved).
-template <class E>
+// size: values are only moved). VEC > 1 (16 / sizeof(E), chosen by launch_extract where x has unit
+// stride and every row of the volume and of out starts 16-byte aligned): a window lying inside the
+// volume along y and x, starting at an x divisible by VEC, is copied 16 bytes per load and store.
+template <class E, int VEC>
 __global__ void __launch_bounds__(kThreads)
     extract_kernel(const PatchExtractArgs a, E cval, int64_t first_plane, int64_t rows_per_block) {
   const int64_t rz = a.roi[0], ry = a.roi[1], rx = a.roi[2];
@@ -256,6 +259,18 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t z = in_batch ? patch::pad_index(s[1], i, a.size[0], a.mode) : -1;
   const E* src = z >= 0 ? static_cast<const E*>(a.volume) + s[0] * st[0] + c * st[1] + z * st[2] : nullptr;
   E* dst = static_cast<E*>(a.out) + (plane * ry + j_lo) * rx;
+  if constexpr (VEC > 1) {
+    const bool inside = s[2] >= 0 && s[2] <= a.size[1] - ry && s[3] >= 0 && s[3] <= a.size[2] - rx;
+    if (src != nullptr && inside && s[3] % VEC == 0) {
+      const int64_t per_row = rx / VEC;
+      const E* row0 = src + (s[2] + j_lo) * st[3] + s[3];
+      for (int64_t t = threadIdx.x; t < (j_hi - j_lo) * per_row; t += kThreads) {
+        const int64_t j = t / per_row, k = t % per_row;
+        reinterpret_cast<uint4*>(dst)[t] = reinterpret_cast<const uint4*>(row0 + j * st[3])[k];
+      }
+      return;
+    }
+  }
   const int64_t items = (j_hi - j_lo) * rx;
   for (int64_t t = threadIdx.x; t < items; t += kThreads) {
     E value = cval;
@@ -469,13 +484,29 @@ cudaError_t launch_gather(const PatchScatterArgs& a, unsigned long long* flags, 
   });
 }
 
+// Whether the 16-byte copy of extract_kernel<E, 16 / sizeof(E)> fits: x of unit stride, rows of whole
+// vectors, and the volume's and out's rows 16-byte aligned.
+template <class E>
+bool extract_vectorizable(const PatchExtractArgs& a) {
+  constexpr int64_t vec = 16 / sizeof(E);
+  bool fits = a.strides[4] == 1 && a.roi[2] % vec == 0 && reinterpret_cast<uintptr_t>(a.volume) % 16 == 0 &&
+              reinterpret_cast<uintptr_t>(a.out) % 16 == 0;
+  for (int d = 0; d < 4; ++d) fits = fits && a.strides[d] % vec == 0;
+  return fits;
+}
+
 template <class E>
 cudaError_t launch_extract(const PatchExtractArgs& a, cudaStream_t stream) {
   E cval;
   std::memcpy(&cval, a.cval, sizeof(E));  // a host value
   const int64_t rows = band_rows(a.roi[1], a.roi[2]);
+  const bool vectorized = extract_vectorizable<E>(a);
   return for_plane_grids(a.roi, a.count, a.channels, rows, [&](dim3 grid, int64_t first) {
-    DF_LAUNCH(grid, kThreads, stream, extract_kernel<E>)(a, cval, first, rows);
+    if (vectorized) {
+      DF_LAUNCH(grid, kThreads, stream, extract_kernel<E, 16 / sizeof(E)>)(a, cval, first, rows);
+    } else {
+      DF_LAUNCH(grid, kThreads, stream, extract_kernel<E, 1>)(a, cval, first, rows);
+    }
   });
 }
 
