@@ -283,6 +283,7 @@ Tensor checked_acc(const Tensor& acc, bool in_place) {
 Tensor to_acc_device(const char* name, const Tensor& t, const Tensor& acc, at::ScalarType dtype) {
   TORCH_CHECK(t.device() == acc.device() || t.device().is_cpu(), name, ": expected a tensor on ", acc.device(),
               " (or the CPU), got ", t.device());
+  if (t.device() == acc.device() && t.scalar_type() == dtype && t.is_contiguous()) return t;  // no dispatch
   return t.to(acc.device(), dtype).contiguous();
 }
 
