@@ -491,12 +491,13 @@ class _Fusion:
         self, grid: Sequence[Tensor], dtype: torch.dtype
     ) -> Tensor | tuple[Tensor, ...] | dict[Any, Tensor]:
         """The fused outputs [B, C_k, *spatial] in ``dtype``, in the predictor's structure (``grid``:
-        the per-axis window starts, 3-D)."""
-        check_patch_flags(self.scatter.flags(), "predictor")
+        the per-axis window starts, 3-D). The finalisers are queued before the flags are read (on a GPU
+        that read waits for the device), so the device goes on while the host waits."""
         results = []
         for acc in self.accs:
             fused = self.finalize(acc, *grid, inplace=True)
             results.append(fused.reshape(self.batch, -1, *self.size).to(dtype))
+        check_patch_flags(self.scatter.flags(), "predictor")
         if self.keys is not None:
             return dict(zip(self.keys, results))
         return results[0] if len(results) == 1 else tuple(results)
@@ -841,7 +842,7 @@ class _SlabFusion:
         self.lo += planes
 
     def result(self) -> Tensor:
+        """The output; the flags are read after the last finaliser is queued (see _Fusion.result)."""
+        out = self.out if self.slabs else self._finalize(self.acc, inplace=self.finalizer.output == 0)
         check_patch_flags(self.scatter.flags(), "model")
-        if self.slabs:
-            return self.out
-        return self._finalize(self.acc, inplace=self.finalizer.output == 0)  # probabilities: in place
+        return out
