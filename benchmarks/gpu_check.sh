@@ -22,10 +22,9 @@
 # Seen on an H100 (2026-11-27, 16 cores): build 99 s; the full test selection 113 s with 16 xdist
 # workers (Triton compiles included); fusion 39 s; the planner test alone needs over 60 s. A full
 # check does not fit one 10-minute call: pick STEPS (e.g. "tests fusion profile", then
-# "loss dense model plan" with BUILD=0 and the kept extension carried). Since then csrc/cuda gained
-# the CUDA extraction, gather and finaliser (never run on a GPU yet; the build takes longer): to
-# verify and time them first, STEPS="tests fusion profile" TEST_FILES="tests/test_patch_fuse.py
-# tests/test_inference.py" (the fusion step then times densefuse-cuda beside triton and MONAI).
+# "loss dense model plan" with BUILD=0 and the kept extension carried). A second lease the same day
+# ran STEPS="tests fusion profile" TEST_FILES="tests/test_patch_fuse.py tests/test_inference.py" in
+# 222 s (build 100, tests 49, fusion 32, profile 20): the CUDA fusion kernels' check and timing.
 #
 # Results and logs are written to a work folder; at the end (also when a step fails or the deadline
 # cuts it short) $OUT (default benchmarks/results) receives summary.txt and gpu-check.tar.gz holding
