@@ -65,6 +65,7 @@ def test_info_reports_backends(capsys):
     assert cli.main(["info"]) == 0
     report = cli.info()
     assert report["backends"]["cpu"] == cpu_backends()
+    assert report["patch_fusion_backend"]["cpu"] == report["default_backend"]["cpu"]
     assert '"default_backend"' in capsys.readouterr().out
 
 
