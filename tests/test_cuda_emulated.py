@@ -117,6 +117,10 @@ def test_extract_copies_inner_windows_in_whole_vectors(emulated, mode, dtype, rn
     out = torch.full_like(expected, float("nan"))
     emulated.extract(out, volume, starts, reference.PAD_MODES[mode], -2.5)
     assert torch.equal(out, expected)
+    shifted = torch.cat([volume[..., :1], volume], dim=-1)[..., 1:]  # the same values, misaligned rows
+    out.fill_(float("nan"))
+    emulated.extract(out, shifted, starts, reference.PAD_MODES[mode], -2.5)
+    assert torch.equal(out, expected)
 
 
 @pytest.mark.parametrize("acc_dtype", [torch.float32, torch.float64], ids=str)
