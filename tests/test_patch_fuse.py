@@ -957,12 +957,14 @@ def test_cuda_extract_is_the_reference(mode, dtype, rng):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", WINDOW_DTYPES, ids=str)
 def test_cuda_extract_copies_inner_windows_in_whole_vectors(dtype, rng):
-    volume, starts, expected = vector_extract_case(rng, dtype, reference.PAD_MODES["reflect"])
-    out = torch.full_like(expected, float("nan"), device="cuda")
-    torch.ops.densefuse_ext.patch_extract(
-        out, volume.cuda(), starts.cuda(), reference.PAD_MODES["reflect"], -2.5
-    )
-    assert torch.equal(out.cpu(), expected)
+    """Also from a volume whose rows are not 16-byte aligned (the scalar path; a vector load would fault)."""
+    reflect = reference.PAD_MODES["reflect"]
+    volume, starts, expected = vector_extract_case(rng, dtype, reflect)
+    shifted = torch.cat([volume[..., :1], volume], dim=-1)[..., 1:]
+    for source in (volume, shifted):
+        out = torch.full_like(expected, float("nan"), device="cuda")
+        torch.ops.densefuse_ext.patch_extract(out, source.cuda(), starts.cuda(), reflect, -2.5)
+        assert torch.equal(out.cpu(), expected)
 
 
 @requires_cuda_ext
