@@ -960,10 +960,11 @@ def test_cuda_extract_copies_inner_windows_in_whole_vectors(dtype, rng):
     """Also from a volume whose rows are not 16-byte aligned (the scalar path; a vector load would fault)."""
     reflect = reference.PAD_MODES["reflect"]
     volume, starts, expected = vector_extract_case(rng, dtype, reflect)
-    shifted = torch.cat([volume[..., :1], volume], dim=-1)[..., 1:]
+    volume = volume.cuda()
+    shifted = torch.cat([volume[..., :1], volume], dim=-1)[..., 1:]  # made on the GPU: .cuda() would pack it
     for source in (volume, shifted):
         out = torch.full_like(expected, float("nan"), device="cuda")
-        torch.ops.densefuse_ext.patch_extract(out, source.cuda(), starts.cuda(), reflect, -2.5)
+        torch.ops.densefuse_ext.patch_extract(out, source, starts.cuda(), reflect, -2.5)
         assert torch.equal(out.cpu(), expected)
 
 
