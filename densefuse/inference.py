@@ -269,9 +269,14 @@ def _make_weights(
     return tuple(weights), windows.monai_floor(vectors)
 
 
-# A named mode's weights, made once per setting: a process fuses many volumes with the same one (the
-# tensors are only read).
-_named_weights = functools.lru_cache(maxsize=32)(_make_weights)
+@functools.lru_cache(maxsize=32)
+def _named_weights(
+    mode, roi, order, sigma_scale, lift, dtype, device, stream
+) -> tuple[Sequence[Tensor], float]:
+    """A named mode's weights (_make_weights), made once per setting and placement (_placement; the
+    stream is only part of the key): a process fuses many volumes with the same one (they are only
+    read)."""
+    return _make_weights(mode, roi, order, sigma_scale, lift, dtype, device)
 
 
 def _mode_weights(
@@ -284,7 +289,7 @@ def _mode_weights(
     # exact types: the cache would take True for 1 and skip the check that rejects a bool
     named = isinstance(mode, str) and all(type(a) in (int, float) for a in (order, *_flat(sigma_scale)))
     if named:
-        return _named_weights(mode, roi, order, sigma_scale, lift, dtype, _concrete(device))
+        return _named_weights(mode, roi, order, sigma_scale, lift, dtype, *_placement(device))
     return _make_weights(mode, roi, order, sigma_scale, lift, dtype, device)
 
 
@@ -292,11 +297,16 @@ def _flat(value: object) -> tuple:
     return value if isinstance(value, tuple) else (value,)
 
 
-def _concrete(device: torch.device) -> torch.device:
-    """``device`` with its index ("cuda" -> "cuda:<current>"): a cache key that names where tensors live."""
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
+def _placement(device: torch.device) -> tuple[torch.device, int]:
+    """(``device`` with its index, the id of its current stream; 0 off CUDA): the cache key of tensors
+    made for ``device``. "cuda" names the current device now ("cuda:<index>"). Per stream, because a
+    cached tensor belongs to the stream that made it: its copy is ordered before that stream's
+    kernels only, and once freed its memory goes back to that stream's pool."""
+    if device.type != "cuda":
+        return device, 0
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device, torch.cuda.current_stream(device).stream_id
 
 
 def _on_device(device: torch.device, *arrays: tuple) -> tuple[Tensor, ...]:
@@ -306,11 +316,12 @@ def _on_device(device: torch.device, *arrays: tuple) -> tuple[Tensor, ...]:
     them nor copy them to the device again (a copy from pageable host memory also waits for the
     device). They are only read; they are made outside inference mode, so any mode may use them.
     """
-    return _on_concrete_device(_concrete(device), *arrays)  # "cuda" names the current device now
+    return _on_placement(*_placement(device), *arrays)
 
 
 @functools.lru_cache(maxsize=32)
-def _on_concrete_device(device: torch.device, *arrays: tuple) -> tuple[Tensor, ...]:
+def _on_placement(device: torch.device, stream: int, *arrays: tuple) -> tuple[Tensor, ...]:
+    """_on_device's tensors for a placement (_placement; the stream is only part of the key)."""
     with torch.inference_mode(False):
         tensors = [torch.tensor(a, dtype=torch.int64) for a in arrays]
         if device.type == "cpu":
@@ -628,18 +639,19 @@ class SlidingWindowPredictor:
             _check_positive_int("memory_budget", memory_budget)
         self.memory_budget = memory_budget
         self.progress = progress
-        self._moved: tuple | None = None  # (device, the weights moved, their versions, the copies)
+        self._moved: tuple | None = None  # (placement, the weights moved, their versions, the copies)
 
     def _weights_on(self, device: torch.device) -> list[Tensor]:
-        """self.weights checked and moved to ``device`` (float32), again only when the device or the
-        weights (reassigned, or changed in place) differ from the last call's."""
+        """self.weights checked and moved to ``device`` (float32), again only when the placement
+        (_placement: the device and its current stream) or the weights (reassigned, or changed in
+        place) differ from the last call's."""
         # inference tensors (weights assigned in inference mode) have no version counter: moved again
         versions = tuple(None if w.is_inference() else w._version for w in self.weights)
-        moved = self._moved
-        stale = moved is None or moved[0] != device or moved[1] is not self.weights or moved[2] != versions
+        placement, moved = _placement(device), self._moved
+        stale = moved is None or moved[0] != placement or moved[1] is not self.weights or moved[2] != versions
         if stale or None in versions:
-            copies = _fusion_weights("window", self.weights, torch.float32, device)
-            self._moved = moved = (device, self.weights, versions, copies)
+            copies = _fusion_weights("window", self.weights, torch.float32, placement[0])
+            self._moved = moved = (placement, self.weights, versions, copies)
         return moved[3]
 
     def __getstate__(self) -> dict:
@@ -679,7 +691,7 @@ class SlidingWindowPredictor:
         model_device = self.model_device or image.device
         margin = [r // 2 for r in self.roi] if self.padding == "reflect" else [0, 0, 0]
         grid = _grid(tuple(size), tuple(self.roi), tuple(self.overlap), tuple(margin))
-        weights = self._weights_on(_concrete(device))
+        weights = self._weights_on(device)
         groups = _groups(batch, *grid)
         # Every window's corner ([z group, window, 4]) and the grid on the output's device: one copy.
         starts, *grid_starts = _on_device(device, groups, *grid)

@@ -586,6 +586,36 @@ def test_model_and_accumulation_devices(rng):
     torch.testing.assert_close(on_gpu.cpu(), SlidingWindowPredictor(net, 6)(x), rtol=1e-4, atol=1e-4)
 
 
+@requires_cuda
+@pytest.mark.gpu
+def test_cached_layouts_and_weights_are_per_stream(rng):
+    """On another CUDA stream the cached corners and weights are made again (a cached tensor belongs to
+    the stream that made it), and the results are the same."""
+    inference._on_placement.cache_clear()  # not full: a new entry must raise the size
+    inference._named_weights.cache_clear()
+    x = torch.randn(1, 1, 12, 10, 9, generator=rng, device="cuda")
+    net = random_conv(rng, 1, 2).cuda()
+    predictor = SlidingWindowPredictor(net, 6, output="mask", memory_budget=1)
+    expected, mask = sliding_window_inference(x, 6, 2, net, 0.5, "gaussian"), predictor(x)
+    before = inference._on_placement.cache_info().currsize, inference._named_weights.cache_info().currsize
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ours, ours_mask = sliding_window_inference(x, 6, 2, net, 0.5, "gaussian"), predictor(x)
+        assert predictor._moved[0][1] == side.stream_id
+    torch.cuda.current_stream().wait_stream(side)
+    after = inference._on_placement.cache_info().currsize, inference._named_weights.cache_info().currsize
+    assert after[0] > before[0] and after[1] == before[1] + 1
+    assert torch.equal(ours, expected) and torch.equal(ours_mask, mask)
+
+
+def test_placement_names_the_device_and_stream():
+    assert inference._placement(torch.device("cpu")) == (torch.device("cpu"), 0)
+    if torch.cuda.is_available():
+        device, stream = inference._placement(torch.device("cuda"))
+        assert device.index == torch.cuda.current_device() and stream == torch.cuda.current_stream().stream_id
+
+
 def test_predictor_made_or_fed_in_inference_mode(rng):
     """A predictor made inside torch.inference_mode() (whose weights would have no version counter)
     and weights assigned there work in and out of it."""
@@ -611,15 +641,15 @@ def test_window_layouts_made_once_serve_every_mode_and_call(rng):
     x = torch.randn(1, 1, 11, 8, 9, generator=rng)
     net = random_conv(rng, 1, 2)
     predictor = SlidingWindowPredictor(net, 5, sw_batch_size=3, output="mask", memory_budget=1)
-    for cache in (inference._on_concrete_device, inference._grid, inference._positions, inference._groups):
+    for cache in (inference._on_placement, inference._grid, inference._positions, inference._groups):
         cache.cache_clear()
     with torch.inference_mode():
         first = sliding_window_inference(x, 5, 2, net, 0.5, "gaussian")
     mask = predictor(x)
-    made = inference._on_concrete_device.cache_info()
+    made = inference._on_placement.cache_info()
     second = sliding_window_inference(x, 5, 2, net, 0.5, "gaussian")  # outside inference mode
     assert torch.equal(first, second) and torch.equal(predictor(x), mask)
-    now = inference._on_concrete_device.cache_info()
+    now = inference._on_placement.cache_info()
     assert now.currsize == made.currsize and now.hits >= made.hits + 2  # nothing made twice
 
 
