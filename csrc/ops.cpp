@@ -35,6 +35,7 @@
 
 #include <array>
 #include <cmath>
+#include <cstring>
 #include <map>
 #include <optional>
 #include <string>
@@ -490,8 +491,13 @@ void patch_extract(const Tensor& out, const Tensor& volume, const Tensor& starts
   TORCH_CHECK(padding >= kPadConstant && padding <= kPadCircular,
               "padding: expected 0 (constant), 1 (reflect), 2 (replicate) or 3 (circular), got ", padding);
   if (out.numel() == 0) return;
-  // cval in the volume's dtype, converted as Tensor.fill_ converts it (the same bits as torch's padding).
-  const Tensor value = at::scalar_tensor(cval, volume.options().device(at::kCPU));
+  // cval in the volume's dtype, converted as Tensor.fill_ converts it (Scalar::to: the same bits as
+  // torch's padding, and the same error where it overflows the dtype), with no tensor made per call.
+  uint64_t value = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, volume.scalar_type(), "patch_extract", [&] {
+    const scalar_t converted = at::Scalar(cval).to<scalar_t>();
+    std::memcpy(&value, &converted, sizeof(converted));
+  });
   fill_volume(volume, a.batch, a.channels, a.size);
   for (int d = 0; d < 5; ++d) a.strides[d] = volume.stride(d);
   for (int d = 0; d < 3; ++d) a.roi[d] = out.size(d + 2);
@@ -500,7 +506,7 @@ void patch_extract(const Tensor& out, const Tensor& volume, const Tensor& starts
   a.out = out.data_ptr();
   a.starts = starts64.data_ptr<int64_t>();
   a.mode = static_cast<int32_t>(padding);
-  a.cval = value.data_ptr();  // on the host
+  a.cval = &value;  // on the host
   if (volume.is_cuda()) {
 #ifdef DENSEFUSE_WITH_CUDA
     const c10::cuda::CUDAGuard guard(volume.device());

@@ -201,12 +201,22 @@ class _WindowReader:
         count = len(positions)
         if self._buffer is None or self._buffer.shape[0] < count or not _unshared(self._buffer):
             self._buffer = self.x.new_empty((count, self.x.shape[1], *self.roi))
-        batch = self._buffer[:count]
+        batch = self._buffer[:count]  # a view even when whole: a reference the predictor keeps counts
         if self._extract is not None:
-            return self._extract(batch, starts.to(self.x.device))
+            return self._extract(batch, starts)
         for window, (b, *start) in zip(batch, positions):
             _copy_window(window, self.x[b], start, self.roi, self.mode, self.cval)
         return batch
+
+
+def _moved(t: Tensor, device: torch.device, shape: tuple[int, ...] | None = None) -> Tensor:
+    """t.reshape(shape).to(device), skipping each step that would change nothing (each is a dispatched
+    op, and the sliding-window loops run them per batch of windows)."""
+    if shape is not None and (
+        t.dim() != len(shape) or any(n != m for n, m in zip(t.shape, shape) if m != -1)
+    ):
+        t = t.reshape(shape)
+    return t if t.device == device else t.to(device)
 
 
 def _flatten(out: object) -> tuple[list | None, list[Tensor]]:
@@ -420,8 +430,10 @@ def sliding_window_inference(
     steps = range(0, len(positions), sw_batch_size)
     for first in tqdm(steps) if progress else steps:
         chunk = slice(first, first + sw_batch_size)
+        batch_starts = starts[chunk]
+        batch_starts_in = batch_starts if starts_in is starts else starts_in[chunk]
         # no reference to the batch outlives the step (_WindowReader)
-        fusion.add(run(positions[chunk], starts_in[chunk]), starts[chunk])
+        fusion.add(run(positions[chunk], batch_starts_in), batch_starts)
     return fusion.result(grid, inputs.dtype if floating else torch.float32)
 
 
@@ -449,7 +461,7 @@ class _WindowPredictor:
         self.args, self.kwargs = args, kwargs
 
     def _read(self, reader: _WindowReader, chunk: Sequence[Position], starts: Tensor) -> Tensor:
-        return reader.read(chunk, starts).reshape(len(chunk), -1, *self.roi).to(self.sw_device)
+        return _moved(reader.read(chunk, starts), self.sw_device, (len(chunk), -1, *self.roi))
 
     def __call__(self, chunk: Sequence[Position], starts: Tensor) -> object:
         """The predictor's output for the windows at ``chunk``, also given as ``starts`` [n, 4]
@@ -496,7 +508,7 @@ class _Fusion:
             if len(self.accs) <= i:
                 shape = (self.batch, o.shape[1], *self.size3)
                 self.accs.append(torch.zeros(shape, dtype=self.dtype, device=self.device))
-            self.scatter(self.accs[i], o.reshape(count, -1, *self.roi3).to(self.device), starts)
+            self.scatter(self.accs[i], _moved(o, self.device, (count, -1, *self.roi3)), starts)
 
     def result(
         self, grid: Sequence[Tensor], dtype: torch.dtype
@@ -507,7 +519,8 @@ class _Fusion:
         results = []
         for acc in self.accs:
             fused = self.finalize(acc, *grid, inplace=True)
-            results.append(fused.reshape(self.batch, -1, *self.size).to(dtype))
+            fused = fused.reshape(self.batch, -1, *self.size)
+            results.append(fused if fused.dtype == dtype else fused.to(dtype))
         check_patch_flags(self.scatter.flags(), "predictor")
         if self.keys is not None:
             return dict(zip(self.keys, results))
@@ -705,8 +718,8 @@ class SlidingWindowPredictor:
         size_b = self.sw_batch_size
         # The plan needs the model's channels: the first batch tells. It is also the plan's first
         # batch (kept), unless row bands put other windows first (then it is predicted again).
-        windows_in = reader.read(groups[0][:size_b], starts_in[0, :size_b]).to(model_device)
-        first = self._predict(windows_in, None).to(device)
+        windows_in = _moved(reader.read(groups[0][:size_b], starts_in[0, :size_b]), model_device)
+        first = _moved(self._predict(windows_in, None), device)
         del windows_in
         channels = first.shape[1]
         slabs, bands = False, [(0, size[1])]
@@ -737,8 +750,8 @@ class SlidingWindowPredictor:
                     if first is not None:  # the first batch, predicted above
                         prediction, first = first, None
                     else:
-                        windows_in = reader.read(group[chunk], group_in[chunk]).to(model_device)
-                        prediction = self._predict(windows_in, channels).to(device)
+                        windows_in = _moved(reader.read(group[chunk], group_in[chunk]), model_device)
+                        prediction = _moved(self._predict(windows_in, channels), device)
                         del windows_in
                     fuse.add(prediction, local[chunk])
                     del prediction

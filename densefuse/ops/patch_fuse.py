@@ -199,7 +199,9 @@ def _check_small_device(name: str, tensor: Tensor, device: torch.device) -> None
 
 def _to_device(name: str, tensor: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
     _check_small_device(name, tensor, device)
-    return tensor.to(device=device, dtype=dtype).contiguous()
+    if tensor.device != device or tensor.dtype != dtype:
+        tensor = tensor.to(device=device, dtype=dtype)
+    return tensor.contiguous()
 
 
 def _check_starts(starts: object, acc: Tensor, count: int) -> Tensor:
@@ -259,7 +261,7 @@ def _check_weights(
             expected = "length >= 1" if lengths is None else f"length {lengths[i]} (the window size)"
             raise ValueError(f"{name}: expected a 1-D vector of {expected}, got shape {tuple(w.shape)}")
         _check_small_device(name, w, acc.device)
-        checked.append(w.to(acc.dtype))  # in acc's dtype first: a weight may overflow to Inf there
+        checked.append(w if w.dtype == acc.dtype else w.to(acc.dtype))  # may overflow to Inf in acc's dtype
     if _validate.value_checks_enabled() and not weights_checked:
         tested = [(n, w) for n, w in zip(names, checked) if check_values or w.device.type == "cpu"]
         counts = [(~(torch.isfinite(w) & (w >= 0))).sum() for _, w in tested]
