@@ -355,9 +355,9 @@ ScatterCall prepare_scatter(const Tensor& acc, const Tensor& windows, const Tens
 
 // gather: the output-stationary kernel (deterministic).
 Tensor run_scatter(const ScatterCall& call, bool gather) {
-  // CUDA: the launcher zeroes the flags on the stream (no fill kernel here)
-  const auto options = call.acc.options().dtype(at::kLong);
-  Tensor flags = call.acc.is_cuda() ? at::empty({2}, options) : at::zeros({2}, options);
+  // zeroed by the CUDA launcher on the stream, or here on the CPU (no fill op either way)
+  Tensor flags = at::empty({2}, call.acc.options().dtype(at::kLong));
+  if (!call.acc.is_cuda()) flags.data_ptr<int64_t>()[0] = flags.data_ptr<int64_t>()[1] = 0;
   if (call.acc.is_cuda()) {
 #ifdef DENSEFUSE_WITH_CUDA
     const c10::cuda::CUDAGuard guard(call.acc.device());
