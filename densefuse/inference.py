@@ -209,13 +209,12 @@ class _WindowReader:
         return batch
 
 
-def _moved(t: Tensor, device: torch.device, shape: tuple[int, ...] | None = None) -> Tensor:
-    """t.reshape(shape).to(device), skipping each step that would change nothing (each is a dispatched
-    op, and the sliding-window loops run them per batch of windows)."""
-    if shape is not None and (
-        t.dim() != len(shape) or any(n != m for n, m in zip(t.shape, shape) if m != -1)
-    ):
-        t = t.reshape(shape)
+def _moved(t: Tensor, device: torch.device, spatial: tuple[int, ...] | None = None) -> Tensor:
+    """t [n, C, ...] reshaped to [n, C, *spatial] (if given) and moved to ``device``, skipping each step
+    that would change nothing (each is a dispatched op, and the sliding-window loops run them per
+    batch of windows)."""
+    if spatial is not None and t.shape[2:] != spatial:
+        t = t.reshape(t.shape[0], -1, *spatial)
     return t if t.device == device else t.to(device)
 
 
@@ -461,7 +460,7 @@ class _WindowPredictor:
         self.args, self.kwargs = args, kwargs
 
     def _read(self, reader: _WindowReader, chunk: Sequence[Position], starts: Tensor) -> Tensor:
-        return _moved(reader.read(chunk, starts), self.sw_device, (len(chunk), -1, *self.roi))
+        return _moved(reader.read(chunk, starts), self.sw_device, self.roi)
 
     def __call__(self, chunk: Sequence[Position], starts: Tensor) -> object:
         """The predictor's output for the windows at ``chunk``, also given as ``starts`` [n, 4]
@@ -508,7 +507,7 @@ class _Fusion:
             if len(self.accs) <= i:
                 shape = (self.batch, o.shape[1], *self.size3)
                 self.accs.append(torch.zeros(shape, dtype=self.dtype, device=self.device))
-            self.scatter(self.accs[i], _moved(o, self.device, (count, -1, *self.roi3)), starts)
+            self.scatter(self.accs[i], _moved(o, self.device, self.roi3), starts)
 
     def result(
         self, grid: Sequence[Tensor], dtype: torch.dtype
