@@ -635,6 +635,22 @@ def test_predictor_made_or_fed_in_inference_mode(rng):
     assert torch.equal(predictor(x), changed)
 
 
+@pytest.mark.parametrize("batch, sw_batch_size", [(1, 4), (1, 1), (2, 4)])
+def test_a_call_dispatches_four_ops_per_batch(batch, sw_batch_size, rng):
+    """The host's work per batch of windows, counted (on a GPU each dispatched op costs host time):
+    two slices of the corners, the extraction and the scatter; a dozen ops more per call."""
+    if patch_fuse.default_backend("cpu") != "cpp":
+        pytest.skip("counts the kernel backends' loop (the reference runs many ops per call)")
+    x = torch.randn(batch, 1, 24, 28, 24, generator=rng)
+    sliding_window_inference(x, 12, sw_batch_size, lambda t: t, 0.5, "gaussian")  # caches filled
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        sliding_window_inference(x, 12, sw_batch_size, lambda t: t, 0.5, "gaussian")
+    top = [e.name for e in prof.events() if e.cpu_parent is None and "::" in e.name]
+    batches = -(-batch * 36 // sw_batch_size)  # 3 x 4 x 3 windows per volume
+    assert top.count("densefuse_ext::patch_extract") == top.count("densefuse_ext::patch_scatter") == batches
+    assert len(top) <= 4 * batches + 16, sorted(set(top))
+
+
 def test_window_layouts_made_once_serve_every_mode_and_call(rng):
     """The cached grid and corners: made under inference mode, used outside it (and in slab mode, whose
     shifted corners are copies) with the same results as freshly made ones."""
