@@ -688,7 +688,8 @@ class SlidingWindowPredictor:
         for axes in self.tta:
             dims = [a + 2 for a in axes]
             out = self.model(batch.flip(dims) if dims else batch)
-            out = _check_prediction(out, batch.shape[0], self.roi, channels).float()
+            out = _check_prediction(out, batch.shape[0], self.roi, channels)
+            out = out if out.dtype == torch.float32 else out.float()
             out = _activate(out.flip(dims) if dims else out, self._vote_activation())
             total = out if total is None else total + out
         return total if len(self.tta) == 1 else total.div_(len(self.tta))  # total + out is ours

@@ -39,7 +39,8 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def probabilities(logits: torch.Tensor, activation: int) -> torch.Tensor:
     """p = logits | sigmoid(logits) | softmax(logits, dim=1), in the accumulation dtype."""
-    x = logits.to(accumulate_dtype(logits.dtype))
+    dtype = accumulate_dtype(logits.dtype)
+    x = logits if logits.dtype == dtype else logits.to(dtype)
     if activation == 1:
         return torch.sigmoid(x)
     if activation == 2:
