@@ -161,6 +161,22 @@ def test_finalize_with_unsorted_and_repeated_grid_starts(emulated, floor, rng):
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("floor", [0.0, 0.05])
+def test_finalize_with_many_windows_over_a_column(emulated, floor, rng):
+    """Up to 12 windows cover a column x: past the 8 kept in registers the kernel takes the general
+    normaliser; the bits are the reference's either way."""
+    size, roi = (5, 6, 15), (3, 4, 12)
+    grid = [torch.tensor([0, 2]), torch.tensor([0, 2]), torch.arange(-1, 4)]
+    weights = [torch.rand(r, generator=rng, dtype=torch.float64) + 0.05 for r in roi]
+    acc = torch.randn(2, 2, *size, generator=rng, dtype=torch.float64)
+    for many in (grid[2], torch.arange(-1, 12)):
+        starts = [*grid[:2], many]
+        expected = reference.patch_finalize(acc, *starts, *weights, floor, 0, 0, 0.5)
+        out = torch.empty_like(expected)
+        emulated.finalize(acc, out, *starts, *weights, floor, 0, 0, 0.5)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
 def test_windows_over_many_row_bands(emulated, rng):
     """Windows of 1500 rows span several blocks (row bands) per plane."""
     roi, size = (2, 1500, 3), (3, 1600, 4)

@@ -593,7 +593,7 @@ def test_cached_layouts_and_weights_are_per_stream(rng):
     the stream that made it), and the results are the same."""
     inference._on_placement.cache_clear()  # not full: a new entry must raise the size
     inference._named_weights.cache_clear()
-    x = torch.randn(1, 1, 12, 10, 9, generator=rng, device="cuda")
+    x = torch.randn(1, 1, 12, 10, 9, generator=rng).cuda()
     net = random_conv(rng, 1, 2).cuda()
     predictor = SlidingWindowPredictor(net, 6, output="mask", memory_budget=1)
     expected, mask = sliding_window_inference(x, 6, 2, net, 0.5, "gaussian"), predictor(x)
