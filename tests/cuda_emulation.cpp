@@ -11,7 +11,7 @@
 #include <cstring>
 
 // The CUDA built-ins the kernels use, for one thread at a time.
-static dim3 blockIdx, threadIdx, gridDim, blockDim;
+static dim3 blockIdx, threadIdx, gridDim;
 
 template <class T>
 T max(T a, T b) {
@@ -35,7 +35,6 @@ template <class Kernel>
 auto emulated_launch(dim3 grid, unsigned threads, Kernel kernel) {
   return [=](auto... args) {
     gridDim = grid;
-    blockDim = dim3(threads);
     for (unsigned z = 0; z < grid.z; ++z) {
       for (unsigned y = 0; y < grid.y; ++y) {
         for (unsigned x = 0; x < grid.x; ++x) {

@@ -33,10 +33,10 @@
 // volume along y and x where the layout allows, 16 bytes at a time (no padding arithmetic).
 //
 // Finalise: a small kernel first makes, per coordinate of each axis, the 1-D sum (floor == 0) or the
-// index range of the grid starts covering it (floor > 0); then one thread per column x of a band of
-// rows (b, z, y), every channel: N = (Sz[z] * Sy[y]) * Sx[x], or the clamped weights of the covering
-// grid windows summed in grid order (a, b, c), as the CPU kernel (about cz * cy * cx steps, c the
-// windows covering the voxel along an axis; the column's weights are read once). v = acc / N (0 where N is
+// index range of the grid starts covering it (floor > 0); then one thread per voxel (b, z, y, x),
+// every channel: N = (Sz[z] * Sy[y]) * Sx[x], or the clamped weights of the covering grid windows
+// summed in grid order (a, b, c), as the CPU kernel (about cz * cy * cx steps, c the windows covering
+// the voxel along an axis). v = acc / N (0 where N is
 // below the smallest normal T), then the activation (softmax over C in three passes over the voxel's
 // channels: max, sum of exp, output) and the output: floats (out may be acc), an argmax label (first
 // maximum, NaN wins, as torch.argmax) or a threshold mask.
@@ -362,121 +362,56 @@ __device__ __forceinline__ T normalizer(const PatchFinalizeArgs& a, const int64_
   }
 }
 
-// Voxel s = (z H + y) W + x of batch b, every channel (channel stride volume), with normaliser n:
-// v = acc / n (0 where n is below the smallest normal T), then the output (see the file comment).
-template <class T>
-__device__ __forceinline__ void finalize_voxel(const PatchFinalizeArgs& a, int64_t b, int64_t s, T n, void* out) {
-  const int64_t volume = a.size[0] * a.size[1] * a.size[2], channels = a.channels;
-  const bool covered = n >= smallest_normal<T>();
-  const T* acc = static_cast<const T*>(a.acc) + b * channels * volume + s;
-  const auto value = [&](int64_t c) {
-    const T q = acc[c * volume] / n;
-    return covered ? q : T(0);
-  };
-  if (a.output == kOutMask && a.activation == kActSoftmax) {
-    T best = value(0);
-    int64_t arg = 0;
-    for (int64_t c = 1; c < channels && best == best; ++c) {
-      const T v = value(c);
-      if (v > best || v != v) {
-        best = v;
-        arg = c;
-      }
-    }
-    static_cast<uint8_t*>(out)[b * volume + s] = covered ? static_cast<uint8_t>(arg) : uint8_t(0);
-  } else if (a.output == kOutMask) {
-    const T level = static_cast<T>(a.threshold);
-    uint8_t* o = static_cast<uint8_t*>(out) + b * channels * volume + s;
-    for (int64_t c = 0; c < channels; ++c) {
-      const T v = value(c);
-      const T p = a.activation == kActSigmoid ? T(1) / (T(1) + exp_of(-v)) : v;
-      o[c * volume] = covered && p >= level;
-    }
-  } else {
-    T* o = static_cast<T*>(out) + b * channels * volume + s;  // may be acc: each value is read first
-    if (!covered || a.activation != kActSoftmax) {
-      for (int64_t c = 0; c < channels; ++c) {
-        const T v = value(c);
-        o[c * volume] = !covered ? T(0) : a.activation == kActSigmoid ? T(1) / (T(1) + exp_of(-v)) : v;
-      }
-      return;
-    }
-    T max = value(0);
-    for (int64_t c = 1; c < channels; ++c) max = value(c) > max ? value(c) : max;
-    T sum = T(0);
-    for (int64_t c = 0; c < channels; ++c) sum += exp_of(value(c) - max);
-    for (int64_t c = 0; c < channels; ++c) o[c * volume] = exp_of(value(c) - max) / sum;
-  }
-}
-
-constexpr int kMaxCoverX = 8;  // finalise: windows covering a column x whose weights stay in registers
-
-// Column x of a band of rows_per_block rows r = (b D + z) H + y (blockIdx.y: the band), one thread
-// per column: the column's part of the normaliser (Sx[x], or the weights wx of the windows covering
-// x, in grid order) is read once, the row's part once per row, and rows are walked without division.
-// A column covered by more than kMaxCoverX windows falls back to normalizer() per voxel.
+// One voxel (b, z, y, x) per thread (grid-stride), every channel: see the file comment.
 template <class T, bool CLAMP>
 __global__ void __launch_bounds__(kThreads)
-    finalize_kernel(const PatchFinalizeArgs a, const int64_t* scratch, void* out, int64_t rows_per_block) {
-  const int64_t depth = a.size[0], height = a.size[1], width = a.size[2];
-  const int64_t x = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t rows = a.batch * depth * height;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * rows_per_block;
-  const int64_t r1 = min(rows, r0 + rows_per_block);
-  if (x >= width || r0 >= rows) return;
-  const T* sums = reinterpret_cast<const T*>(scratch);
-  const int64_t column = depth + height + x;  // x's entry of the axis data
-  T sum_x = T(0), wxs[kMaxCoverX];
-  int cover_x = 0;
-  bool fallback = false;
-  if constexpr (CLAMP) {
-    const T* wx = static_cast<const T*>(a.weights[2]);
-#pragma unroll
-    for (int k = 0; k < kMaxCoverX; ++k) wxs[k] = T(0);
-    for (int64_t c = scratch[2 * column]; c < scratch[2 * column + 1] && !fallback; ++c) {
-      const int64_t start = a.starts[2][c];
-      if (!covers_axis(start, a.roi[2], x)) continue;
-      fallback = cover_x == kMaxCoverX;
-      const T w = wx[x - start];
-#pragma unroll
-      for (int k = 0; k < kMaxCoverX; ++k) wxs[k] = k == cover_x ? w : wxs[k];  // static indices: registers
-      ++cover_x;
-    }
-  } else {
-    sum_x = sums[column];
-  }
-  int64_t y = r0 % height, z = r0 / height % depth, b = r0 / (height * depth);
-  for (int64_t r = r0; r < r1; ++r) {
-    T n = T(0);
-    if constexpr (!CLAMP) {
-      n = (sums[z] * sums[depth + y]) * sum_x;
-    } else if (fallback) {
-      n = normalizer<T, true>(a, scratch, z, y, x);
-    } else {  // normalizer(), with the x loop over the registers
-      const T* wz = static_cast<const T*>(a.weights[0]);
-      const T* wy = static_cast<const T*>(a.weights[1]);
-      const int64_t *sz = a.starts[0], *sy = a.starts[1];
-      const T floor = static_cast<T>(a.floor);
-      for (int64_t p = scratch[2 * z]; p < scratch[2 * z + 1]; ++p) {
-        if (!covers_axis(sz[p], a.roi[0], z)) continue;
-        const T weight_z = wz[z - sz[p]];
-        for (int64_t q = scratch[2 * (depth + y)]; q < scratch[2 * (depth + y) + 1]; ++q) {
-          if (!covers_axis(sy[q], a.roi[1], y)) continue;
-          const T pzy = weight_z * wy[y - sy[q]];
-#pragma unroll
-          for (int k = 0; k < kMaxCoverX; ++k) {
-            if (k < cover_x) n += patch::weight<true>(pzy, wxs[k], floor);
-          }
+    finalize_kernel(const PatchFinalizeArgs a, const int64_t* scratch, void* out) {
+  const int64_t height = a.size[1], width = a.size[2];
+  const int64_t volume = a.size[0] * height * width, channels = a.channels;
+  const T level = static_cast<T>(a.threshold);
+  for (int64_t t = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; t < a.batch * volume;
+       t += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t b = t / volume, s = t % volume;  // s = (z H + y) W + x
+    const int64_t x = s % width, y = s / width % height, z = s / (width * height);
+    const T n = normalizer<T, CLAMP>(a, scratch, z, y, x);
+    const bool covered = n >= smallest_normal<T>();
+    const T* acc = static_cast<const T*>(a.acc) + b * channels * volume + s;  // channel stride volume
+    const auto value = [&](int64_t c) {
+      const T q = acc[c * volume] / n;
+      return covered ? q : T(0);
+    };
+    if (a.output == kOutMask && a.activation == kActSoftmax) {
+      T best = value(0);
+      int64_t arg = 0;
+      for (int64_t c = 1; c < channels && best == best; ++c) {
+        const T v = value(c);
+        if (v > best || v != v) {
+          best = v;
+          arg = c;
         }
       }
-    }
-    finalize_voxel<T>(a, b, (z * height + y) * width + x, n, out);
-    if (++y == height) {
-      y = 0;
-      if (++z == depth) {
-        z = 0;
-        ++b;
+      static_cast<uint8_t*>(out)[b * volume + s] = covered ? static_cast<uint8_t>(arg) : uint8_t(0);
+    } else if (a.output == kOutMask) {
+      uint8_t* o = static_cast<uint8_t*>(out) + b * channels * volume + s;
+      for (int64_t c = 0; c < channels; ++c) {
+        const T v = value(c);
+        const T p = a.activation == kActSigmoid ? T(1) / (T(1) + exp_of(-v)) : v;
+        o[c * volume] = covered && p >= level;
       }
+    } else {
+      T* o = static_cast<T*>(out) + b * channels * volume + s;  // may be acc: each value is read first
+      if (!covered || a.activation != kActSoftmax) {
+        for (int64_t c = 0; c < channels; ++c) {
+          const T v = value(c);
+          o[c * volume] = !covered ? T(0) : a.activation == kActSigmoid ? T(1) / (T(1) + exp_of(-v)) : v;
+        }
+        continue;
+      }
+      T max = value(0);
+      for (int64_t c = 1; c < channels; ++c) max = value(c) > max ? value(c) : max;
+      T sum = T(0);
+      for (int64_t c = 0; c < channels; ++c) sum += exp_of(value(c) - max);
+      for (int64_t c = 0; c < channels; ++c) o[c * volume] = exp_of(value(c) - max) / sum;
     }
   }
 }
@@ -586,13 +521,8 @@ cudaError_t launch_finalize(const PatchFinalizeArgs& a, void* out, int64_t* scra
   DF_LAUNCH(blocks_for(coordinates), kThreads, stream, axis_prep_kernel<T, CLAMP>)(a, scratch);
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  // a block: up to kThreads columns (whole warps) of rows_per_block rows; at most kMaxGridY bands
-  const int64_t width = a.size[2], rows = a.batch * a.size[0] * a.size[1];
-  const int64_t threads = width < kThreads ? (width + 31) / 32 * 32 : kThreads;
-  const int64_t bands = rows < kMaxGridY ? rows : kMaxGridY;
-  const int64_t rows_per_block = (rows + bands - 1) / bands;
-  const dim3 grid(static_cast<unsigned>((width + threads - 1) / threads), static_cast<unsigned>(bands));
-  DF_LAUNCH(grid, static_cast<unsigned>(threads), stream, finalize_kernel<T, CLAMP>)(a, scratch, out, rows_per_block);
+  const unsigned blocks = blocks_for(a.batch * a.size[0] * a.size[1] * a.size[2]);
+  DF_LAUNCH(blocks, kThreads, stream, finalize_kernel<T, CLAMP>)(a, scratch, out);
   return cudaGetLastError();
 }
 
