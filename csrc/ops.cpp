@@ -437,7 +437,7 @@ void run_finalize(const FinalizeCall& call, void* out) {
 #ifdef DENSEFUSE_WITH_CUDA
     const c10::cuda::CUDAGuard guard(call.acc.device());
     const auto& a = call.args;
-    const Tensor scratch = at::empty({2 * (a.size[0] + a.size[1] + a.size[2])}, call.acc.options().dtype(at::kLong));
+    const Tensor scratch = at::empty({a.size[0] + a.size[1] + a.size[2]}, call.acc.options().dtype(at::kLong));
     const cudaError_t err =
         cuda::launch_patch_finalize(a, out, scratch.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream());
     TORCH_CHECK(err == cudaSuccess, "densefuse: CUDA patch_finalize failed for acc ", call.acc.sizes(), ": ",

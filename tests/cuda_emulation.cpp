@@ -123,7 +123,7 @@ void finalize(Tensor acc, Tensor out, Tensor starts_z, Tensor starts_y, Tensor s
   a.activation = static_cast<int32_t>(activation);
   a.output = static_cast<int32_t>(output);
   a.threshold = threshold;
-  const Tensor scratch = at::empty({2 * (a.size[0] + a.size[1] + a.size[2])}, at::kLong);
+  const Tensor scratch = at::empty({a.size[0] + a.size[1] + a.size[2]}, at::kLong);
   check(densefuse::cuda::launch_patch_finalize(a, out.data_ptr(), scratch.data_ptr<int64_t>(), nullptr));
 }
 

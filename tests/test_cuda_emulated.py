@@ -177,6 +177,20 @@ def test_finalize_with_many_windows_over_a_column(emulated, floor, rng):
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("floor", [0.0, 0.05])
+def test_finalize_windows_meeting_a_tile_in_one_row_or_column(emulated, floor, rng):
+    """The finaliser works on tiles of 8 rows x 32 columns: windows that meet a tile only in its first
+    or last row or column (y starts 4, 7, 15; x starts 27, 31) must still be found for it."""
+    size, roi = (3, 17, 40), (2, 5, 6)
+    grid = [torch.tensor([0, 1]), torch.tensor([0, 4, 7, 12, 15]), torch.tensor([0, 27, 31, 34])]
+    weights = [torch.rand(r, generator=rng, dtype=torch.float64) + 0.05 for r in roi]
+    acc = torch.randn(1, 2, *size, generator=rng, dtype=torch.float64)
+    expected = reference.patch_finalize(acc, *grid, *weights, floor, 0, 0, 0.5)
+    out = torch.empty_like(expected)
+    emulated.finalize(acc, out, *grid, *weights, floor, 0, 0, 0.5)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
 def test_windows_over_many_row_bands(emulated, rng):
     """Windows of 1500 rows span several blocks (row bands) per plane."""
     roi, size = (2, 1500, 3), (3, 1600, 4)

@@ -32,11 +32,11 @@
 // volume (any strides) at patch::pad_index of every axis, or cval; or, for a window inside the
 // volume along y and x where the layout allows, 16 bytes at a time (no padding arithmetic).
 //
-// Finalise: a small kernel first makes, per coordinate of each axis, the 1-D sum (floor == 0) or the
-// index range of the grid starts covering it (floor > 0); then one thread per voxel (b, z, y, x),
-// every channel: N = (Sz[z] * Sy[y]) * Sx[x], or the clamped weights of the covering grid windows
-// summed in grid order (a, b, c), as the CPU kernel (about cz * cy * cx steps, c the windows covering
-// the voxel along an axis). v = acc / N (0 where N is
+// Finalise: one block per tile of 8 rows x 32 columns of a plane (b, z), one thread per voxel, every
+// channel. N = (Sz[z] * Sy[y]) * Sx[x] from three 1-D sums made first by a small kernel (floor == 0),
+// or the clamped weights of the covering grid windows summed in grid order (a, b, c) (floor > 0), as
+// the CPU kernel: the windows that meet the tile are found by tests the block shares, and per voxel
+// each adds its weight or 0. v = acc / N (0 where N is
 // below the smallest normal T), then the activation (softmax over C in three passes over the voxel's
 // channels: max, sum of exp, output) and the output: floats (out may be acc), an argmax label (first
 // maximum, NaN wins, as torch.argmax) or a threshold mask.
@@ -296,14 +296,9 @@ __device__ __forceinline__ double smallest_normal<double>() {
   return DBL_MIN;
 }
 
-// Per coordinate t of the axes z, y, x laid end to end (D + H + W of them), into scratch:
-//   floor == 0: the axis sum S of reference.axis_normalizer (acc's dtype T, scratch[t]);
-//   floor > 0:  the smallest index range [first, end) of the axis's grid starts holding every start
-//               whose window covers the coordinate (int64, scratch[2t], scratch[2t + 1]; [0, 0) where
-//               none does). The normaliser visits only that range, testing each start again, so
-//               unsorted or repeated starts still give every covering window in grid order.
-template <class T, bool CLAMP>
-__global__ void __launch_bounds__(kThreads) axis_prep_kernel(const PatchFinalizeArgs a, int64_t* scratch) {
+// sums [D + H + W] = the axis sums S of reference.axis_normalizer for z, then y, then x (floor == 0).
+template <class T>
+__global__ void __launch_bounds__(kThreads) axis_sums_kernel(const PatchFinalizeArgs a, T* sums) {
   const int64_t total = a.size[0] + a.size[1] + a.size[2];
   for (int64_t t = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; t < total;
        t += static_cast<int64_t>(gridDim.x) * kThreads) {
@@ -311,69 +306,65 @@ __global__ void __launch_bounds__(kThreads) axis_prep_kernel(const PatchFinalize
     int64_t v = t;
     while (v >= a.size[d]) v -= a.size[d++];
     const int64_t* starts = a.starts[d];
-    if constexpr (CLAMP) {
-      int64_t first = a.grid[d], end = 0;
-      for (int64_t g = 0; g < a.grid[d]; ++g) {
-        if (!covers_axis(starts[g], a.roi[d], v)) continue;
-        first = g < first ? g : first;
-        end = g + 1;
-      }
-      scratch[2 * t] = first < end ? first : 0;
-      scratch[2 * t + 1] = end;
-    } else {
-      const T* w = static_cast<const T*>(a.weights[d]);
-      T sum = T(0);
-      for (int64_t g = 0; g < a.grid[d]; ++g) {
-        if (covers_axis(starts[g], a.roi[d], v)) sum += w[v - starts[g]];
-      }
-      reinterpret_cast<T*>(scratch)[t] = sum;
+    const T* w = static_cast<const T*>(a.weights[d]);
+    T sum = T(0);
+    for (int64_t g = 0; g < a.grid[d]; ++g) {
+      if (covers_axis(starts[g], a.roi[d], v)) sum += w[v - starts[g]];
     }
+    sums[t] = sum;
   }
 }
 
-// N(z, y, x): (Sz Sy) Sx from the axis sums (no clamp), or the clamped weights of the covering grid
-// windows summed in grid order (a, b, c), as the CPU Normalizer, visiting each axis's covering range.
+// Whether a window starting at s of length roi meets [lo, hi) (no overflow for any int64 start).
+__device__ __forceinline__ bool meets(int64_t s, int64_t roi, int64_t lo, int64_t hi) { return s < hi && s > lo - roi; }
+
+constexpr int kTileRows = 8, kTileColumns = 32;  // finalise: a block is a tile of rows x columns
+
+// A tile of kTileRows rows y x kTileColumns columns x of one plane (b, z) per block (blockIdx.x: the
+// column tile; blockIdx.y: (b, z, row tile), grid-stride), one voxel per thread, every channel. N:
+// (Sz Sy) Sx from the axis sums, or the clamped weights of the covering grid windows summed in grid
+// order (a, b, c); a window missing the tile along an axis is skipped there by a test the whole
+// block shares, one that covers the tile but not the thread's voxel adds 0 (the same bits).
 template <class T, bool CLAMP>
-__device__ __forceinline__ T normalizer(const PatchFinalizeArgs& a, const int64_t* scratch, int64_t z, int64_t y,
-                                        int64_t x) {
-  const int64_t at[3] = {z, a.size[0] + y, a.size[0] + a.size[1] + x};
-  if constexpr (!CLAMP) {
-    const T* sums = reinterpret_cast<const T*>(scratch);
-    return (sums[at[0]] * sums[at[1]]) * sums[at[2]];
-  } else {
-    const T* wz = static_cast<const T*>(a.weights[0]);
-    const T* wy = static_cast<const T*>(a.weights[1]);
-    const T* wx = static_cast<const T*>(a.weights[2]);
-    const int64_t *sz = a.starts[0], *sy = a.starts[1], *sx = a.starts[2];
-    const T floor = static_cast<T>(a.floor);
-    T total = T(0);
-    for (int64_t p = scratch[2 * at[0]]; p < scratch[2 * at[0] + 1]; ++p) {
-      if (!covers_axis(sz[p], a.roi[0], z)) continue;
-      const T weight_z = wz[z - sz[p]];
-      for (int64_t q = scratch[2 * at[1]]; q < scratch[2 * at[1] + 1]; ++q) {
-        if (!covers_axis(sy[q], a.roi[1], y)) continue;
-        const T pzy = weight_z * wy[y - sy[q]];
-        for (int64_t r = scratch[2 * at[2]]; r < scratch[2 * at[2] + 1]; ++r) {
-          if (covers_axis(sx[r], a.roi[2], x)) total += patch::weight<true>(pzy, wx[x - sx[r]], floor);
+__global__ void __launch_bounds__(kTileRows * kTileColumns)
+    finalize_kernel(const PatchFinalizeArgs a, const T* sums, void* out) {
+  const int64_t depth = a.size[0], height = a.size[1], width = a.size[2];
+  const int64_t row_tiles = (height + kTileRows - 1) / kTileRows, tiles = a.batch * depth * row_tiles;
+  const int64_t x0 = static_cast<int64_t>(blockIdx.x) * kTileColumns, x = x0 + threadIdx.x % kTileColumns;
+  const int64_t x1 = min(width, x0 + kTileColumns);
+  for (int64_t tile = blockIdx.y; tile < tiles; tile += gridDim.y) {
+    const int64_t plane = tile / row_tiles, z = plane % depth, b = plane / depth;
+    const int64_t y0 = tile % row_tiles * kTileRows, y = y0 + threadIdx.x / kTileColumns;
+    const int64_t y1 = min(height, y0 + kTileRows);
+    if (y >= height || x >= width) continue;
+    T n = T(0);
+    if constexpr (!CLAMP) {
+      n = (sums[z] * sums[depth + y]) * sums[depth + height + x];
+    } else {
+      const T* wz = static_cast<const T*>(a.weights[0]);
+      const T* wy = static_cast<const T*>(a.weights[1]);
+      const T* wx = static_cast<const T*>(a.weights[2]);
+      const int64_t *sz = a.starts[0], *sy = a.starts[1], *sx = a.starts[2];
+      const T floor = static_cast<T>(a.floor);
+      for (int64_t p = 0; p < a.grid[0]; ++p) {
+        if (!covers_axis(sz[p], a.roi[0], z)) continue;  // z: the same for the whole tile
+        const T weight_z = wz[z - sz[p]];
+        for (int64_t q = 0; q < a.grid[1]; ++q) {
+          if (!meets(sy[q], a.roi[1], y0, y1)) continue;
+          const bool in_y = covers_axis(sy[q], a.roi[1], y);
+          const T pzy = weight_z * wy[in_y ? y - sy[q] : 0];
+          for (int64_t r = 0; r < a.grid[2]; ++r) {
+            if (!meets(sx[r], a.roi[2], x0, x1)) continue;
+            const bool in_x = covers_axis(sx[r], a.roi[2], x);
+            const T w = patch::weight<true>(pzy, wx[in_x ? x - sx[r] : 0], floor);
+            n += in_y && in_x ? w : T(0);
+          }
         }
       }
     }
-    return total;
-  }
-}
-
-// One voxel (b, z, y, x) per thread (grid-stride), every channel: see the file comment.
-template <class T, bool CLAMP>
-__global__ void __launch_bounds__(kThreads)
-    finalize_kernel(const PatchFinalizeArgs a, const int64_t* scratch, void* out) {
-  const int64_t height = a.size[1], width = a.size[2];
-  const int64_t volume = a.size[0] * height * width, channels = a.channels;
-  const T level = static_cast<T>(a.threshold);
-  for (int64_t t = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; t < a.batch * volume;
-       t += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const int64_t b = t / volume, s = t % volume;  // s = (z H + y) W + x
-    const int64_t x = s % width, y = s / width % height, z = s / (width * height);
-    const T n = normalizer<T, CLAMP>(a, scratch, z, y, x);
+    const int64_t volume = depth * height * width, channels = a.channels;
+    const int64_t s = (z * height + y) * width + x;  // (b, z, y, x) = b volume + s
+    const T level = static_cast<T>(a.threshold);
     const bool covered = n >= smallest_normal<T>();
     const T* acc = static_cast<const T*>(a.acc) + b * channels * volume + s;  // channel stride volume
     const auto value = [&](int64_t c) {
@@ -515,21 +506,23 @@ unsigned blocks_for(int64_t items) {
   return static_cast<unsigned>(blocks < kMaxBlocks ? blocks : kMaxBlocks);
 }
 
-template <class T, bool CLAMP>
-cudaError_t launch_finalize(const PatchFinalizeArgs& a, void* out, int64_t* scratch, cudaStream_t stream) {
-  const int64_t coordinates = a.size[0] + a.size[1] + a.size[2];
-  DF_LAUNCH(blocks_for(coordinates), kThreads, stream, axis_prep_kernel<T, CLAMP>)(a, scratch);
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-  const unsigned blocks = blocks_for(a.batch * a.size[0] * a.size[1] * a.size[2]);
-  DF_LAUNCH(blocks, kThreads, stream, finalize_kernel<T, CLAMP>)(a, scratch, out);
-  return cudaGetLastError();
-}
-
 template <class T>
 cudaError_t launch_finalize(const PatchFinalizeArgs& a, void* out, int64_t* scratch, cudaStream_t stream) {
-  if (a.floor > 0) return launch_finalize<T, true>(a, out, scratch, stream);
-  return launch_finalize<T, false>(a, out, scratch, stream);
+  T* sums = reinterpret_cast<T*>(scratch);
+  if (a.floor <= 0) {
+    DF_LAUNCH(blocks_for(a.size[0] + a.size[1] + a.size[2]), kThreads, stream, axis_sums_kernel<T>)(a, sums);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  const int64_t tiles = a.batch * a.size[0] * ((a.size[1] + kTileRows - 1) / kTileRows);
+  const dim3 grid(static_cast<unsigned>((a.size[2] + kTileColumns - 1) / kTileColumns),
+                  static_cast<unsigned>(tiles < kMaxGridY ? tiles : kMaxGridY));
+  if (a.floor > 0) {
+    DF_LAUNCH(grid, kTileRows * kTileColumns, stream, finalize_kernel<T, true>)(a, sums, out);
+  } else {
+    DF_LAUNCH(grid, kTileRows * kTileColumns, stream, finalize_kernel<T, false>)(a, sums, out);
+  }
+  return cudaGetLastError();
 }
 
 // The window launcher for the windows' dtype and acc's dtype (and, for the scatter, its vector width).

@@ -22,7 +22,7 @@ cudaError_t launch_patch_scatter(const PatchScatterArgs& args, int64_t* flags, c
 cudaError_t launch_patch_gather(const PatchScatterArgs& args, int64_t* flags, cudaStream_t stream);
 
 // out = act(acc / N) in acc's dtype (out may be acc) or a uint8 mask, as args.output says; scratch:
-// device memory for 2 * (D + H + W) int64 (per-axis sums or covering ranges, made here).
+// device memory for D + H + W int64 (room for the axis sums in acc's dtype, made here).
 cudaError_t launch_patch_finalize(const PatchFinalizeArgs& args, void* out, int64_t* scratch, cudaStream_t stream);
 
 // args.out = the windows of args.volume (device pointers; args.cval points to one value on the host).
