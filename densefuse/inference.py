@@ -202,8 +202,8 @@ class _WindowReader:
         if self._buffer is None or self._buffer.shape[0] < count or not _unshared(self._buffer):
             self._buffer = self.x.new_empty((count, self.x.shape[1], *self.roi))
         batch = self._buffer[:count]  # a view even when whole: a reference the predictor keeps counts
-        if self._extract is not None:
-            return self._extract(batch, starts)
+        if self._extract is not None:  # starts live on the inputs' device (a condition may be elsewhere)
+            return self._extract(batch, _moved(starts, self.x.device))
         for window, (b, *start) in zip(batch, positions):
             _copy_window(window, self.x[b], start, self.roi, self.mode, self.cval)
         return batch

@@ -151,8 +151,8 @@ def test_finalize_matches_the_reference(emulated, acc_dtype, floor, activation, 
 
 @pytest.mark.parametrize("floor", [0.0, 0.05])
 def test_finalize_with_unsorted_and_repeated_grid_starts(emulated, floor, rng):
-    """Per axis the finaliser visits the index range of the starts covering a coordinate: out of
-    order, repeated and many covering starts must still give every covering window in grid order."""
+    """Grid starts out of order, repeated, and up to five covering a coordinate: every covering
+    window, in grid order, and no other."""
     acc, grid, weights = unsorted_grid_case(rng)
     for output in (0, 1):
         expected = reference.patch_finalize(acc, *grid, *weights, floor, 0, output, 0.5)
@@ -163,8 +163,7 @@ def test_finalize_with_unsorted_and_repeated_grid_starts(emulated, floor, rng):
 
 @pytest.mark.parametrize("floor", [0.0, 0.05])
 def test_finalize_with_many_windows_over_a_column(emulated, floor, rng):
-    """Up to 12 windows cover a column x: past the 8 kept in registers the kernel takes the general
-    normaliser; the bits are the reference's either way."""
+    """Up to 12 windows cover a column x (13 starts along x): the reference's bits."""
     size, roi = (5, 6, 15), (3, 4, 12)
     grid = [torch.tensor([0, 2]), torch.tensor([0, 2]), torch.arange(-1, 4)]
     weights = [torch.rand(r, generator=rng, dtype=torch.float64) + 0.05 for r in roi]

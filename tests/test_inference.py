@@ -624,6 +624,20 @@ def test_placement_names_the_device_and_stream():
         assert device.index == torch.cuda.current_device() and stream == torch.cuda.current_stream().stream_id
 
 
+@requires_cuda
+@pytest.mark.gpu
+def test_condition_on_another_device_than_the_inputs(rng):
+    """MONAI's condition keyword is windowed where it lives: a CPU condition beside CUDA inputs."""
+    x, condition = torch.randn(2, 1, 1, 11, 9, 10, generator=rng).unbind(0)
+
+    def predictor(t, condition):
+        return t * 2 + condition.to(t.device)
+
+    expected = sliding_window_inference(x, 6, 2, predictor, 0.5, "gaussian", condition=condition)
+    ours = sliding_window_inference(x.cuda(), 6, 2, predictor, 0.5, "gaussian", condition=condition)
+    torch.testing.assert_close(ours.cpu(), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_predictor_made_or_fed_in_inference_mode(rng):
     """A predictor made inside torch.inference_mode() (whose weights would have no version counter)
     and weights assigned there work in and out of it."""
