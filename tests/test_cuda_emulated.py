@@ -190,6 +190,21 @@ def test_finalize_windows_meeting_a_tile_in_one_row_or_column(emulated, floor, r
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("floor", [0.0, 0.05])
+def test_finalize_past_the_grid_limit(emulated, floor, rng):
+    """70001 planes of one row: more tiles than a grid holds (65535), so blocks take several; a
+    window over the last planes is finalised by the second round."""
+    size, roi = (70001, 1, 2), (3, 1, 2)
+    grid = [torch.tensor([0, 35000, 69998]), torch.tensor([0]), torch.tensor([0])]
+    weights = [torch.rand(r, generator=rng, dtype=torch.float64) + 0.05 for r in roi]
+    acc = torch.randn(1, 1, *size, generator=rng, dtype=torch.float64)
+    expected = reference.patch_finalize(acc, *grid, *weights, floor, 0, 0, 0.5)
+    out = torch.full_like(expected, float("nan"))
+    emulated.finalize(acc, out, *grid, *weights, floor, 0, 0, 0.5)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert expected[0, 0, -1].abs().sum() > 0  # the last planes are covered
+
+
 def test_windows_over_many_row_bands(emulated, rng):
     """Windows of 1500 rows span several blocks (row bands) per plane."""
     roi, size = (2, 1500, 3), (3, 1600, 4)
