@@ -12,7 +12,7 @@
 #   profile benchmarks/profile_fusion.py: torch.profiler tables of one fusion call, densefuse and MONAI
 #   loss    benchmarks/report.py --device cuda                        -> <gpu>-<date>.json, report.md
 #   fusion  benchmarks/fusion_providers.py (fusion only, a conv model, a 16-class 320^3 argmax
-#           through SlidingWindowPredictor, the deterministic mode)   -> fusion-<gpu>-<date>.json
+#           through SlidingWindowPredictor, the deterministic mode)   -> fusion-<gpu>-<date>.json/.png
 #   dense   benchmarks/dense_providers.py: blocks, then the network step (--model)
 #                                                                     -> dense-/model-step-<gpu>-<date>.json
 #   model   densefuse profile-memory: FCDenseNet3d 128^3 batch 4, fused/naive/checkpoint, fp32/bf16
@@ -112,7 +112,8 @@ run_step() {  # one step of STEPS, by name
     loss)
         step loss 90 "$PY" benchmarks/report.py --device cuda --out "$WORK/$slug-$day.json" ;;
     fusion)
-        step fusion 120 "$PY" benchmarks/fusion_providers.py --reps 20 --out "$WORK/fusion-$slug-$day.json" ;;
+        step fusion 120 "$PY" benchmarks/fusion_providers.py --reps 20 --out "$WORK/fusion-$slug-$day.json"
+        step fusion-chart 30 "$PY" benchmarks/plot_fusion.py "$WORK/fusion-$slug-$day.json" ;;
     dense)
         step dense 70 "$PY" benchmarks/dense_providers.py --reps 5 --out "$WORK/dense-$slug-$day.json"
         step model-step 70 "$PY" benchmarks/dense_providers.py --model --reps 3 \
