@@ -771,16 +771,23 @@ def patch_finalize(
 
 
 def _fill_value(cval: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """cval as a one-element tensor, rounded as Tensor.fill_ rounds. Kept (extraction runs per batch),
-    except while a CUDA graph is being captured (a tensor made then is only filled by replays)."""
-    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        return torch.full((1,), cval, dtype=dtype, device=device)
-    return _kept_fill_value(cval, math.copysign(1.0, cval), dtype, device)
+    """cval as a one-element tensor, rounded as Tensor.fill_ rounds. Kept (extraction runs per batch)
+    per CUDA stream (a kept tensor belongs to the stream that filled it), except while a CUDA graph
+    is being captured (a tensor made then is only filled by replays)."""
+    stream = 0
+    if device.type == "cuda" and torch.cuda.is_available():
+        if torch.cuda.is_current_stream_capturing():
+            return torch.full((1,), cval, dtype=dtype, device=device)
+        stream = torch.cuda.current_stream(device).stream_id
+    return _kept_fill_value(cval, math.copysign(1.0, cval), dtype, device, stream)
 
 
 @functools.lru_cache(maxsize=16)
-def _kept_fill_value(cval: float, sign: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """_fill_value's tensor, per value and sign (0.0 and -0.0 are equal keys otherwise)."""
+def _kept_fill_value(
+    cval: float, sign: float, dtype: torch.dtype, device: torch.device, stream: int
+) -> torch.Tensor:
+    """_fill_value's tensor, per value and sign (0.0 and -0.0 are equal keys otherwise) and stream
+    (only part of the key)."""
     return torch.full((1,), cval, dtype=dtype, device=device)
 
 
