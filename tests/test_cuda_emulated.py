@@ -178,10 +178,10 @@ def test_finalize_with_many_windows_over_a_column(emulated, floor, rng):
 
 @pytest.mark.parametrize("floor", [0.0, 0.05])
 def test_finalize_windows_meeting_a_tile_in_one_row_or_column(emulated, floor, rng):
-    """The finaliser works on tiles of 8 rows x 32 columns: windows that meet a tile only in its first
-    or last row or column (y starts 4, 7, 15; x starts 27, 31) must still be found for it."""
-    size, roi = (3, 17, 40), (2, 5, 6)
-    grid = [torch.tensor([0, 1]), torch.tensor([0, 4, 7, 12, 15]), torch.tensor([0, 27, 31, 34])]
+    """The finaliser works on tiles of 32 rows x 32 columns: windows that meet a tile only in its first
+    or last row or column (y starts 27, 28, 59, 60; x starts 27, 31) must still be found for it."""
+    size, roi = (2, 70, 40), (2, 5, 6)
+    grid = [torch.tensor([0]), torch.tensor([0, 27, 28, 40, 59, 60, 65]), torch.tensor([0, 27, 31, 34])]
     weights = [torch.rand(r, generator=rng, dtype=torch.float64) + 0.05 for r in roi]
     acc = torch.randn(1, 2, *size, generator=rng, dtype=torch.float64)
     expected = reference.patch_finalize(acc, *grid, *weights, floor, 0, 0, 0.5)

@@ -32,8 +32,8 @@
 // volume (any strides) at patch::pad_index of every axis, or cval; or, for a window inside the
 // volume along y and x where the layout allows, 16 bytes at a time (no padding arithmetic).
 //
-// Finalise: one block per tile of 8 rows x 32 columns of a plane (b, z), one thread per voxel, every
-// channel. N = (Sz[z] * Sy[y]) * Sx[x] from three 1-D sums made first by a small kernel (floor == 0),
+// Finalise: one block per tile of 32 rows x 32 columns of a plane (b, z), four voxels of a column per
+// thread, every channel. N = (Sz[z] * Sy[y]) * Sx[x] from three 1-D sums made first by a small kernel (floor == 0),
 // or the clamped weights of the covering grid windows summed in grid order (a, b, c) (floor > 0), as
 // the CPU kernel: the windows that meet the tile are found by tests the block shares, and per voxel
 // each adds its weight or 0. v = acc / N (0 where N is
@@ -318,28 +318,85 @@ __global__ void __launch_bounds__(kThreads) axis_sums_kernel(const PatchFinalize
 // Whether a window starting at s of length roi meets [lo, hi) (no overflow for any int64 start).
 __device__ __forceinline__ bool meets(int64_t s, int64_t roi, int64_t lo, int64_t hi) { return s < hi && s > lo - roi; }
 
-constexpr int kTileRows = 8, kTileColumns = 32;  // finalise: a block is a tile of rows x columns
+// Voxel s = (z H + y) W + x of batch b, every channel (channel stride volume), with normaliser n:
+// v = acc / n (0 where n is below the smallest normal T), then the output (see the file comment).
+template <class T>
+__device__ __forceinline__ void finalize_voxel(const PatchFinalizeArgs& a, int64_t b, int64_t s, T n, void* out) {
+  const int64_t volume = a.size[0] * a.size[1] * a.size[2], channels = a.channels;
+  const bool covered = n >= smallest_normal<T>();
+  const T* acc = static_cast<const T*>(a.acc) + b * channels * volume + s;
+  const auto value = [&](int64_t c) {
+    const T q = acc[c * volume] / n;
+    return covered ? q : T(0);
+  };
+  if (a.output == kOutMask && a.activation == kActSoftmax) {
+    T best = value(0);
+    int64_t arg = 0;
+    for (int64_t c = 1; c < channels && best == best; ++c) {
+      const T v = value(c);
+      if (v > best || v != v) {
+        best = v;
+        arg = c;
+      }
+    }
+    static_cast<uint8_t*>(out)[b * volume + s] = covered ? static_cast<uint8_t>(arg) : uint8_t(0);
+  } else if (a.output == kOutMask) {
+    const T level = static_cast<T>(a.threshold);
+    uint8_t* o = static_cast<uint8_t*>(out) + b * channels * volume + s;
+    for (int64_t c = 0; c < channels; ++c) {
+      const T v = value(c);
+      const T p = a.activation == kActSigmoid ? T(1) / (T(1) + exp_of(-v)) : v;
+      o[c * volume] = covered && p >= level;
+    }
+  } else {
+    T* o = static_cast<T*>(out) + b * channels * volume + s;  // may be acc: each value is read first
+    if (!covered || a.activation != kActSoftmax) {
+      for (int64_t c = 0; c < channels; ++c) {
+        const T v = value(c);
+        o[c * volume] = !covered ? T(0) : a.activation == kActSigmoid ? T(1) / (T(1) + exp_of(-v)) : v;
+      }
+      return;
+    }
+    T max = value(0);
+    for (int64_t c = 1; c < channels; ++c) max = value(c) > max ? value(c) : max;
+    T sum = T(0);
+    for (int64_t c = 0; c < channels; ++c) sum += exp_of(value(c) - max);
+    for (int64_t c = 0; c < channels; ++c) o[c * volume] = exp_of(value(c) - max) / sum;
+  }
+}
 
-// A tile of kTileRows rows y x kTileColumns columns x of one plane (b, z) per block (blockIdx.x: the
-// column tile; blockIdx.y: (b, z, row tile), grid-stride), one voxel per thread, every channel. N:
-// (Sz Sy) Sx from the axis sums, or the clamped weights of the covering grid windows summed in grid
-// order (a, b, c); a window missing the tile along an axis is skipped there by a test the whole
-// block shares, one that covers the tile but not the thread's voxel adds 0 (the same bits).
+// finalise: a block (kTileThreads threads: kTileColumns columns x kTileThreads / kTileColumns rows)
+// covers a tile of kTileRows rows x kTileColumns columns; each thread kRowsPerThread voxels of one
+// column, kTileThreads / kTileColumns rows apart (a warp reads and writes one row's 32 columns).
+constexpr int kTileColumns = 32, kRowsPerThread = 4, kTileThreads = 256;
+constexpr int kTileRows = kTileThreads / kTileColumns * kRowsPerThread;
+
+// A tile of one plane (b, z) per block (blockIdx.x: the column tile; blockIdx.y: (b, z, row tile),
+// grid-stride), every channel. N: (Sz Sy) Sx from the axis sums, or the clamped weights of the
+// covering grid windows summed in grid order (a, b, c): a window missing the tile along an axis is
+// skipped by a test the whole block shares; one that meets the tile but not a voxel adds 0 there
+// (the same bits). A thread reads a window's x weight once for its kRowsPerThread voxels.
 template <class T, bool CLAMP>
-__global__ void __launch_bounds__(kTileRows * kTileColumns)
-    finalize_kernel(const PatchFinalizeArgs a, const T* sums, void* out) {
+__global__ void __launch_bounds__(kTileThreads) finalize_kernel(const PatchFinalizeArgs a, const T* sums, void* out) {
+  constexpr int kRowStep = kTileThreads / kTileColumns;
   const int64_t depth = a.size[0], height = a.size[1], width = a.size[2];
   const int64_t row_tiles = (height + kTileRows - 1) / kTileRows, tiles = a.batch * depth * row_tiles;
   const int64_t x0 = static_cast<int64_t>(blockIdx.x) * kTileColumns, x = x0 + threadIdx.x % kTileColumns;
   const int64_t x1 = min(width, x0 + kTileColumns);
   for (int64_t tile = blockIdx.y; tile < tiles; tile += gridDim.y) {
     const int64_t plane = tile / row_tiles, z = plane % depth, b = plane / depth;
-    const int64_t y0 = tile % row_tiles * kTileRows, y = y0 + threadIdx.x / kTileColumns;
-    const int64_t y1 = min(height, y0 + kTileRows);
-    if (y >= height || x >= width) continue;
-    T n = T(0);
+    const int64_t y0 = tile % row_tiles * kTileRows, y1 = min(height, y0 + kTileRows);
+    const int64_t first_y = y0 + threadIdx.x / kTileColumns;  // rows first_y + k kRowStep
+    if (x >= width || first_y >= height) continue;
+    T n[kRowsPerThread];
+#pragma unroll
+    for (int k = 0; k < kRowsPerThread; ++k) n[k] = T(0);
     if constexpr (!CLAMP) {
-      n = (sums[z] * sums[depth + y]) * sums[depth + height + x];
+#pragma unroll
+      for (int k = 0; k < kRowsPerThread; ++k) {
+        const int64_t y = min(first_y + k * kRowStep, height - 1);  // rows past the end: not written
+        n[k] = (sums[z] * sums[depth + y]) * sums[depth + height + x];
+      }
     } else {
       const T* wz = static_cast<const T*>(a.weights[0]);
       const T* wy = static_cast<const T*>(a.weights[1]);
@@ -351,58 +408,31 @@ __global__ void __launch_bounds__(kTileRows * kTileColumns)
         const T weight_z = wz[z - sz[p]];
         for (int64_t q = 0; q < a.grid[1]; ++q) {
           if (!meets(sy[q], a.roi[1], y0, y1)) continue;
-          const bool in_y = covers_axis(sy[q], a.roi[1], y);
-          const T pzy = weight_z * wy[in_y ? y - sy[q] : 0];
+          bool in_y[kRowsPerThread];
+          T pzy[kRowsPerThread];
+#pragma unroll
+          for (int k = 0; k < kRowsPerThread; ++k) {
+            const int64_t y = first_y + k * kRowStep;
+            in_y[k] = covers_axis(sy[q], a.roi[1], y);
+            pzy[k] = weight_z * wy[in_y[k] ? y - sy[q] : 0];
+          }
           for (int64_t r = 0; r < a.grid[2]; ++r) {
             if (!meets(sx[r], a.roi[2], x0, x1)) continue;
             const bool in_x = covers_axis(sx[r], a.roi[2], x);
-            const T w = patch::weight<true>(pzy, wx[in_x ? x - sx[r] : 0], floor);
-            n += in_y && in_x ? w : T(0);
+            const T weight_x = wx[in_x ? x - sx[r] : 0];
+#pragma unroll
+            for (int k = 0; k < kRowsPerThread; ++k) {
+              const T w = patch::weight<true>(pzy[k], weight_x, floor);
+              n[k] += in_y[k] && in_x ? w : T(0);
+            }
           }
         }
       }
     }
-    const int64_t volume = depth * height * width, channels = a.channels;
-    const int64_t s = (z * height + y) * width + x;  // (b, z, y, x) = b volume + s
-    const T level = static_cast<T>(a.threshold);
-    const bool covered = n >= smallest_normal<T>();
-    const T* acc = static_cast<const T*>(a.acc) + b * channels * volume + s;  // channel stride volume
-    const auto value = [&](int64_t c) {
-      const T q = acc[c * volume] / n;
-      return covered ? q : T(0);
-    };
-    if (a.output == kOutMask && a.activation == kActSoftmax) {
-      T best = value(0);
-      int64_t arg = 0;
-      for (int64_t c = 1; c < channels && best == best; ++c) {
-        const T v = value(c);
-        if (v > best || v != v) {
-          best = v;
-          arg = c;
-        }
-      }
-      static_cast<uint8_t*>(out)[b * volume + s] = covered ? static_cast<uint8_t>(arg) : uint8_t(0);
-    } else if (a.output == kOutMask) {
-      uint8_t* o = static_cast<uint8_t*>(out) + b * channels * volume + s;
-      for (int64_t c = 0; c < channels; ++c) {
-        const T v = value(c);
-        const T p = a.activation == kActSigmoid ? T(1) / (T(1) + exp_of(-v)) : v;
-        o[c * volume] = covered && p >= level;
-      }
-    } else {
-      T* o = static_cast<T*>(out) + b * channels * volume + s;  // may be acc: each value is read first
-      if (!covered || a.activation != kActSoftmax) {
-        for (int64_t c = 0; c < channels; ++c) {
-          const T v = value(c);
-          o[c * volume] = !covered ? T(0) : a.activation == kActSigmoid ? T(1) / (T(1) + exp_of(-v)) : v;
-        }
-        continue;
-      }
-      T max = value(0);
-      for (int64_t c = 1; c < channels; ++c) max = value(c) > max ? value(c) : max;
-      T sum = T(0);
-      for (int64_t c = 0; c < channels; ++c) sum += exp_of(value(c) - max);
-      for (int64_t c = 0; c < channels; ++c) o[c * volume] = exp_of(value(c) - max) / sum;
+#pragma unroll
+    for (int k = 0; k < kRowsPerThread; ++k) {
+      const int64_t y = first_y + k * kRowStep;
+      if (y < height) finalize_voxel<T>(a, b, (z * height + y) * width + x, n[k], out);
     }
   }
 }
@@ -518,9 +548,9 @@ cudaError_t launch_finalize(const PatchFinalizeArgs& a, void* out, int64_t* scra
   const dim3 grid(static_cast<unsigned>((a.size[2] + kTileColumns - 1) / kTileColumns),
                   static_cast<unsigned>(tiles < kMaxGridY ? tiles : kMaxGridY));
   if (a.floor > 0) {
-    DF_LAUNCH(grid, kTileRows * kTileColumns, stream, finalize_kernel<T, true>)(a, sums, out);
+    DF_LAUNCH(grid, kTileThreads, stream, finalize_kernel<T, true>)(a, sums, out);
   } else {
-    DF_LAUNCH(grid, kTileRows * kTileColumns, stream, finalize_kernel<T, false>)(a, sums, out);
+    DF_LAUNCH(grid, kTileThreads, stream, finalize_kernel<T, false>)(a, sums, out);
   }
   return cudaGetLastError();
 }
