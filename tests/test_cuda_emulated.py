@@ -19,6 +19,7 @@ from test_patch_fuse import (
     WINDOW_DTYPES,
     random_case,
     random_starts,
+    tile_edge_case,
     unsorted_grid_case,
     vector_extract_case,
 )
@@ -179,11 +180,8 @@ def test_finalize_with_many_windows_over_a_column(emulated, floor, rng):
 @pytest.mark.parametrize("floor", [0.0, 0.05])
 def test_finalize_windows_meeting_a_tile_in_one_row_or_column(emulated, floor, rng):
     """The finaliser works on tiles of 32 rows x 32 columns: windows that meet a tile only in its first
-    or last row or column (y starts 27, 28, 59, 60; x starts 27, 31) must still be found for it."""
-    size, roi = (2, 70, 40), (2, 5, 6)
-    grid = [torch.tensor([0]), torch.tensor([0, 27, 28, 40, 59, 60, 65]), torch.tensor([0, 27, 31, 34])]
-    weights = [torch.rand(r, generator=rng, dtype=torch.float64) + 0.05 for r in roi]
-    acc = torch.randn(1, 2, *size, generator=rng, dtype=torch.float64)
+    or last row or column must still be found for it."""
+    acc, grid, weights = tile_edge_case(rng)
     expected = reference.patch_finalize(acc, *grid, *weights, floor, 0, 0, 0.5)
     out = torch.empty_like(expected)
     emulated.finalize(acc, out, *grid, *weights, floor, 0, 0, 0.5)

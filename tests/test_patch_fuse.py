@@ -372,6 +372,15 @@ def vector_extract_case(rng, dtype, mode):
     return volume, starts, expected
 
 
+def tile_edge_case(rng):
+    """(acc [1, 2, 2, 70, 40] float64, grid, weights for roi (2, 5, 6)): windows that meet a 32 x 32
+    tile of the CUDA finaliser only in its first or last row or column (y starts 27, 28, 59, 60; x
+    starts 27, 31)."""
+    grid = [torch.tensor([0]), torch.tensor([0, 27, 28, 40, 59, 60, 65]), torch.tensor([0, 27, 31, 34])]
+    weights = [torch.rand(r, generator=rng, dtype=torch.float64) + 0.05 for r in (2, 5, 6)]
+    return torch.randn(1, 2, 2, 70, 40, generator=rng, dtype=torch.float64), grid, weights
+
+
 def unsorted_grid_case(rng):
     """(acc [1, 3, 13, 11, 12] float64, per-axis grid starts out of order and repeated, with up to
     five windows covering a coordinate, weights for roi (5, 6, 5))."""
@@ -971,8 +980,9 @@ def test_cuda_extract_copies_inner_windows_in_whole_vectors(dtype, rng):
 @requires_cuda_ext
 @pytest.mark.gpu
 @pytest.mark.parametrize("floor", [0.0, 0.05])
-def test_cuda_finalize_with_unsorted_and_repeated_grid_starts(floor, rng):
-    acc, grid, weights = unsorted_grid_case(rng)
+@pytest.mark.parametrize("case", [unsorted_grid_case, tile_edge_case], ids=["unsorted", "tile-edges"])
+def test_cuda_finalize_with_unsorted_starts_and_tile_edges(case, floor, rng):
+    acc, grid, weights = case(rng)
     expected = reference.patch_finalize(acc, *grid, *weights, floor, 0, 0, 0.5)
     on_gpu = [t.cuda() for t in (acc, *grid, *weights)]
     out = torch.ops.densefuse_ext.patch_finalize(*on_gpu, floor, 0, 0, 0.5)
