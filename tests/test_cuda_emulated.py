@@ -150,16 +150,23 @@ def test_finalize_matches_the_reference(emulated, acc_dtype, floor, activation, 
             torch.testing.assert_close(in_place, out, rtol=0, atol=0, equal_nan=True)
 
 
+def assert_finalize_is_the_reference(emulated, acc, grid, weights, floor, output=0):
+    """The emulated finaliser (activation none) gives reference.patch_finalize's bits; out starts NaN,
+    so a voxel left unwritten fails too."""
+    expected = reference.patch_finalize(acc, *grid, *weights, floor, 0, output, 0.5)
+    out = torch.full_like(expected, float("nan")) if output == 0 else torch.full_like(expected, 255)
+    emulated.finalize(acc, out, *grid, *weights, floor, 0, output, 0.5)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    return expected
+
+
 @pytest.mark.parametrize("floor", [0.0, 0.05])
 def test_finalize_with_unsorted_and_repeated_grid_starts(emulated, floor, rng):
     """Grid starts out of order, repeated, and up to five covering a coordinate: every covering
     window, in grid order, and no other."""
     acc, grid, weights = unsorted_grid_case(rng)
     for output in (0, 1):
-        expected = reference.patch_finalize(acc, *grid, *weights, floor, 0, output, 0.5)
-        out = torch.empty_like(expected)
-        emulated.finalize(acc, out, *grid, *weights, floor, 0, output, 0.5)
-        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        assert_finalize_is_the_reference(emulated, acc, grid, weights, floor, output)
 
 
 @pytest.mark.parametrize("floor", [0.0, 0.05])
@@ -170,11 +177,7 @@ def test_finalize_with_many_windows_over_a_column(emulated, floor, rng):
     weights = [torch.rand(r, generator=rng, dtype=torch.float64) + 0.05 for r in roi]
     acc = torch.randn(2, 2, *size, generator=rng, dtype=torch.float64)
     for many in (grid[2], torch.arange(-1, 12)):
-        starts = [*grid[:2], many]
-        expected = reference.patch_finalize(acc, *starts, *weights, floor, 0, 0, 0.5)
-        out = torch.empty_like(expected)
-        emulated.finalize(acc, out, *starts, *weights, floor, 0, 0, 0.5)
-        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        assert_finalize_is_the_reference(emulated, acc, [*grid[:2], many], weights, floor)
 
 
 @pytest.mark.parametrize("floor", [0.0, 0.05])
@@ -182,10 +185,7 @@ def test_finalize_windows_meeting_a_tile_in_one_row_or_column(emulated, floor, r
     """The finaliser works on tiles of 32 rows x 32 columns: windows that meet a tile only in its first
     or last row or column must still be found for it."""
     acc, grid, weights = tile_edge_case(rng)
-    expected = reference.patch_finalize(acc, *grid, *weights, floor, 0, 0, 0.5)
-    out = torch.empty_like(expected)
-    emulated.finalize(acc, out, *grid, *weights, floor, 0, 0, 0.5)
-    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert_finalize_is_the_reference(emulated, acc, grid, weights, floor)
 
 
 @pytest.mark.parametrize("floor", [0.0, 0.05])
@@ -196,10 +196,7 @@ def test_finalize_past_the_grid_limit(emulated, floor, rng):
     grid = [torch.tensor([0, 35000, 69998]), torch.tensor([0]), torch.tensor([0])]
     weights = [torch.rand(r, generator=rng, dtype=torch.float64) + 0.05 for r in roi]
     acc = torch.randn(1, 1, *size, generator=rng, dtype=torch.float64)
-    expected = reference.patch_finalize(acc, *grid, *weights, floor, 0, 0, 0.5)
-    out = torch.full_like(expected, float("nan"))
-    emulated.finalize(acc, out, *grid, *weights, floor, 0, 0, 0.5)
-    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    expected = assert_finalize_is_the_reference(emulated, acc, grid, weights, floor)
     assert expected[0, 0, -1].abs().sum() > 0  # the last planes are covered
 
 
