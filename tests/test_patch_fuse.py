@@ -733,22 +733,32 @@ def threads(count: int):
 
 @requires_cpp
 @pytest.mark.parametrize("floor", [0.0, 0.2])
+@pytest.mark.parametrize(
+    "win_dtype, acc_dtype",
+    [(torch.float64,) * 2, (torch.float32,) * 2, (torch.bfloat16, torch.float32)],
+    ids=str,
+)
 @pytest.mark.parametrize("case", SCATTER_CASES, ids=str)
-def test_cpp_scatter_and_gather_are_deterministic(case, floor, rng):
-    """The same bits for 1, 2 and 3 threads, and the reference's values."""
+def test_cpp_scatter_and_gather_are_deterministic(case, win_dtype, acc_dtype, floor, rng):
+    """The same bits for 1, 2 and 3 threads, and the reference's bits (the same products and sums in
+    the same order)."""
     batch, channels, size, roi, count = case
-    win, starts, weights = random_case(rng, batch, channels, size, roi, count)
-    acc = torch.randn(batch, channels, *size, generator=rng, dtype=torch.float64)
-    expected = acc.clone()
-    reference.patch_scatter(expected, win, starts, *weights, floor)
-    for op in (pf.patch_scatter_op, pf.patch_gather_op):
+    win, starts, weights = random_case(rng, batch, channels, size, roi, count, win_dtype)
+    weights = [w.to(acc_dtype) for w in weights]
+    acc = torch.randn(batch, channels, *size, generator=rng, dtype=torch.float64).to(acc_dtype)
+    for op, naive in (
+        (pf.patch_scatter_op, reference.patch_scatter),
+        (pf.patch_gather_op, reference.patch_gather),
+    ):
+        expected = acc.clone()
+        naive(expected, win, starts, *weights, floor)
         runs = []
         for count_threads in (1, 2, 3):
             runs.append(acc.clone())
             with densefuse.use_backend("cpp"), threads(count_threads):
                 assert op(runs[-1], win, starts, *weights, floor).tolist() == [0, 0]
         assert all(torch.equal(run, runs[0]) for run in runs[1:]), op
-        torch.testing.assert_close(runs[0], expected, rtol=1e-12, atol=1e-12)
+        assert torch.equal(runs[0], expected), op
 
 
 @requires_cpp
@@ -784,21 +794,31 @@ def test_cpp_flags_count_exactly(rng):
 
 
 @requires_cpp
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_cpp_flags_count_exactly_over_long_rows(dtype, rng):
-    """Rows longer than the probe's lanes (vector part and tail): non-finite values anywhere are counted
-    once; finite values whose products sum past the largest float are not counted."""
+@pytest.mark.parametrize(
+    "dtype, acc_dtype",
+    [
+        (torch.float32,) * 2,
+        (torch.float64,) * 2,
+        (torch.float16, torch.float32),
+        (torch.bfloat16, torch.float32),
+    ],
+    ids=str,
+)
+def test_cpp_flags_count_exactly_over_long_rows(dtype, acc_dtype, rng):
+    """Rows longer than the kernel's vectors (vector part and tail; half windows are widened first):
+    non-finite values anywhere are counted once; finite values whose sums pass the largest float
+    are not counted."""
     big = torch.finfo(dtype).max / 4
-    win = torch.randn(3, 2, 3, 4, 37, generator=rng, dtype=dtype)
+    win = torch.randn(3, 2, 3, 4, 37, generator=rng).to(dtype)
     win[0, 1, 1, 2, 3] = float("nan")  # vector part
     win[0, 1, 2, 3, 36] = float("-inf")  # tail
     win[1, 0, 0, 1, 20] = float("inf")
     win[2] = big  # the sum of its products overflows, every value is finite
     starts = torch.tensor([[0, 0, 0, 0], [0, 1, 0, 2], [0, 0, 1, 0]])
-    weights = [torch.ones(r, dtype=dtype) for r in (3, 4, 37)]
+    weights = [torch.ones(r, dtype=acc_dtype) for r in (3, 4, 37)]
     with densefuse.use_backend("cpp"):
         for deterministic in (False, True):
-            acc = torch.zeros(1, 2, 4, 5, 40, dtype=dtype)
+            acc = torch.zeros(1, 2, 4, 5, 40, dtype=acc_dtype)
             flags = patch_scatter(acc, win, starts, *weights, check_values=False, deterministic=deterministic)
             assert flags.tolist() == [3, 0]
 

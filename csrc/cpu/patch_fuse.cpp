@@ -5,7 +5,7 @@
 // placed windows that cross it, in window order. The thread that owns an item adds, for each of those
 // windows, each channel and each of the window's rows inside the band, one x run:
 //     out[x] += max((wz[i] * wy[j]) * wx[k], floor) * v[n, c, i, j, k]        (one SIMD loop)
-// summing the products on the side: a row whose sum is not finite has its non-finite v counted. No
+// marking the lanes whose product is not finite; an item with a marked lane counts its non-finite v. No
 // two threads write the same voxel and each voxel gets its windows in index order (the order of
 // reference.patch_scatter), so the result does not depend on the thread count and needs no atomics:
 // the scatter is deterministic too, and as fast as the gather or faster. The gather adds the
@@ -37,6 +37,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <type_traits>
@@ -95,6 +96,31 @@ void parallel_items(int64_t items, Fn&& fn) {
   });
 }
 
+// ------------------------------------------------------------------------------------------- lanes
+// 64 bytes of T as one GCC vector (16 floats or 8 doubles), so that each x86-64 clone lowers it to its
+// own registers (one zmm, two ymm or four xmm); Mask holds an integer of T's size per lane.
+template <class T>
+struct Lanes {
+  static constexpr int64_t size = 64 / sizeof(T);
+  using Bits = std::conditional_t<sizeof(T) == 8, int64_t, int32_t>;
+  typedef T Vec __attribute__((vector_size(64)));
+  typedef Bits Mask __attribute__((vector_size(64)));
+  static constexpr Bits exponent = sizeof(T) == 8 ? Bits(0x7ff0000000000000LL) : Bits(0x7f800000);
+};
+
+// x = T(v[0 .. Lanes<T>::size)), through a buffer where S is not T (a loop the compiler vectorises).
+template <class T, class S>
+DF_INLINE void load_lanes(typename Lanes<T>::Vec& x, const S* v) {
+  if constexpr (std::is_same_v<S, T>) {
+    std::memcpy(&x, v, sizeof(x));
+  } else {
+    T buffer[Lanes<T>::size];
+#pragma omp simd
+    for (int64_t l = 0; l < Lanes<T>::size; ++l) buffer[l] = static_cast<T>(v[l]);
+    std::memcpy(&x, buffer, sizeof(x));
+  }
+}
+
 // ----------------------------------------------------------------------------------------- scatter
 template <class S>
 DF_INLINE int64_t count_nonfinite(const S* v, int64_t n) {
@@ -103,19 +129,34 @@ DF_INLINE int64_t count_nonfinite(const S* v, int64_t n) {
   return bad;
 }
 
-// out[k] += w_k * v[k] for k < n, w_k = max(pzy * wx[k], floor) (no clamp unless CLAMP). Returns the
-// number of non-finite v[k]: the loop only sums the products on the side (one add per element); a
-// row whose sum is not finite (a non-finite value, or an overflow) is then counted exactly.
+// out[k] += w_k * v[k] for k < n, w_k = max(pzy * wx[k], floor) (no clamp unless CLAMP), the product
+// rounded before the add as in reference.patch_scatter (it is also tested, so it is not fused into a
+// multiply-add). A lane of `seen` becomes all ones where a product is not finite (its exponent bits
+// all set), which any non-finite v[k] makes it; the caller tests `seen` once per work item, not per
+// row, so the loop carries no reduction.
 template <bool CLAMP, class T, class S>
-DF_INLINE int64_t add_row(T* out, const S* v, const T* wx, T pzy, T floor, int64_t n) {
-  T probe = 0;
-#pragma omp simd reduction(+ : probe)
-  for (int64_t k = 0; k < n; ++k) {
+DF_INLINE void add_row(T* out, const S* v, const T* wx, T pzy, T floor, int64_t n, typename Lanes<T>::Mask& seen) {
+  using L = Lanes<T>;
+  typename L::Vec x, w, o;
+  int64_t k = 0;
+  for (; k + L::size <= n; k += L::size) {
+    load_lanes<T>(x, v + k);
+    load_lanes<T>(w, wx + k);
+    w *= pzy;
+    if constexpr (CLAMP) w = w < floor ? floor : w;  // NaN propagates, as patch::weight
+    const typename L::Vec product = w * x;
+    load_lanes<T>(o, out + k);
+    o += product;
+    std::memcpy(out + k, &o, sizeof(o));
+    typename L::Mask bits;
+    std::memcpy(&bits, &product, sizeof(bits));
+    seen |= (bits & L::exponent) == L::exponent;
+  }
+  for (; k < n; ++k) {
     const T product = patch::weight<CLAMP>(pzy, wx[k], floor) * static_cast<T>(v[k]);
     out[k] += product;
-    probe += product;
+    seen[0] |= (bit_cast<typename L::Bits>(product) & L::exponent) == L::exponent;
   }
-  return math::nonfinite(probe) ? count_nonfinite(v, n) : 0;
 }
 
 struct Placed {
@@ -218,13 +259,39 @@ class Scatter {
   }
 
  private:
-  // For each window crossing `plane` (in window order), each channel and each of its rows in
-  // [band_lo, band_hi): dst[c * ld_c + (y - origin.y0) * ld_y + (x - origin.x0)] += w * v.
+  // dst[c * ld_c + (y - origin.y0) * ld_y + (x - origin.x0)] += w * v for each window crossing
+  // `plane` (in window order), each channel and each of its rows y in [band_lo, band_hi); returns the
+  // number of non-finite window values, counted again only where a product was not finite.
   DF_INLINE int64_t add_windows(int64_t plane, int64_t z, int64_t band_lo, int64_t band_hi, T* dst, int64_t ld_c,
-                      int64_t ld_y, Box origin) const {
-    const int64_t rz = a_.roi[0], ry = a_.roi[1], rx = a_.roi[2];
+                                int64_t ld_y, Box origin) const {
     const bool clamp = a_.floor > 0;
+    typename Lanes<T>::Mask seen{};
+    for_each_row(plane, z, band_lo, band_hi,
+                 [&](int64_t c, int64_t y, int64_t x_lo, const S* v, const T* wx, T pzy, int64_t nx)
+                     DF_ALWAYS_INLINE {
+                       T* row = dst + c * ld_c + (y - origin.y0) * ld_y + (x_lo - origin.x0);
+                       if (clamp) {
+                         add_row<true>(row, v, wx, pzy, floor_, nx, seen);
+                       } else {
+                         add_row<false>(row, v, wx, pzy, floor_, nx, seen);
+                       }
+                     });
+    bool any = false;
+    for (int64_t l = 0; l < Lanes<T>::size; ++l) any = any || seen[l];
+    if (!any) return 0;
     int64_t bad = 0;
+    for_each_row(plane, z, band_lo, band_hi,
+                 [&](int64_t, int64_t, int64_t, const S* v, const T*, T, int64_t nx)
+                     DF_ALWAYS_INLINE { bad += count_nonfinite(v, nx); });
+    return bad;
+  }
+
+  // row(c, y, x_lo, v, wx, pzy, nx) for each window crossing `plane` (in window order), each channel
+  // and each of the window's rows y in [band_lo, band_hi): its values v[0, nx) land on acc columns
+  // [x_lo, x_lo + nx) with the x weights wx[0, nx) and pzy = wz[i] * wy[j].
+  template <class Row>
+  DF_INLINE void for_each_row(int64_t plane, int64_t z, int64_t band_lo, int64_t band_hi, Row&& row) const {
+    const int64_t rz = a_.roi[0], ry = a_.roi[1], rx = a_.roi[2];
     for (int64_t m = index_.begin[plane]; m < index_.begin[plane + 1]; ++m) {
       const Placed& w = index_.windows[index_.members[m]];
       const AxisClip& ys = w.at.axis[1];
@@ -234,17 +301,12 @@ class Scatter {
       const T* wx = wx_ + xs.offset();
       for (int64_t c = 0; c < a_.channels; ++c) {
         const S* src = windows_ + ((w.n * a_.channels + c) * rz + i) * ry * rx + xs.offset();
-        T* out = dst + c * ld_c + (xs.lo - origin.x0);
         for (int64_t y = y_lo; y < y_hi; ++y) {
           const int64_t j = y - ys.start;
-          const T pzy = wz_[i] * wy_[j];
-          T* row = out + (y - origin.y0) * ld_y;
-          bad += clamp ? add_row<true>(row, src + j * rx, wx, pzy, floor_, nx)
-                       : add_row<false>(row, src + j * rx, wx, pzy, floor_, nx);
+          row(c, y, xs.lo, src + j * rx, wx, wz_[i] * wy_[j], nx);
         }
       }
     }
-    return bad;
   }
 
   const PatchScatterArgs& a_;
