@@ -27,8 +27,10 @@ def _extension():
     sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     include_dirs = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")]
     # -fno-trapping-math lets GCC if-convert the kernels' selects into blends on AVX2/SSE (values,
-    # NaN and Inf are unchanged; only FP exception flags are not preserved). No -ffast-math.
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-fopenmp-simd", "-fno-trapping-math"]
+    # NaN and Inf are unchanged; only FP exception flags are not preserved). -ffp-contract=off: a
+    # product is rounded before it is added (no multiply-add), as torch's references do, so that the
+    # patch scatter gives their bits on every x86-64 level. No -ffast-math.
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-fopenmp-simd", "-fno-trapping-math", "-ffp-contract=off"]
     define_macros = []
     if sysconfig.get_platform().endswith("x86_64"):
         define_macros.append(("DENSEFUSE_X86", "1"))

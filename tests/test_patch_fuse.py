@@ -735,13 +735,20 @@ def threads(count: int):
 @pytest.mark.parametrize("floor", [0.0, 0.2])
 @pytest.mark.parametrize(
     "win_dtype, acc_dtype",
-    [(torch.float64,) * 2, (torch.float32,) * 2, (torch.bfloat16, torch.float32)],
+    [
+        (torch.float64,) * 2,
+        (torch.float32,) * 2,
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.float32),
+        (torch.float64, torch.float32),
+    ],
     ids=str,
 )
 @pytest.mark.parametrize("case", SCATTER_CASES, ids=str)
 def test_cpp_scatter_and_gather_are_deterministic(case, win_dtype, acc_dtype, floor, rng):
     """The same bits for 1, 2 and 3 threads, and the reference's bits (the same products and sums in
-    the same order)."""
+    the same order; zeros compare by value: the reference's gather turns a -0.0 that no window
+    covers but its box does into +0.0)."""
     batch, channels, size, roi, count = case
     win, starts, weights = random_case(rng, batch, channels, size, roi, count, win_dtype)
     weights = [w.to(acc_dtype) for w in weights]
@@ -759,6 +766,30 @@ def test_cpp_scatter_and_gather_are_deterministic(case, win_dtype, acc_dtype, fl
                 assert op(runs[-1], win, starts, *weights, floor).tolist() == [0, 0]
         assert all(torch.equal(run, runs[0]) for run in runs[1:]), op
         assert torch.equal(runs[0], expected), op
+
+
+@requires_cpp
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_cpp_flags_count_nonfinite_values_under_zero_weights(deterministic, rng):
+    """In the vector part of a row: NaN and Inf under a zero weight still count (0 * NaN is NaN), an
+    fp64 value that overflows the fp32 accumulator does not."""
+    win = torch.randn(1, 1, 1, 1, 37, generator=rng, dtype=torch.float64)
+    win[..., 3], win[..., 5], win[..., 7] = float("nan"), float("inf"), 1e300
+    wx = torch.ones(37)
+    wx[3] = wx[5] = 0
+    ones = torch.ones(1)
+    with densefuse.use_backend("cpp"):
+        flags = patch_scatter(
+            torch.zeros(1, 1, 1, 1, 37),
+            win,
+            torch.zeros(1, 4, dtype=torch.int64),
+            ones,
+            ones,
+            wx,
+            check_values=False,
+            deterministic=deterministic,
+        )
+    assert flags.tolist() == [2, 0]
 
 
 @requires_cpp

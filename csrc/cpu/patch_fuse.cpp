@@ -5,7 +5,7 @@
 // placed windows that cross it, in window order. The thread that owns an item adds, for each of those
 // windows, each channel and each of the window's rows inside the band, one x run:
 //     out[x] += max((wz[i] * wy[j]) * wx[k], floor) * v[n, c, i, j, k]        (one SIMD loop)
-// marking the lanes whose product is not finite; an item with a marked lane counts its non-finite v. No
+// marking in an OR of bits whether a product is not finite; an item so marked counts its non-finite v. No
 // two threads write the same voxel and each voxel gets its windows in index order (the order of
 // reference.patch_scatter), so the result does not depend on the thread count and needs no atomics:
 // the scatter is deterministic too, and as fast as the gather or faster. The gather adds the
@@ -37,7 +37,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <numeric>
 #include <type_traits>
@@ -96,31 +95,6 @@ void parallel_items(int64_t items, Fn&& fn) {
   });
 }
 
-// ------------------------------------------------------------------------------------------- lanes
-// 64 bytes of T as one GCC vector (16 floats or 8 doubles), so that each x86-64 clone lowers it to its
-// own registers (one zmm, two ymm or four xmm); Mask holds an integer of T's size per lane.
-template <class T>
-struct Lanes {
-  static constexpr int64_t size = 64 / sizeof(T);
-  using Bits = std::conditional_t<sizeof(T) == 8, int64_t, int32_t>;
-  typedef T Vec __attribute__((vector_size(64)));
-  typedef Bits Mask __attribute__((vector_size(64)));
-  static constexpr Bits exponent = sizeof(T) == 8 ? Bits(0x7ff0000000000000LL) : Bits(0x7f800000);
-};
-
-// x = T(v[0 .. Lanes<T>::size)), through a buffer where S is not T (a loop the compiler vectorises).
-template <class T, class S>
-DF_INLINE void load_lanes(typename Lanes<T>::Vec& x, const S* v) {
-  if constexpr (std::is_same_v<S, T>) {
-    std::memcpy(&x, v, sizeof(x));
-  } else {
-    T buffer[Lanes<T>::size];
-#pragma omp simd
-    for (int64_t l = 0; l < Lanes<T>::size; ++l) buffer[l] = static_cast<T>(v[l]);
-    std::memcpy(&x, buffer, sizeof(x));
-  }
-}
-
 // ----------------------------------------------------------------------------------------- scatter
 template <class S>
 DF_INLINE int64_t count_nonfinite(const S* v, int64_t n) {
@@ -129,34 +103,31 @@ DF_INLINE int64_t count_nonfinite(const S* v, int64_t n) {
   return bad;
 }
 
+// The bits of a T: (bits & exponent) + low has its top bit set exactly when the exponent field is
+// all ones, i.e. when the value is NaN or +-Inf.
+template <class T>
+struct FloatBits {
+  using Bits = std::conditional_t<sizeof(T) == 8, uint64_t, uint32_t>;
+  static constexpr Bits exponent = sizeof(T) == 8 ? Bits(0x7ff0000000000000ULL) : Bits(0x7f800000u);
+  static constexpr Bits low = sizeof(T) == 8 ? Bits(0x0010000000000000ULL) : Bits(0x00800000u);
+  static constexpr Bits top = Bits(1) << (8 * sizeof(T) - 1);
+};
+
 // out[k] += w_k * v[k] for k < n, w_k = max(pzy * wx[k], floor) (no clamp unless CLAMP), the product
-// rounded before the add as in reference.patch_scatter (it is also tested, so it is not fused into a
-// multiply-add). A lane of `seen` becomes all ones where a product is not finite (its exponent bits
-// all set), which any non-finite v[k] makes it; the caller tests `seen` once per work item, not per
-// row, so the loop carries no reduction.
+// rounded before the add as in reference.patch_scatter (setup.py turns off contraction into
+// multiply-adds). `seen` gets its top bit set where a product is not finite, which any non-finite
+// v[k] makes it: the loop's only reduction is an OR, and the caller tests `seen` once per work item.
 template <bool CLAMP, class T, class S>
-DF_INLINE void add_row(T* out, const S* v, const T* wx, T pzy, T floor, int64_t n, typename Lanes<T>::Mask& seen) {
-  using L = Lanes<T>;
-  typename L::Vec x, w, o;
-  int64_t k = 0;
-  for (; k + L::size <= n; k += L::size) {
-    load_lanes<T>(x, v + k);
-    load_lanes<T>(w, wx + k);
-    w *= pzy;
-    if constexpr (CLAMP) w = w < floor ? floor : w;  // NaN propagates, as patch::weight
-    const typename L::Vec product = w * x;
-    load_lanes<T>(o, out + k);
-    o += product;
-    std::memcpy(out + k, &o, sizeof(o));
-    typename L::Mask bits;
-    std::memcpy(&bits, &product, sizeof(bits));
-    seen |= (bits & L::exponent) == L::exponent;
-  }
-  for (; k < n; ++k) {
+DF_INLINE void add_row(T* out, const S* v, const T* wx, T pzy, T floor, int64_t n, typename FloatBits<T>::Bits& seen) {
+  using F = FloatBits<T>;
+  typename F::Bits marks = 0;
+#pragma omp simd reduction(| : marks)
+  for (int64_t k = 0; k < n; ++k) {
     const T product = patch::weight<CLAMP>(pzy, wx[k], floor) * static_cast<T>(v[k]);
     out[k] += product;
-    seen[0] |= (bit_cast<typename L::Bits>(product) & L::exponent) == L::exponent;
+    marks |= (bit_cast<typename F::Bits>(product) & F::exponent) + F::low;
   }
+  seen |= marks;
 }
 
 struct Placed {
@@ -265,7 +236,7 @@ class Scatter {
   DF_INLINE int64_t add_windows(int64_t plane, int64_t z, int64_t band_lo, int64_t band_hi, T* dst, int64_t ld_c,
                                 int64_t ld_y, Box origin) const {
     const bool clamp = a_.floor > 0;
-    typename Lanes<T>::Mask seen{};
+    typename FloatBits<T>::Bits seen = 0;
     for_each_row(plane, z, band_lo, band_hi,
                  [&](int64_t c, int64_t y, int64_t x_lo, const S* v, const T* wx, T pzy, int64_t nx)
                      DF_ALWAYS_INLINE {
@@ -276,9 +247,7 @@ class Scatter {
                          add_row<false>(row, v, wx, pzy, floor_, nx, seen);
                        }
                      });
-    bool any = false;
-    for (int64_t l = 0; l < Lanes<T>::size; ++l) any = any || seen[l];
-    if (!any) return 0;
+    if (!(seen & FloatBits<T>::top)) return 0;
     int64_t bad = 0;
     for_each_row(plane, z, band_lo, band_hi,
                  [&](int64_t, int64_t, int64_t, const S* v, const T*, T, int64_t nx)
