@@ -9,7 +9,10 @@ fixed volume, with MONAI's arguments (roi, sw_batch_size, overlap 0.5, mode "gau
     monai                monai.inferers.sliding_window_inference with the same arguments
 
 Cases: "fusion" runs the identity predictor, so the fusion machinery is all that is timed (window
-extraction, weights, scatter, normalisation); "model" runs a small 3-D conv net (end to end, the
+extraction, weights, scatter, normalisation); "host" does the same on a tiny volume cut into many
+small windows (24^3, roi 8: 125 windows in 32 batches), so that the kernels take almost no time and
+what is timed is the host's work per call and per batch (Python, dispatch, launches), which bounds
+the fusion-only call on a GPU; "model" runs a small 3-D conv net (end to end, the
 net included); "argmax" asks for a 16-class label map from a 1x1x1 conv (1 -> 16 classes): densefuse's
 SlidingWindowPredictor with output "mask" in slab mode (memory_budget=1: the thinnest slabs, in bands
 of roi rows, so windows that meet two bands are predicted twice) against
@@ -54,7 +57,7 @@ Step = Callable[[], object]
 class Case:
     """One benchmark case: a volume [B, C, D, H, W] tiled by windows of ``roi`` at 50 % overlap."""
 
-    kind: str  # "fusion" (identity predictor) | "model" (small 3-D conv net) | "argmax" (16 classes)
+    kind: str  # "fusion", "host" (identity predictor) | "model" (small 3-D conv net) | "argmax" (16 classes)
     shape: tuple[int, ...]
     roi: int
     sw_batch_size: int = 4
@@ -66,8 +69,13 @@ class Case:
         return f"{self.kind}-{'x'.join(map(str, self.shape))}-roi{self.roi}-bs{self.sw_batch_size}"
 
     @property
+    def identity(self) -> bool:
+        """Whether the predictor is the identity (the fusion alone is timed)."""
+        return self.kind in ("fusion", "host")
+
+    @property
     def out_channels(self) -> int:
-        return {"fusion": self.shape[1], "model": MODEL_OUT_CHANNELS, "argmax": CLASSES}[self.kind]
+        return self.shape[1] if self.identity else {"model": MODEL_OUT_CHANNELS, "argmax": CLASSES}[self.kind]
 
 
 MODEL_OUT_CHANNELS = 2
@@ -75,11 +83,13 @@ CLASSES = 16
 CASES = {
     "cpu": [
         Case("fusion", (1, 1, 160, 192, 160), 96),
+        Case("host", (1, 1, 24, 24, 24), 8),
         Case("model", (1, 1, 128, 128, 128), 64),
         Case("argmax", (1, 1, 96, 112, 96), 48),
     ],
     "cuda": [
         Case("fusion", (1, 1, 192, 224, 192), 96),
+        Case("host", (1, 1, 24, 24, 24), 8),
         Case("model", (1, 1, 192, 224, 192), 96),
         Case("argmax", (1, 1, 320, 320, 320), 96),  # issue 3's 16-class 320^3 argmax
     ],
@@ -111,7 +121,7 @@ def class_net(in_channels: int, seed: int = 0) -> torch.nn.Module:
 def make_inputs(case: Case, device: str, seed: int = 0) -> Inputs:
     gen = torch.Generator(device).manual_seed(seed)
     volume = torch.randn(case.shape, generator=gen, device=device)
-    if case.kind == "fusion":
+    if case.identity:
         return Inputs(volume, lambda t: t)
     net = small_net if case.kind == "model" else class_net
     return Inputs(volume, net(case.shape[1], seed).to(device))
@@ -220,7 +230,7 @@ def peak_extra_bytes(step: Step, device: str) -> int:
 
 def memory_bound_bytes(case: Case) -> int:
     """The output [B, C_out, ...] plus one batch of windows [sw_batch_size, C_in, roi^3], fp32: with the
-    identity predictor (case "fusion") densefuse's peak extra memory stays within this."""
+    identity predictor (cases "fusion" and "host") densefuse's peak extra memory stays within this."""
     batch, channels, *size = case.shape
     return 4 * (batch * case.out_channels * math.prod(size) + case.sw_batch_size * channels * case.roi**3)
 
@@ -231,7 +241,8 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=30, help="interleaved rounds per case")
-    parser.add_argument("--kind", choices=("fusion", "model", "argmax"), help="only this kind of case")
+    kinds = ("fusion", "host", "model", "argmax")
+    parser.add_argument("--kind", choices=kinds, help="only this kind of case")
     parser.add_argument("--providers", help="comma-separated subset of the providers (monai is always run)")
     parser.add_argument("--out", type=Path, help="JSON file (default: results/fusion-<device>-<date>.json)")
     args = parser.parse_args(argv)
@@ -262,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"peak extra {peaks[name]:7.1f} MB ({peaks[name] / peaks['monai']:.2f}x MONAI's)"
             )
         entry = {"case": asdict(case), "name": case.name, "providers": rows}
-        if case.kind == "fusion":
+        if case.identity:
             entry["memory_bound_mb"] = round(memory_bound_bytes(case) / 2**20, 1)
             print(f"  memory bound (output + one batch): {entry['memory_bound_mb']:.1f} MB")
         results["cases"].append(entry)

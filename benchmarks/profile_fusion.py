@@ -58,7 +58,7 @@ def profile_provider(name: str, case: fp.Case, device: str, calls: int, rows: in
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--providers", help="comma-separated providers (default: all of the device's)")
-    parser.add_argument("--kind", choices=("fusion", "model", "argmax"), default="fusion")
+    parser.add_argument("--kind", choices=("fusion", "host", "model", "argmax"), default="fusion")
     parser.add_argument("--calls", type=int, default=5, help="profiled calls per provider")
     parser.add_argument("--rows", type=int, default=25, help="rows per table")
     args = parser.parse_args(argv)

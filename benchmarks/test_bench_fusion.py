@@ -42,5 +42,5 @@ def test_sliding_window(benchmark, fusion_case, memory_log):
     benchmark.group = group
     benchmark.extra_info.update(provider=provider, device=device, case=case.name, peak_extra_mb=peak / 2**20)
     benchmark.pedantic(fp.synchronized(step, device), rounds=ROUNDS[device], warmup_rounds=WARMUP[device])
-    if case.kind == "fusion" and provider.startswith("densefuse-") and provider != "densefuse-torch":
+    if case.identity and provider.startswith("densefuse-") and provider != "densefuse-torch":
         assert peak <= fp.memory_bound_bytes(case) + 2**20, "peak extra memory above output + one batch"
