@@ -117,13 +117,19 @@ def test_registry_follows_its_own_order():
     """An op family's order replaces the device default: its first usable backend with a kernel wins."""
     present = {"torch": True, "cpp": True, "triton": True}
     loaders = {name: (lambda name=name: name) for name in present}
-    registry = _backend.Registry(
-        "demo_op", loaders, present.__getitem__, order={"cpu": ("triton", "cpp", "torch")}
-    )
+
+    def make_registry() -> _backend.Registry:
+        return _backend.Registry(
+            "demo_op", loaders, present.__getitem__, order={"cpu": ("triton", "cpp", "torch")}
+        )
+
+    registry = make_registry()
     cpu = torch.device("cpu")
     expected = next(b for b in ("triton", "cpp", "torch") if b in cpu_backends())
     assert registry.default("cpu") == registry(cpu) == expected
     present["triton"] = False  # no kernel: the next backend of the order, not the reference
+    assert registry.default("cpu") == expected  # a registry finds its default once
+    registry = make_registry()
     assert registry.default("cpu") == ("cpp" if "cpp" in cpu_backends() else "torch")
     with _backend.use_backend("torch"):
         assert registry(cpu) == "torch"

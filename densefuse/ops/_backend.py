@@ -186,7 +186,13 @@ class Registry:
 
     def default(self, device_type: str) -> str:
         """The backend this op runs on ``device_type`` unless one is forced: the first of its order
-        that can run here and has a kernel for it, else the reference."""
+        that can run here and has a kernel for it, else the reference. Found once per device type
+        (and TRITON_INTERPRET setting): what it depends on is fixed for the process, and ops look it
+        up on every call."""
+        return self._default(device_type, triton_interpreting())
+
+    @functools.cache  # noqa: B019 - a handful of registries live for the whole process
+    def _default(self, device_type: str, interpreting: bool) -> str:
         ranked = self.order.get(device_type, ())
         usable = (b for b in ranked if self.has(b) and unavailable_reason(b, device_type) is None)
         return next(usable, "torch")

@@ -609,13 +609,13 @@ class BatchScatter:
             raise TypeError(
                 f"windows: expected a float16/bfloat16/float32/float64 tensor, got {windows.dtype}"
             )
-        expected = f"[N, {acc.shape[1]}, {', '.join(map(str, self.roi))}] on {device}"
         if (
             windows.device != device
             or windows.dim() != 5
             or windows.shape[1] != acc.shape[1]
-            or tuple(windows.shape[2:]) != self.roi
+            or windows.shape[2:] != self.roi
         ):
+            expected = f"[N, {acc.shape[1]}, {', '.join(map(str, self.roi))}] on {device}"
             raise ValueError(f"windows: expected {expected}, got {tuple(windows.shape)} on {windows.device}")
         if starts.dtype != torch.int64 or starts.device != device or starts.shape != (windows.shape[0], 4):
             got = f"{starts.dtype} {tuple(starts.shape)} on {starts.device}"
