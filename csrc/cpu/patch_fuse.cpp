@@ -567,7 +567,10 @@ void extract(const PatchExtractArgs& a, const ExtractPlan& plan) {
         const int64_t lo = run.empty() ? rx : run.offset(), hi = run.empty() ? rx : run.hi - run.start;
         for (int64_t k = 0; k < lo; ++k) dst[k] = xs[k] < 0 ? cval : src[xs[k] * st[4]];
         if (st[4] == 1) {
-          std::copy(src + run.lo, src + run.lo + (hi - lo), dst + lo);
+          const E* from = src + run.lo;
+          E* to = dst + lo;
+#pragma omp simd
+          for (int64_t k = 0; k < hi - lo; ++k) to[k] = from[k];
         } else {
           for (int64_t k = lo; k < hi; ++k) dst[k] = src[(run.start + k) * st[4]];
         }
