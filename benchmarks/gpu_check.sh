@@ -11,8 +11,9 @@
 #   tests   the tests marked gpu or named for cuda (pytest -k "gpu or cuda"; pytest-xdist where installed)
 #   profile benchmarks/profile_fusion.py: torch.profiler tables of one fusion call, densefuse and MONAI
 #   loss    benchmarks/report.py --device cuda                        -> <gpu>-<date>.json, report.md
-#   fusion  benchmarks/fusion_providers.py (fusion only, a conv model, a 16-class 320^3 argmax
-#           through SlidingWindowPredictor, the deterministic mode)   -> fusion-<gpu>-<date>.json/.png
+#   fusion  benchmarks/fusion_providers.py (fusion only, the host's work alone on tiny windows, a
+#           conv model, a 16-class 320^3 argmax through SlidingWindowPredictor, the deterministic
+#           mode)                                                     -> fusion-<gpu>-<date>.json/.png
 #   dense   benchmarks/dense_providers.py: blocks, then the network step (--model)
 #                                                                     -> dense-/model-step-<gpu>-<date>.json
 #   model   densefuse profile-memory: FCDenseNet3d 128^3 batch 4, fused/naive/checkpoint, fp32/bf16
