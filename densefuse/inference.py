@@ -18,8 +18,11 @@ their part inside the volume is accumulated, so the output is never larger than 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import numbers
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -42,42 +45,71 @@ Position = tuple[int, int, int, int]  # (batch, z, y, x): a window's corner in v
 
 
 # ------------------------------------------------------------------------------------ argument checks
+def _as_int(value: object) -> int | None:
+    """value as a Python int if it is an integer (int, NumPy integer, 0-d integer tensor; not bool)."""
+    if isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _as_real(value: object) -> float | None:
+    """value as a Python float if it is a real number (int, float, NumPy scalar; not bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
+def _values(value: object) -> list | None:
+    """The items of a sequence, NumPy array or 1-D tensor; None for a single value."""
+    if isinstance(value, (str, bytes)):
+        return None
+    if isinstance(value, Sequence) or (hasattr(value, "__len__") and getattr(value, "ndim", 1) == 1):
+        return list(value)
+    return None
+
+
 def _check_roi(roi_size: object, size: Sequence[int], none_means_full: bool) -> tuple[int, ...]:
     """roi per axis from one value or a sequence (MONAI: None = the whole axis)."""
     dims = len(size)
-    values = list(roi_size) if isinstance(roi_size, Sequence) else [roi_size] * dims
+    values = _values(roi_size)
+    values = [roi_size] * dims if values is None else values
     if len(values) != dims:
         raise ValueError(f"roi_size: expected {dims} values for {dims} spatial dims, got {roi_size!r}")
     roi = []
     for value, full in zip(values, size):
         if value is None and none_means_full:
             value = full
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        length = _as_int(value)
+        if length is None or length <= 0:
             hint = " (None takes the whole axis)" if none_means_full else ""
             raise ValueError(f"roi_size: expected positive integers{hint}, got {roi_size!r}")
-        roi.append(value)
+        roi.append(length)
     return tuple(roi)
 
 
-def _per_axis(name: str, value: object, dims: int) -> tuple[float, ...]:
-    values = tuple(value) if isinstance(value, Sequence) else (value,) * dims
+def _per_axis(name: str, value: object, dims: int) -> tuple:
+    values = _values(value)
+    values = (value,) * dims if values is None else tuple(values)
     if len(values) != dims:
         raise ValueError(f"{name}: expected one value or {dims}, got {value!r}")
     return values
 
 
 def _check_overlap(overlap: object, dims: int) -> tuple[float, ...]:
-    values = _per_axis("overlap", overlap, dims)
-    for o in values:
-        if isinstance(o, bool) or not isinstance(o, (int, float)) or not 0 <= o < 1:
-            raise ValueError(f"overlap: expected values in [0, 1), got {overlap!r}")
+    values = tuple(_as_real(o) for o in _per_axis("overlap", overlap, dims))
+    if any(o is None or not 0 <= o < 1 for o in values):
+        raise ValueError(f"overlap: expected values in [0, 1), got {overlap!r}")
     return values
 
 
 def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    number = _as_int(value)
+    if number is None or number < 1:
         raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
-    return value
+    return number
 
 
 def _check_choice(name: str, value: object, allowed: Sequence[str]) -> str:
@@ -128,6 +160,14 @@ def read_window(
     extended periodically where the window reaches further than one volume length); replicate
     repeats the edge; circular wraps around. A window inside the volume is a view.
     """
+    if not isinstance(x, Tensor) or x.dim() < 2:
+        raise ValueError(f"x: expected a [C, *spatial] tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    mode = _check_choice("mode", mode, PAD_MODES)
+    dims = x.dim() - 1
+    if len(start) != dims or len(roi) != dims:
+        raise ValueError(
+            f"start, roi: expected {dims} values each (x is [C, *spatial]), got {start!r}, {roi!r}"
+        )
     size = x.shape[1:]
     inside = [slice(max(s, 0), min(s + r, n)) for s, r, n in zip(start, roi, size)]
     if all(s >= 0 and s + r <= n for s, r, n in zip(start, roi, size)):
@@ -387,11 +427,12 @@ def sliding_window_inference(
     window slices (in padded coordinates) as the predictor's second argument; MONAI's ``condition``
     keyword is windowed like the inputs.
 
-    Differences from MONAI: the result is not differentiable and is a plain tensor (no MetaTensor
-    metadata); predictor outputs must keep the window's spatial size; ``roi_weight_map`` and
-    ``process_fn`` are not supported (weights must be separable: pass 1-D vectors as ``mode``);
-    ``buffer_steps``/``buffer_dim`` are validated and otherwise change nothing (windows are added
-    straight into the output); roi_size <= 0 is an error (use None for the whole axis).
+    Differences from MONAI: the result is not differentiable (the predictor runs under no_grad) and
+    is a plain tensor (no MetaTensor metadata); predictor outputs must keep the window's spatial
+    size; ``roi_weight_map`` and ``process_fn`` are not supported (weights must be separable: pass
+    1-D vectors as ``mode``); ``buffer_steps``/``buffer_dim`` are validated and otherwise change
+    nothing (windows are added straight into the output); roi_size <= 0 is an error (use None for
+    the whole axis); a dict-returning predictor must return the same keys for every batch.
     """
     inputs = _check_volume("inputs", inputs, (1, 2, 3))
     dims = inputs.dim() - 2
@@ -402,13 +443,24 @@ def sliding_window_inference(
         )
     roi = _check_roi(roi_size, inputs.shape[2:], none_means_full=True)
     overlap = _check_overlap(overlap, dims)
-    _check_positive_int("sw_batch_size", sw_batch_size)
+    sw_batch_size = _check_positive_int("sw_batch_size", sw_batch_size)
     padding_mode = _check_choice("padding_mode", padding_mode, PAD_MODES)
-    if buffer_steps is not None and buffer_steps > 0 and not -dims <= buffer_dim <= dims:
-        raise ValueError(f"buffer_dim: expected a value in [{-dims}, {dims}], got {buffer_dim}")
+    if buffer_steps is not None:
+        steps_count, dim = _as_int(buffer_steps), _as_int(buffer_dim)
+        if steps_count is None:
+            raise ValueError(f"buffer_steps: expected an integer or None, got {buffer_steps!r}")
+        if steps_count > 0 and (dim is None or not -dims <= dim <= dims):
+            raise ValueError(f"buffer_dim: expected a value in [{-dims}, {dims}], got {buffer_dim!r}")
     device = torch.device(device) if device is not None else inputs.device
     sw_device = torch.device(sw_device) if sw_device is not None else inputs.device
     condition = kwargs.pop("condition", None)
+    if condition is not None:
+        condition = _check_volume("condition", condition, (dims,))
+        if condition.shape[0] != inputs.shape[0] or condition.shape[2:] != inputs.shape[2:]:
+            raise ValueError(
+                f"condition: expected [{inputs.shape[0]}, C, {', '.join(map(str, inputs.shape[2:]))}] "
+                f"like inputs, got {tuple(condition.shape)}"
+            )
 
     # Lift to 3-D with leading singleton axes: the fusion ops are 3-D.
     batch, _, *size = inputs.shape
@@ -427,12 +479,14 @@ def sliding_window_inference(
     run = _WindowPredictor(predictor, x3, cond3, roi, padding_mode, cval, sw_device, with_coord, args, kwargs)
     fusion = _Fusion(batch, size, roi, weights, floor, acc_dtype, device)
     steps = range(0, len(positions), sw_batch_size)
-    for first in tqdm(steps) if progress else steps:
-        chunk = slice(first, first + sw_batch_size)
-        batch_starts = starts[chunk]
-        batch_starts_in = batch_starts if starts_in is starts else starts_in[chunk]
-        # no reference to the batch outlives the step (_WindowReader)
-        fusion.add(run(positions[chunk], batch_starts_in), batch_starts)
+    # The result is not differentiable: the predictor builds no autograd graph per batch either.
+    with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
+        for first in tqdm(steps) if progress else steps:
+            chunk = slice(first, first + sw_batch_size)
+            batch_starts = starts[chunk]
+            batch_starts_in = batch_starts if starts_in is starts else starts_in[chunk]
+            # no reference to the batch outlives the step (_WindowReader)
+            fusion.add(run(positions[chunk], batch_starts_in), batch_starts)
     return fusion.result(grid, inputs.dtype if floating else torch.float32)
 
 
@@ -497,9 +551,13 @@ class _Fusion:
     def add(self, out: object, starts: Tensor) -> None:
         """Scatters the predictor's output ``out`` for the windows at ``starts`` [n, 4] (int64, on the
         accumulators' device) into the accumulators."""
-        self.keys, outs = _flatten(out)
-        if self.accs and len(outs) != len(self.accs):
-            raise ValueError(f"predictor: returned {len(outs)} outputs, earlier {len(self.accs)}")
+        keys, outs = _flatten(out)
+        if not outs:
+            raise ValueError("predictor: returned no outputs")
+        if self.accs and (len(outs) != len(self.accs) or keys != self.keys):
+            got, earlier = (keys, self.keys) if keys != self.keys else (len(outs), len(self.accs))
+            raise ValueError(f"predictor: returned outputs {got}, earlier {earlier}")
+        self.keys = keys
         count = starts.shape[0]
         for i, o in enumerate(outs):
             channels = self.accs[i].shape[1] if i < len(self.accs) else None
@@ -539,11 +597,15 @@ OUTPUTS = ("logits", "probabilities", "mask")
 def _check_tta(tta: str | Sequence[Sequence[int]]) -> tuple[tuple[int, ...], ...]:
     if isinstance(tta, str):
         return TTA[_check_choice("tta", tta, tuple(TTA))]
-    passes = tuple(tuple(axes) for axes in tta)
+    error = ValueError(
+        f"tta: expected one of {tuple(TTA)} or tuples of spatial axes in {{0, 1, 2}}, got {tta!r}"
+    )
+    try:
+        passes = tuple(tuple(_as_int(a) for a in axes) for axes in tta)
+    except TypeError:  # not a sequence of sequences
+        raise error from None
     if not passes or any(len(set(p)) != len(p) or not set(p) <= {0, 1, 2} for p in passes):
-        raise ValueError(
-            f"tta: expected one of {tuple(TTA)} or tuples of spatial axes in {{0, 1, 2}}, got {tta!r}"
-        )
+        raise error
     return passes
 
 
@@ -695,7 +757,7 @@ class SlidingWindowPredictor:
         return total if len(self.tta) == 1 else total.div_(len(self.tta))  # total + out is ours
 
     # ----------------------------------------------------------------------------------- per volume
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference mode: the result may be changed in place afterwards
     def __call__(self, image: Tensor) -> Tensor:
         """Prediction for image [B, C_in, D, H, W]: see the class docstring for the output."""
         image = _check_volume("image", image, (3,))
@@ -736,7 +798,7 @@ class SlidingWindowPredictor:
         scatter = BatchScatter(*weights, self.floor, torch.float32, device, weights_checked=True)
         out = None
         for band, (rows, chosen) in enumerate(zip(bands, members)):
-            fuse = _SlabFusion(batch, size, grid, grid_starts, scatter, finish, slabs, rows, channels, out)
+            fuse = _SlabFusion(batch, size, grid, grid_starts, scatter, finish, slabs, rows, out)
             for k, group in enumerate(groups):
                 group_starts, group_in = starts[k], starts_in[k]
                 if index[0] is not None:
@@ -806,11 +868,10 @@ class _SlabFusion:
     place, and the freed planes are zeroed.
     """
 
-    def __init__(self, batch, size, grid, grid_starts, scatter, finalizer, slabs, rows, channels, out):
+    def __init__(self, batch, size, grid, grid_starts, scatter, finalizer, slabs, rows, out):
         self.batch, self.size, self.grid = batch, size, grid
         self.grid_starts = grid_starts  # grid as int64 tensors on the accumulator's device
         self.scatter, self.finalizer, self.slabs, self.rows = scatter, finalizer, slabs, rows
-        self.channels: int | None = channels
         self.acc: Tensor | None = None  # planes [lo, lo + acc.shape[2]) and rows [y0, y1) of the volume
         self.lo = 0
         self.out: Tensor | None = out  # the result, filled slab by slab
@@ -830,10 +891,9 @@ class _SlabFusion:
         """Scatters ``out`` for the windows at ``starts`` [n, 4] (local(): the accumulator's
         coordinates, on its device)."""
         if self.acc is None:
-            self.channels = out.shape[1]
             depth = self.size[0]
             planes = min(out.shape[2], depth) if self.slabs else depth  # a group's windows span roi_z
-            shape = (self.batch, self.channels, planes, self.rows[1] - self.rows[0], self.size[2])
+            shape = (self.batch, out.shape[1], planes, self.rows[1] - self.rows[0], self.size[2])
             self.acc = torch.zeros(shape, dtype=torch.float32, device=self.scatter.device)
         self.scatter(self.acc, out, starts)
 

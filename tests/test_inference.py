@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from conftest import requires_cuda
@@ -392,6 +393,18 @@ BAD_CALLS = [
     (dict(roi_weight_map=torch.ones(4, 4, 4)), ValueError, "roi_weight_map/process_fn: not supported"),
     (dict(inputs=torch.zeros(6, 6)), ValueError, r"inputs: expected a non-empty 3-D or 4-D or 5-D"),
     (dict(inputs="volume"), TypeError, "inputs: expected a torch.Tensor"),
+    (
+        dict(condition=torch.ones(1, 1, 6, 6, 5)),
+        ValueError,
+        r"condition: expected \[1, C, 6, 6, 6\] like inputs",
+    ),
+    (dict(condition=torch.ones(2, 1, 6, 6, 6)), ValueError, r"condition: expected \[1, C, 6, 6, 6\]"),
+    (dict(condition=[1, 2]), TypeError, "condition: expected a torch.Tensor"),
+    (dict(buffer_steps="a"), ValueError, "buffer_steps: expected an integer or None"),
+    (dict(buffer_steps=1, buffer_dim=5), ValueError, r"buffer_dim: expected a value in \[-3, 3\]"),
+    (dict(predictor=lambda t: []), ValueError, "predictor: returned no outputs"),
+    (dict(roi_size=[4.0, 4, 4]), ValueError, "roi_size: expected positive integers"),
+    (dict(overlap="0.5"), ValueError, r"overlap: expected values in \[0, 1\)"),
 ]
 
 
@@ -401,6 +414,38 @@ def test_bad_input(change, error, message):
     args.update(change)
     with pytest.raises(error, match=message):
         sliding_window_inference(**args)
+
+
+def test_numpy_scalars_are_accepted_as_monai_accepts_them():
+    x = torch.randn(1, 1, 9, 8, 7)
+    expected = sliding_window_inference(x, (4, 4, 4), 2, _net, 0.5, "gaussian")
+    roi, overlap = np.array([4, 4, 4]), np.float32(0.5)
+    for roi_size in (roi, [np.int64(4)] * 3, torch.tensor([4, 4, 4]), np.int32(4)):
+        got = sliding_window_inference(x, roi_size, np.int64(2), _net, overlap, "gaussian")
+        assert torch.equal(got, expected)
+
+
+def test_dict_keys_must_not_change():
+    calls = iter(range(100))
+
+    def predictor(t):
+        return {"a": t, "b" if next(calls) == 0 else "z": t}
+
+    with pytest.raises(ValueError, match=r"predictor: returned outputs \['a', 'z'\], earlier \['a', 'b'\]"):
+        sliding_window_inference(torch.ones(1, 1, 8, 4, 4), 4, 1, predictor)
+
+
+def test_the_predictor_builds_no_autograd_graph():
+    net = torch.nn.Conv3d(1, 1, 1)
+    graphs = []
+
+    def predictor(t):
+        out = net(t)
+        graphs.append(out.requires_grad)
+        return out
+
+    out = sliding_window_inference(torch.ones(1, 1, 8, 4, 4), 4, 1, predictor)
+    assert graphs and not any(graphs) and not out.requires_grad
 
 
 def test_channel_count_must_not_change():
@@ -741,6 +786,9 @@ BAD_PREDICTOR = [
     (dict(floor=-1.0), ValueError, "floor: expected a finite number >= 0"),
     (dict(tta="rotate"), ValueError, "tta: expected one of"),
     (dict(tta=[(0, 3)]), ValueError, "tta: expected one of"),
+    (dict(tta=[0, 1]), ValueError, "tta: expected one of"),
+    (dict(tta=[(1.0,)]), ValueError, "tta: expected one of"),
+    (dict(tta=[(True,)]), ValueError, "tta: expected one of"),
     (dict(activation="relu"), ValueError, "activation: expected one of"),
     (dict(output="labels"), ValueError, "output: expected one of"),
     (dict(threshold=float("nan")), ValueError, "threshold: expected a finite number"),
@@ -755,6 +803,25 @@ def test_bad_predictor_arguments(change, error, message):
     args.update(change)
     with pytest.raises(error, match=message):
         SlidingWindowPredictor(**args)
+
+
+def test_predictor_output_is_an_ordinary_tensor():
+    """Not an inference tensor: it may be changed in place outside inference mode."""
+    out = SlidingWindowPredictor(_net, 4, activation="none", output="probabilities")(
+        torch.ones(1, 1, 8, 8, 8)
+    )
+    assert not out.is_inference()
+    out.mul_(2)
+
+
+def test_bad_read_window_arguments():
+    x = torch.ones(1, 4, 4, 4)
+    with pytest.raises(ValueError, match="mode: expected one of"):
+        read_window(x, (-1, 0, 0), (4, 4, 4), "bogus")
+    with pytest.raises(ValueError, match="start, roi: expected 3 values each"):
+        read_window(x, (0, 0), (4, 4))
+    with pytest.raises(ValueError, match=r"x: expected a \[C, \*spatial\] tensor"):
+        read_window(torch.ones(4), (0,), (4,))
 
 
 def test_bad_predictor_calls():

@@ -508,6 +508,21 @@ def test_batch_scatter_without_batches_has_no_flags():
     assert pf.BatchScatter(*weights, 0.0, torch.float32, "cpu").flags().tolist() == [0, 0]
 
 
+def test_batch_scatter_flags_add_up_over_many_batches(backend):
+    """The per-batch flags are folded into a running total every 64 batches; none is lost."""
+    weights = [torch.ones(2)] * 3
+    scatter = pf.BatchScatter(*weights, 0.0, torch.float32, "cpu")
+    acc = torch.zeros(1, 1, 2, 2, 2)
+    starts = torch.tensor([[0, 0, 0, 0], [0, 5, 0, 0]])  # the second window misses the volume
+    for n in range(150):
+        windows = torch.ones(2, 1, 2, 2, 2)
+        if n in (3, 100):
+            windows[0, 0, 0, 0, 0] = float("nan")
+        scatter(acc, windows, starts)
+    assert len(scatter._flags) < 64
+    assert scatter.flags().tolist() == [2, 150]
+
+
 def test_batch_scatter_picks_the_gather_in_deterministic_mode(monkeypatch):
     weights = [torch.ones(3)] * 3
     with densefuse.use_backend("torch"):

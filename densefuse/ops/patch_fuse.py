@@ -625,6 +625,8 @@ class BatchScatter:
         with _no_grad():
             flags = self._kernel(acc, windows.contiguous(), starts.contiguous(), *self.weights, self.floor)
         self._flags.append(flags)
+        if len(self._flags) == 64:  # a running total, so that a long inference keeps few small tensors
+            self.flags()
 
     def flags(self) -> Tensor:
         """int64 [2] on ``device``: NaN/Inf window values added and windows skipped, over every batch
