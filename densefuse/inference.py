@@ -642,7 +642,8 @@ class SlidingWindowPredictor:
             as large as the accumulator, which whole-volume mode finalises in place: the least
             memory already). Above it the volume is processed in slabs along z, each finalised as
             soon as no later window touches it, so memory is O(B * C * roi_z * H * W) plus the
-            uint8 mask. Every voxel gets the same sums in the same order as in the whole-volume
+            uint8 mask; batches then stay within the windows of one z start (whole-volume mode
+            batches straight through). Every voxel gets the same sums in the same order as in the whole-volume
             mode, so the result is the same bits where the scatter is deterministic: the cpp and
             torch backends, or the output-stationary gather that
             torch.use_deterministic_algorithms(True) selects; with atomics (the triton and cuda
@@ -779,17 +780,22 @@ class SlidingWindowPredictor:
         reader = _WindowReader(image, self.roi, self.padding, self.cval)
         size_b = self.sw_batch_size
         # The plan needs the model's channels: the first batch tells. It is also the plan's first
-        # batch (kept), unless row bands put other windows first (then it is predicted again).
-        windows_in = _moved(reader.read(groups[0][:size_b], starts_in[0, :size_b]), model_device)
+        # batch (kept), unless slab mode batches other windows first (then it is predicted again).
+        every = _flat_groups(batch, *grid)  # the windows of every z group, in order
+        first_in = starts_in.reshape(-1, 4)[:size_b]
+        windows_in = _moved(reader.read(every[:size_b], first_in), model_device)
         first = _moved(self._predict(windows_in, None), device)
-        del windows_in
+        del windows_in, first_in
         channels = first.shape[1]
         slabs, bands = False, [(0, size[1])]
         if self.memory_budget is not None and self.output == "mask":
             slabs, bands = _slab_plan(batch, channels, size, self.roi, self.memory_budget)
-        # per band, the windows of a z group that meet it (the same in every group)
-        members = [_band_members(groups[0], rows, self.roi[1]) for rows in bands]
-        if members[0][:size_b] != tuple(range(min(size_b, len(groups[0])))):
+        if not slabs:  # the whole volume at once: batches run on across z groups
+            groups, starts, starts_in = (every,), starts.reshape(1, -1, 4), starts_in.reshape(1, -1, 4)
+            members = [tuple(range(len(every)))]
+        else:  # per band, the windows of a z group that meet it (the same in every group)
+            members = [_band_members(groups[0], rows, self.roi[1]) for rows in bands]
+        if members[0][:size_b] != tuple(range(min(size_b, len(every)))):
             first = None
         index = [None] if len(bands) == 1 else _on_device(device, *members)
         index_in = index if image.device == device or len(bands) == 1 else _on_device(image.device, *members)
@@ -846,6 +852,12 @@ def _band_members(group: tuple, rows: tuple[int, int], roi_y: int) -> tuple[int,
     """The indices of the windows (b, z, y, x) of ``group`` whose rows [y, y + roi_y) meet ``rows``."""
     y0, y1 = rows
     return tuple(i for i, (_, _, y, _) in enumerate(group) if y < y1 and y + roi_y > y0)
+
+
+@functools.lru_cache(maxsize=32)
+def _flat_groups(batch: int, starts_z: tuple[int, ...], starts_y: tuple[int, ...], starts_x: tuple[int, ...]):
+    """The windows of every group of _groups, one group after the other (whole-volume mode)."""
+    return sum(_groups(batch, starts_z, starts_y, starts_x), ())
 
 
 @functools.lru_cache(maxsize=32)

@@ -805,6 +805,20 @@ def test_bad_predictor_arguments(change, error, message):
         SlidingWindowPredictor(**args)
 
 
+def test_whole_volume_mode_batches_across_z_groups():
+    """Without slabs the batches run on from one z group to the next: ceil(windows / sw_batch_size)
+    model calls (32^3 padded by half a window, roi 16 at stride 8: 5 x 25 windows in batches of 8,
+    16 calls, not 5 x ceil(25 / 8) = 20)."""
+    sizes = []
+
+    def model(t):
+        sizes.append(t.shape[0])
+        return t
+
+    SlidingWindowPredictor(model, 16, sw_batch_size=8, activation="none")(torch.ones(1, 1, 32, 32, 32))
+    assert sizes == [8] * 15 + [5]
+
+
 def test_predictor_output_is_an_ordinary_tensor():
     """Not an inference tensor: it may be changed in place outside inference mode."""
     out = SlidingWindowPredictor(_net, 4, activation="none", output="probabilities")(
