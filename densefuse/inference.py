@@ -421,8 +421,9 @@ def sliding_window_inference(
 
     Weights w = max(wz wy wx, floor) with floor = max(min w, 1e-3) as MONAI's importance map:
     mode "constant" (plain average) and "gaussian" (``sigma_scale``) give MONAI's result; densefuse
-    adds "bspline" (``bspline_order`` 0-3), "spline" (the paper's window) and a sequence of 1-D
-    weight vectors, one per spatial axis. Windows go to ``sw_device`` for the predictor, the
+    adds "bspline" (``bspline_order`` 0-3: densefuse's keyword, so a predictor keyword of that name
+    does not reach the predictor), "spline" (the paper's window) and a sequence of 1-D weight
+    vectors, one per spatial axis. Windows go to ``sw_device`` for the predictor, the
     output lives on ``device`` (both default to inputs' device). ``with_coord`` passes MONAI's
     window slices (in padded coordinates) as the predictor's second argument; MONAI's ``condition``
     keyword is windowed like the inputs.
@@ -519,9 +520,9 @@ class _WindowPredictor:
     def __call__(self, chunk: Sequence[Position], starts: Tensor) -> object:
         """The predictor's output for the windows at ``chunk``, also given as ``starts`` [n, 4]
         (int64, on the inputs' device)."""
-        kwargs = dict(self.kwargs)
+        kwargs = self.kwargs
         if self.conditions is not None:
-            kwargs["condition"] = self._read(self.conditions, chunk, starts)
+            kwargs = {**kwargs, "condition": self._read(self.conditions, chunk, starts)}
         windows_in = self._read(self.windows, chunk, starts)
         if self.padded_before is None:
             return self.predictor(windows_in, *self.args, **kwargs)

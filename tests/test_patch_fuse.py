@@ -728,6 +728,13 @@ def test_cpp_extract_is_exact_for_corners_near_the_int64_limits(mode):
             assert float(out[n, 0, i, j, k]) == expected, (mode, n, i, j, k)
 
 
+WINDOW_AND_ACC_DTYPES = [  # (windows, accumulator): the CPU kernel's row loop for each
+    (torch.float64,) * 2,
+    (torch.float32,) * 2,
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float32),
+    (torch.float64, torch.float32),
+]
 SCATTER_CASES = [  # (batch, channels, size, roi, count)
     (1, 2, (1, 37, 29), (1, 5, 7), 60),  # a single plane (split into row bands), many windows per voxel
     (2, 3, (9, 11, 13), (4, 3, 5), 40),
@@ -748,17 +755,7 @@ def threads(count: int):
 
 @requires_cpp
 @pytest.mark.parametrize("floor", [0.0, 0.2])
-@pytest.mark.parametrize(
-    "win_dtype, acc_dtype",
-    [
-        (torch.float64,) * 2,
-        (torch.float32,) * 2,
-        (torch.bfloat16, torch.float32),
-        (torch.float16, torch.float32),
-        (torch.float64, torch.float32),
-    ],
-    ids=str,
-)
+@pytest.mark.parametrize("win_dtype, acc_dtype", WINDOW_AND_ACC_DTYPES, ids=str)
 @pytest.mark.parametrize("case", SCATTER_CASES, ids=str)
 def test_cpp_scatter_and_gather_are_deterministic(case, win_dtype, acc_dtype, floor, rng):
     """The same bits for 1, 2 and 3 threads, and the reference's bits (the same products and sums in
@@ -840,16 +837,7 @@ def test_cpp_flags_count_exactly(rng):
 
 
 @requires_cpp
-@pytest.mark.parametrize(
-    "dtype, acc_dtype",
-    [
-        (torch.float32,) * 2,
-        (torch.float64,) * 2,
-        (torch.float16, torch.float32),
-        (torch.bfloat16, torch.float32),
-    ],
-    ids=str,
-)
+@pytest.mark.parametrize("dtype, acc_dtype", WINDOW_AND_ACC_DTYPES, ids=str)
 def test_cpp_flags_count_exactly_over_long_rows(dtype, acc_dtype, rng):
     """Rows longer than the kernel's vectors (vector part and tail; half windows are widened first):
     non-finite values anywhere are counted once; finite values whose sums pass the largest float
