@@ -173,10 +173,30 @@ def _check_acc(acc: object) -> Tensor:
     return acc if acc.dim() == 5 else acc[None]
 
 
+def _check_float(name: str, tensor: Tensor) -> None:
+    """Window values (and volumes) come in the four float dtypes the kernels read."""
+    if tensor.dtype not in _validate.FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected a float16/bfloat16/float32/float64 tensor, got {tensor.dtype}")
+
+
+def _check_output(output: object) -> int:
+    """The finaliser's output code (reference.FUSE_OUTPUTS) for "probabilities" or "mask"."""
+    if output not in reference.FUSE_OUTPUTS:
+        raise ValueError(f"output: expected one of {tuple(reference.FUSE_OUTPUTS)}, got {output!r}")
+    return reference.FUSE_OUTPUTS[output]
+
+
+def _check_finalize_acc(acc: Tensor, output: int, activation: int, inplace: bool) -> None:
+    """An argmax mask is uint8 (at most 256 classes); in place needs probabilities in a contiguous acc."""
+    if output == 1 and activation == 2 and acc.shape[1] > 256:
+        raise ValueError(f"acc: an argmax mask is uint8, so at most 256 classes, got {acc.shape[1]}")
+    if inplace and (output != 0 or not acc.is_contiguous()):
+        raise ValueError("inplace: needs output='probabilities' and a contiguous acc")
+
+
 def _check_windows(windows: object, acc: Tensor) -> Tensor:
     windows = _validate.check_tensor("windows", windows)
-    if windows.dtype not in _validate.FLOAT_DTYPES:
-        raise TypeError(f"windows: expected a float16/bfloat16/float32/float64 tensor, got {windows.dtype}")
+    _check_float("windows", windows)
     if windows.dim() != 5 or windows.shape[1] != acc.shape[1]:
         raise ValueError(
             f"windows: expected shape [N, {acc.shape[1]}, rz, ry, rx] (channels of acc), "
@@ -396,17 +416,12 @@ def patch_finalize(
     wz, wy, wx = _check_weights((wz, wy, wx), None, acc, check_values)
     floor = _check_number("floor", floor, 0.0)
     code = _validate.check_activation(activation, tuple(reference.ACTIVATIONS))
-    if output not in reference.FUSE_OUTPUTS:
-        raise ValueError(f"output: expected one of {tuple(reference.FUSE_OUTPUTS)}, got {output!r}")
+    out = _check_output(output)
     threshold = _check_number("threshold", threshold)
-    if output == "mask" and code == 2 and acc.shape[1] > 256:
-        raise ValueError(f"acc: an argmax mask is uint8, so at most 256 classes, got {acc.shape[1]}")
+    _check_finalize_acc(acc, out, code, inplace)
     if inplace:
-        if output != "probabilities" or not acc.is_contiguous():
-            raise ValueError("inplace: needs output='probabilities' and a contiguous acc")
         patch_normalize_op(acc, *starts, wz, wy, wx, floor, code)
         return given
-    out = reference.FUSE_OUTPUTS[output]
     fused = patch_finalize_op(acc.contiguous(), *starts, wz, wy, wx, floor, code, out, threshold)
     return fused if given.dim() == 5 else fused[0]
 
@@ -421,8 +436,7 @@ def _check_extract(
 ) -> tuple[Tensor, tuple[int, ...]]:
     """patch_extract's volume (as [B, C, D, H, W]) and roi, after checking them, mode and cval."""
     volume = _validate.check_tensor("volume", volume)
-    if volume.dtype not in EXTRACT_DTYPES:
-        raise TypeError(f"volume: expected a float16/bfloat16/float32/float64 tensor, got {volume.dtype}")
+    _check_float("volume", volume)  # the EXTRACT_DTYPES
     if volume.dim() == 4:
         volume = volume[None]
     if volume.dim() != 5 or volume.numel() == 0:
@@ -605,10 +619,7 @@ class BatchScatter:
         if acc.device != device or acc.dim() != 5 or not acc.is_contiguous():
             got = f"{tuple(acc.shape)} on {acc.device}" + ("" if acc.is_contiguous() else ", not contiguous")
             raise ValueError(f"acc: expected a contiguous [B, C, D, H, W] tensor on {device}, got {got}")
-        if windows.dtype not in _validate.FLOAT_DTYPES:
-            raise TypeError(
-                f"windows: expected a float16/bfloat16/float32/float64 tensor, got {windows.dtype}"
-            )
+        _check_float("windows", windows)
         if (
             windows.device != device
             or windows.dim() != 5
@@ -664,9 +675,7 @@ class Finalizer:
         prepared = _prepared_weights((wz, wy, wx), floor, dtype, device, weights_checked)
         self.weights, self.floor, self.device = prepared
         self.activation = _validate.check_activation(activation, tuple(reference.ACTIVATIONS))
-        if output not in reference.FUSE_OUTPUTS:
-            raise ValueError(f"output: expected one of {tuple(reference.FUSE_OUTPUTS)}, got {output!r}")
-        self.output = reference.FUSE_OUTPUTS[output]
+        self.output = _check_output(output)
         self.threshold = _check_number("threshold", threshold)
         self.dtype = dtype
         self._normalize, self._finalize = _normalize(self.device), _finalize(self.device)
@@ -682,13 +691,10 @@ class Finalizer:
         if acc.device != self.device or acc.dim() != 5 or acc.numel() == 0:
             got = f"{tuple(acc.shape)} on {acc.device}"
             raise ValueError(f"acc: expected a non-empty [B, C, D, H, W] tensor on {self.device}, got {got}")
-        if self.output == 1 and self.activation == 2 and acc.shape[1] > 256:
-            raise ValueError(f"acc: an argmax mask is uint8, so at most 256 classes, got {acc.shape[1]}")
+        _check_finalize_acc(acc, self.output, self.activation, inplace)
         starts = (starts_z, starts_y, starts_x)
         with _no_grad():
             if inplace:
-                if self.output != 0 or not acc.is_contiguous():
-                    raise ValueError("inplace: needs output='probabilities' and a contiguous acc")
                 self._normalize(acc, *starts, *self.weights, self.floor, self.activation)
                 return acc
             settings = (self.floor, self.activation, self.output, self.threshold)
