@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import math
 import numbers
 import operator
@@ -644,11 +645,12 @@ class SlidingWindowPredictor:
             memory already). Above it the volume is processed in slabs along z, each finalised as
             soon as no later window touches it, so memory is O(B * C * roi_z * H * W) plus the
             uint8 mask; batches then stay within the windows of one z start (whole-volume mode
-            batches straight through). Every voxel gets the same sums in the same order as in the whole-volume
-            mode, so the result is the same bits where the scatter is deterministic: the cpp and
-            torch backends, or the output-stationary gather that
-            torch.use_deterministic_algorithms(True) selects; with atomics (the triton and cuda
-            scatters) the two modes differ by rounding, as two runs do. Where even a slab exceeds
+            batches straight through). Every voxel gets the same sums in the same order as in the
+            whole-volume mode, so the result is the same bits where the scatter is deterministic
+            (the cpp and torch backends, or the output-stationary gather that
+            torch.use_deterministic_algorithms(True) selects) and the model gives a window the same
+            output in any batch; with atomics (the triton and cuda scatters) the two modes differ
+            by rounding, as two runs do. Where even a slab exceeds
             the budget, its rows are split into bands, the fewest that fit but at least roi_y rows
             each, processed one after the other: O(B * C * roi_z * band * W), at the price of
             predicting each window once per band it meets (at most twice). Windows are then batched
@@ -858,7 +860,7 @@ def _band_members(group: tuple, rows: tuple[int, int], roi_y: int) -> tuple[int,
 @functools.lru_cache(maxsize=32)
 def _flat_groups(batch: int, starts_z: tuple[int, ...], starts_y: tuple[int, ...], starts_x: tuple[int, ...]):
     """The windows of every group of _groups, one group after the other (whole-volume mode)."""
-    return sum(_groups(batch, starts_z, starts_y, starts_x), ())
+    return tuple(itertools.chain.from_iterable(_groups(batch, starts_z, starts_y, starts_x)))
 
 
 @functools.lru_cache(maxsize=32)
