@@ -273,20 +273,38 @@ def _flatten(out: object) -> tuple[list | None, list[Tensor]]:
     )
 
 
-def _check_prediction(out: object, count: int, roi: Sequence[int], channels: int | None) -> Tensor:
-    """A predictor output for ``count`` windows: float [count, C, *roi] (C as before, if known)."""
+def _check_prediction(
+    out: object, count: int, roi: Sequence[int], channels: int | None, name: str = "predictor"
+) -> Tensor:
+    """An output of ``name`` for ``count`` windows: float [count, C, *roi] (C as before, if known)."""
     if not isinstance(out, Tensor) or not out.is_floating_point():
         kind = out.dtype if isinstance(out, Tensor) else type(out).__name__
-        raise TypeError(f"predictor: expected float tensors, got {kind}")
+        raise TypeError(f"{name}: expected float tensors, got {kind}")
     shape = tuple(out.shape)
     if len(shape) != len(roi) + 2 or shape[0] != count or shape[2:] != tuple(roi):
         raise ValueError(
-            f"predictor: returned shape {shape} for {count} windows of {tuple(roi)}; expected "
+            f"{name}: returned shape {shape} for {count} windows of {tuple(roi)}; expected "
             f"({count}, C, {', '.join(map(str, roi))}) (outputs must keep the window's spatial size)"
         )
     if channels is not None and shape[1] != channels:
-        raise ValueError(f"predictor: returned {shape[1]} channels, earlier {channels}")
+        raise ValueError(f"{name}: returned {shape[1]} channels, earlier {channels}")
     return out
+
+
+def _check_cval(cval: object, dtype: torch.dtype) -> float:
+    """cval as a float that a ``dtype`` volume's padding can hold: within the dtype's range (integer
+    volumes take it as torch's padding does, truncated toward 0)."""
+    value = _as_real(cval)
+    if value is None:
+        raise TypeError(f"cval: expected a number, got {type(cval).__name__}")
+    if dtype.is_floating_point or dtype.is_complex:
+        if math.isfinite(value) and abs(value) > torch.finfo(dtype).max:
+            raise ValueError(f"cval: {cval!r} overflows the volume's dtype {dtype}")
+        return value
+    low, high = (0, 1) if dtype == torch.bool else (torch.iinfo(dtype).min, torch.iinfo(dtype).max)
+    if not low <= value <= high:
+        raise ValueError(f"cval: expected a number in [{low}, {high}] for {dtype} inputs, got {cval!r}")
+    return value
 
 
 def _fusion_weights(name: str, vectors: Sequence[Tensor], dtype: torch.dtype, device) -> list[Tensor]:
@@ -463,6 +481,8 @@ def sliding_window_inference(
                 f"condition: expected [{inputs.shape[0]}, C, {', '.join(map(str, inputs.shape[2:]))}] "
                 f"like inputs, got {tuple(condition.shape)}"
             )
+        _check_cval(cval, condition.dtype)
+    cval = _check_cval(cval, inputs.dtype)
 
     # Lift to 3-D with leading singleton axes: the fusion ops are 3-D.
     batch, _, *size = inputs.shape
@@ -693,7 +713,7 @@ class SlidingWindowPredictor:
                 window, self.roi, order=order, sigma_scale=sigma_scale, name="window"
             )
         self.padding = _check_choice("padding", padding, ("reflect", "constant"))
-        self.cval = float(cval)
+        self.cval = _check_cval(cval, torch.float64)  # and again for each image's dtype
         if floor is None:
             floor = 0.0 if self.padding == "reflect" else windows.monai_floor(self.weights)
         if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor < math.inf:
@@ -754,7 +774,7 @@ class SlidingWindowPredictor:
         for axes in self.tta:
             dims = [a + 2 for a in axes]
             out = self.model(batch.flip(dims) if dims else batch)
-            out = _check_prediction(out, batch.shape[0], self.roi, channels)
+            out = _check_prediction(out, batch.shape[0], self.roi, channels, "model")
             out = out if out.dtype == torch.float32 else out.float()
             out = _activate(out.flip(dims) if dims else out, self._vote_activation())
             total = out if total is None else total + out
@@ -765,6 +785,7 @@ class SlidingWindowPredictor:
     def __call__(self, image: Tensor) -> Tensor:
         """Prediction for image [B, C_in, D, H, W]: see the class docstring for the output."""
         image = _check_volume("image", image, (3,))
+        _check_cval(self.cval, image.dtype)
         batch, _, *size = image.shape
         device = self.device or image.device
         model_device = self.model_device or image.device

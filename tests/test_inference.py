@@ -403,6 +403,13 @@ BAD_CALLS = [
     (dict(buffer_steps="a"), ValueError, "buffer_steps: expected an integer or None"),
     (dict(buffer_steps=1, buffer_dim=5), ValueError, r"buffer_dim: expected a value in \[-3, 3\]"),
     (dict(predictor=lambda t: []), ValueError, "predictor: returned no outputs"),
+    (dict(cval="a"), TypeError, "cval: expected a number, got str"),
+    (dict(cval=1e39), ValueError, "cval: 1e\\+39 overflows the volume's dtype torch.float32"),
+    (
+        dict(inputs=torch.ones(1, 1, 6, 6, 6, dtype=torch.uint8), cval=300),
+        ValueError,
+        r"cval: expected a number in \[0, 255\] for torch.uint8 inputs, got 300",
+    ),
     (dict(roi_size=[4.0, 4, 4]), ValueError, "roi_size: expected positive integers"),
     (dict(overlap="0.5"), ValueError, r"overlap: expected values in \[0, 1\)"),
 ]
@@ -794,6 +801,7 @@ BAD_PREDICTOR = [
     (dict(threshold=float("nan")), ValueError, "threshold: expected a finite number"),
     (dict(memory_budget=0), ValueError, "memory_budget: expected an integer >= 1"),
     (dict(model="unet"), TypeError, "model: expected a callable"),
+    (dict(cval="a"), TypeError, "cval: expected a number, got str"),
 ]
 
 
@@ -841,8 +849,14 @@ def test_bad_read_window_arguments():
 def test_bad_predictor_calls():
     with pytest.raises(ValueError, match=r"image: expected a non-empty 5-D"):
         SlidingWindowPredictor(_net, 4)(torch.zeros(1, 8, 8, 8))
-    with pytest.raises(ValueError, match=r"predictor: returned shape \(1, 1, 4, 4, 2\)"):
+    with pytest.raises(ValueError, match=r"model: returned shape \(1, 1, 4, 4, 2\)"):
         SlidingWindowPredictor(lambda t: t[..., ::2], 4)(torch.zeros(1, 1, 8, 8, 8))
+    with pytest.raises(TypeError, match=r"model: expected float tensors, got torch\.int64"):
+        SlidingWindowPredictor(lambda t: t.long(), 4)(torch.zeros(1, 1, 8, 8, 8))
+    with pytest.raises(ValueError, match=r"cval: expected a number in \[0, 255\] for torch.uint8"):
+        SlidingWindowPredictor(_net, 4, padding="constant", cval=-1)(
+            torch.zeros(1, 1, 8, 8, 8, dtype=torch.uint8)
+        )
     x = torch.ones(1, 1, 4, 4, 4)
     x[0, 0, 1, 2, 3] = 0
     with pytest.raises(ValueError, match="model: contains 1 NaN/Inf values"):
