@@ -18,12 +18,10 @@ their part inside the volume is accumulated, so the output is never larger than 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 import math
 import numbers
-import operator
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -47,13 +45,13 @@ Position = tuple[int, int, int, int]  # (batch, z, y, x): a window's corner in v
 
 # ------------------------------------------------------------------------------------ argument checks
 def _as_int(value: object) -> int | None:
-    """value as a Python int if it is an integer (int, NumPy integer, 0-d integer tensor; not bool)."""
-    if isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool):
+    """value as a Python int if it is an integer (int, NumPy integer, 0-d integer tensor; no bool)."""
+    if isinstance(value, Tensor):
+        integral = not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
+        return int(value) if value.dim() == 0 and integral else None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
+    return int(value)
 
 
 def _as_real(value: object) -> float | None:
@@ -100,8 +98,10 @@ def _per_axis(name: str, value: object, dims: int) -> tuple:
 
 
 def _check_overlap(overlap: object, dims: int) -> tuple[float, ...]:
-    values = tuple(_as_real(o) for o in _per_axis("overlap", overlap, dims))
-    if any(o is None or not 0 <= o < 1 for o in values):
+    """overlap per axis, each a real number in [0, 1) kept in its own type (a NumPy float32 overlap
+    gives MONAI's float32 stride arithmetic)."""
+    values = _per_axis("overlap", overlap, dims)
+    if any(_as_real(o) is None or not 0 <= o < 1 for o in values):
         raise ValueError(f"overlap: expected values in [0, 1), got {overlap!r}")
     return values
 
@@ -293,7 +293,7 @@ def _check_prediction(
 
 def _check_cval(cval: object, dtype: torch.dtype) -> float:
     """cval as a float that a ``dtype`` volume's padding can hold: within the dtype's range (integer
-    volumes take it as torch's padding does, truncated toward 0)."""
+    and bool volumes take it converted as torch's padding converts it)."""
     value = _as_real(cval)
     if value is None:
         raise TypeError(f"cval: expected a number, got {type(cval).__name__}")
@@ -447,12 +447,13 @@ def sliding_window_inference(
     window slices (in padded coordinates) as the predictor's second argument; MONAI's ``condition``
     keyword is windowed like the inputs.
 
-    Differences from MONAI: the result is not differentiable (the predictor runs under no_grad) and
-    is a plain tensor (no MetaTensor metadata); predictor outputs must keep the window's spatial
-    size; ``roi_weight_map`` and ``process_fn`` are not supported (weights must be separable: pass
-    1-D vectors as ``mode``); ``buffer_steps``/``buffer_dim`` are validated and otherwise change
-    nothing (windows are added straight into the output); roi_size <= 0 is an error (use None for
-    the whole axis); a dict-returning predictor must return the same keys for every batch.
+    Differences from MONAI: the result is not differentiable (the predictor runs in the caller's
+    grad mode, as in MONAI) and is a plain tensor (no MetaTensor metadata); predictor outputs must
+    keep the window's spatial size; ``roi_weight_map`` and ``process_fn`` are not supported
+    (weights must be separable: pass 1-D vectors as ``mode``); ``buffer_steps``/``buffer_dim`` are
+    validated and otherwise change nothing (windows are added straight into the output); roi_size
+    <= 0 is an error (use None for the whole axis); a dict-returning predictor must return the same
+    keys for every batch.
     """
     inputs = _check_volume("inputs", inputs, (1, 2, 3))
     dims = inputs.dim() - 2
@@ -476,12 +477,11 @@ def sliding_window_inference(
     condition = kwargs.pop("condition", None)
     if condition is not None:
         condition = _check_volume("condition", condition, (dims,))
-        if condition.shape[0] != inputs.shape[0] or condition.shape[2:] != inputs.shape[2:]:
+        if condition.shape[0] < inputs.shape[0] or condition.shape[2:] != inputs.shape[2:]:
             raise ValueError(
-                f"condition: expected [{inputs.shape[0]}, C, {', '.join(map(str, inputs.shape[2:]))}] "
+                f"condition: expected [>= {inputs.shape[0]}, C, {', '.join(map(str, inputs.shape[2:]))}] "
                 f"like inputs, got {tuple(condition.shape)}"
             )
-        _check_cval(cval, condition.dtype)
     cval = _check_cval(cval, inputs.dtype)
 
     # Lift to 3-D with leading singleton axes: the fusion ops are 3-D.
@@ -501,14 +501,12 @@ def sliding_window_inference(
     run = _WindowPredictor(predictor, x3, cond3, roi, padding_mode, cval, sw_device, with_coord, args, kwargs)
     fusion = _Fusion(batch, size, roi, weights, floor, acc_dtype, device)
     steps = range(0, len(positions), sw_batch_size)
-    # The result is not differentiable: the predictor builds no autograd graph per batch either.
-    with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
-        for first in tqdm(steps) if progress else steps:
-            chunk = slice(first, first + sw_batch_size)
-            batch_starts = starts[chunk]
-            batch_starts_in = batch_starts if starts_in is starts else starts_in[chunk]
-            # no reference to the batch outlives the step (_WindowReader)
-            fusion.add(run(positions[chunk], batch_starts_in), batch_starts)
+    for first in tqdm(steps) if progress else steps:
+        chunk = slice(first, first + sw_batch_size)
+        batch_starts = starts[chunk]
+        batch_starts_in = batch_starts if starts_in is starts else starts_in[chunk]
+        # no reference to the batch outlives the step (_WindowReader)
+        fusion.add(run(positions[chunk], batch_starts_in), batch_starts)
     return fusion.result(grid, inputs.dtype if floating else torch.float32)
 
 
@@ -804,22 +802,24 @@ class SlidingWindowPredictor:
         reader = _WindowReader(image, self.roi, self.padding, self.cval)
         size_b = self.sw_batch_size
         # The plan needs the model's channels: the first batch tells. It is also the plan's first
-        # batch (kept), unless slab mode batches other windows first (then it is predicted again).
+        # batch (kept), unless row bands put other windows first (then it is predicted again). Where
+        # slabs may come, it stays within the first z group, as their batches do.
         every = _flat_groups(batch, *grid)  # the windows of every z group, in order
-        first_in = starts_in.reshape(-1, 4)[:size_b]
-        windows_in = _moved(reader.read(every[:size_b], first_in), model_device)
+        may_slab = self.memory_budget is not None and self.output == "mask"
+        probe = groups[0][:size_b] if may_slab else every[:size_b]
+        windows_in = _moved(reader.read(probe, starts_in.reshape(-1, 4)[: len(probe)]), model_device)
         first = _moved(self._predict(windows_in, None), device)
-        del windows_in, first_in
+        del windows_in
         channels = first.shape[1]
         slabs, bands = False, [(0, size[1])]
-        if self.memory_budget is not None and self.output == "mask":
+        if may_slab:
             slabs, bands = _slab_plan(batch, channels, size, self.roi, self.memory_budget)
         if not slabs:  # the whole volume at once: batches run on across z groups
             groups, starts, starts_in = (every,), starts.reshape(1, -1, 4), starts_in.reshape(1, -1, 4)
             members = [tuple(range(len(every)))]
         else:  # per band, the windows of a z group that meet it (the same in every group)
             members = [_band_members(groups[0], rows, self.roi[1]) for rows in bands]
-        if members[0][:size_b] != tuple(range(min(size_b, len(every)))):
+        if members[0][:size_b] != tuple(range(len(probe))):  # the loop's first batch is not the probe
             first = None
         index = [None] if len(bands) == 1 else _on_device(device, *members)
         index_in = index if image.device == device or len(bands) == 1 else _on_device(image.device, *members)

@@ -374,6 +374,8 @@ BAD_CALLS = [
     (dict(overlap=1.0), ValueError, r"overlap: expected values in \[0, 1\)"),
     (dict(overlap=-0.1), ValueError, r"overlap: expected values in \[0, 1\)"),
     (dict(sw_batch_size=0), ValueError, "sw_batch_size: expected an integer >= 1"),
+    (dict(sw_batch_size=np.True_), ValueError, "sw_batch_size: expected an integer >= 1"),
+    (dict(roi_size=torch.tensor([4])), ValueError, "roi_size: expected 3 values"),
     (dict(mode="hann"), ValueError, "mode: expected one of"),
     (dict(padding_mode="mirror"), ValueError, "padding_mode: expected one of"),
     (
@@ -396,9 +398,13 @@ BAD_CALLS = [
     (
         dict(condition=torch.ones(1, 1, 6, 6, 5)),
         ValueError,
-        r"condition: expected \[1, C, 6, 6, 6\] like inputs",
+        r"condition: expected \[>= 1, C, 6, 6, 6\] like inputs",
     ),
-    (dict(condition=torch.ones(2, 1, 6, 6, 6)), ValueError, r"condition: expected \[1, C, 6, 6, 6\]"),
+    (
+        dict(inputs=torch.ones(2, 1, 6, 6, 6), condition=torch.ones(1, 1, 6, 6, 6)),
+        ValueError,
+        r"condition: expected \[>= 2, C, 6, 6, 6\]",
+    ),
     (dict(condition=[1, 2]), TypeError, "condition: expected a torch.Tensor"),
     (dict(buffer_steps="a"), ValueError, "buffer_steps: expected an integer or None"),
     (dict(buffer_steps=1, buffer_dim=5), ValueError, r"buffer_dim: expected a value in \[-3, 3\]"),
@@ -442,17 +448,43 @@ def test_dict_keys_must_not_change():
         sliding_window_inference(torch.ones(1, 1, 8, 4, 4), 4, 1, predictor)
 
 
-def test_the_predictor_builds_no_autograd_graph():
-    net = torch.nn.Conv3d(1, 1, 1)
-    graphs = []
+def test_the_predictor_runs_in_the_callers_grad_mode():
+    """As in MONAI: a predictor may use autograd itself (a saliency map, test-time adaptation)."""
 
-    def predictor(t):
-        out = net(t)
-        graphs.append(out.requires_grad)
-        return out
+    def saliency(t):
+        t = t.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad((t**2).sum(), t)
+        return grad
 
-    out = sliding_window_inference(torch.ones(1, 1, 8, 4, 4), 4, 1, predictor)
-    assert graphs and not any(graphs) and not out.requires_grad
+    x = torch.randn(1, 1, 8, 4, 4)
+    out = sliding_window_inference(x, 4, 1, saliency)
+    torch.testing.assert_close(out, 2 * x)
+    assert not out.requires_grad
+
+
+def test_a_numpy_float32_overlap_gives_monais_float32_stride():
+    """int(10 * (1 - np.float32(0.1))) is 9 in float32 (MONAI), 8 in float64."""
+    monai_swi = pytest.importorskip("monai.inferers").sliding_window_inference
+    x = torch.randn(1, 1, 23, 10, 10)
+    net = lambda t: t * 2
+    overlap = np.float32(0.1)
+    expected = monai_swi(x, (10, 10, 10), 2, net, overlap, "gaussian")
+    torch.testing.assert_close(
+        sliding_window_inference(x, (10, 10, 10), 2, net, overlap, "gaussian"), expected
+    )
+
+
+def test_a_condition_may_have_more_batch_entries_and_any_dtype():
+    x = torch.randn(1, 1, 8, 4, 4)
+    condition = torch.zeros(2, 1, 8, 4, 4, dtype=torch.uint8)
+    seen = []
+
+    def predictor(t, condition):
+        seen.append(condition.dtype)
+        return t
+
+    out = sliding_window_inference(x, 4, 1, predictor, cval=-1024.0, condition=condition)
+    assert torch.equal(out, x) and set(seen) == {torch.uint8}
 
 
 def test_channel_count_must_not_change():
@@ -796,6 +828,7 @@ BAD_PREDICTOR = [
     (dict(tta=[0, 1]), ValueError, "tta: expected one of"),
     (dict(tta=[(1.0,)]), ValueError, "tta: expected one of"),
     (dict(tta=[(True,)]), ValueError, "tta: expected one of"),
+    (dict(tta=[(np.True_,)]), ValueError, "tta: expected one of"),
     (dict(activation="relu"), ValueError, "activation: expected one of"),
     (dict(output="labels"), ValueError, "output: expected one of"),
     (dict(threshold=float("nan")), ValueError, "threshold: expected a finite number"),
@@ -825,6 +858,24 @@ def test_whole_volume_mode_batches_across_z_groups():
 
     SlidingWindowPredictor(model, 16, sw_batch_size=8, activation="none")(torch.ones(1, 1, 32, 32, 32))
     assert sizes == [8] * 15 + [5]
+
+
+def test_slab_mode_probes_the_channels_within_one_z_group():
+    """Where slabs may come, the first batch (which tells the model's channels) stays within the first
+    z group, as slab mode's batches do: no more than one group is predicted before the plan."""
+    sizes = []
+
+    def model(t):
+        sizes.append(t.shape[0])
+        return t
+
+    x = torch.zeros(1, 1, 9, 11, 10)
+    predictor = SlidingWindowPredictor(
+        model, 4, sw_batch_size=1000, padding="constant", output="mask", memory_budget=1
+    )
+    predictor(x)
+    grid = inference.window_grid(x.shape[2:], (4, 4, 4), (0.5,) * 3, (0, 0, 0))
+    assert sizes[0] == len(grid[1]) * len(grid[2]) < len(grid[0]) * len(grid[1]) * len(grid[2])
 
 
 def test_predictor_output_is_an_ordinary_tensor():
