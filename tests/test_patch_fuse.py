@@ -698,6 +698,30 @@ def test_opcheck(backend, rng):
 requires_cpp = pytest.mark.skipif("cpp" not in BACKENDS, reason="needs densefuse._C")
 
 
+@contextlib.contextmanager
+def threads(count: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@requires_cpp
+@pytest.mark.parametrize("mode", PAD_MODES)
+def test_cpp_extract_is_the_same_on_any_thread_count(mode, rng):
+    """A batch large enough to be split over threads (one per 32768 values copied at most), and a
+    small one that runs on the calling thread: the reference's values for 1, 2 and 3 threads."""
+    volume = torch.randn(2, 2, 20, 30, 40, generator=rng)
+    for roi, count in (((16, 24, 30), 12), ((3, 4, 5), 5)):
+        starts = random_starts(rng, count, 2, volume.shape[2:], roi, reach=20)
+        expected = naive_extract(volume, starts, roi, mode, 0.5)
+        for count_threads in (1, 2, 3):
+            with densefuse.use_backend("cpp"), threads(count_threads):
+                assert torch.equal(patch_extract(volume, starts, roi, mode, 0.5), expected), count_threads
+
+
 @requires_cpp
 @pytest.mark.parametrize("mode", PAD_MODES)
 def test_cpp_extract_is_exact_for_corners_near_the_int64_limits(mode):
@@ -736,21 +760,14 @@ WINDOW_AND_ACC_DTYPES = [  # (windows, accumulator): the CPU kernel's row loop f
     (torch.float64, torch.float32),
 ]
 SCATTER_CASES = [  # (batch, channels, size, roi, count)
-    (1, 2, (1, 37, 29), (1, 5, 7), 60),  # a single plane (split into row bands), many windows per voxel
+    (1, 2, (1, 37, 29), (1, 5, 7), 60),  # a single plane, many windows per voxel
     (2, 3, (9, 11, 13), (4, 3, 5), 40),
     (1, 1, (4, 3, 300), (2, 2, 130), 12),  # long rows, windows wider than half the volume
     (1, 1, (6, 7, 8), (1, 2, 3), 3000),  # large N
+    # enough values for three threads (the kernel takes one per 16384 values added at most):
+    (1, 2, (1, 67, 59), (1, 9, 11), 500),  # one plane, split into row bands
+    (2, 3, (9, 23, 21), (4, 7, 9), 250),
 ]
-
-
-@contextlib.contextmanager
-def threads(count: int):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 @requires_cpp

@@ -50,8 +50,10 @@ namespace {
 
 using patch::AxisClip;
 
-constexpr int64_t kItemsPerThread = 4;  // scatter: split planes into row bands below this many items
-constexpr int64_t kRowGrain = 16384;    // finalise: voxels (rows x batch x channels) per chunk at least
+constexpr int64_t kItemsPerThread = 4;      // scatter: split planes into row bands below this many items
+constexpr int64_t kScatterGrain = 16384;    // scatter: window values added per thread at least
+constexpr int64_t kExtractGrain = 32768;    // extract: values copied per chunk at least
+constexpr int64_t kRowGrain = 16384;        // finalise: voxels (rows x batch x channels) per chunk at least
 
 // --------------------------------------------------------------------------------- dispatch helpers
 template <class T>
@@ -83,12 +85,18 @@ void visit_window(DType dtype, F&& f) {
 template <class S>
 using Wide = std::conditional_t<std::is_same_v<S, double>, double, float>;
 
-// fn(item, scratch) for every item in [0, items). Threads take the next item from a shared counter
-// (dynamic scheduling: a preempted or slower thread delays nobody); each owns one Scratch.
+// fn(item, scratch) for every item in [0, items) on up to `threads` threads. Threads take the next item
+// from a shared counter (dynamic scheduling: a preempted or slower thread delays nobody); each owns one
+// Scratch. One worker runs in the calling thread (waking a pool thread costs more than a small call).
 template <class Scratch, class Fn>
-void parallel_items(int64_t items, Fn&& fn) {
+void parallel_items(int64_t items, int64_t threads, Fn&& fn) {
+  const int64_t workers = std::min<int64_t>(threads, items);
+  if (workers <= 1) {
+    Scratch scratch;
+    for (int64_t item = 0; item < items; ++item) fn(item, scratch);
+    return;
+  }
   std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), items);
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     Scratch scratch;
     for (int64_t item = next++; item < items; item = next++) fn(item, scratch);
@@ -136,14 +144,15 @@ struct Placed {
 };
 
 // The placed windows of a call and, per (batch, z) plane of acc, the ones that cross it (CSR, in
-// window order); the work items are (busy plane, band of rows).
+// window order); the work items are (busy plane, band of rows), shared by `threads` threads (at most
+// one per kScatterGrain window values added).
 struct PlaneIndex {
   std::vector<Placed> windows;
   std::vector<int64_t> begin;    // [B * D + 1]: members[begin[p] .. begin[p + 1]) cross plane p
   std::vector<int64_t> members;  // indices into windows
   std::vector<int64_t> busy;     // planes with at least one window
   int64_t skipped = 0;
-  int64_t bands = 1, band_rows = 0;
+  int64_t threads = 1, bands = 1, band_rows = 0;
 
   explicit PlaneIndex(const PatchScatterArgs& a) : begin(a.batch * a.size[0] + 1, 0) {
     const int64_t depth = a.size[0];
@@ -168,8 +177,15 @@ struct PlaneIndex {
     for (int64_t p = 0; p + 1 < static_cast<int64_t>(begin.size()); ++p) {
       if (begin[p + 1] > begin[p]) busy.push_back(p);
     }
+    int64_t values = 0;  // window values inside acc, all windows and channels
+    for (const Placed& w : windows) {
+      int64_t inside = a.channels;
+      for (const AxisClip& clip : w.at.axis) inside *= clip.hi - clip.lo;
+      values += inside;
+    }
+    threads = std::clamp<int64_t>(values / kScatterGrain, 1, at::get_num_threads());
     const int64_t height = a.size[1];
-    const int64_t wanted = kItemsPerThread * at::get_num_threads();
+    const int64_t wanted = threads > 1 ? kItemsPerThread * threads : 1;
     const int64_t planes = std::max<int64_t>(static_cast<int64_t>(busy.size()), 1);
     bands = std::min<int64_t>(height, (wanted + planes - 1) / planes);
     band_rows = (height + bands - 1) / bands;
@@ -299,7 +315,7 @@ void scatter(const PatchScatterArgs& a, bool gather, int64_t* flags) {
     using T = typename decltype(acc_tag)::type;
     visit_window(a.windows_dtype, [&](auto window_tag) {
       const Scatter<T, typename decltype(window_tag)::type> kernel(a, index);
-      parallel_items<std::vector<T>>(index.items(), [&](int64_t item, std::vector<T>& scratch) {
+      parallel_items<std::vector<T>>(index.items(), index.threads, [&](int64_t item, std::vector<T>& scratch) {
         const int64_t found = scatter_item(kernel, item, gather, &scratch);
         if (found) bad += found;
       });
@@ -545,7 +561,8 @@ void extract(const PatchExtractArgs& a, const ExtractPlan& plan) {
   E* out = static_cast<E*>(a.out);
   const E cval = *static_cast<const E*>(a.cval);
   const int64_t* st = a.strides;
-  at::parallel_for(0, a.count * a.channels * rz, 1, [&](int64_t p0, int64_t p1) {
+  const int64_t grain = std::max<int64_t>(1, kExtractGrain / (ry * rx));  // planes per chunk at least
+  at::parallel_for(0, a.count * a.channels * rz, grain, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t i = p % rz, c = (p / rz) % a.channels, n = p / (rz * a.channels);
       const int64_t zs = plan.map[0][n * rz + i];
