@@ -1,14 +1,17 @@
 // The CUDA fusion kernels of csrc/cuda/patch_fuse.cu, run on the CPU one emulated thread after another
 // (tests/test_cuda_emulated.py builds this with torch.utils.cpp_extension): a machine without a GPU
 // checks the work of every thread (indexing, window placement and ownership, padding, the
-// finaliser's arithmetic) against densefuse.reference. Not checked here: concurrency (an atomic is a
-// plain add, one thread at a time), the sm_90 vector atomics (a host build takes the scalar path),
-// the warp reduction of the flags, speed.
+// finaliser's arithmetic) against densefuse.reference, and every launch configuration against CUDA's
+// limits. Not checked here: concurrency (an atomic is a plain add, one thread at a time), the sm_90
+// vector atomics (a host build takes the scalar path), the warp reduction of the flags, the fp32
+// atomics' flush of subnormals, speed.
 #include <torch/extension.h>
 
 #include <cuda_runtime_api.h>
 
 #include <cstring>
+#include <stdexcept>
+#include <string>
 
 // The CUDA built-ins the kernels use, for one thread at a time.
 static dim3 blockIdx, threadIdx, gridDim;
@@ -30,10 +33,17 @@ T atomicAdd(T* address, T value) {
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline double __dmul_rn(double a, double b) { return a * b; }
 
-// kernel(args...) for every thread of every block of the grid, in order.
+// kernel(args...) for every thread of every block of the grid, in order. A configuration that CUDA
+// would refuse (grid.x in [1, 2^31 - 1], grid.y and grid.z in [1, 65535], 1 to 1024 threads) throws.
 template <class Kernel>
 auto emulated_launch(dim3 grid, unsigned threads, Kernel kernel) {
   return [=](auto... args) {
+    if (grid.x < 1 || grid.x > 2147483647u || grid.y < 1 || grid.y > 65535u || grid.z < 1 || grid.z > 65535u ||
+        threads < 1 || threads > 1024) {
+      throw std::invalid_argument("emulated launch: invalid configuration grid (" + std::to_string(grid.x) + ", " +
+                                  std::to_string(grid.y) + ", " + std::to_string(grid.z) + "), " +
+                                  std::to_string(threads) + " threads");
+    }
     gridDim = grid;
     for (unsigned z = 0; z < grid.z; ++z) {
       for (unsigned y = 0; y < grid.y; ++y) {

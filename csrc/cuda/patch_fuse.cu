@@ -16,8 +16,10 @@
 //   sm_90+, fp32 acc: atomicAdd on float4 / float2 (16 / 8 bytes, one L2 atomic for VEC voxels)
 //   otherwise (sm_80 builds, fp64 acc): one scalar atomicAdd per lane inside the window.
 // VEC = 4 when W % 4 == 0 and acc is 16-byte aligned, 2 for W % 2 == 0 (8 bytes), else 1.
-// A lane outside the window adds +0.0 with the vector atomics, which turns a -0.0 in acc into +0.0
-// and changes nothing else. Non-finite counts: warp sums, one integer atomic per warp that saw one.
+// A lane outside the window adds +0.0 with the vector atomics, which turns a -0.0 in acc into +0.0.
+// fp32 atomics flush subnormal inputs and results to zero (PTX ISA, atom.add.f32): a weighted value
+// below 2^-126 is added as 0 (the gather and fp64 keep it), and such a lane also flushes a subnormal
+// already in acc. Non-finite counts: warp sums, one integer atomic per warp that saw one.
 //
 // Gather (deterministic, no atomics on acc): the same grid and items, one voxel each. A voxel is owned
 // by the first window (in index order) that covers it: the thread of window n at voxel v returns at
