@@ -54,11 +54,32 @@ def _as_int(value: object) -> int | None:
     return int(value)
 
 
-def _as_real(value: object) -> float | None:
-    """value as a Python float if it is a real number (int, float, NumPy scalar; not bool)."""
+def _real_scalar(value: object) -> numbers.Real | None:
+    """value if it is a real number (int, float, NumPy scalar: kept in its type), or the Python number
+    a 0-d tensor or NumPy array holds (as MONAI reads them: through tolist()); None otherwise (bool,
+    complex, not a number)."""
+    if getattr(value, "ndim", None) == 0 and not isinstance(value, numbers.Number):  # tensor, array
+        value = value.item()  # a bool or complex one gives a Python bool or complex: refused below
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None
-    return float(value)
+    return value
+
+
+def _as_real(value: object) -> float | None:
+    """value as a Python float if it is a real number (_real_scalar), else None."""
+    scalar = _real_scalar(value)
+    return None if scalar is None else float(scalar)
+
+
+def _reals(value: object) -> object:
+    """One number or a sequence of them as Python floats; anything else unchanged (for the check
+    that reports it)."""
+    items = _values(value)
+    if items is None:
+        real = _as_real(value)
+        return value if real is None else real
+    reals = [_as_real(v) for v in items]
+    return value if None in reals else tuple(reals)
 
 
 def _values(value: object) -> list | None:
@@ -98,11 +119,11 @@ def _per_axis(name: str, value: object, dims: int) -> tuple:
 
 
 def _check_overlap(overlap: object, dims: int) -> tuple[float, ...]:
-    """overlap per axis, each a real number in [0, 1) kept in its own type (a NumPy float32 overlap
-    gives MONAI's float32 stride arithmetic)."""
-    values = _per_axis("overlap", overlap, dims)
-    if any(_as_real(o) is None or not 0 <= o < 1 for o in values):
-        raise ValueError(f"overlap: expected values in [0, 1), got {overlap!r}")
+    """overlap per axis, each a real number in [0, 1) kept in its own type (_real_scalar: a float32
+    overlap, NumPy or tensor, gives MONAI's float32 stride arithmetic)."""
+    values = tuple(_real_scalar(o) for o in _per_axis("overlap", overlap, dims))
+    if any(o is None or not 0 <= o < 1 for o in values):
+        raise ValueError(f"overlap: expected numbers in [0, 1), got {overlap!r}")
     return values
 
 
@@ -132,9 +153,15 @@ def _check_volume(name: str, x: object, dims: Sequence[int]) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------ the window grid
-@functools.lru_cache(maxsize=64)
 def _grid(size: tuple[int, ...], roi: tuple[int, ...], overlap: tuple[float, ...], margin: tuple[int, ...]):
-    """window_grid as tuples, made once per setting."""
+    """window_grid as tuples, made once per setting. The overlaps' types are part of the key: a
+    float32 overlap strides as float32 arithmetic does (MONAI's), its float64 value may not."""
+    return _typed_grid(size, roi, tuple((type(o), o) for o in overlap), margin)
+
+
+@functools.lru_cache(maxsize=64)
+def _typed_grid(size: tuple[int, ...], roi: tuple[int, ...], typed_overlap: tuple, margin: tuple[int, ...]):
+    overlap = [o for _, o in typed_overlap]
     padded = [max(s + 2 * m, r) for s, m, r in zip(size, margin, roi)]
     starts = windows.grid_starts(padded, roi, overlap)
     return tuple(tuple(a - (p - s) // 2 for a in axis) for axis, p, s in zip(starts, padded, size))
@@ -291,6 +318,18 @@ def _check_prediction(
     return out
 
 
+def _nonfinite_source(name: str, x: Tensor, padding: str, cval: float) -> Callable[[], str | None]:
+    """check_patch_flags' source for windows read from x: ``name`` where x holds NaN/Inf, "cval"
+    where constant padding pads with one, else None (the predictor made them). Run only on error."""
+
+    def source() -> str | None:
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            return name
+        return "cval" if padding == "constant" and not math.isfinite(cval) else None
+
+    return source
+
+
 def _check_cval(cval: object, dtype: torch.dtype) -> float:
     """cval as a float that a ``dtype`` volume's padding can hold: within the dtype's range (integer
     and bool volumes take it converted as torch's padding converts it)."""
@@ -332,7 +371,9 @@ def _make_weights(
 ) -> tuple[Sequence[Tensor], float]:
     """sliding_window_inference's weights: the 1-D vectors lifted to 3-D by leading ones, in ``dtype``
     on ``device`` (_fusion_weights), and MONAI's floor."""
-    vectors = windows.separable_window(mode, roi, order=order, sigma_scale=sigma_scale)
+    vectors = windows.separable_window(
+        mode, roi, order=order, sigma_scale=sigma_scale, order_name="bspline_order"
+    )
     weights = _fusion_weights("mode", [torch.ones(1)] * lift + list(vectors), dtype, device)
     return tuple(weights), windows.monai_floor(vectors)
 
@@ -436,7 +477,9 @@ def sliding_window_inference(
     input is padded by ``padding_mode``/``cval``, half before). ``predictor(windows [n, C_in, *roi],
     *args, **kwargs)`` returns [n, C, *roi] (or a tuple / dict of such); the result is, per voxel,
     sum_k w_k p_k / sum_k w_k over the covering windows, [B, C, *spatial] on ``device`` in inputs'
-    dtype (accumulated in float32, float64 for float64 inputs).
+    dtype if it is a float dtype, else float32 (accumulated in float32, float64 for float64 inputs:
+    with half-precision inputs or predictions the result differs from MONAI's by MONAI's rounding
+    in half precision, and densefuse's is the closer to the exact sum).
 
     Weights w = max(wz wy wx, floor) with floor = max(min w, 1e-3) as MONAI's importance map:
     mode "constant" (plain average) and "gaussian" (``sigma_scale``) give MONAI's result; densefuse
@@ -453,7 +496,12 @@ def sliding_window_inference(
     (weights must be separable: pass 1-D vectors as ``mode``); ``buffer_steps``/``buffer_dim`` are
     validated and otherwise change nothing (windows are added straight into the output); roi_size
     <= 0 is an error (use None for the whole axis); a dict-returning predictor must return the same
-    keys for every batch.
+    keys for every batch; inputs with an empty axis are an error (MONAI returns an empty result);
+    NaN/Inf window values (from the inputs, a NaN/Inf ``cval`` or the predictor) raise a ValueError
+    that names their source after the last batch, where MONAI passes them on to the result (so does
+    densefuse with DENSEFUSE_CHECK_VALUES=0); padding modes other than "constant" ignore ``cval``
+    (MONAI raises) and may pad by more than the volume's length (reflect continues periodically),
+    where MONAI's padding raises.
     """
     inputs = _check_volume("inputs", inputs, (1, 2, 3))
     dims = inputs.dim() - 2
@@ -492,7 +540,7 @@ def sliding_window_inference(
     starts3 = ((0,),) * (3 - dims) + _grid(tuple(size), roi, overlap, (0,) * dims)
     floating = inputs.is_floating_point()
     acc_dtype = reference.accumulate_dtype(inputs.dtype) if floating else torch.float32
-    weights, floor = _mode_weights(mode, roi, bspline_order, sigma_scale, acc_dtype, device)
+    weights, floor = _mode_weights(mode, roi, bspline_order, _reals(sigma_scale), acc_dtype, device)
     positions = _positions(batch, *starts3)
     # Every window's corner and the grid on the output's device at once: one copy per call.
     starts, *grid = _on_device(device, positions, *starts3)
@@ -507,7 +555,8 @@ def sliding_window_inference(
         batch_starts_in = batch_starts if starts_in is starts else starts_in[chunk]
         # no reference to the batch outlives the step (_WindowReader)
         fusion.add(run(positions[chunk], batch_starts_in), batch_starts)
-    return fusion.result(grid, inputs.dtype if floating else torch.float32)
+    source = _nonfinite_source("inputs", inputs, padding_mode, cval)
+    return fusion.result(grid, inputs.dtype if floating else torch.float32, source)
 
 
 @functools.lru_cache(maxsize=32)
@@ -588,17 +637,18 @@ class _Fusion:
             self.scatter(self.accs[i], _moved(o, self.device, self.roi3), starts)
 
     def result(
-        self, grid: Sequence[Tensor], dtype: torch.dtype
+        self, grid: Sequence[Tensor], dtype: torch.dtype, source: Callable[[], str | None]
     ) -> Tensor | tuple[Tensor, ...] | dict[Any, Tensor]:
         """The fused outputs [B, C_k, *spatial] in ``dtype``, in the predictor's structure (``grid``:
-        the per-axis window starts, 3-D). The finalisers are queued before the flags are read (on a GPU
-        that read waits for the device), so the device goes on while the host waits."""
+        the per-axis window starts, 3-D; ``source``: check_patch_flags'). The finalisers are queued
+        before the flags are read (on a GPU that read waits for the device), so the device goes on
+        while the host waits."""
         results = []
         for acc in self.accs:
             fused = self.finalize(acc, *grid, inplace=True)
             fused = fused.reshape(self.batch, -1, *self.size)
             results.append(fused if fused.dtype == dtype else fused.to(dtype))
-        check_patch_flags(self.scatter.flags(), "predictor")
+        check_patch_flags(self.scatter.flags(), "predictor", source)
         if self.keys is not None:
             return dict(zip(self.keys, results))
         return results[0] if len(results) == 1 else tuple(results)
@@ -708,27 +758,24 @@ class SlidingWindowPredictor:
         self.overlap = _check_overlap(overlap, 3)
         with torch.inference_mode(False):  # made in inference mode, they would have no version counter
             self.weights = windows.separable_window(
-                window, self.roi, order=order, sigma_scale=sigma_scale, name="window"
+                window, self.roi, order=order, sigma_scale=_reals(sigma_scale), name="window"
             )
         self.padding = _check_choice("padding", padding, ("reflect", "constant"))
         self.cval = _check_cval(cval, torch.float64)  # and again for each image's dtype
         if floor is None:
             floor = 0.0 if self.padding == "reflect" else windows.monai_floor(self.weights)
-        if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor < math.inf:
+        floor_value = _as_real(floor)
+        if floor_value is None or not 0 <= floor_value < math.inf:
             raise ValueError(f"floor: expected a finite number >= 0, got {floor!r}")
-        self.floor = float(floor)
+        self.floor = floor_value
         self.sw_batch_size = _check_positive_int("sw_batch_size", sw_batch_size)
         self.tta = _check_tta(tta)
         self.activation = _check_choice("activation", activation, tuple(reference.ACTIVATIONS))
         self.soft_voting = bool(soft_voting)
         self.output = _check_choice("output", output, OUTPUTS)
-        if (
-            isinstance(threshold, bool)
-            or not isinstance(threshold, (int, float))
-            or not math.isfinite(threshold)
-        ):
+        self.threshold = _as_real(threshold)
+        if self.threshold is None or not math.isfinite(self.threshold):
             raise ValueError(f"threshold: expected a finite number, got {threshold!r}")
-        self.threshold = float(threshold)
         self.model_device = None if model_device is None else torch.device(model_device)
         self.device = None if device is None else torch.device(device)
         if memory_budget is not None:
@@ -850,7 +897,7 @@ class SlidingWindowPredictor:
                     if bar is not None:
                         bar.update()
                 fuse.group_done(k)
-            out = fuse.result()
+            out = fuse.result(_nonfinite_source("image", image, self.padding, self.cval))
         if bar is not None:
             bar.close()
         return out
@@ -962,8 +1009,8 @@ class _SlabFusion:
         self.acc[:, :, max(capacity - planes, 0) :].zero_()
         self.lo += planes
 
-    def result(self) -> Tensor:
+    def result(self, source: Callable[[], str | None]) -> Tensor:
         """The output; the flags are read after the last finaliser is queued (see _Fusion.result)."""
         out = self.out if self.slabs else self._finalize(self.acc, inplace=self.finalizer.output == 0)
-        check_patch_flags(self.scatter.flags(), "model")
+        check_patch_flags(self.scatter.flags(), "model", source)
         return out

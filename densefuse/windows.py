@@ -70,13 +70,17 @@ def cardinal_bspline(t: Tensor, order: int) -> Tensor:
     raise ValueError(f"order: expected a B-spline order in 0..3, got {order!r}")
 
 
+def _check_order(order: object, name: str = "order") -> None:
+    if isinstance(order, bool) or order not in (0, 1, 2, 3):
+        raise ValueError(f"{name}: expected a B-spline order in 0..3, got {order!r}")
+
+
 def bspline(
     n: int, order: int = 3, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
 ) -> Tensor:
     """B-spline window [n]: beta_order((x_i - n/2) / s), s = n / (order + 1) (support = the window)."""
     n = _check_size(n)
-    if isinstance(order, bool) or order not in (0, 1, 2, 3):
-        raise ValueError(f"order: expected a B-spline order in 0..3, got {order!r}")
+    _check_order(order)
     t = _centred(n, torch.float64, device) * ((order + 1) / n)
     return cardinal_bspline(t, order).to(dtype)
 
@@ -127,16 +131,18 @@ def axis_window(
     sigma_scale: float = 0.125,
     dtype: torch.dtype = torch.float64,
     name: str = "mode",
+    order_name: str = "order",
 ) -> Tensor:
     """The 1-D vector [n] of a named family: "constant", "gaussian", "bspline" (order) or "spline".
 
-    ``name`` is the argument the caller's users set (for error messages)."""
+    ``name`` and ``order_name`` are the caller's arguments for window and order (error messages)."""
     window = getattr(window, "value", window)  # monai.utils.BlendMode members are str enums
     if window == "constant":
         return constant(n, dtype)
     if window == "gaussian":
         return gaussian(n, sigma_scale, dtype)
     if window == "bspline":
+        _check_order(order, order_name)
         return bspline(n, order, dtype)
     if window == "spline":
         return spline(n, dtype)
@@ -150,11 +156,12 @@ def separable_window(
     order: int = 3,
     sigma_scale: float | Sequence[float] = 0.125,
     name: str = "mode",
+    order_name: str = "order",
 ) -> tuple[Tensor, ...]:
     """One float64 vector per axis of ``roi_size``: a named family, or the user's vectors (one per axis).
 
-    sigma_scale may be one number or one per axis (MONAI's convention); ``name`` is the caller's
-    argument, for error messages.
+    sigma_scale may be one number or one per axis (MONAI's convention); ``name`` and ``order_name``
+    are the caller's arguments for window and order, for error messages.
     """
     dims = len(roi_size)
     if not isinstance(window, str):
@@ -166,7 +173,8 @@ def separable_window(
     if len(scales) != dims:
         raise ValueError(f"sigma_scale: expected one value or {dims}, got {len(scales)}")
     return tuple(
-        axis_window(window, n, order=order, sigma_scale=s, name=name) for n, s in zip(roi_size, scales)
+        axis_window(window, n, order=order, sigma_scale=s, name=name, order_name=order_name)
+        for n, s in zip(roi_size, scales)
     )
 
 

@@ -8,6 +8,8 @@ than the volume, 1 and many channels, batch > 1), on every backend that has the 
 from __future__ import annotations
 
 import copy
+import os
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -371,8 +373,20 @@ BAD_CALLS = [
     (dict(roi_size=(4, 0, 4)), ValueError, "roi_size: expected positive integers"),
     (dict(roi_size=-1), ValueError, "roi_size: expected positive integers"),
     (dict(roi_size=(4, 4)), ValueError, "roi_size: expected 3 values for 3 spatial dims"),
-    (dict(overlap=1.0), ValueError, r"overlap: expected values in \[0, 1\)"),
-    (dict(overlap=-0.1), ValueError, r"overlap: expected values in \[0, 1\)"),
+    (dict(overlap=1.0), ValueError, r"overlap: expected numbers in \[0, 1\)"),
+    (dict(overlap=-0.1), ValueError, r"overlap: expected numbers in \[0, 1\)"),
+    (dict(overlap=torch.tensor(1.0)), ValueError, r"overlap: expected numbers in \[0, 1\)"),
+    (dict(overlap=torch.tensor(0.5 + 0j)), ValueError, r"overlap: expected numbers in \[0, 1\)"),
+    (
+        dict(mode="bspline", bspline_order=4),
+        ValueError,
+        r"bspline_order: expected a B-spline order in 0\.\.3",
+    ),
+    (
+        dict(mode="gaussian", sigma_scale=torch.tensor(-0.1)),
+        ValueError,
+        "sigma_scale: expected a finite number > 0",
+    ),
     (dict(sw_batch_size=0), ValueError, "sw_batch_size: expected an integer >= 1"),
     (dict(sw_batch_size=np.True_), ValueError, "sw_batch_size: expected an integer >= 1"),
     (dict(roi_size=torch.tensor([4])), ValueError, "roi_size: expected 3 values"),
@@ -389,7 +403,11 @@ BAD_CALLS = [
         ValueError,
         r"predictor: returned shape \(1, 1, 4, 4, 4\) for 2 windows",
     ),
-    (dict(predictor=lambda t: t * float("nan")), ValueError, "predictor: contains 512 NaN/Inf values"),
+    (
+        dict(predictor=lambda t: t * float("nan")),
+        ValueError,
+        "predictor: contains 512 NaN/Inf values; DENSEFUSE_CHECK_VALUES=0 turns this check off",
+    ),
     (dict(predictor=lambda t: t.long()), TypeError, "predictor: expected float tensors, got torch.int64"),
     (dict(predictor=lambda t: "mask"), TypeError, "predictor: expected float tensors, got str"),
     (dict(roi_weight_map=torch.ones(4, 4, 4)), ValueError, "roi_weight_map/process_fn: not supported"),
@@ -417,7 +435,7 @@ BAD_CALLS = [
         r"cval: expected a number in \[0, 255\] for torch.uint8 inputs, got 300",
     ),
     (dict(roi_size=[4.0, 4, 4]), ValueError, "roi_size: expected positive integers"),
-    (dict(overlap="0.5"), ValueError, r"overlap: expected values in \[0, 1\)"),
+    (dict(overlap="0.5"), ValueError, r"overlap: expected numbers in \[0, 1\)"),
 ]
 
 
@@ -462,16 +480,84 @@ def test_the_predictor_runs_in_the_callers_grad_mode():
     assert not out.requires_grad
 
 
-def test_a_numpy_float32_overlap_gives_monais_float32_stride():
-    """int(10 * (1 - np.float32(0.1))) is 9 in float32 (MONAI), 8 in float64."""
-    monai_swi = pytest.importorskip("monai.inferers").sliding_window_inference
-    x = torch.randn(1, 1, 23, 10, 10)
-    net = lambda t: t * 2
-    overlap = np.float32(0.1)
-    expected = monai_swi(x, (10, 10, 10), 2, net, overlap, "gaussian")
-    torch.testing.assert_close(
-        sliding_window_inference(x, (10, 10, 10), 2, net, overlap, "gaussian"), expected
-    )
+def test_an_overlap_strides_in_monais_arithmetic(rng):
+    """int(10 * (1 - 0.1)) in the overlap's arithmetic, as MONAI computes it: 9 for a NumPy float32
+    0.1 (float32), 8 for the same value as a tensor, a NumPy array or a Python float (MONAI reads the
+    first two through tolist(): float64). A convolution with zero padding makes the result depend
+    on the grid."""
+    x = torch.randn(1, 1, 23, 10, 10, generator=rng)
+    net = random_conv(rng, 1, 2)
+    value = np.float32(0.1)
+    results = []
+    with torch.no_grad():
+        for overlap in (value, torch.tensor(value), np.array(value), torch.tensor([value] * 3), float(value)):
+            results.append(sliding_window_inference(x, (10, 10, 10), 2, net, overlap, "gaussian"))
+            assert_monai_close(results[-1], monai_swi(x, (10, 10, 10), 2, net, overlap, "gaussian"))
+    assert not torch.allclose(results[0], results[1])  # strides 9 and 8
+    assert all(torch.equal(r, results[1]) for r in results[2:])
+
+
+def test_numbers_given_as_tensors_and_arrays_are_read_as_monai_reads_them(rng):
+    """0-d tensors and NumPy arrays (and NumPy scalars) for overlap, sigma_scale and cval; threshold
+    and floor for the predictor (values that float32 holds exactly). The roi is wider than the
+    volume along x (cval pads), and a convolution with zero padding makes the result depend on the
+    grid and the weights. (MONAI's padding takes no array cval.)"""
+    x = torch.randn(1, 1, 9, 8, 7, generator=rng)
+    net = random_conv(rng, 1, 2)
+    args = (x, (4, 4, 8), 2, net)
+    kwargs = dict(mode="gaussian", padding_mode="constant")
+    with torch.no_grad():
+        expected = sliding_window_inference(*args, 0.25, sigma_scale=0.375, cval=1.5, **kwargs)
+        for number in (torch.tensor, np.array, np.float64):
+            numbers = dict(overlap=number(0.25), sigma_scale=number(0.375), cval=number(1.5))
+            got = sliding_window_inference(*args, **numbers, **kwargs)
+            assert torch.equal(got, expected), number
+            assert_monai_close(got, monai_swi(*args, **{**numbers, "cval": 1.5}, **kwargs))
+        assert not torch.allclose(
+            sliding_window_inference(*args, 0.25, sigma_scale=0.375, **kwargs), expected
+        )
+    image = torch.rand(1, 1, 8, 8, 8, generator=rng)
+    model = random_conv(rng, 1, 1)
+    expected = SlidingWindowPredictor(model, 4, output="mask", threshold=0.625, floor=2**-7)(image)
+    for number in (torch.tensor, np.float32):
+        predictor = SlidingWindowPredictor(
+            model, 4, output="mask", threshold=number(0.625), floor=number(2**-7)
+        )
+        assert torch.equal(predictor(image), expected), number
+
+
+def test_nan_and_inf_are_blamed_on_their_source(rng):
+    """The inputs, a NaN cval that constant padding reads, or the predictor; with value checks off
+    they reach the result as in MONAI."""
+    x = torch.randn(1, 2, 9, 8, 7, generator=rng)
+    net = random_conv(rng, 2, 3)
+    with torch.no_grad():
+        with pytest.raises(
+            ValueError, match=r"predictor: contains \d+ NaN/Inf values; DENSEFUSE_CHECK_VALUES=0"
+        ):
+            sliding_window_inference(x, 4, 2, lambda t: net(t).log())
+        with pytest.raises(
+            ValueError,
+            match=r"cval: contains NaN/Inf values \(\d+ reached the fusion through the predictor\)",
+        ):
+            sliding_window_inference(x, (4, 4, 8), 2, net, cval=float("nan"))
+        x[0, 1, 4, 4, 4] = float("inf")
+        with pytest.raises(
+            ValueError,
+            match=r"inputs: contains NaN/Inf values \(\d+ reached the fusion through the predictor\)",
+        ):
+            sliding_window_inference(x, 4, 2, net, overlap=0.5)
+        with pytest.raises(
+            ValueError, match=r"image: contains NaN/Inf values \(\d+ reached the fusion through the model\)"
+        ):
+            SlidingWindowPredictor(net, 4, padding="constant", activation="softmax")(x)
+        with mock.patch.dict(os.environ, DENSEFUSE_CHECK_VALUES="0"):
+            ours = sliding_window_inference(x, 4, 2, net, overlap=0.5, mode="gaussian")
+        theirs = monai_swi(x, 4, 2, net, overlap=0.5, mode="gaussian")
+    assert torch.equal(ours.isnan(), theirs.isnan()) and torch.equal(ours.isinf(), theirs.isinf())
+    assert not ours.isfinite().all()
+    finite = ours.isfinite()
+    assert_monai_close(ours[finite], theirs[finite])
 
 
 def test_a_condition_may_have_more_batch_entries_and_any_dtype():
@@ -763,7 +849,7 @@ def test_window_layouts_made_once_serve_every_mode_and_call(rng):
     x = torch.randn(1, 1, 11, 8, 9, generator=rng)
     net = random_conv(rng, 1, 2)
     predictor = SlidingWindowPredictor(net, 5, sw_batch_size=3, output="mask", memory_budget=1)
-    for cache in (inference._on_placement, inference._grid, inference._positions, inference._groups):
+    for cache in (inference._on_placement, inference._typed_grid, inference._positions, inference._groups):
         cache.cache_clear()
     with torch.inference_mode():
         first = sliding_window_inference(x, 5, 2, net, 0.5, "gaussian")
@@ -817,7 +903,7 @@ def test_predictor_constant_padding_matches_monai_gaussian(backend, rng):
 BAD_PREDICTOR = [
     (dict(roi_size=(8, 8)), ValueError, "roi_size: expected 3 values"),
     (dict(roi_size=0), ValueError, "roi_size: expected positive integers"),
-    (dict(overlap=1), ValueError, r"overlap: expected values in \[0, 1\)"),
+    (dict(overlap=1), ValueError, r"overlap: expected numbers in \[0, 1\)"),
     (dict(window="hann"), ValueError, "window: expected one of"),
     (dict(window=[torch.ones(8)] * 2), ValueError, "window: expected 3 1-D weight vectors"),
     (dict(order=5, window="bspline"), ValueError, r"order: expected a B-spline order in 0\.\.3"),
@@ -832,6 +918,8 @@ BAD_PREDICTOR = [
     (dict(activation="relu"), ValueError, "activation: expected one of"),
     (dict(output="labels"), ValueError, "output: expected one of"),
     (dict(threshold=float("nan")), ValueError, "threshold: expected a finite number"),
+    (dict(threshold=torch.tensor([0.5])), ValueError, "threshold: expected a finite number"),
+    (dict(floor=np.float32(-1)), ValueError, "floor: expected a finite number >= 0"),
     (dict(memory_budget=0), ValueError, "memory_budget: expected an integer >= 1"),
     (dict(model="unet"), TypeError, "model: expected a callable"),
     (dict(cval="a"), TypeError, "cval: expected a number, got str"),

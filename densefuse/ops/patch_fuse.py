@@ -302,17 +302,25 @@ def _check_number(name: str, value: object, low: float | None = None) -> float:
     return float(value)
 
 
-def check_patch_flags(flags: Tensor, what: str = "windows") -> None:
+def check_patch_flags(
+    flags: Tensor, what: str = "windows", source: Callable[[], str | None] | None = None
+) -> None:
     """Raise for non-zero patch flags (int64 [2]: non-finite values, windows outside the volume).
 
-    ``what`` names the source of the window values in the message. One device sync; skipped when
-    value checks are off (DENSEFUSE_CHECK_VALUES=0, torch.compile).
+    ``what`` names the source of the window values in the message; ``source()``, called only when
+    there are NaN/Inf values, may name an input further back that holds them (the volume the windows
+    were read from, say), which the message then blames. One device sync; skipped when value checks
+    are off (DENSEFUSE_CHECK_VALUES=0, torch.compile).
     """
     if not _validate.value_checks_enabled():
         return
     bad_values, skipped = flags.tolist()
     if bad_values:
-        raise ValueError(f"{what}: contains {bad_values} NaN/Inf values")
+        origin = None if source is None else source()
+        found = f"{what}: contains {bad_values} NaN/Inf values"
+        if origin is not None:
+            found = f"{origin}: contains NaN/Inf values ({bad_values} reached the fusion through the {what})"
+        raise ValueError(f"{found}; DENSEFUSE_CHECK_VALUES=0 turns this check off")
     if skipped:
         raise ValueError(
             f"starts: {skipped} windows lie entirely outside the volume or have a batch index outside acc"
