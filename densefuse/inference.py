@@ -44,22 +44,27 @@ Position = tuple[int, int, int, int]  # (batch, z, y, x): a window's corner in v
 
 
 # ------------------------------------------------------------------------------------ argument checks
+def _unwrapped(value: object) -> object:
+    """The Python number a 0-d tensor or NumPy array holds (as MONAI reads them: through tolist());
+    anything else unchanged (a NumPy scalar keeps its type)."""
+    if getattr(value, "ndim", None) == 0 and not isinstance(value, numbers.Number):
+        return value.item()
+    return value
+
+
 def _as_int(value: object) -> int | None:
-    """value as a Python int if it is an integer (int, NumPy integer, 0-d integer tensor; no bool)."""
-    if isinstance(value, Tensor):
-        integral = not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
-        return int(value) if value.dim() == 0 and integral else None
+    """value as a Python int if it is an integer (int, NumPy integer, 0-d integer tensor or array;
+    no bool)."""
+    value = _unwrapped(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         return None
     return int(value)
 
 
 def _real_scalar(value: object) -> numbers.Real | None:
-    """value if it is a real number (int, float, NumPy scalar: kept in its type), or the Python number
-    a 0-d tensor or NumPy array holds (as MONAI reads them: through tolist()); None otherwise (bool,
-    complex, not a number)."""
-    if getattr(value, "ndim", None) == 0 and not isinstance(value, numbers.Number):  # tensor, array
-        value = value.item()  # a bool or complex one gives a Python bool or complex: refused below
+    """value if it is a real number (int, float, NumPy scalar: kept in its type; a 0-d tensor or
+    array: _unwrapped), else None (bool, complex, not a number)."""
+    value = _unwrapped(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None
     return value
@@ -83,10 +88,13 @@ def _reals(value: object) -> object:
 
 
 def _values(value: object) -> list | None:
-    """The items of a sequence, NumPy array or 1-D tensor; None for a single value."""
+    """The items of a sequence, or of a 1-D NumPy array or tensor as Python numbers (their tolist(),
+    as MONAI reads them); None for a single value."""
     if isinstance(value, (str, bytes)):
         return None
-    if isinstance(value, Sequence) or (hasattr(value, "__len__") and getattr(value, "ndim", 1) == 1):
+    if getattr(value, "ndim", None) == 1 and hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Sequence):
         return list(value)
     return None
 
@@ -118,9 +126,10 @@ def _per_axis(name: str, value: object, dims: int) -> tuple:
     return values
 
 
-def _check_overlap(overlap: object, dims: int) -> tuple[float, ...]:
-    """overlap per axis, each a real number in [0, 1) kept in its own type (_real_scalar: a float32
-    overlap, NumPy or tensor, gives MONAI's float32 stride arithmetic)."""
+def _check_overlap(overlap: object, dims: int) -> tuple[numbers.Real, ...]:
+    """overlap per axis, each a real number in [0, 1) read as MONAI reads it (_real_scalar: a NumPy
+    float32 scalar stays one, and strides in float32 arithmetic as in MONAI; tensors and arrays give
+    Python floats)."""
     values = tuple(_real_scalar(o) for o in _per_axis("overlap", overlap, dims))
     if any(o is None or not 0 <= o < 1 for o in values):
         raise ValueError(f"overlap: expected numbers in [0, 1), got {overlap!r}")
@@ -318,14 +327,22 @@ def _check_prediction(
     return out
 
 
-def _nonfinite_source(name: str, x: Tensor, padding: str, cval: float) -> Callable[[], str | None]:
-    """check_patch_flags' source for windows read from x: ``name`` where x holds NaN/Inf, "cval"
-    where constant padding pads with one, else None (the predictor made them). Run only on error."""
+def _nonfinite_source(
+    volumes: Mapping[str, Tensor | None], padded: bool, cval: float
+) -> Callable[[], str | None]:
+    """check_patch_flags' source for windows read from ``volumes`` (by argument name): the first
+    volume that holds NaN/Inf, "cval" where it is one and ``padded`` (some window reads the constant
+    padding), else None (the predictor made them). Run only on error; one (batch, channel) volume
+    at a time, so that it needs little memory."""
+
+    def finite(x: Tensor) -> bool:
+        return not x.is_floating_point() or all(bool(torch.isfinite(v).all()) for v in x.flatten(0, 1))
 
     def source() -> str | None:
-        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-            return name
-        return "cval" if padding == "constant" and not math.isfinite(cval) else None
+        for name, x in volumes.items():
+            if x is not None and not finite(x):
+                return name
+        return "cval" if padded and not math.isfinite(cval) else None
 
     return source
 
@@ -497,11 +514,11 @@ def sliding_window_inference(
     validated and otherwise change nothing (windows are added straight into the output); roi_size
     <= 0 is an error (use None for the whole axis); a dict-returning predictor must return the same
     keys for every batch; inputs with an empty axis are an error (MONAI returns an empty result);
-    NaN/Inf window values (from the inputs, a NaN/Inf ``cval`` or the predictor) raise a ValueError
-    that names their source after the last batch, where MONAI passes them on to the result (so does
-    densefuse with DENSEFUSE_CHECK_VALUES=0); padding modes other than "constant" ignore ``cval``
-    (MONAI raises) and may pad by more than the volume's length (reflect continues periodically),
-    where MONAI's padding raises.
+    NaN/Inf window values (from the inputs, ``condition``, a NaN/Inf ``cval`` or the predictor)
+    raise a ValueError that names their source after the last batch, where MONAI passes them on to
+    the result (so does densefuse with DENSEFUSE_CHECK_VALUES=0); padding modes other than
+    "constant" ignore ``cval`` (MONAI's padding raises for a non-zero one) and may pad by more than
+    the volume's length (reflect continues periodically), where MONAI's padding raises.
     """
     inputs = _check_volume("inputs", inputs, (1, 2, 3))
     dims = inputs.dim() - 2
@@ -555,7 +572,8 @@ def sliding_window_inference(
         batch_starts_in = batch_starts if starts_in is starts else starts_in[chunk]
         # no reference to the batch outlives the step (_WindowReader)
         fusion.add(run(positions[chunk], batch_starts_in), batch_starts)
-    source = _nonfinite_source("inputs", inputs, padding_mode, cval)
+    padded = padding_mode == "constant" and any(r > n for r, n in zip(roi, size))  # cval is read
+    source = _nonfinite_source({"inputs": inputs, "condition": condition}, padded, cval)
     return fusion.result(grid, inputs.dtype if floating else torch.float32, source)
 
 
@@ -846,6 +864,8 @@ class SlidingWindowPredictor:
             weights_checked=True,
         )  # fmt: skip
         starts_in = starts if image.device == device else _on_device(image.device, groups)[0]
+        padded = self.padding == "constant" and any(r > n for r, n in zip(self.roi, size))  # cval is read
+        source = _nonfinite_source({"image": image}, padded, self.cval)
         reader = _WindowReader(image, self.roi, self.padding, self.cval)
         size_b = self.sw_batch_size
         # The plan needs the model's channels: the first batch tells. It is also the plan's first
@@ -897,7 +917,7 @@ class SlidingWindowPredictor:
                     if bar is not None:
                         bar.update()
                 fuse.group_done(k)
-            out = fuse.result(_nonfinite_source("image", image, self.padding, self.cval))
+            out = fuse.result(source)
         if bar is not None:
             bar.close()
         return out

@@ -71,6 +71,7 @@ def cardinal_bspline(t: Tensor, order: int) -> Tensor:
 
 
 def _check_order(order: object, name: str = "order") -> None:
+    """Raise, naming the caller's argument ``name``, unless order is a B-spline order 0-3."""
     if isinstance(order, bool) or order not in (0, 1, 2, 3):
         raise ValueError(f"{name}: expected a B-spline order in 0..3, got {order!r}")
 

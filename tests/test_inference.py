@@ -451,9 +451,17 @@ def test_numpy_scalars_are_accepted_as_monai_accepts_them():
     x = torch.randn(1, 1, 9, 8, 7)
     expected = sliding_window_inference(x, (4, 4, 4), 2, _net, 0.5, "gaussian")
     roi, overlap = np.array([4, 4, 4]), np.float32(0.5)
-    for roi_size in (roi, [np.int64(4)] * 3, torch.tensor([4, 4, 4]), np.int32(4)):
-        got = sliding_window_inference(x, roi_size, np.int64(2), _net, overlap, "gaussian")
-        assert torch.equal(got, expected)
+    for roi_size in (
+        roi,
+        [np.int64(4)] * 3,
+        torch.tensor([4, 4, 4]),
+        np.int32(4),
+        np.array(4),
+        torch.tensor(4),
+    ):
+        for sw_batch_size in (np.int64(2), np.array(2), torch.tensor(2)):
+            got = sliding_window_inference(x, roi_size, sw_batch_size, _net, overlap, "gaussian")
+            assert torch.equal(got, expected)
 
 
 def test_dict_keys_must_not_change():
@@ -490,7 +498,14 @@ def test_an_overlap_strides_in_monais_arithmetic(rng):
     value = np.float32(0.1)
     results = []
     with torch.no_grad():
-        for overlap in (value, torch.tensor(value), np.array(value), torch.tensor([value] * 3), float(value)):
+        for overlap in (
+            value,
+            torch.tensor(value),
+            np.array(value),
+            torch.tensor([value] * 3),
+            np.array([value] * 3),
+            float(value),
+        ):
             results.append(sliding_window_inference(x, (10, 10, 10), 2, net, overlap, "gaussian"))
             assert_monai_close(results[-1], monai_swi(x, (10, 10, 10), 2, net, overlap, "gaussian"))
     assert not torch.allclose(results[0], results[1])  # strides 9 and 8
@@ -527,8 +542,8 @@ def test_numbers_given_as_tensors_and_arrays_are_read_as_monai_reads_them(rng):
 
 
 def test_nan_and_inf_are_blamed_on_their_source(rng):
-    """The inputs, a NaN cval that constant padding reads, or the predictor; with value checks off
-    they reach the result as in MONAI."""
+    """The inputs, MONAI's condition, a NaN cval that constant padding reads, or the predictor; with
+    value checks off they reach the result as in MONAI."""
     x = torch.randn(1, 2, 9, 8, 7, generator=rng)
     net = random_conv(rng, 2, 3)
     with torch.no_grad():
@@ -541,6 +556,12 @@ def test_nan_and_inf_are_blamed_on_their_source(rng):
             match=r"cval: contains NaN/Inf values \(\d+ reached the fusion through the predictor\)",
         ):
             sliding_window_inference(x, (4, 4, 8), 2, net, cval=float("nan"))
+        with pytest.raises(ValueError, match=r"predictor: contains \d+ NaN/Inf"):  # no window reads cval
+            sliding_window_inference(x, 4, 2, lambda t: net(t).log(), cval=float("nan"))
+        condition = torch.zeros_like(x)
+        condition[0, 0, 1, 1, 1] = float("nan")
+        with pytest.raises(ValueError, match=r"condition: contains NaN/Inf values \(\d+ reached"):
+            sliding_window_inference(x, 4, 2, lambda t, condition: net(t + condition), condition=condition)
         x[0, 1, 4, 4, 4] = float("inf")
         with pytest.raises(
             ValueError,

@@ -561,7 +561,7 @@ void extract(const PatchExtractArgs& a, const ExtractPlan& plan) {
   E* out = static_cast<E*>(a.out);
   const E cval = *static_cast<const E*>(a.cval);
   const int64_t* st = a.strides;
-  const int64_t grain = std::max<int64_t>(1, kExtractGrain / (ry * rx));  // planes per chunk at least
+  const int64_t grain = (kExtractGrain + ry * rx - 1) / (ry * rx);  // planes per chunk at least
   at::parallel_for(0, a.count * a.channels * rz, grain, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t i = p % rz, c = (p / rz) % a.channels, n = p / (rz * a.channels);
