@@ -145,7 +145,8 @@ struct Placed {
 
 // The placed windows of a call and, per (batch, z) plane of acc, the ones that cross it (CSR, in
 // window order); the work items are (busy plane, band of rows), shared by `threads` threads (at most
-// one per kScatterGrain window values added).
+// one per kScatterGrain values moved: the window values added and, for the gather, its scratch boxes,
+// counted as whole planes).
 struct PlaneIndex {
   std::vector<Placed> windows;
   std::vector<int64_t> begin;    // [B * D + 1]: members[begin[p] .. begin[p + 1]) cross plane p
@@ -154,7 +155,7 @@ struct PlaneIndex {
   int64_t skipped = 0;
   int64_t threads = 1, bands = 1, band_rows = 0;
 
-  explicit PlaneIndex(const PatchScatterArgs& a) : begin(a.batch * a.size[0] + 1, 0) {
+  PlaneIndex(const PatchScatterArgs& a, bool gather) : begin(a.batch * a.size[0] + 1, 0) {
     const int64_t depth = a.size[0];
     for (int64_t n = 0; n < a.count; ++n) {
       const patch::Placement at = patch::place_window(a.starts + 4 * n, a.roi, a.batch, a.size);
@@ -183,6 +184,7 @@ struct PlaneIndex {
       for (const AxisClip& clip : w.at.axis) inside *= clip.hi - clip.lo;
       values += inside;
     }
+    if (gather) values += static_cast<int64_t>(busy.size()) * a.channels * a.size[1] * a.size[2];
     threads = std::clamp<int64_t>(values / kScatterGrain, 1, at::get_num_threads());
     const int64_t height = a.size[1];
     const int64_t wanted = threads > 1 ? kItemsPerThread * threads : 1;
@@ -309,7 +311,7 @@ DF_CLONES int64_t scatter_item(const Scatter<T, S>& kernel, int64_t item, bool g
 }
 
 void scatter(const PatchScatterArgs& a, bool gather, int64_t* flags) {
-  const PlaneIndex index(a);
+  const PlaneIndex index(a, gather);
   std::atomic<int64_t> bad{0};
   visit_acc(a.acc_dtype, [&](auto acc_tag) {
     using T = typename decltype(acc_tag)::type;
