@@ -51,7 +51,7 @@ namespace {
 using patch::AxisClip;
 
 constexpr int64_t kItemsPerThread = 4;      // scatter: split planes into row bands below this many items
-constexpr int64_t kScatterGrain = 16384;    // scatter: window values added per thread at least
+constexpr int64_t kScatterGrain = 16384;    // scatter, gather: values moved per thread at least (PlaneIndex)
 constexpr int64_t kExtractGrain = 32768;    // extract: values copied per chunk at least
 constexpr int64_t kRowGrain = 16384;        // finalise: voxels (rows x batch x channels) per chunk at least
 
