@@ -88,6 +88,15 @@ def test_backward_runs_on_the_backend_forced_at_forward(monkeypatch):
     assert seen == ["torch"]
 
 
+def test_available_backends_takes_devices_in_any_form():
+    cpu = densefuse.available_backends("cpu")
+    assert densefuse.available_backends(torch.device("cpu")) == cpu
+    assert densefuse.available_backends("cpu:0") == cpu
+    assert densefuse.available_backends(torch.device("cuda", 0)) == densefuse.available_backends("cuda")
+    with pytest.raises(ValueError, match="device_type: expected a device such as 'cpu' or 'cuda', got 'gpu'"):
+        densefuse.available_backends("gpu")
+
+
 def test_triton_rejects_other_device_types():
     assert "got mps tensors" in _backend.unavailable_reason("triton", "mps")
 

@@ -56,8 +56,20 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def unavailable_reason(backend: str, device_type: str | None = None) -> str | None:
-    """Why ``backend`` cannot run here (on ``device_type`` if given), or None if it can."""
+def _device_type(device: str | torch.device | None) -> str | None:
+    """The type of a device given as a type ("cuda"), a device string ("cuda:0") or a torch.device."""
+    if device is None or device in ("cpu", "cuda"):  # the common case, per op call: no parsing
+        return device
+    try:
+        return torch.device(device).type
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device_type: expected a device such as 'cpu' or 'cuda', got {device!r}") from error
+
+
+def unavailable_reason(backend: str, device_type: str | torch.device | None = None) -> str | None:
+    """Why ``backend`` cannot run here (on ``device_type`` if given: a device type, a device string
+    or a torch.device), or None if it can."""
+    device_type = _device_type(device_type)
     if backend not in BACKENDS:
         return f"unknown backend {backend!r}; expected one of {BACKENDS}"
     needed = _DEVICE_OF.get(backend)
@@ -87,8 +99,10 @@ def unavailable_reason(backend: str, device_type: str | None = None) -> str | No
     return None
 
 
-def available_backends(device_type: str | None = None) -> list[str]:
-    """The backends that can run on ``device_type`` ('cpu', 'cuda'; None: on some device here)."""
+def available_backends(device_type: str | torch.device | None = None) -> list[str]:
+    """The backends that can run on ``device_type`` ('cpu', 'cuda', 'cuda:0', a torch.device; None: on
+    some device here)."""
+    device_type = _device_type(device_type)
     return [b for b in BACKENDS if unavailable_reason(b, device_type) is None]
 
 
