@@ -240,6 +240,23 @@ def test_gradcheck_float64(backend, activation, kind, rng):
             )
 
 
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_double_backward_is_a_clear_error(backend, rng):
+    """First-order gradients only: differentiating the backward (create_graph=True) names the op."""
+    logits = torch.randn(1, 2, 3, 3, 3, generator=rng, dtype=torch.float64, requires_grad=True)
+    target = make_target(rng, "labels", 1, 2, (3, 3, 3))
+    losses = {
+        "overlap_stats": lambda z: overlap_stats(z, target, "softmax").sum(),
+        "focal_stats": lambda z: focal_stats(z, target, "softmax", 2.0, None, None).sum(),
+    }
+    with densefuse.use_backend(backend):
+        for name, loss in losses.items():
+            (first,) = torch.autograd.grad(loss(logits), logits)  # first order: fine
+            assert torch.isfinite(first).all()
+            with pytest.raises(RuntimeError, match=f"densefuse: {name} .*has first-order gradients only"):
+                torch.autograd.grad(loss(logits), logits, create_graph=True)
+
+
 @pytest.mark.parametrize("backend", ["torch", *COMPILED])
 def test_opcheck(backend, rng):
     logits = torch.randn(2, 3, 40, generator=rng)

@@ -99,6 +99,7 @@ def _overlap_setup(ctx, inputs, output):
 
 def _overlap_backward(ctx, grad_stats, _grad_flags):
     logits, target = ctx.saved_tensors
+    _validate.check_first_order("overlap_stats (Tversky, F-beta, Dice)", grad_stats, logits)
     with forced_backend_scope(ctx.backend):
         grad = overlap_stats_backward_op(
             grad_stats.contiguous(), logits, target, ctx.activation, ctx.ignore_index
@@ -158,6 +159,7 @@ def _focal_setup(ctx, inputs, output):
 
 def _focal_backward(ctx, grad_stats, _grad_flags):
     logits, target, alpha_pos, alpha_neg = ctx.saved_tensors
+    _validate.check_first_order("focal_stats (focal loss)", grad_stats, logits)
     with forced_backend_scope(ctx.backend):
         grad = focal_stats_backward_op(
             grad_stats.contiguous(), logits, target, ctx.activation, ctx.gamma, alpha_pos, alpha_neg,
