@@ -290,6 +290,34 @@ def test_fbeta_nonpositive_beta(beta):
         dn.FBetaLoss(beta=beta)
 
 
+BAD_NUMBERS = [  # (module, argument, value): strings, NaN, out of range, the wrong shape
+    (dn.FocalLoss, "alpha", "0.25"),
+    (dn.FocalLoss, "alpha", 1.5),
+    (dn.FocalLoss, "alpha", [[0.1, 0.2]]),
+    (dn.FocalLoss, "alpha", [0.2, float("nan")]),
+    (dn.FocalLoss, "alpha", [0.2, -0.1]),
+    (dn.FocalLoss, "gamma", "2"),
+    (dn.FBetaLoss, "beta", "1.5"),
+    (dn.TverskyLoss, "alpha", -0.1),
+    (dn.TverskyLoss, "beta", float("nan")),
+    (dn.DiceLoss, "smooth_nr", -1e-5),
+    (dn.DiceLoss, "smooth_dr", float("inf")),
+    (dn.TverskyLoss, "smooth_dr", torch.tensor([1.0, 2.0])),
+]
+
+
+@pytest.mark.parametrize(("module", "name", "value"), BAD_NUMBERS)
+def test_bad_numbers_name_their_argument(module, name, value):
+    with pytest.raises(ValueError, match=rf"^{name}: expected a"):
+        module(**{name: value})
+
+
+def test_numbers_may_be_numpy_scalars_and_0d_tensors():
+    assert dn.FocalLoss(alpha=np.float32(0.25), gamma=torch.tensor(2.0)).gamma == 2.0
+    assert dn.FBetaLoss(beta=np.float64(1.5)).f_beta == 1.5
+    assert dn.TverskyLoss(alpha=torch.tensor(0.25), smooth_nr=np.array(0.0)).alpha == 0.25
+
+
 @pytest.mark.parametrize("module", [dn.TverskyLoss, dn.FBetaLoss, dn.DiceLoss])
 def test_soft_label_rejected(module):
     with pytest.raises(ValueError, match=r"^soft_label"):
