@@ -71,6 +71,10 @@ def test_input_checks():
         (dict(num_down_blocks=-1), "num_down_blocks"),
         (dict(in_channels=0), "in_channels"),
         (dict(implementation="fast"), "implementation"),
+        (dict(head_channels=0), "head_channels"),
+        (dict(in_channels=True), "in_channels"),
+        (dict(layers_per_block=True), "layers_per_block"),
+        (dict(eps=0.0), "eps"),
     ],
 )
 def test_bad_arguments(kwargs, name):

@@ -32,7 +32,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from densefuse.nn.dense import DenseBlock3d, _checkpoint_contexts, _norm_relu
+from densefuse.nn.dense import DenseBlock3d, _check_eps, _checkpoint_contexts, _norm_relu
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
 
 # Depth slabs of the head under "fused": the head's full-resolution hidden maps (head_channels at the
 # input's size, the largest activation of the network) exist for one slab at a time.
@@ -118,6 +123,7 @@ class FCDenseNet3d(nn.Module):
         implementation: str = "fused",
     ) -> None:
         super().__init__()
+        head_channels = stem_channels if head_channels is None else head_channels
         for name, value, least in (
             ("in_channels", in_channels, 1),
             ("out_channels", out_channels, 1),
@@ -125,12 +131,15 @@ class FCDenseNet3d(nn.Module):
             ("num_down_blocks", num_down_blocks, 0),
             ("stem_channels", stem_channels, 1),
             ("stem_convs", stem_convs, 0),
+            ("head_channels", head_channels, 1),
         ):
-            if not isinstance(value, int) or value < least:
+            if not _is_int(value) or value < least:
                 raise ValueError(f"{name}: expected an integer >= {least}, got {value!r}")
+        _check_eps(eps)
         blocks = 2 * num_down_blocks + 1
-        layers = [layers_per_block] * blocks if isinstance(layers_per_block, int) else list(layers_per_block)
-        if len(layers) != blocks or not all(isinstance(n, int) and n >= 1 for n in layers):
+        layers = [layers_per_block] * blocks if _is_int(layers_per_block) else layers_per_block
+        layers = list(layers) if isinstance(layers, Sequence) else []
+        if len(layers) != blocks or not all(_is_int(n) and n >= 1 for n in layers):
             raise ValueError(
                 f"layers_per_block: expected a positive integer or {blocks} of them (down blocks, bottleneck "
                 f"block, up blocks), got {layers_per_block!r}"
@@ -167,7 +176,6 @@ class FCDenseNet3d(nn.Module):
             block = DenseBlock3d(new_maps + skip, growth_rate, num_layers, **block_args)
             self.up_blocks.append(block)
             new_maps = num_layers * growth_rate
-        head_channels = stem_channels if head_channels is None else head_channels
         self.head = nn.Sequential(
             nn.ConvTranspose3d(new_maps, head_channels, 2, stride=2),
             nn.ReLU(inplace=True),
