@@ -64,7 +64,10 @@ def normalize_target(target: object, logits: torch.Tensor, ignore_index: int | N
                 f"got {tuple(target.shape)}{hint}"
             )
         if ignore_index is not None:
-            raise ValueError("ignore_index: needs an integer label map target, got a float target")
+            raise ValueError(
+                "ignore_index: needs a label map target (class indices, [B, 1, *spatial] or "
+                "[B, *spatial]), got a one-hot or soft target [B, C, *spatial]"
+            )
         return flatten_spatial(target, 2)
     if target.dtype not in LABEL_DTYPES:
         raise TypeError(f"target: expected integer labels or a float target, got {target.dtype}")
