@@ -17,6 +17,7 @@ import pytest
 import torch
 from test_patch_fuse import (
     WINDOW_DTYPES,
+    grid_limit_case,
     random_case,
     random_starts,
     tile_edge_case,
@@ -190,12 +191,8 @@ def test_finalize_windows_meeting_a_tile_in_one_row_or_column(emulated, floor, r
 
 @pytest.mark.parametrize("floor", [0.0, 0.05])
 def test_finalize_past_the_grid_limit(emulated, floor, rng):
-    """70001 planes of one row: more tiles than a grid holds (65535), so blocks take several; a
-    window over the last planes is finalised by the second round."""
-    size, roi = (70001, 1, 2), (3, 1, 2)
-    grid = [torch.tensor([0, 35000, 69998]), torch.tensor([0]), torch.tensor([0])]
-    weights = [torch.rand(r, generator=rng, dtype=torch.float64) + 0.05 for r in roi]
-    acc = torch.randn(1, 1, *size, generator=rng, dtype=torch.float64)
+    """grid_limit_case: more tiles than a grid holds, so blocks take several (also a GPU test)."""
+    acc, grid, weights = grid_limit_case(rng)
     expected = assert_finalize_is_the_reference(emulated, acc, grid, weights, floor)
     assert expected[0, 0, -1].abs().sum() > 0  # the last planes are covered
 

@@ -381,6 +381,15 @@ def tile_edge_case(rng):
     return torch.randn(1, 2, 2, 70, 40, generator=rng, dtype=torch.float64), grid, weights
 
 
+def grid_limit_case(rng):
+    """(acc [1, 1, 70001, 1, 2] float64, grid, weights for roi (3, 1, 2)): 70001 planes of one row,
+    more tiles than the CUDA finaliser's grid holds (65535), so blocks take several; a window over
+    the last planes is finalised by the second round."""
+    grid = [torch.tensor([0, 35000, 69998]), torch.tensor([0]), torch.tensor([0])]
+    weights = [torch.rand(r, generator=rng, dtype=torch.float64) + 0.05 for r in (3, 1, 2)]
+    return torch.randn(1, 1, 70001, 1, 2, generator=rng, dtype=torch.float64), grid, weights
+
+
 def unsorted_grid_case(rng):
     """(acc [1, 3, 13, 11, 12] float64, per-axis grid starts out of order and repeated, with up to
     five windows covering a coordinate, weights for roi (5, 6, 5))."""
@@ -1051,8 +1060,14 @@ def test_cuda_extract_copies_inner_windows_in_whole_vectors(dtype, rng):
 @requires_cuda_ext
 @pytest.mark.gpu
 @pytest.mark.parametrize("floor", [0.0, 0.05])
-@pytest.mark.parametrize("case", [unsorted_grid_case, tile_edge_case], ids=["unsorted", "tile-edges"])
-def test_cuda_finalize_with_unsorted_starts_and_tile_edges(case, floor, rng):
+@pytest.mark.parametrize(
+    "case",
+    [unsorted_grid_case, tile_edge_case, grid_limit_case],
+    ids=["unsorted", "tile-edges", "grid-limit"],
+)
+def test_cuda_finalize_edge_cases(case, floor, rng):
+    """Unsorted and repeated grid starts, windows meeting a tile only at its edge, and more tiles than
+    one grid holds: the reference bit for bit."""
     acc, grid, weights = case(rng)
     expected = reference.patch_finalize(acc, *grid, *weights, floor, 0, 0, 0.5)
     on_gpu = [t.cuda() for t in (acc, *grid, *weights)]
