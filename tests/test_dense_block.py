@@ -451,3 +451,21 @@ def test_cuda_fused_needs_less_memory(bottleneck, monkeypatch):
     for actual, wanted in zip(fused, naive):
         relative_l2_close(actual, wanted, 1e-3)
     assert fused_peak < 0.6 * naive_peak, (fused_peak, naive_peak)
+
+
+def test_checkpoint_recomputes_again_for_a_retained_graph(rng):
+    """A graph kept with retain_graph is recomputed at each backward (the recomputation context is
+    entered again); the gradients add up as naive's and the running statistics move once."""
+    block = DenseBlock3d(4, 2, 2, implementation="checkpoint")
+    naive = copy.deepcopy(block)
+    naive.implementation = "naive"
+    x = torch.randn(2, 4, 3, 3, 3, generator=rng)
+    grads = []
+    for module in (block, naive):
+        inputs = x.clone().requires_grad_(True)
+        out = module(inputs).square().sum()
+        out.backward(retain_graph=True)
+        out.backward()
+        grads.append(inputs.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+    torch.testing.assert_close(block.state_dict(), naive.state_dict())

@@ -168,3 +168,13 @@ def test_fused_recomputes_transitions_and_head(rng, monkeypatch):
         torch.testing.assert_close(grads[name], grads0[name], rtol=1e-4, atol=1e-6, msg=f"grad {name}")
     for name in states0:
         torch.testing.assert_close(states[name], states0[name], msg=f"state {name}")
+
+
+def test_checkpoint_network_backward_twice_through_a_retained_graph():
+    torch.manual_seed(0)
+    net = FCDenseNet3d(in_channels=1, implementation="checkpoint", **TINY)
+    loss = net(torch.randn(2, 1, 8, 8, 8)).square().sum()
+    loss.backward(retain_graph=True)
+    first = net.stem[0].weight.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(net.stem[0].weight.grad, 2 * first)

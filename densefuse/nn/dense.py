@@ -26,7 +26,7 @@ import contextlib
 import itertools
 import math
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -44,19 +44,21 @@ IMPLEMENTATIONS = ("fused", "checkpoint", "naive")
 _recompute = threading.local()
 
 
-@contextlib.contextmanager
-def _recomputing() -> Iterator[None]:
-    """Marks checkpoint recomputation on this thread: BN then leaves the running statistics alone."""
-    previous = getattr(_recompute, "active", False)
-    _recompute.active = True
-    try:
-        yield
-    finally:
-        _recompute.active = previous
+class _Recomputing:
+    """Marks checkpoint recomputation on this thread: BN then leaves the running statistics alone.
+    Re-enterable: checkpoint enters the one object of a forward at every recomputation (a graph kept
+    with retain_graph is recomputed at each backward)."""
+
+    def __enter__(self) -> None:
+        self._previous = getattr(_recompute, "active", False)
+        _recompute.active = True
+
+    def __exit__(self, *exc: object) -> None:
+        _recompute.active = self._previous
 
 
 def _checkpoint_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-    return contextlib.nullcontext(), _recomputing()
+    return contextlib.nullcontext(), _Recomputing()
 
 
 def _norm_relu(norm: _BatchNorm, x: Tensor) -> Tensor:
