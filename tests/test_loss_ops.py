@@ -242,8 +242,10 @@ def test_gradcheck_float64(backend, activation, kind, rng):
 
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_double_backward_is_a_clear_error(backend, rng):
-    """First-order gradients only: differentiating the backward (create_graph=True) names the op."""
+    """First-order gradients only: a first-order backward with create_graph=True works (a gradient
+    penalty on other terms, say); a second derivative through the loss raises and names the op."""
     logits = torch.randn(1, 2, 3, 3, 3, generator=rng, dtype=torch.float64, requires_grad=True)
+    other = torch.randn(3, generator=rng, dtype=torch.float64, requires_grad=True)
     target = make_target(rng, "labels", 1, 2, (3, 3, 3))
     losses = {
         "overlap_stats": lambda z: overlap_stats(z, target, "softmax").sum(),
@@ -251,10 +253,14 @@ def test_double_backward_is_a_clear_error(backend, rng):
     }
     with densefuse.use_backend(backend):
         for name, loss in losses.items():
-            (first,) = torch.autograd.grad(loss(logits), logits)  # first order: fine
-            assert torch.isfinite(first).all()
+            (plain,) = torch.autograd.grad(loss(logits), logits)
+            total = loss(logits) + other.pow(3).sum()
+            grad, grad_other = torch.autograd.grad(total, (logits, other), create_graph=True)
+            torch.testing.assert_close(grad, plain)
+            (second,) = torch.autograd.grad(grad_other.sum(), other)  # second order in the other term
+            torch.testing.assert_close(second, 6 * other.detach())
             with pytest.raises(RuntimeError, match=f"densefuse: {name} .*has first-order gradients only"):
-                torch.autograd.grad(loss(logits), logits, create_graph=True)
+                grad.sum().backward()
 
 
 @pytest.mark.parametrize("backend", ["torch", *COMPILED])

@@ -96,17 +96,6 @@ def check_activation(activation: str, allowed: tuple[str, ...]) -> int:
     return ACTIVATIONS[activation]
 
 
-def check_first_order(op: str, *tensors: torch.Tensor | None) -> None:
-    """Raise in ``op``'s backward when that backward is itself being differentiated (create_graph=True:
-    grad mode is on and an input of the backward requires grad): densefuse's backward kernels have
-    no derivative of their own. Without this, torch's message names an internal op."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        raise RuntimeError(
-            f"densefuse: {op} has first-order gradients only; double backward (create_graph=True, "
-            "gradgradcheck) is not supported"
-        )
-
-
 def value_checks_enabled() -> bool:
     return os.environ.get("DENSEFUSE_CHECK_VALUES", "1") != "0" and not torch.compiler.is_compiling()
 

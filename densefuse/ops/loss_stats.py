@@ -13,6 +13,7 @@ value checks cost no extra pass. Shapes, dtypes and label conventions: densefuse
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -64,6 +65,23 @@ def _stats_like(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return stats, logits.new_empty((3,), dtype=torch.int64)
 
 
+def _no_second_derivative(op: str) -> Callable[..., None]:
+    """The autograd formula of ``op``'s backward op: differentiating it again (a second derivative
+    through the loss) raises; a first-order backward with create_graph=True is fine."""
+
+    def backward(ctx: object, *grads: Tensor) -> None:
+        raise RuntimeError(
+            f"densefuse: {op} has first-order gradients only; a second derivative through it "
+            "(double backward, gradgradcheck) is not supported"
+        )
+
+    return backward
+
+
+def _no_context(ctx: object, inputs: tuple, output: Tensor) -> None:
+    """Nothing to keep: the formula above only raises."""
+
+
 # --------------------------------------------------------------------------- overlap (Tversky family)
 @torch.library.custom_op("densefuse::overlap_stats", mutates_args=())
 def overlap_stats_op(
@@ -99,7 +117,6 @@ def _overlap_setup(ctx, inputs, output):
 
 def _overlap_backward(ctx, grad_stats, _grad_flags):
     logits, target = ctx.saved_tensors
-    _validate.check_first_order("overlap_stats (Tversky, F-beta, Dice)", grad_stats, logits)
     with forced_backend_scope(ctx.backend):
         grad = overlap_stats_backward_op(
             grad_stats.contiguous(), logits, target, ctx.activation, ctx.ignore_index
@@ -108,6 +125,9 @@ def _overlap_backward(ctx, grad_stats, _grad_flags):
 
 
 overlap_stats_op.register_autograd(_overlap_backward, setup_context=_overlap_setup)
+overlap_stats_backward_op.register_autograd(
+    _no_second_derivative("overlap_stats (Tversky, F-beta, Dice)"), setup_context=_no_context
+)
 
 
 # --------------------------------------------------------------------------------------------- focal
@@ -159,7 +179,6 @@ def _focal_setup(ctx, inputs, output):
 
 def _focal_backward(ctx, grad_stats, _grad_flags):
     logits, target, alpha_pos, alpha_neg = ctx.saved_tensors
-    _validate.check_first_order("focal_stats (focal loss)", grad_stats, logits)
     with forced_backend_scope(ctx.backend):
         grad = focal_stats_backward_op(
             grad_stats.contiguous(), logits, target, ctx.activation, ctx.gamma, alpha_pos, alpha_neg,
@@ -169,6 +188,9 @@ def _focal_backward(ctx, grad_stats, _grad_flags):
 
 
 focal_stats_op.register_autograd(_focal_backward, setup_context=_focal_setup)
+focal_stats_backward_op.register_autograd(
+    _no_second_derivative("focal_stats (focal loss)"), setup_context=_no_context
+)
 
 
 # ------------------------------------------------------------------------------------ public wrappers
