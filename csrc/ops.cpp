@@ -120,8 +120,8 @@ Call prepare(LossKind kind, const Tensor& logits, const Tensor& target, int64_t 
     TORCH_CHECK(target.sizes() == logits.sizes(), "target: a float target must have the logits' shape ",
                 logits.sizes(), ", got ", target.sizes());
     TORCH_CHECK(!ignore_index.has_value(),
-                "ignore_index: needs a label map target (class indices, [B, 1, *spatial] or [B, *spatial]), "
-                "got a one-hot or soft target [B, C, *spatial]");
+                "ignore_index: needs integer class labels ([B, 1, *spatial] or [B, *spatial]), got a float "
+                "target (one-hot, soft or float labels: cast labels to an integer dtype)");
   } else {
     TORCH_CHECK(target.dim() == 2 && target.size(0) == batch && target.size(1) == voxels,
                 "target: expected a label map of shape [", batch, ", ", voxels, "], got ", target.sizes());

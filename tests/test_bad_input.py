@@ -239,7 +239,7 @@ def test_float_target_not_finite(backend, call, value):
 @via
 def test_ignore_index_with_float_target(call):
     """ignore_index needs integer labels (documented deviation: MONAI also masks one-hot targets)."""
-    with pytest.raises(ValueError, match=r"^ignore_index: needs a label map target .*got a one-hot"):
+    with pytest.raises(ValueError, match=r"^ignore_index: needs integer class labels .*got a float target"):
         CALLS[call](logits(), onehot(), 255)
 
 
@@ -296,6 +296,8 @@ BAD_NUMBERS = [  # (module, argument, value): strings, NaN, out of range, the wr
     (dn.FocalLoss, "alpha", [[0.1, 0.2]]),
     (dn.FocalLoss, "alpha", [0.2, float("nan")]),
     (dn.FocalLoss, "alpha", [0.2, -0.1]),
+    (dn.FocalLoss, "alpha", []),
+    (dn.DiceLoss, "weight", [float("nan"), 1.0]),
     (dn.FocalLoss, "gamma", "2"),
     (dn.FBetaLoss, "beta", "1.5"),
     (dn.TverskyLoss, "alpha", -0.1),

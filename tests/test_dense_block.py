@@ -388,9 +388,10 @@ def test_bad_input():
         DenseBlock3d(4, 0, 2)
     with pytest.raises(ValueError, match=r"^dropout: expected a probability in \[0, 1\)"):
         DenseLayer3d(4, 2, dropout=1.0)
-    for eps in (0.0, -1e-5, float("nan")):  # fused would divide a constant channel by zero
+    for eps in (0.0, -1e-5, float("nan"), "1e-5"):  # fused would divide a constant channel by zero
         with pytest.raises(ValueError, match=r"^eps: expected a finite number > 0"):
             DenseBlock3d(4, 2, 2, eps=eps)
+    assert DenseBlock3d(4, 2, 2, eps=torch.tensor(1e-3)).layers[0].norm1.eps == torch.tensor(1e-3).item()
 
 
 def relative_l2_close(actual, expected, rel):

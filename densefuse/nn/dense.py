@@ -36,6 +36,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
+from densefuse.ops import _validate
 from densefuse.ops import dense_block as ops
 from densefuse.ops._backend import forced_backend, forced_backend_scope
 from densefuse.reference import accumulate_dtype
@@ -76,9 +77,7 @@ def _norm_relu(norm: _BatchNorm, x: Tensor) -> Tensor:
 def _check_eps(eps: object) -> float:
     """BatchNorm's eps: a finite number > 0 (with 0 a constant channel divides by zero in the fused
     block, where torch's BatchNorm raises)."""
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
-        raise ValueError(f"eps: expected a finite number > 0, got {eps!r}")
-    return float(eps)
+    return _validate.check_number("eps", eps, open_low=True)
 
 
 def _check_positive(name: str, value: object) -> int:
@@ -113,7 +112,7 @@ class DenseLayer3d(nn.Module):
         self.bottleneck = None if bottleneck is None else _check_positive("bottleneck", bottleneck)
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
-        _check_eps(eps)
+        eps = _check_eps(eps)
         self.norm1 = nn.BatchNorm3d(in_channels, eps=eps, momentum=momentum)
         if self.bottleneck is None:
             self.conv1 = nn.Conv3d(in_channels, growth_rate, 3, padding=1, bias=False)

@@ -135,7 +135,7 @@ class FCDenseNet3d(nn.Module):
         ):
             if not _is_int(value) or value < least:
                 raise ValueError(f"{name}: expected an integer >= {least}, got {value!r}")
-        _check_eps(eps)
+        eps = _check_eps(eps)
         blocks = 2 * num_down_blocks + 1
         layers = [layers_per_block] * blocks if _is_int(layers_per_block) else layers_per_block
         layers = list(layers) if isinstance(layers, Sequence) else []

@@ -17,7 +17,6 @@ Not supported (a ValueError says so): ``soft_label=True`` (it needs sum |p - g|)
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -38,38 +37,20 @@ def _check_reduction(reduction: str) -> str:
     return reduction
 
 
-def _check_number(
-    name: str, value: object, low: float = 0.0, high: float = math.inf, open_low: bool = False
-) -> float:
-    """value as a finite float with low <= value <= high (low < value with ``open_low``): a Python or
-    NumPy number or a 0-d tensor or array; anything else (a string, NaN, out of range) is a
-    ValueError that names ``name``."""
-    number = math.nan
-    if not isinstance(value, (bool, str, bytes)):
-        try:
-            number = float(value)
-        except (TypeError, ValueError, RuntimeError):
-            pass
-    above = low < number if open_low else low <= number
-    if not (above and number <= high and math.isfinite(number)):
-        lower = ">" if open_low else ">="
-        upper = "" if high == math.inf else f" and <= {high}"
-        raise ValueError(f"{name}: expected a finite number {lower} {low}{upper}, got {value!r}")
-    return number
-
-
 def _focal_alpha(alpha: object) -> float | Sequence[float] | Tensor | None:
     """FocalLoss's alpha: None, one number in [0, 1] (as a float), or one finite weight >= 0 per
     class (a 1-D sequence, array or tensor, kept as given)."""
     if alpha is None:
         return None
-    try:
-        values = torch.as_tensor(alpha, dtype=torch.float64)
+    try:  # read on the CPU: a tensor on another device (MPS has no float64) is checked as a copy
+        values = torch.as_tensor(
+            alpha.detach().cpu() if isinstance(alpha, Tensor) else alpha, dtype=torch.float64
+        )
     except (TypeError, ValueError, RuntimeError):
         values = None
     if values is not None and values.ndim == 0:
-        return _check_number("alpha", alpha, high=1.0)
-    if values is None or values.ndim != 1 or not bool(torch.isfinite(values).all() and (values >= 0).all()):
+        return _validate.check_number("alpha", alpha, high=1.0)
+    if values is None or values.ndim != 1 or not values.numel() or not _finite_non_negative(values):
         raise ValueError(
             f"alpha: expected a number in [0, 1] or one finite weight >= 0 per class, got {alpha!r}"
         )
@@ -80,9 +61,15 @@ def _class_weight(weight: Sequence[float] | float | Tensor | None) -> Tensor | N
     if weight is None:
         return None
     weight = torch.as_tensor(weight, dtype=torch.float32)
-    if weight.ndim > 1 or (weight < 0).any():
-        raise ValueError(f"weight: expected a non-negative number or 1-D sequence, got {weight.tolist()}")
+    if weight.ndim > 1 or not _finite_non_negative(weight):
+        raise ValueError(
+            f"weight: expected a finite number >= 0 or a 1-D sequence of them, got {weight.tolist()}"
+        )
     return weight
+
+
+def _finite_non_negative(values: Tensor) -> bool:
+    return bool(torch.isfinite(values).all() and (values >= 0).all())
 
 
 def _prepare_target(target: Tensor, logits: Tensor, to_onehot_y: bool) -> Tensor:
@@ -140,8 +127,8 @@ class _OverlapLoss(nn.Module):
         self.softmax = softmax
         self.other_act = other_act
         self.reduction = _check_reduction(reduction)
-        self.smooth_nr = _check_number("smooth_nr", smooth_nr)
-        self.smooth_dr = _check_number("smooth_dr", smooth_dr)
+        self.smooth_nr = _validate.check_number("smooth_nr", smooth_nr)
+        self.smooth_dr = _validate.check_number("smooth_dr", smooth_dr)
         self.batch = batch
         self.ignore_index = _validate.check_ignore_index(ignore_index)
         self.register_buffer("class_weight", _class_weight(weight))
@@ -231,8 +218,8 @@ class TverskyLoss(_OverlapLoss):
             include_background, to_onehot_y, sigmoid, softmax, other_act, reduction, smooth_nr, smooth_dr,
             batch, weight, soft_label, ignore_index,
         )  # fmt: skip
-        self.alpha = _check_number("alpha", alpha)
-        self.beta = _check_number("beta", beta)
+        self.alpha = _validate.check_number("alpha", alpha)
+        self.beta = _validate.check_number("beta", beta)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         # TP + alpha FP + beta FN = (1 - alpha - beta) S_pg + alpha S_p + beta S_g
@@ -250,7 +237,7 @@ class FBetaLoss(TverskyLoss):
     """
 
     def __init__(self, beta: float = 1.5, **kwargs) -> None:
-        f_beta = _check_number("beta", beta, open_low=True)
+        f_beta = _validate.check_number("beta", beta, open_low=True)
         b2 = f_beta**2
         super().__init__(alpha=1.0 / (1.0 + b2), beta=b2 / (1.0 + b2), **kwargs)
         self.f_beta = f_beta
@@ -324,7 +311,7 @@ class FocalLoss(nn.Module):
         super().__init__()
         self.include_background = include_background
         self.to_onehot_y = to_onehot_y
-        self.gamma = _check_number("gamma", gamma)
+        self.gamma = _validate.check_number("gamma", gamma)
         self.alpha = _focal_alpha(alpha)
         self.use_softmax = use_softmax
         self.reduction = _check_reduction(reduction)

@@ -7,6 +7,7 @@ of one device sync, unless DENSEFUSE_CHECK_VALUES=0 or the call is being traced 
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -65,8 +66,9 @@ def normalize_target(target: object, logits: torch.Tensor, ignore_index: int | N
             )
         if ignore_index is not None:
             raise ValueError(
-                "ignore_index: needs a label map target (class indices, [B, 1, *spatial] or "
-                "[B, *spatial]), got a one-hot or soft target [B, C, *spatial]"
+                "ignore_index: needs integer class labels ([B, 1, *spatial] or [B, *spatial]), got a "
+                f"float target {tuple(target.shape)} (one-hot, soft or float labels: cast labels to an "
+                "integer dtype)"
             )
         return flatten_spatial(target, 2)
     if target.dtype not in LABEL_DTYPES:
@@ -94,6 +96,26 @@ def check_activation(activation: str, allowed: tuple[str, ...]) -> int:
     if activation not in allowed:
         raise ValueError(f"activation: expected one of {allowed}, got {activation!r}")
     return ACTIVATIONS[activation]
+
+
+def check_number(
+    name: str, value: object, low: float = 0.0, high: float = math.inf, open_low: bool = False
+) -> float:
+    """value as a finite float with low <= value <= high (low < value with ``open_low``): a Python or
+    NumPy number or a 0-d tensor or array; anything else (a string, NaN, out of range) is a
+    ValueError that names ``name``."""
+    number = math.nan
+    if not isinstance(value, (bool, str, bytes)):
+        try:
+            number = float(value)
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    above = low < number if open_low else low <= number
+    if not (above and number <= high and math.isfinite(number)):
+        lower = ">" if open_low else ">="
+        upper = "" if high == math.inf else f" and <= {high}"
+        raise ValueError(f"{name}: expected a finite number {lower} {low}{upper}, got {value!r}")
+    return number
 
 
 def value_checks_enabled() -> bool:
