@@ -31,6 +31,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from densefuse import reference, windows
+from densefuse.ops import _validate
 from densefuse.ops.patch_fuse import (
     EXTRACT_DTYPES,
     BatchExtract,
@@ -782,18 +783,13 @@ class SlidingWindowPredictor:
         self.cval = _check_cval(cval, torch.float64)  # and again for each image's dtype
         if floor is None:
             floor = 0.0 if self.padding == "reflect" else windows.monai_floor(self.weights)
-        floor_value = _as_real(floor)
-        if floor_value is None or not 0 <= floor_value < math.inf:
-            raise ValueError(f"floor: expected a finite number >= 0, got {floor!r}")
-        self.floor = floor_value
+        self.floor = _validate.check_number("floor", floor)
         self.sw_batch_size = _check_positive_int("sw_batch_size", sw_batch_size)
         self.tta = _check_tta(tta)
         self.activation = _check_choice("activation", activation, tuple(reference.ACTIVATIONS))
         self.soft_voting = bool(soft_voting)
         self.output = _check_choice("output", output, OUTPUTS)
-        self.threshold = _as_real(threshold)
-        if self.threshold is None or not math.isfinite(self.threshold):
-            raise ValueError(f"threshold: expected a finite number, got {threshold!r}")
+        self.threshold = _validate.check_number("threshold", threshold, -math.inf)
         self.model_device = None if model_device is None else torch.device(model_device)
         self.device = None if device is None else torch.device(device)
         if memory_budget is not None:

@@ -105,16 +105,16 @@ def check_number(
     NumPy number or a 0-d tensor or array; anything else (a string, NaN, out of range) is a
     ValueError that names ``name``."""
     number = math.nan
-    if not isinstance(value, (bool, str, bytes)):
+    if not isinstance(value, (bool, str, bytes)) and getattr(value, "ndim", 0) == 0:
         try:
             number = float(value)
         except (TypeError, ValueError, RuntimeError):
             pass
     above = low < number if open_low else low <= number
     if not (above and number <= high and math.isfinite(number)):
-        lower = ">" if open_low else ">="
+        lower = "" if low == -math.inf else f" {'>' if open_low else '>='} {low}"
         upper = "" if high == math.inf else f" and <= {high}"
-        raise ValueError(f"{name}: expected a finite number {lower} {low}{upper}, got {value!r}")
+        raise ValueError(f"{name}: expected a finite number{lower}{upper}, got {value!r}")
     return number
 
 

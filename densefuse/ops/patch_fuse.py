@@ -294,14 +294,6 @@ def _check_weights(
     return [_to_device(name, w, acc.device, acc.dtype) for name, w in zip(names, checked)]
 
 
-def _check_number(name: str, value: object, low: float | None = None) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or (low is not None and value < low):
-        bound = "" if low is None else f" >= {low}"
-        raise ValueError(f"{name}: expected a finite number{bound}, got {value!r}")
-    return float(value)
-
-
 def check_patch_flags(
     flags: Tensor, what: str = "windows", source: Callable[[], str | None] | None = None
 ) -> None:
@@ -373,7 +365,7 @@ def patch_scatter(
     windows = _check_windows(windows, acc)
     starts = _check_starts(starts, acc, windows.shape[0])
     wz, wy, wx = _check_weights((wz, wy, wx), windows.shape[2:], acc, check_values, weights_checked)
-    floor = _check_number("floor", floor, 0.0)
+    floor = _validate.check_number("floor", floor)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     op = patch_gather_op if deterministic else patch_scatter_op
@@ -422,10 +414,10 @@ def patch_finalize(
     axes = zip(("starts_z", "starts_y", "starts_x"), (starts_z, starts_y, starts_x))
     starts = [_check_axis_starts(name, s, acc) for name, s in axes]
     wz, wy, wx = _check_weights((wz, wy, wx), None, acc, check_values)
-    floor = _check_number("floor", floor, 0.0)
+    floor = _validate.check_number("floor", floor)
     code = _validate.check_activation(activation, tuple(reference.ACTIVATIONS))
     out = _check_output(output)
-    threshold = _check_number("threshold", threshold)
+    threshold = _validate.check_number("threshold", threshold, -math.inf)
     _check_finalize_acc(acc, out, code, inplace)
     if inplace:
         patch_normalize_op(acc, *starts, wz, wy, wx, floor, code)
@@ -545,7 +537,7 @@ def _prepared_weights(
         raise TypeError(f"dtype: expected float32/float64 for the accumulator, got {dtype}")
     like = torch.empty(0, dtype=dtype, device=device)
     weights = _check_weights(vectors, None, like, True, checked)
-    return weights, _check_number("floor", floor, 0.0), like.device
+    return weights, _validate.check_number("floor", floor), like.device
 
 
 class BatchExtract:
@@ -684,7 +676,7 @@ class Finalizer:
         self.weights, self.floor, self.device = prepared
         self.activation = _validate.check_activation(activation, tuple(reference.ACTIVATIONS))
         self.output = _check_output(output)
-        self.threshold = _check_number("threshold", threshold)
+        self.threshold = _validate.check_number("threshold", threshold, -math.inf)
         self.dtype = dtype
         self._normalize, self._finalize = _normalize(self.device), _finalize(self.device)
 
