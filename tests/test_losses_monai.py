@@ -389,6 +389,24 @@ def test_half_precision_logits(device, rng, loss, dtype):
     assert lo.dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("loss", OVERLAP)
+def test_autocast(device, rng, loss, dtype):
+    """MONAI's mixed-precision recipe computes the loss inside torch.autocast: the loss and its
+    gradient are those computed outside it. Sums over a 48^3 patch pass float16's 65504, so a loss
+    whose fp32 sums autocast rounded to half would be NaN (float16) or off by ~1e-4 (bfloat16)."""
+    ours, _ = pair(loss, device, sigmoid=True)
+    x = (make_input(rng, (1, 1, 48, 48, 48), device) + 3).requires_grad_(True)
+    target = make_labels(rng, (1, 1, 48, 48, 48), device)
+    expected = ours(x, target)
+    (expected_grad,) = torch.autograd.grad(expected, x)
+    with torch.autocast(device.type, dtype=dtype):
+        value = ours(x, target)
+    (grad,) = torch.autograd.grad(value, x)
+    torch.testing.assert_close(value, expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-6, atol=1e-12)
+
+
 def _strided(x: torch.Tensor, layout: str) -> torch.Tensor:
     """The same values as ``x`` in a non-contiguous layout."""
     if layout == "channels_last_3d":

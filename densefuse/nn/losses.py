@@ -160,13 +160,14 @@ class _OverlapLoss(nn.Module):
         """1 - (stats . numerator + smooth_nr) / (stats . denominator + smooth_dr) over the last axis.
 
         Every loss of the family is this ratio of two linear forms in (S_pg, S_p, S_g), since
-        TP = S_pg, FP = S_p - S_pg and FN = S_g - S_pg: one [3, 2] product and a division, five
-        autograd nodes on [B, C] tensors instead of a dozen. (Written as 1 - num / den, not
-        (den - num) / den, so that the gradient has no cancellation when num ~ den.)
+        TP = S_pg, FP = S_p - S_pg and FN = S_g - S_pg: a few autograd nodes on [B, C] tensors
+        instead of a dozen. (Written as 1 - num / den, not (den - num) / den, so that the gradient has
+        no cancellation when num ~ den.) A broadcast product and a sum, not a matmul: autocast would
+        run a matmul in float16, where sums of a large patch overflow (65504) and the loss is NaN.
         """
         rows = [[n, d] for n, d in zip(numerator, denominator)]
         coefficients = stats.new_tensor([*rows, [self.smooth_nr, self.smooth_dr]])  # [4, 2]
-        num, den = (stats @ coefficients[:3] + coefficients[3]).unbind(-1)
+        num, den = ((stats[..., None] * coefficients[:3]).sum(-2) + coefficients[3]).unbind(-1)
         return 1.0 - num / den
 
     def weighted(self, score: Tensor) -> Tensor:
