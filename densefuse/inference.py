@@ -325,6 +325,8 @@ def _check_prediction(
         )
     if channels is not None and shape[1] != channels:
         raise ValueError(f"{name}: returned {shape[1]} channels, earlier {channels}")
+    if shape[1] == 0:
+        raise ValueError(f"{name}: returned shape {shape}: no channels")
     return out
 
 
@@ -362,6 +364,30 @@ def _check_cval(cval: object, dtype: torch.dtype) -> float:
     if not low <= value <= high:
         raise ValueError(f"cval: expected a number in [{low}, {high}] for {dtype} inputs, got {cval!r}")
     return value
+
+
+def _check_coverage(
+    size: Sequence[int], grid: Sequence[Sequence[int]], weights: Sequence[Tensor], floor: float
+) -> None:
+    """Raises where the weights of the grid windows covering a voxel of ``size`` sum to less than
+    float32's smallest normal: patch_finalize would read that voxel as uncovered, 0. Only a floor
+    below it allows this (floor 0, with zeros in user vectors, little overlap or a gaussian whose
+    tails underflow). Without a floor the sum is (S_z * S_y) * S_x (reference.fusion_normalizer), whose
+    least value is that of the per-axis least sums (rounding is monotone)."""
+    tiny = torch.finfo(torch.float32).tiny
+    if floor >= tiny:
+        return
+    sums = [
+        reference.axis_normalizer(n, torch.tensor(starts), w.cpu())
+        for n, starts, w in zip(size, grid, weights)
+    ]
+    least = [float(s.min()) for s in sums]
+    if float((sums[0].min() * sums[1].min()) * sums[2].min()) < tiny:
+        raise ValueError(
+            f"window: the weights of the windows covering some voxels sum to 0 (least sum per axis: "
+            f"{least}), so those voxels would have no fused value; use a positive floor, more overlap, "
+            "or weights > 0 over more of the window (a gaussian: a larger sigma_scale)"
+        )
 
 
 def _fusion_weights(name: str, vectors: Sequence[Tensor], dtype: torch.dtype, device) -> list[Tensor]:
@@ -716,11 +742,14 @@ class SlidingWindowPredictor:
             is seen away from a window's edge (paper); "constant": windows stay inside the volume
             (padded by ``cval`` where roi exceeds it), as MONAI does.
         floor: lower bound of the 3-D weight; None: 0 with reflect padding, MONAI's
-            max(min weight, 1e-3) with constant padding (border voxels keep a usable weight).
+            max(min weight, 1e-3) with constant padding (border voxels keep a usable weight), of
+            the weights as they are at each call. Like MONAI's, 1e-3 is absolute: it suits weights
+            that peak near 1. A call raises where the weights covering a voxel sum to 0 (floor 0).
         tta: "none", "rotations" (identity + 180-degree rotations in the three planes: the paper's
             4-way TTA), "flips" (identity + one flip per axis), "all" (the 8 flip combinations), or
             tuples of spatial axes to flip; outputs are flipped back and averaged.
-        activation: "sigmoid", "softmax" (over C) or "none" (the model returns probabilities).
+        activation: "sigmoid", "softmax" (over C >= 2 channels) or "none" (the model returns
+            probabilities).
         soft_voting: fuse probabilities (the activation is applied per window, as the paper);
             False fuses logits and applies the activation once, after fusion.
         output: "logits" (fused model outputs, float32), "probabilities" (float32) or "mask"
@@ -781,9 +810,7 @@ class SlidingWindowPredictor:
             )
         self.padding = _check_choice("padding", padding, ("reflect", "constant"))
         self.cval = _check_cval(cval, torch.float64)  # and again for each image's dtype
-        if floor is None:
-            floor = 0.0 if self.padding == "reflect" else windows.monai_floor(self.weights)
-        self.floor = _validate.check_number("floor", floor)
+        self.floor = None if floor is None else _validate.check_number("floor", floor)
         self.sw_batch_size = _check_positive_int("sw_batch_size", sw_batch_size)
         self.tta = _check_tta(tta)
         self.activation = _check_choice("activation", activation, tuple(reference.ACTIVATIONS))
@@ -798,17 +825,26 @@ class SlidingWindowPredictor:
         self.progress = progress
         self._moved: tuple | None = None  # (placement, the weights moved, their versions, the copies)
 
-    def _weights_on(self, device: torch.device) -> list[Tensor]:
-        """self.weights checked and moved to ``device`` (float32), again only when the placement
-        (_placement: the device and its current stream) or the weights (reassigned, or changed in
-        place) differ from the last call's."""
+    def _weights_on(self, device: torch.device) -> tuple[list[Tensor], float]:
+        """(self.weights checked and moved to ``device`` in float32, the floor they give), made again
+        only when the placement (_placement: the device and its current stream) or the weights
+        (reassigned, or changed in place) differ from the last call's. The floor's default
+        follows weights changed in place: 0 with reflect padding, MONAI's max(min weight, 1e-3) with
+        constant padding."""
         # inference tensors (weights assigned in inference mode) have no version counter: moved again
         versions = tuple(None if w.is_inference() else w._version for w in self.weights)
         placement, moved = _placement(device), self._moved
         stale = moved is None or moved[0] != placement or moved[1] is not self.weights or moved[2] != versions
         if stale or None in versions:
-            copies = _fusion_weights("window", self.weights, torch.float32, placement[0])
-            self._moved = moved = (placement, self.weights, versions, copies)
+            vectors = [
+                windows.check_vector(f"window[{i}]", w, r)
+                for i, (w, r) in enumerate(zip(self.weights, self.roi))
+            ]
+            floor = self.floor
+            if floor is None:
+                floor = 0.0 if self.padding == "reflect" else windows.monai_floor(vectors)
+            copies = _fusion_weights("window", vectors, torch.float32, placement[0])
+            self._moved = moved = (placement, self.weights, versions, (copies, floor))
         return moved[3]
 
     def __getstate__(self) -> dict:
@@ -832,31 +868,39 @@ class SlidingWindowPredictor:
         total = None
         for axes in self.tta:
             dims = [a + 2 for a in axes]
-            out = self.model(batch.flip(dims) if dims else batch)
-            out = _check_prediction(out, batch.shape[0], self.roi, channels, "model")
+            raw = self.model(batch.flip(dims) if dims else batch)
+            out = _check_prediction(raw, batch.shape[0], self.roi, channels, "model")
             out = out if out.dtype == torch.float32 else out.float()
             out = _activate(out.flip(dims) if dims else out, self._vote_activation())
-            total = out if total is None else total + out
-        return total if len(self.tta) == 1 else total.div_(len(self.tta))  # total + out is ours
+            if total is None:  # the next pass may write into the model's output (a static buffer)
+                shared = (
+                    len(self.tta) > 1 and out.untyped_storage().data_ptr() == raw.untyped_storage().data_ptr()
+                )
+                total = out.clone() if shared else out
+            else:
+                total += out
+        return total if len(self.tta) == 1 else total.div_(len(self.tta))
 
     # ----------------------------------------------------------------------------------- per volume
     @torch.no_grad()  # not inference mode: the result may be changed in place afterwards
     def __call__(self, image: Tensor) -> Tensor:
         """Prediction for image [B, C_in, D, H, W]: see the class docstring for the output."""
         image = _check_volume("image", image, (3,))
-        _check_cval(self.cval, image.dtype)
+        if self.padding == "constant":  # reflect padding never reads cval
+            _check_cval(self.cval, image.dtype)
         batch, _, *size = image.shape
         device = self.device or image.device
         model_device = self.model_device or image.device
         margin = [r // 2 for r in self.roi] if self.padding == "reflect" else [0, 0, 0]
         grid = _grid(tuple(size), tuple(self.roi), tuple(self.overlap), tuple(margin))
-        weights = self._weights_on(device)
+        weights, floor = self._weights_on(device)
+        _check_coverage(size, grid, weights, floor)
         groups = _groups(batch, *grid)
         # Every window's corner ([z group, window, 4]) and the grid on the output's device: one copy.
         starts, *grid_starts = _on_device(device, groups, *grid)
         kind = "mask" if self.output == "mask" else "probabilities"
         finish = Finalizer(
-            *weights, self.floor, torch.float32, device, self._final_activation(), kind, self.threshold,
+            *weights, floor, torch.float32, device, self._final_activation(), kind, self.threshold,
             weights_checked=True,
         )  # fmt: skip
         starts_in = starts if image.device == device else _on_device(image.device, groups)[0]
@@ -874,6 +918,11 @@ class SlidingWindowPredictor:
         first = _moved(self._predict(windows_in, None), device)
         del windows_in
         channels = first.shape[1]
+        if channels == 1 and self.activation == "softmax" and self.output != "logits":
+            raise ValueError(
+                "activation: softmax over the model's single output channel is 1 everywhere (an "
+                "all-0 mask); use 'sigmoid' for a one-channel model"
+            )
         slabs, bands = False, [(0, size[1])]
         if may_slab:
             slabs, bands = _slab_plan(batch, channels, size, self.roi, self.memory_budget)
@@ -888,7 +937,7 @@ class SlidingWindowPredictor:
         index_in = index if image.device == device or len(bands) == 1 else _on_device(image.device, *members)
         steps = len(groups) * sum(math.ceil(len(m) / size_b) for m in members)
         bar = tqdm(total=steps) if self.progress else None
-        scatter = BatchScatter(*weights, self.floor, torch.float32, device, weights_checked=True)
+        scatter = BatchScatter(*weights, floor, torch.float32, device, weights_checked=True)
         out = None
         for band, (rows, chosen) in enumerate(zip(bands, members)):
             fuse = _SlabFusion(batch, size, grid, grid_starts, scatter, finish, slabs, rows, out)

@@ -1021,3 +1021,68 @@ def test_bad_predictor_calls():
     x[0, 0, 1, 2, 3] = 0
     with pytest.raises(ValueError, match="model: contains 1 NaN/Inf values"):
         SlidingWindowPredictor(lambda t: t / t, 4, padding="constant")(x)  # 0 / 0 at one voxel
+
+
+def test_predictor_refuses_voxels_whose_weights_sum_to_zero(rng):
+    """Without a floor, voxels whose covering windows all weigh 0 there have no fused value: an error
+    names window, where patch_finalize would read them as 0; a floor gives them one."""
+    x = torch.rand(1, 1, 8, 8, 8, generator=rng)
+    hollow = [torch.tensor([0.0, 1.0, 1.0, 0.0], dtype=torch.float64)] * 3
+    with pytest.raises(ValueError, match="window: the weights of the windows covering some voxels sum to 0"):
+        SlidingWindowPredictor(lambda t: t, 4, overlap=0, window=hollow, activation="none")(x)
+    tails = dict(window="gaussian", sigma_scale=0.02, activation="none")  # its tails underflow to 0
+    with pytest.raises(ValueError, match="window: the weights"):
+        SlidingWindowPredictor(lambda t: t, 24, **tails)(torch.rand(1, 1, 48, 48, 48, generator=rng))
+    floored = SlidingWindowPredictor(lambda t: t * 0 + 3, 4, overlap=0, window=hollow, floor=1e-3)(x)
+    torch.testing.assert_close(floored, torch.sigmoid(torch.full_like(x, 3.0)))
+
+
+@pytest.mark.parametrize("tta", ["rotations", "flips"])
+def test_predictor_tta_with_a_model_that_reuses_its_output(rng, tta):
+    """A model that writes every output into one buffer (a static-output model) averages as one that
+    makes new tensors: the first pass is not overwritten by the next."""
+    x = torch.randn(1, 1, 9, 10, 11, generator=rng)
+    net = random_conv(rng, 1, 2)
+    buffer = {}
+
+    def static(t):
+        out = buffer.setdefault(t.shape, torch.empty(t.shape[0], 2, *t.shape[2:]))
+        return out.copy_(net(t))
+
+    kwargs = dict(roi_size=6, tta=tta, output="logits", sw_batch_size=2)
+    torch.testing.assert_close(
+        SlidingWindowPredictor(static, **kwargs)(x), SlidingWindowPredictor(net, **kwargs)(x)
+    )
+
+
+def test_predictor_floor_and_checks_follow_weights_changed_in_place(rng):
+    """With constant padding the default floor (MONAI's) is that of the weights as they are when
+    called, and weights changed in place are checked again."""
+    x = torch.randn(1, 1, 9, 8, 7, generator=rng)
+    net = random_conv(rng, 1, 1)
+    vectors = [torch.linspace(0.2, 1.0, 6, dtype=torch.float64) for _ in range(3)]
+    kwargs = dict(padding="constant", activation="none", output="logits")
+    predictor = SlidingWindowPredictor(net, 6, window=vectors, **kwargs)
+    predictor(x)
+    with torch.no_grad():
+        for w in predictor.weights:
+            w.mul_(0.05)  # every product now lies below MONAI's 1e-3: the floor is the minimum, 1e-3
+    fresh = SlidingWindowPredictor(net, 6, window=[w.clone() for w in predictor.weights], **kwargs)
+    assert torch.equal(predictor(x), fresh(x))
+    with torch.no_grad():
+        predictor.weights[1][0] = -1.0
+    with pytest.raises(ValueError, match=r"window\[1\]: expected finite weights >= 0"):
+        predictor(x)
+
+
+def test_predictor_model_outputs_and_cval_checked_where_they_matter(rng):
+    x = torch.randn(1, 1, 8, 8, 8, generator=rng)
+    with pytest.raises(ValueError, match="activation: softmax over the model's single output channel"):
+        SlidingWindowPredictor(lambda t: t, 4, activation="softmax", output="mask")(x)
+    logits = SlidingWindowPredictor(lambda t: t, 4, activation="softmax", output="logits")(x)
+    torch.testing.assert_close(logits, x)  # no activation is applied to logits
+    with pytest.raises(ValueError, match=r"model: returned shape \(1, 0, 4, 4, 4\): no channels"):
+        SlidingWindowPredictor(lambda t: t[:, :0], 4)(x)
+    image = torch.randint(0, 255, (1, 1, 8, 8, 8), generator=rng, dtype=torch.uint8)
+    reflected = SlidingWindowPredictor(lambda t: t.float(), 4, cval=-1, activation="none")(image)
+    torch.testing.assert_close(reflected, image.float())  # reflect padding never reads cval
