@@ -7,9 +7,9 @@ for reduction="none", so every output element is checked). Each test runs once p
 ``densefuse.available_backends("cpu")`` lists (plus the CUDA backends on a CUDA machine).
 
 Deliberate deviations from MONAI, each pinned by a test below:
-- integer label maps ([B, *spatial] or [B, 1, *spatial], uint8/int8/int16/int32/int64) are accepted
-  directly, with or without to_onehot_y; they give MONAI's value for to_onehot_y=True
-  (test_integer_label_maps);
+- integer label maps ([B, *spatial] or [B, 1, *spatial], uint8/int8/int16/int32/int64, and
+  uint16/uint32/uint64 through a widened copy) are accepted directly, with or without to_onehot_y;
+  they give MONAI's value for to_onehot_y=True (test_integer_label_maps);
 - fp16/bf16 logits: densefuse accumulates in fp32 and returns an fp32 loss, so it matches MONAI run
   on the fp32-upcast logits rather than MONAI's own half-precision arithmetic (MONAI's FocalLoss
   itself casts to fp32, its Dice/Tversky do not) (test_half_precision_logits);
@@ -268,6 +268,19 @@ def test_fbeta(device, rng, beta):
     assert_matches(ours, ref, make_input(rng, MULTI, device), target, rng=rng)
 
 
+def test_fbeta_set_after_construction(device, rng):
+    """Setting f_beta sets the Tversky weights again; alpha is not an FBetaLoss argument."""
+    ours = dn.FBetaLoss(beta=0.5, softmax=True, reduction="none")
+    ours.f_beta = 2.0
+    target = one_hot(make_labels(rng, MULTI, device), MULTI[1])
+    ref = _fbeta_as_tversky(2.0, softmax=True, reduction="none")
+    assert_matches(ours, ref, make_input(rng, MULTI, device), target, rng=rng)
+    with pytest.raises(ValueError, match="beta: expected a finite number > 0"):
+        ours.f_beta = 0.0
+    with pytest.raises(TypeError, match="alpha: FBetaLoss sets the Tversky weights from beta"):
+        dn.FBetaLoss(alpha=0.3)
+
+
 def test_fbeta_1_is_dice(device, rng):
     """With hard labels F_1 is the Dice score: a check that does not go through the alpha/beta mapping."""
     ours = dn.FBetaLoss(beta=1.0, sigmoid=True, reduction="none")
@@ -349,6 +362,7 @@ LABEL_LOSSES = {  # loss name, MONAI-style keyword arguments
 LABEL_MAPS = [  # (dtype, with the channel dim): every dtype, both forms
     (torch.uint8, True), (torch.uint8, False), (torch.int8, False), (torch.int16, True),
     (torch.int32, False), (torch.int64, True), (torch.int64, False),
+    (torch.uint16, True), (torch.uint32, False), (torch.uint64, True),  # widened (NIfTI's uint16 labels)
 ]  # fmt: skip
 
 

@@ -234,14 +234,28 @@ class FBetaLoss(TverskyLoss):
 
     F_beta = (1 + b^2) TP / ((1 + b^2) TP + b^2 FN + FP), i.e. Tversky with alpha = 1/(1 + b^2)
     on FP and beta = b^2/(1 + b^2) on FN. beta = 1.5 (the paper's best) weighs FN by ~0.69.
-    Other arguments as TverskyLoss.
+    Other arguments as TverskyLoss (not alpha: beta sets both weights). ``f_beta`` holds b; setting
+    it sets the Tversky weights ``alpha`` and ``beta`` again.
     """
 
     def __init__(self, beta: float = 1.5, **kwargs) -> None:
-        f_beta = _validate.check_number("beta", beta, open_low=True)
-        b2 = f_beta**2
-        super().__init__(alpha=1.0 / (1.0 + b2), beta=b2 / (1.0 + b2), **kwargs)
-        self.f_beta = f_beta
+        if "alpha" in kwargs:
+            raise TypeError(
+                "alpha: FBetaLoss sets the Tversky weights from beta (alpha = 1/(1 + beta^2)); "
+                "use TverskyLoss for other weights"
+            )
+        super().__init__(**kwargs)
+        self.f_beta = beta
+
+    @property
+    def f_beta(self) -> float:
+        return self._f_beta
+
+    @f_beta.setter
+    def f_beta(self, beta: float) -> None:
+        self._f_beta = _validate.check_number("beta", beta, open_low=True)
+        b2 = self._f_beta**2
+        self.alpha, self.beta = 1.0 / (1.0 + b2), b2 / (1.0 + b2)
 
 
 class DiceLoss(_OverlapLoss):

@@ -13,7 +13,10 @@ import os
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-LABEL_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+LABEL_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)  # the kernels read these
+# labels the kernels do not read, copied into a signed dtype first (NIfTI label maps are often uint16);
+# uint64 values above 2**63 - 1 wrap to negative ones, which the label check reports as out of range
+WIDENED_LABELS = {torch.uint16: torch.int32, torch.uint32: torch.int64, torch.uint64: torch.int64}
 
 
 def check_tensor(name: str, value: object) -> torch.Tensor:
@@ -47,8 +50,9 @@ def flatten_spatial(x: torch.Tensor, start: int) -> torch.Tensor:
 def normalize_target(target: object, logits: torch.Tensor, ignore_index: int | None) -> torch.Tensor:
     """A label map as [B, V] (integer) or a dense target as [B, C, V] (float).
 
-    Accepted: integer/bool labels [B, *spatial] or [B, 1, *spatial]; float targets [B, C, *spatial]
-    (one-hot or soft). Float labels [B, 1, ...] with C > 1 are rejected: cast them to an integer dtype.
+    Accepted: integer/bool labels [B, *spatial] or [B, 1, *spatial] (uint16/uint32/uint64 ones as a
+    widened copy, WIDENED_LABELS); float targets [B, C, *spatial] (one-hot or soft). Float labels
+    [B, 1, ...] with C > 1 are rejected: cast them to an integer dtype.
     """
     target = check_tensor("target", target)
     check_same_device("target", target, logits)
@@ -58,6 +62,10 @@ def normalize_target(target: object, logits: torch.Tensor, ignore_index: int | N
     if target.dtype == torch.bool:
         target = target.view(torch.uint8)
     if target.is_floating_point():
+        if target.dtype not in FLOAT_DTYPES:
+            raise TypeError(
+                f"target: expected a float16/bfloat16/float32/float64 float target, got {target.dtype}"
+            )
         if tuple(target.shape) != tuple(logits.shape):
             hint = " (a label map? use an integer dtype)" if target.dim() == logits.dim() else ""
             raise ValueError(
@@ -71,8 +79,13 @@ def normalize_target(target: object, logits: torch.Tensor, ignore_index: int | N
                 "integer dtype)"
             )
         return flatten_spatial(target, 2)
+    if target.dtype in WIDENED_LABELS:
+        target = target.to(WIDENED_LABELS[target.dtype])
     if target.dtype not in LABEL_DTYPES:
-        raise TypeError(f"target: expected integer labels or a float target, got {target.dtype}")
+        raise TypeError(
+            "target: expected integer labels (bool, uint8/16/32/64 or int8/16/32/64) or a float target, "
+            f"got {target.dtype}"
+        )
     shape = tuple(target.shape)
     if shape == (batch, 1, *spatial):
         target = target.squeeze(1)
