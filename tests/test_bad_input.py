@@ -183,6 +183,20 @@ def test_float_labels_not_integer(module, bad):
         module(to_onehot_y=True)(logits(), target)
 
 
+@via
+def test_target_that_requires_grad(call):
+    """Targets are constants: one that requires grad is refused (MONAI would differentiate it)."""
+    with pytest.raises(ValueError, match=r"^target: gradients w.r.t. the target are not computed"):
+        CALLS[call](logits(), onehot().requires_grad_(True))
+
+
+@pytest.mark.parametrize("module", [dn.TverskyLoss, dn.FBetaLoss, dn.DiceLoss, dn.FocalLoss])
+def test_float_labels_that_require_grad(module):
+    """Float labels [B, 1, ...] cast to integers for to_onehot_y are refused too, not cast silently."""
+    with pytest.raises(ValueError, match=r"^target: gradients w.r.t. the target are not computed"):
+        module(to_onehot_y=True)(logits(), labels().float().requires_grad_(True))
+
+
 def _label_cases():
     """(logits shape, bad label value, label dtype): labels >= C, 2 when C == 1, negative labels."""
     cases = [

@@ -75,6 +75,8 @@ def _finite_non_negative(values: Tensor) -> bool:
 def _prepare_target(target: Tensor, logits: Tensor, to_onehot_y: bool) -> Tensor:
     """MONAI conventions -> what the ops take: integer labels, or a float target of the logits' shape."""
     target = _validate.check_tensor("target", target)
+    if target.requires_grad:  # before any cast below, which would drop it
+        raise ValueError("target: gradients w.r.t. the target are not computed; pass target.detach()")
     channels = logits.shape[1]
     if target.is_floating_point() and target.dim() == logits.dim() and target.shape[1] == 1 and channels > 1:
         if not to_onehot_y:
