@@ -369,17 +369,17 @@ def _check_cval(cval: object, dtype: torch.dtype) -> float:
 def _check_coverage(
     size: Sequence[int], grid: Sequence[Sequence[int]], weights: Sequence[Tensor], floor: float
 ) -> None:
-    """Raises where the weights of the grid windows covering a voxel of ``size`` sum to less than
-    float32's smallest normal: patch_finalize would read that voxel as uncovered, 0. Only a floor
-    below it allows this (floor 0, with zeros in user vectors, little overlap or a gaussian whose
-    tails underflow). Without a floor the sum is (S_z * S_y) * S_x (reference.fusion_normalizer), whose
-    least value is that of the per-axis least sums (rounding is monotone)."""
+    """Raises where the weights (float32 vectors on the CPU) of the grid windows covering a voxel of
+    ``size`` sum to less than float32's smallest normal: patch_finalize would read that voxel as
+    uncovered, 0. Only a floor below it allows this (floor 0, with zeros in user vectors, little
+    overlap or a gaussian whose tails underflow). Without a floor the sum is (S_z * S_y) * S_x
+    (reference.fusion_normalizer), whose least value is that of the per-axis least sums (rounding is
+    monotone)."""
     tiny = torch.finfo(torch.float32).tiny
     if floor >= tiny:
         return
     sums = [
-        reference.axis_normalizer(n, torch.tensor(starts), w.cpu())
-        for n, starts, w in zip(size, grid, weights)
+        reference.axis_normalizer(n, torch.tensor(starts), w) for n, starts, w in zip(size, grid, weights)
     ]
     least = [float(s.min()) for s in sums]
     if float((sums[0].min() * sums[1].min()) * sums[2].min()) < tiny:
@@ -823,10 +823,11 @@ class SlidingWindowPredictor:
             _check_positive_int("memory_budget", memory_budget)
         self.memory_budget = memory_budget
         self.progress = progress
-        self._moved: tuple | None = None  # (placement, the weights moved, their versions, the copies)
+        self._moved: tuple | None = None  # (placement, the weights, their versions, _weights_on's result)
 
-    def _weights_on(self, device: torch.device) -> tuple[list[Tensor], float]:
-        """(self.weights checked and moved to ``device`` in float32, the floor they give), made again
+    def _weights_on(self, device: torch.device) -> tuple[list[Tensor], float, list[Tensor]]:
+        """(self.weights checked and moved to ``device`` in float32, the floor they give, their float32
+        values on the CPU for _check_coverage), made again
         only when the placement (_placement: the device and its current stream) or the weights
         (reassigned, or changed in place) differ from the last call's. The floor's default
         follows weights changed in place: 0 with reflect padding, MONAI's max(min weight, 1e-3) with
@@ -843,8 +844,9 @@ class SlidingWindowPredictor:
             floor = self.floor
             if floor is None:
                 floor = 0.0 if self.padding == "reflect" else windows.monai_floor(vectors)
-            copies = _fusion_weights("window", vectors, torch.float32, placement[0])
-            self._moved = moved = (placement, self.weights, versions, (copies, floor))
+            on_cpu = _fusion_weights("window", vectors, torch.float32, "cpu")
+            copies = [w.to(placement[0]) for w in on_cpu]
+            self._moved = moved = (placement, self.weights, versions, (copies, floor, on_cpu))
         return moved[3]
 
     def __getstate__(self) -> dict:
@@ -893,8 +895,8 @@ class SlidingWindowPredictor:
         model_device = self.model_device or image.device
         margin = [r // 2 for r in self.roi] if self.padding == "reflect" else [0, 0, 0]
         grid = _grid(tuple(size), tuple(self.roi), tuple(self.overlap), tuple(margin))
-        weights, floor = self._weights_on(device)
-        _check_coverage(size, grid, weights, floor)
+        weights, floor, on_cpu = self._weights_on(device)
+        _check_coverage(size, grid, on_cpu, floor)
         groups = _groups(batch, *grid)
         # Every window's corner ([z group, window, 4]) and the grid on the output's device: one copy.
         starts, *grid_starts = _on_device(device, groups, *grid)
