@@ -86,6 +86,11 @@ def _offsets_2d(offs_c, offs_v, stride_c, stride_v, OFFSETS_64: tl.constexpr):
 
 @triton.jit
 def _not_finite(x):
+    """NaN/Inf, tested in float32 (float64 values as they are): half-precision values are widened
+    first (exactly), as the C++ kernels test them; the interpreter needs it too, where a bfloat16 NaN
+    compares equal to itself."""
+    if x.dtype != tl.float64:
+        x = x.to(tl.float32)
     return (x != x) | (tl.abs(x) == float("inf"))
 
 
