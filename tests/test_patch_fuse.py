@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
@@ -234,7 +235,12 @@ BAD_SCATTER = [
     (
         lambda a, w, s, *v: (a, w, s, *v[:2], torch.tensor([1.0, 1e300, 1.0, 1.0, 1.0], dtype=torch.float64)),
         ValueError,  # finite in float64, Inf in acc's float32
-        "wx: expected finite weights >= 0, found 1",
+        "wx: expected finite weights >= 0, found 1 negative or NaN/Inf in acc's dtype torch.float32",
+    ),
+    (
+        lambda a, w, s, *v: (a, w, s, v[0] * 1e15, v[1] * 1e15, v[2] * 1e15),
+        ValueError,  # each vector finite, their product not: every sum would be Inf or NaN
+        r"wz, wy, wx: their largest product overflows acc's dtype torch.float32",
     ),
     (lambda a, w, s, *v: (a, w, s, *v, -1.0), ValueError, "floor: expected a finite number >= 0"),
     (lambda a, w, s, *v: (a, w, s, *v, float("nan")), ValueError, "floor: expected a finite number"),
@@ -452,6 +458,10 @@ BAD_EXTRACT = [
     ),
     (dict(roi=(2, 0, 2)), ValueError, "roi: expected three integers >= 1"),
     (dict(roi=(2, 2)), ValueError, "roi: expected three integers >= 1"),
+    (dict(roi=(2, True, 2)), ValueError, "roi: expected three integers >= 1"),
+    (dict(roi=(2, 2.0, 2)), ValueError, "roi: expected three integers >= 1"),
+    (dict(roi="222"), ValueError, "roi: expected three integers >= 1"),
+    (dict(cval=np.array([0.0])), TypeError, "cval: expected a number, got ndarray"),
     (dict(mode="wrap"), ValueError, "mode: expected one of"),
     (dict(cval="zero"), TypeError, "cval: expected a number"),
     (
@@ -482,6 +492,15 @@ def test_bad_extract_input(backend, change, error, message):
     args.update(change)
     with pytest.raises(error, match=message):
         patch_extract(**args)
+
+
+def test_extract_reads_numpy_and_tensor_numbers(backend):
+    """roi and cval as NumPy numbers, arrays and tensors, as floor and threshold take them."""
+    volume, starts = torch.ones(1, 1, 2, 2, 2), torch.tensor([[0, -1, 0, 0]])
+    expected = patch_extract(volume, starts, (2, 2, 2), cval=3.0)
+    for roi in (np.array([2, 2, 2]), torch.tensor([2, 2, 2]), (np.int64(2), torch.tensor(2), 2)):
+        for cval in (np.float32(3), torch.tensor(3.0), np.array(3.0)):
+            assert torch.equal(patch_extract(volume, starts, roi, cval=cval), expected)
 
 
 def test_extract_without_value_checks_reads_cval_for_a_batch_outside(backend):

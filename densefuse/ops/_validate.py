@@ -111,18 +111,25 @@ def check_activation(activation: str, allowed: tuple[str, ...]) -> int:
     return ACTIVATIONS[activation]
 
 
+def real_number(value: object) -> float | None:
+    """value as a float (NaN and Inf included) where it is a Python or NumPy real number or a 0-d
+    tensor or array (not a bool or a string), else None."""
+    if isinstance(value, (bool, str, bytes)) or getattr(value, "ndim", 0) != 0:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+
+
 def check_number(
     name: str, value: object, low: float = 0.0, high: float = math.inf, open_low: bool = False
 ) -> float:
     """value as a finite float with low <= value <= high (low < value with ``open_low``): a Python or
     NumPy number or a 0-d tensor or array; anything else (a string, NaN, out of range) is a
     ValueError that names ``name``."""
-    number = math.nan
-    if not isinstance(value, (bool, str, bytes)) and getattr(value, "ndim", 0) == 0:
-        try:
-            number = float(value)
-        except (TypeError, ValueError, RuntimeError):
-            pass
+    number = real_number(value)
+    number = math.nan if number is None else number
     above = low < number if open_low else low <= number
     if not (above and number <= high and math.isfinite(number)):
         lower = "" if low == -math.inf else f" {'>' if open_low else '>='} {low}"

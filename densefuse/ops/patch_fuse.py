@@ -284,13 +284,25 @@ def _check_weights(
         checked.append(w if w.dtype == acc.dtype else w.to(acc.dtype))  # may overflow to Inf in acc's dtype
     if _validate.value_checks_enabled() and not weights_checked:
         tested = [(n, w) for n, w in zip(names, checked) if check_values or w.device.type == "cpu"]
-        counts = [(~(torch.isfinite(w) & (w >= 0))).sum() for _, w in tested]
-        on_device = [c for c in counts if c.device.type != "cpu"]
+        # per vector (values not finite and >= 0, the largest value), as float64: one sync for all
+        stats = [
+            torch.stack([(~(torch.isfinite(w) & (w >= 0))).sum().double(), w.max().double()])
+            for _, w in tested
+        ]
+        on_device = [s for s in stats if s.device.type != "cpu"]
         synced = iter(torch.stack(on_device).tolist() if on_device else ())
-        for (name, _), count in zip(tested, counts):
-            bad = int(count) if count.device.type == "cpu" else next(synced)
+        peaks = []
+        for (name, _), stat in zip(tested, stats):
+            bad, peak = stat.tolist() if stat.device.type == "cpu" else next(synced)
             if bad:
-                raise ValueError(f"{name}: expected finite weights >= 0, found {bad} negative or NaN/Inf")
+                raise ValueError(
+                    f"{name}: expected finite weights >= 0, found {int(bad)} negative or NaN/Inf in "
+                    f"acc's dtype {acc.dtype}"
+                )
+            peaks.append(peak)
+        largest = torch.tensor(peaks, dtype=acc.dtype)  # the largest 3-D weight: rounding is monotone
+        if len(peaks) == 3 and not torch.isfinite((largest[0] * largest[1]) * largest[2]):
+            raise ValueError(f"wz, wy, wx: their largest product overflows acc's dtype {acc.dtype} ({peaks})")
     return [_to_device(name, w, acc.device, acc.dtype) for name, w in zip(names, checked)]
 
 
@@ -353,7 +365,9 @@ def patch_scatter(
             is meant for batches of windows (sw_batch_size), not thousands in one call.
         check_values: raise ValueError for NaN/Inf window values (in the volume), windows that
             miss the volume and bad weights; False leaves that to the caller (check_patch_flags),
-            saving a sync (weights on the CPU are still checked: that needs no sync).
+            saving a sync (weights on the CPU are still checked: that needs no sync). The window
+            checks come from the kernel's flags: when they raise, acc already holds the sum (NaN
+            included); the weight and argument checks raise before anything is written.
         weights_checked: the caller has checked that wz, wy, wx are finite and >= 0 in acc's dtype
             (once for the many batches of one inference): their values are not checked again.
 
@@ -443,16 +457,30 @@ def _check_extract(
         raise ValueError(
             f"volume: expected a non-empty [B, C, D, H, W] or [C, D, H, W] tensor, got {tuple(volume.shape)}"
         )
-    roi = tuple(roi)
-    if len(roi) != 3 or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in roi):
+    sizes = _integers(roi)
+    if sizes is None or len(sizes) != 3 or min(sizes) < 1:
         raise ValueError(f"roi: expected three integers >= 1 (rz, ry, rx), got {roi!r}")
     if mode not in reference.PAD_MODES:
         raise ValueError(f"mode: expected one of {tuple(reference.PAD_MODES)}, got {mode!r}")
-    if isinstance(cval, bool) or not isinstance(cval, (int, float)):
+    value = _validate.real_number(cval)
+    if value is None:
         raise TypeError(f"cval: expected a number, got {type(cval).__name__}")
-    if math.isfinite(cval) and abs(cval) > torch.finfo(volume.dtype).max:
+    if math.isfinite(value) and abs(value) > torch.finfo(volume.dtype).max:
         raise ValueError(f"cval: {cval!r} overflows the volume's dtype {volume.dtype}")
-    return volume, roi
+    return volume, sizes
+
+
+def _integers(values: object) -> tuple[int, ...] | None:
+    """A sequence, array or 1-D tensor of integers (Python, NumPy or 0-d tensors; not bools) as a
+    tuple of ints, else None."""
+    items = values.tolist() if hasattr(values, "tolist") and getattr(values, "ndim", 1) == 1 else values
+    try:
+        items = tuple(items)
+        if any(isinstance(v, bool) or getattr(v, "dtype", None) in (torch.bool, bool) for v in items):
+            return None
+        return tuple(operator.index(v) for v in items)
+    except TypeError:
+        return None
 
 
 def patch_extract(
