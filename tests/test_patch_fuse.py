@@ -726,6 +726,32 @@ def test_opcheck(backend, rng):
 requires_cpp = pytest.mark.skipif("cpp" not in BACKENDS, reason="needs densefuse._C")
 
 
+@requires_cpp
+def test_extension_ops_trace_under_torch_compile(rng):
+    """The batch objects call densefuse_ext's ops directly: those have the densefuse ops' fake
+    kernels, so opcheck passes on them and torch.compile(fullgraph=True) traces a fusion step."""
+    win, starts, weights = random_case(rng, dtype=torch.float32)
+    weights = [w.float() for w in weights]
+    with densefuse.use_backend("cpp"):
+        extract = pf.BatchExtract(torch.randn(2, 3, 5, 7, 6, generator=rng), win.shape[2:], "reflect")
+        scatter = pf.BatchScatter(*weights, 0.0, torch.float32, "cpu")
+        finish = pf.Finalizer(*weights, 0.0, torch.float32, "cpu", "sigmoid", "mask")
+    ext = torch.ops.densefuse_ext
+    torch.library.opcheck(ext.patch_scatter, (torch.zeros(2, 3, 5, 7, 6), win, starts, *weights, 0.1))
+    torch.library.opcheck(ext.patch_extract, (torch.empty_like(win), extract.volume, starts, 1, 0.5))
+    grid = [torch.tensor([-1, 2])] * 3
+
+    def step(acc: torch.Tensor) -> torch.Tensor:
+        windows = extract(torch.empty_like(win), starts)
+        scatter(acc, windows * 2, starts)
+        return finish(acc, *grid)
+
+    expected = step(torch.zeros(2, 3, 5, 7, 6))
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(torch.zeros(2, 3, 5, 7, 6)), expected)
+
+
 @contextlib.contextmanager
 def threads(count: int):
     previous = torch.get_num_threads()

@@ -22,6 +22,7 @@ RuntimeError when forced with use_backend().
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import math
 import operator
@@ -54,7 +55,12 @@ def _kernel_exists(name: str, backend: str) -> bool:
 def _loader(name: str, backend: str) -> Callable[[], Callable]:
     if backend == "triton":
         return lambda: getattr(importlib.import_module("densefuse.kernels.patch_fuse"), name)
-    return lambda: getattr(torch.ops.densefuse_ext, name)
+
+    def load() -> Callable:
+        _register_extension_fake(name)
+        return getattr(torch.ops.densefuse_ext, name)
+
+    return load
 
 
 def _registry(name: str) -> Registry:
@@ -95,7 +101,7 @@ def patch_gather_op(
 
 @patch_scatter_op.register_fake
 @patch_gather_op.register_fake
-def _(acc, windows, starts, wz, wy, wx, floor):
+def _scatter_fake(acc, windows, starts, wz, wy, wx, floor):
     return acc.new_empty((2,), dtype=torch.int64)
 
 
@@ -116,7 +122,7 @@ def patch_normalize_op(
 
 
 @patch_normalize_op.register_fake
-def _(acc, starts_z, starts_y, starts_x, wz, wy, wx, floor, activation):
+def _normalize_fake(acc, starts_z, starts_y, starts_x, wz, wy, wx, floor, activation):
     return None
 
 
@@ -140,7 +146,7 @@ def patch_finalize_op(
 
 
 @patch_finalize_op.register_fake
-def _(acc, starts_z, starts_y, starts_x, wz, wy, wx, floor, activation, output, threshold):
+def _finalize_fake(acc, starts_z, starts_y, starts_x, wz, wy, wx, floor, activation, output, threshold):
     if output == 0:
         return torch.empty_like(acc, memory_format=torch.contiguous_format)
     channels = 1 if activation == 2 else acc.shape[1]
@@ -155,8 +161,25 @@ def patch_extract_op(out: Tensor, volume: Tensor, starts: Tensor, padding: int, 
 
 
 @patch_extract_op.register_fake
-def _(out, volume, starts, padding, cval):
+def _extract_fake(out, volume, starts, padding, cval):
     return None
+
+
+_EXTENSION_FAKES = {
+    "patch_scatter": _scatter_fake,
+    "patch_gather": _scatter_fake,
+    "patch_normalize": _normalize_fake,
+    "patch_finalize": _finalize_fake,
+    "patch_extract": _extract_fake,
+}
+
+
+@functools.cache
+def _register_extension_fake(name: str) -> None:
+    """The fake kernel of densefuse_ext::<name> (the op's own, above), registered when the extension's
+    kernel is first loaded: BatchExtract, BatchScatter and Finalizer call the extension's ops
+    directly, and torch.compile(fullgraph=True) traces them with it."""
+    torch.library.register_fake(f"densefuse_ext::{name}", _EXTENSION_FAKES[name])
 
 
 # --------------------------------------------------------------------------------------- validation
