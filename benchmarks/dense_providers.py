@@ -36,7 +36,6 @@ import argparse
 import contextlib
 import datetime
 import functools
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,7 +49,7 @@ import densefuse
 from densefuse.nn import DenseBlock3d
 from densefuse.nn.dense import IMPLEMENTATIONS
 from densefuse.ops import dense_block
-from densefuse.profile import Network, Point, TrainingStep
+from densefuse.profile import Network, Point, TrainingStep, write_json
 
 Step = Callable[[], None]
 TARGETS = {"memory_vs_naive": 0.25, "memory_vs_checkpoint": 0.8, "time_vs_naive": {"cuda": 1.05, "cpu": 1.15}}
@@ -252,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     threads = f"-{torch.get_num_threads()}t" if device == "cpu" else ""
     stem = "model-step" if args.model else "dense"
     out = args.out or report.RESULTS / f"{stem}-{report.slug(info)}{threads}-{results['date']}.json"
-    out.write_text(json.dumps(results, indent=1) + "\n")
+    write_json(out, results, indent=1)
     print(f"wrote {out}")
 
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -49,6 +48,7 @@ from torch import Tensor
 import densefuse
 import densefuse.inference
 from densefuse.ops import patch_fuse
+from densefuse.profile import write_json
 
 Step = Callable[[], object]
 
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  memory bound (output + one batch): {entry['memory_bound_mb']:.1f} MB")
         results["cases"].append(entry)
     out = args.out or report.RESULTS / f"fusion-{report.slug(info)}-{results['date']}.json"
-    out.write_text(json.dumps(results, indent=1) + "\n")
+    write_json(out, results, indent=1)
     print(f"wrote {out}")
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import re
@@ -30,9 +29,16 @@ import numpy as np
 import torch
 
 import densefuse
+from densefuse.profile import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUANTILES = (50, 20, 80)
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -250,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="JSON path (default: <out-dir>/<device>-<date>.json)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS, help="folder for the default JSON name")
     parser.add_argument("--sizes", nargs="+", type=parse_shape, help="BxCxDxHxW (default per device)")
-    parser.add_argument("--reps", type=int, default=25, help="CPU repetitions per provider")
+    parser.add_argument("--reps", type=positive_int, default=25, help="CPU repetitions per provider")
     parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile")
     parser.add_argument("--compile-budget-s", type=float, default=60, help="drop torch.compile if slower")
     args = parser.parse_args(argv)
@@ -276,12 +282,12 @@ def main(argv: list[str] | None = None) -> None:
             if compile_s > args.compile_budget_s:
                 compile = False
                 report["notes"].append(f"torch.compile took {compile_s:.0f} s: left out of later cases")
-            out.write_text(json.dumps(report, indent=2) + "\n")
+            write_json(out, report)
             if args.device == "cuda":
                 torch.cuda.empty_cache()
     except KeyboardInterrupt:
         report["notes"].append(f"stopped after {len(report['cases'])} of {len(cases)} cases")
-        out.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(out, report)
     print(markdown(report))
     print(f"\nwrote {out}", file=sys.stderr)
 

@@ -182,11 +182,22 @@ def _check_patches(patches: list[int], multiple: int, option: str, parser: argpa
         )
 
 
-def _write_json(path: Path, doc: dict) -> None:
-    """``doc`` as indented JSON at ``path``, atomically: written next to it, then renamed over it."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, path)
+def _check_out(out: Path, parser: argparse.ArgumentParser, *, avoid: Path | None = None) -> None:
+    """Refuse an output path that could not be written, before anything is measured: its folder is made
+    (as for the default name) and must be writable; it must not be a folder, a PNG (the figure goes
+    beside the JSON as .png) or ``avoid`` (the profile being read)."""
+    if out.suffix.lower() == ".png":
+        parser.error(
+            f"--out: {out} is the figure's name; give the JSON's (the figure goes beside it as .png)"
+        )
+    if avoid is not None and out.resolve() == avoid.resolve():
+        parser.error(f"--out: {out} is the --profile being read; give another file")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        parser.error(f"--out: cannot make its folder: {exc}")
+    if out.is_dir() or not os.access(out.parent, os.W_OK):
+        parser.error(f"--out: {out} is a folder" if out.is_dir() else f"--out: {out.parent} is not writable")
 
 
 # --------------------------------------------------------------------------------- profile-memory
@@ -201,10 +212,10 @@ def _profile_memory(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     points = profile.grid(args.implementations, args.dtypes, args.batches, patches)
     doc = profile.report(network, [], args.device, args.warmup, args.reps)  # the commit and load at the start
     out = args.out or Path(f"memory-{doc['slug']}-{doc['date']}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    _check_out(out, parser)
 
     def save(rows: list[dict]) -> None:  # after every point: an interrupted sweep keeps what it measured
-        _write_json(out, {**doc, "results": rows, "complete": len(rows) == len(points)})
+        profile.write_json(out, {**doc, "results": rows, "complete": len(rows) == len(points)})
 
     rows = profile.sweep(
         network, points, args.device, args.warmup, args.reps, progress=not args.quiet, on_row=save
@@ -212,6 +223,12 @@ def _profile_memory(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     doc["results"] = rows
     print(_profile_table(rows))
     print(f"\nwrote {out}", file=sys.stderr)
+    failed = sum("error" in r for r in rows)
+    if failed == len(rows):
+        print(f"densefuse profile-memory: all {failed} points failed (the table says why)", file=sys.stderr)
+        return 1
+    if failed:
+        print(f"densefuse profile-memory: {failed} of {len(rows)} points failed", file=sys.stderr)
     if not args.no_plot:
         try:
             profile.plot(doc, out.with_suffix(".png"))
@@ -252,6 +269,8 @@ def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from densefuse import profile
 
     _check_device(args.device, parser)
+    if args.out is not None:
+        _check_out(args.out, parser, avoid=args.profile)
     if args.profile is not None:
         given = [f"--{opt.replace('_', '-')}" for opt in _NETWORK_OPTIONS if getattr(args, opt) is not None]
         given += [
@@ -307,10 +326,18 @@ def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         "fit_source": source,
         "plans": planned,
     }
-    if args.out:
-        _write_json(args.out, doc)
     print(_plan_text(doc, batch_planned=args.patch is not None))
-    return 0
+    if args.out:
+        profile.write_json(args.out, doc)
+    over = [p for p in planned if p.get("measured_bytes", 0) > budget]
+    for p in over:
+        print(
+            f"densefuse plan: {p['implementation']} {p['dtype']} at batch {p['batch']}, {p['patch']}^3 "
+            f"measured {profile.format_size(p['measured_bytes'])}, over the budget of "
+            f"{profile.format_size(budget)}",
+            file=sys.stderr,
+        )
+    return 1 if over else 0
 
 
 def _plan_text(doc: dict, batch_planned: bool) -> str:
@@ -413,6 +440,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; a user's interrupt ends it with 130 and a closed pipe (| head) quietly."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("densefuse: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141
+
+
+def _main(argv: list[str] | None) -> int:
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":

@@ -86,11 +86,14 @@ def parse_size(text: str, name: str = "memory") -> int:
 
 
 def format_size(nbytes: float) -> str:
-    """``nbytes`` in GiB, MiB or KiB to three significant digits, e.g. "14.9 GiB"."""
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(nbytes) >= scale:
-            return f"{nbytes / scale:.3g} {unit}"
-    return f"{nbytes:.0f} B"
+    """``nbytes`` in B, KiB, MiB, GiB or TiB to three significant digits, e.g. "14.9 GiB" (the next
+    unit from 999.5 of one up: "0.999 MiB", never "1.02e+03 KiB")."""
+    value, unit = float(nbytes), "B"
+    for larger in ("KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 999.5:
+            break
+        value, unit = value / 1024, larger
+    return f"{value:.3g} {unit}"
 
 
 # ----------------------------------------------------------------------------------- what is measured
@@ -114,6 +117,20 @@ class Network:
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
             raise ValueError(f"target: expected one of {TARGETS}, got {self.target!r}")
+        for name in ("in_channels", "out_channels", "growth_rate", "num_layers"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        if not _is_int(self.num_down_blocks) or self.num_down_blocks < 0:
+            raise ValueError(f"num_down_blocks: expected an integer >= 0, got {self.num_down_blocks!r}")
+        if self.bottleneck is not None and (not _is_int(self.bottleneck) or self.bottleneck < 1):
+            raise ValueError(f"bottleneck: expected a positive integer or None, got {self.bottleneck!r}")
+        if (
+            isinstance(self.dropout, bool)
+            or not isinstance(self.dropout, (int, float))
+            or not 0 <= self.dropout < 1
+        ):
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {self.dropout!r}")
 
     @property
     def size_multiple(self) -> int:
@@ -150,6 +167,10 @@ class Point:
         return self.batch * self.patch**3
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_points(network: Network, points: Iterable[Point]) -> list[Point]:
     """``points`` as a list; ValueError naming the field for an unknown implementation or dtype, a
     batch below 1, or a patch that is not a positive multiple of network.size_multiple."""
@@ -160,9 +181,9 @@ def check_points(network: Network, points: Iterable[Point]) -> list[Point]:
             raise ValueError(f"implementation: expected one of {IMPLEMENTATIONS}, got {p.implementation!r}")
         if p.dtype not in DTYPES:
             raise ValueError(f"dtype: expected one of {DTYPES}, got {p.dtype!r}")
-        if p.batch < 1:
-            raise ValueError(f"batch: expected a positive integer, got {p.batch}")
-        if p.patch < 1 or p.patch % m:
+        if not _is_int(p.batch) or p.batch < 1:
+            raise ValueError(f"batch: expected a positive integer, got {p.batch!r}")
+        if not _is_int(p.patch) or p.patch < 1 or p.patch % m:
             raise ValueError(
                 f"patch: expected a positive multiple of {m} (2 x 2^{network.num_down_blocks} for the down "
                 f"blocks), got {p.patch}"
@@ -293,8 +314,21 @@ _CHILD = (
 )
 
 
+def _die_with_parent(parent: int) -> None:
+    """On Linux, have the kernel kill this child when its parent dies (a scheduler that kills only the
+    parent must not leave a measurement holding its memory), and exit if it is gone already."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 def _child_main(job: dict) -> None:
     """The measuring child process: one point; the result as JSON on the last line of stdout."""
+    _die_with_parent(job["parent"])
     try:
         result = _measure_here(
             Network(**job["network"]), Point(**job["point"]), "cpu", job["warmup"], job["reps"]
@@ -327,6 +361,7 @@ def measure(network: Network, point: Point, device: str = "cpu", warmup: int = 2
         torch.cuda.empty_cache()
         return row
     job = {
+        "parent": os.getpid(),
         "path": sys.path,
         "network": dataclasses.asdict(network),
         "point": row,
@@ -452,13 +487,43 @@ def report(network: Network, rows: list[dict], device: str, warmup: int, reps: i
     }
 
 
+def write_json(path: str | Path, doc: object, indent: int = 2) -> None:
+    """``doc`` as indented JSON at ``path``, atomically: written beside it, then renamed over it (a run
+    killed meanwhile leaves the previous file, never half of one)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(doc, indent=indent) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def load_report(path: str | Path) -> tuple[Network, list[dict], dict]:
-    """(network, rows, device_info) of a JSON written by ``report``; ValueError naming the file if not one."""
+    """(network, rows, device_info) of a JSON written by ``report``; ValueError naming the file if not
+    one (its rows are checked too: each a point with a finite positive peak_bytes, or an error)."""
     try:
         doc = json.loads(Path(path).read_text())
-        return Network(**doc["network"]), list(doc["results"]), doc["device"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        network, rows, device = Network(**doc["network"]), doc["results"], doc["device"]
+        if not isinstance(rows, list) or not all(isinstance(device.get(k), str) for k in ("name", "type")):
+            raise TypeError("results must be a list and device hold a name and a type")
+        for row in rows:
+            _check_row(network, row)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # JSON and Unicode errors too
         raise ValueError(f"{path}: not a densefuse profile-memory JSON ({_error_text(exc)})") from exc
+    return network, rows, device
+
+
+def _check_row(network: Network, row: object) -> None:
+    """A row of a report: a point (check_points) with a finite peak_bytes > 0 and median_ms, or an error."""
+    point = Point(*(row[k] for k in ("implementation", "dtype", "batch", "patch")))
+    check_points(network, [point])
+    if "error" in row:
+        return
+    peak, median = row["peak_bytes"], row["median_ms"]
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (peak, median))
+    if not (numbers and math.isfinite(peak) and peak > 0 and math.isfinite(median)):
+        raise ValueError(f"row {row}: expected a finite peak_bytes > 0 and median_ms, or an error")
 
 
 def plot(doc: dict, path: str | Path) -> None:
@@ -532,9 +597,13 @@ class MemoryModel:
         """Largest multiple of ``multiple`` whose cube at ``batch`` fits ``budget`` bytes; 0 when none."""
         room = (budget - self.intercept_bytes) / (self.bytes_per_voxel * batch)
         patch = math.floor(max(room, 0) ** (1 / 3) / multiple) * multiple
-        while self.predict(batch, patch + multiple) <= budget:  # the float cube root may land one short
+        for _ in range(3):  # the float cube root is a step off at most (bounded: at a huge budget a
+            if self.predict(batch, patch + multiple) > budget:  # step changes no float prediction)
+                break
             patch += multiple
-        while patch > 0 and self.predict(batch, patch) > budget:
+        for _ in range(3):
+            if patch <= 0 or self.predict(batch, patch) <= budget:
+                break
             patch -= multiple
         return patch
 
@@ -560,7 +629,7 @@ def fit_memory_models(rows: Iterable[dict]) -> dict[tuple[str, str], MemoryModel
             )
         design = np.stack([np.ones_like(voxels), voxels], axis=1)
         (a, b), *_ = np.linalg.lstsq(design, peaks, rcond=None)
-        if b <= 0:
+        if not b > 0:  # NaN included
             raise ValueError(
                 f"{impl} {dtype}: the measured memory does not grow with batch * patch^3 (slope {b:.3g} "
                 "B/voxel); measure larger, more widely spread points"
@@ -585,6 +654,11 @@ def plan(
     """
     if (patch is None) == (batch is None):
         raise ValueError("patch, batch: give exactly one of them")
+    if not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget > 0):
+        raise ValueError(f"budget: expected a finite number of bytes > 0, got {budget!r}")
+    for name, value in (("multiple", multiple), ("patch", patch), ("batch", batch)):
+        if value is not None and (not _is_int(value) or value < 1):
+            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
     rows = []
     for (impl, dtype), model in models.items():
         if patch is not None:

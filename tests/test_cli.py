@@ -83,8 +83,8 @@ def test_interrupted_profile_keeps_its_points(tmp_path, monkeypatch):
     monkeypatch.setattr(profile, "measure", measure)
     out = tmp_path / "prof.json"
     args = ["profile-memory", *TINY, "--patches", "16", "32", "--batches", "1", "2", "--dtypes", "fp32"]
-    with pytest.raises(KeyboardInterrupt):
-        cli.main([*args, "--implementations", "naive", "fused", "--out", str(out), "--no-plot", "--quiet"])
+    code = cli.main([*args, "--implementations", "naive", "fused", "--out", str(out), "--no-plot", "--quiet"])
+    assert code == 130  # "densefuse: interrupted", no traceback
     doc = json.loads(out.read_text())
     assert len(doc["results"]) == 5 and doc["complete"] is False
     assert [p.name for p in tmp_path.iterdir()] == ["prof.json"]  # no temporary left behind
@@ -205,3 +205,85 @@ def test_bench_runs_the_report_script(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["bench", "--help"])
     assert exit_info.value.code == 0 and "usage: report.py" in capsys.readouterr().out
+
+
+def test_profile_memory_output_paths(synthetic, capsys, tmp_path):
+    """Checked before anything is measured: a PNG name (it would be overwritten by the figure) and a
+    folder are refused; a missing folder is made."""
+    args = ["profile-memory", *TINY, "--patches", "8", "16", "--dtypes", "fp32", "--no-plot", "--quiet"]
+    assert "--out: " in run_error(capsys, [*args, "--out", str(tmp_path / "memory.png")])
+    assert "is a folder" in run_error(capsys, [*args, "--out", str(tmp_path)])
+    assert not synthetic
+    assert cli.main([*args, "--out", str(tmp_path / "new" / "memory.json")]) == 0
+    assert [p.name for p in (tmp_path / "new").iterdir()] == ["memory.json"]
+
+
+def test_profile_memory_fails_when_every_point_fails(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(
+        profile, "measure", lambda network, point, *a: {**vars(point), "error": "out of memory"}
+    )
+    args = ["profile-memory", *TINY, "--patches", "8", "--dtypes", "fp32", "--no-plot", "--quiet"]
+    assert cli.main([*args, "--out", str(tmp_path / "m.json")]) == 1
+    assert "all 3 points failed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda doc: doc["results"][0].pop("implementation"),
+        lambda doc: doc["device"].pop("name"),
+        lambda doc: doc.update(results={"a": 1}),
+        lambda doc: doc["results"][0].update(peak_bytes=None),
+        lambda doc: doc["results"][0].update(peak_bytes=float("nan")),
+        lambda doc: doc["results"][0].update(patch="16"),
+        lambda doc: doc["network"].update(num_down_blocks="2"),
+    ],
+    ids=[
+        "no-implementation",
+        "no-device-name",
+        "results-object",
+        "peak-null",
+        "peak-nan",
+        "patch-str",
+        "net-str",
+    ],
+)
+def test_plan_refuses_malformed_profiles(profile_json, capsys, tmp_path, change):
+    """A JSON that parses but is not what profile-memory writes: a one-line error naming the file."""
+    doc = json.loads(profile_json.read_text())
+    change(doc)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(doc))
+    err = run_error(capsys, ["plan", "--profile", str(bad), "--memory", "8GB", "--patch", "16"])
+    assert f"--profile: {bad}: not a densefuse profile-memory JSON" in err
+
+
+def test_plan_output_paths(profile_json, capsys, tmp_path):
+    argv = ["plan", "--profile", str(profile_json), "--memory", "8GB", "--patch", "16"]
+    assert "is the --profile being read" in run_error(capsys, [*argv, "--out", str(profile_json)])
+    assert "is a folder" in run_error(capsys, [*argv, "--out", str(tmp_path)])
+    assert cli.main([*argv, "--out", str(tmp_path / "plans" / "plan.json")]) == 0
+    assert json.loads((tmp_path / "plans" / "plan.json").read_text())["plans"]
+
+
+def test_plan_check_over_budget_fails(synthetic, monkeypatch, capsys):
+    """--check measures the plan: a configuration measured over the budget makes the command fail."""
+
+    def over(network, rows, *args):
+        return [{**r, "measured_bytes": 2**40, "prediction_error": -0.9} for r in rows]
+
+    monkeypatch.setattr(profile, "check_plan", over)
+    argv = [
+        "plan",
+        "--memory",
+        "1GiB",
+        "--patch",
+        "64",
+        *TINY,
+        "--implementations",
+        "fused",
+        "--dtypes",
+        "fp32",
+    ]
+    assert cli.main([*argv, "--check", "--quiet"]) == 1
+    assert "over the budget" in capsys.readouterr().err

@@ -45,6 +45,9 @@ def test_format_size():
     assert profile.format_size(3 * 2**20) == "3 MiB"
     assert profile.format_size(1500) == "1.46 KiB"
     assert profile.format_size(12) == "12 B"
+    assert profile.format_size(2**20 - 1) == "1 MiB"  # not "1.02e+03 KiB"
+    assert profile.format_size(1023.9) == "1 KiB"
+    assert profile.format_size(999) == "999 B"
 
 
 def synthetic_rows(a: float, b: float, points, noise: float = 0.0, impl="fused", dtype="bf16", seed=0):
@@ -126,6 +129,17 @@ def test_plan_rows():
     assert all(r["batch"] == 0 and r["predicted_bytes"] is None for r in nothing)
     with pytest.raises(ValueError, match="exactly one"):
         profile.plan(models, budget, multiple=16, patch=64, batch=2)
+    for args, name in [
+        ((budget, 16), "batch"),
+        ((math.nan, 16), "budget"),
+        ((math.inf, 16), "budget"),
+        ((budget, 0), "multiple"),
+        ((budget, -4), "multiple"),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            profile.plan(models, *args, batch=-1 if name == "batch" else 2)
+    huge = {r["implementation"]: r for r in profile.plan(models, 1e70, multiple=16, batch=2)}  # returns
+    assert huge["fused"]["patch"] > 10**21
 
 
 def test_check_points():
@@ -141,6 +155,20 @@ def test_check_points():
             profile.check_points(net, [point])
     with pytest.raises(ValueError, match="target"):
         Network(target="layer")
+    for point, name in [
+        (Point("fused", "fp32", 2.5, 16), "batch"),
+        (Point("fused", "fp32", 1, 16.0), "patch"),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            profile.check_points(net, [point])
+    for change, name in [
+        (dict(growth_rate=0), "growth_rate: expected a positive integer"),
+        (dict(num_down_blocks=-1), "num_down_blocks: expected an integer >= 0"),
+        (dict(dropout=2.0), "dropout: expected a probability"),
+        (dict(bottleneck=0), "bottleneck: expected a positive integer or None"),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            Network(**change)
     assert profile.grid(["naive", "fused"], ["fp32"], [1, 2], [8, 16])[:3] == [
         Point("naive", "fp32", 1, 8),
         Point("naive", "fp32", 1, 16),
