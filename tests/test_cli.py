@@ -107,20 +107,22 @@ def test_plan_from_profile(profile_json, synthetic, capsys, tmp_path):
     assert plans["naive"]["patch"] == 32 and plans["fused"]["patch"] == 48
 
 
+PLAN_FUSED_BF16 = [
+    "plan",
+    "--memory",
+    "1GiB",
+    "--patch",
+    "64",
+    *TINY,
+    "--implementations",
+    "fused",
+    "--dtypes",
+    "bf16",
+]
+
+
 def test_plan_measures_on_the_spot_and_checks(synthetic, capsys):
-    argv = [
-        "plan",
-        "--memory",
-        "1GiB",
-        "--patch",
-        "64",
-        *TINY,
-        "--implementations",
-        "fused",
-        "--dtypes",
-        "bf16",
-    ]
-    assert cli.main([*argv, "--check", "--quiet"]) == 0
+    assert cli.main([*PLAN_FUSED_BF16, "--check", "--quiet"]) == 0
     fit_points = [(p.batch, p.patch) for _, p in synthetic]
     expected_batch = int((0.9 * 2**30 - 1e8) / (1000 * 64**3))
     assert fit_points == [(2, 8), (3, 8), (4, 8), (expected_batch, 64)]  # default fit points, then the check
@@ -273,17 +275,5 @@ def test_plan_check_over_budget_fails(synthetic, monkeypatch, capsys):
         return [{**r, "measured_bytes": 2**40, "prediction_error": -0.9} for r in rows]
 
     monkeypatch.setattr(profile, "check_plan", over)
-    argv = [
-        "plan",
-        "--memory",
-        "1GiB",
-        "--patch",
-        "64",
-        *TINY,
-        "--implementations",
-        "fused",
-        "--dtypes",
-        "fp32",
-    ]
-    assert cli.main([*argv, "--check", "--quiet"]) == 1
+    assert cli.main([*PLAN_FUSED_BF16, "--check", "--quiet"]) == 1
     assert "over the budget" in capsys.readouterr().err
