@@ -162,14 +162,15 @@ def _network(args: argparse.Namespace, parser: argparse.ArgumentParser):
     return Network(**given)
 
 
-def _check_device(device: str, parser: argparse.ArgumentParser) -> None:
+def _check_device(device: str, parser: argparse.ArgumentParser, measured: bool = True) -> None:
+    """--device names cpu or cuda[:i]; a CUDA device must be here where something is ``measured``."""
     try:
         kind = torch.device(device).type
     except RuntimeError:
         parser.error(f"--device: expected cpu or cuda[:i], got {device!r}")
     if kind not in ("cpu", "cuda"):
         parser.error(f"--device: expected cpu or cuda[:i], got {device!r}")
-    if kind == "cuda" and not torch.cuda.is_available():
+    if measured and kind == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
 
 
@@ -268,7 +269,7 @@ def _profile_table(rows: list[dict]) -> str:
 def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from densefuse import profile
 
-    _check_device(args.device, parser)
+    _check_device(args.device, parser, measured=args.check or args.profile is None)
     if args.out is not None:
         _check_out(args.out, parser, avoid=args.profile)
     if args.profile is not None:
@@ -294,22 +295,20 @@ def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         network = _network(args, parser)
         fit_patches = args.fit_patches or [network.size_multiple]
         _check_patches(fit_patches, network.size_multiple, "--fit-patches", parser)
+        fit_batches = args.fit_batches or [2, 3, 4]
+        if len({b * p**3 for b in fit_batches for p in fit_patches}) < 2:
+            parser.error(
+                "--fit-batches, --fit-patches: the fit needs two or more values of batch * patch^3, "
+                f"got batches {fit_batches} and patches {fit_patches}"
+            )
     if args.patch is not None:
         _check_patches([args.patch], network.size_multiple, "--patch", parser)
     if args.profile is None:
-        points = profile.grid(args.implementations, args.dtypes, args.fit_batches or [2, 3, 4], fit_patches)
+        points = profile.grid(args.implementations, args.dtypes, fit_batches, fit_patches)
         rows = profile.sweep(network, points, args.device, args.warmup, args.reps, progress=not args.quiet)
         source = f"{len(rows)} points measured here on {profile.device_info(args.device)['name']}"
-    try:
-        models = profile.fit_memory_models(rows)
-    except ValueError as exc:
-        failed = [
-            f"{r['implementation']} {r['dtype']} b{r['batch']} {r['patch']}^3: {r['error']}"
-            for r in rows
-            if "error" in r
-        ]
-        detail = f" (failed points: {'; '.join(failed)})" if failed else ""
-        print(f"densefuse plan: cannot fit a memory model: {exc}{detail}", file=sys.stderr)
+    models = _fit_each(rows, args.implementations, args.dtypes)
+    if not models:
         return 1
     budget = args.memory * (1 - args.headroom)
     planned = profile.plan(models, budget, network.size_multiple, patch=args.patch, batch=args.batch)
@@ -338,6 +337,29 @@ def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             file=sys.stderr,
         )
     return 1 if over else 0
+
+
+def _fit_each(rows: list[dict], implementations: list[str], dtypes: list[str]) -> dict:
+    """The memory model of each (implementation, dtype) asked for that its rows can fit; the others are
+    named on stderr with the reason (and their failed points), so that one pair does not sink all."""
+    from densefuse import profile
+
+    models = {}
+    for impl in implementations:
+        for dtype in dtypes:
+            group = [r for r in rows if (r["implementation"], r["dtype"]) == (impl, dtype)]
+            try:
+                if not group:
+                    raise ValueError("not in the profile")
+                models |= profile.fit_memory_models(group)
+            except ValueError as exc:
+                failed = [f"b{r['batch']} {r['patch']}^3: {r['error']}" for r in group if "error" in r]
+                detail = f" (failed points: {'; '.join(failed)})" if failed else ""
+                print(
+                    f"densefuse plan: {impl} {dtype}: cannot fit a memory model: {exc}{detail}",
+                    file=sys.stderr,
+                )
+    return models
 
 
 def _plan_text(doc: dict, batch_planned: bool) -> str:
@@ -460,7 +482,14 @@ def _main(argv: list[str] | None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command in ("profile-memory", "plan"):
         return args.handler(args, args.subparser)
-    print(json.dumps(info(), indent=2))
+    report = info()
+    print(json.dumps(report, indent=2))
+    forced = report["forced_backend"]
+    if forced is not None and not any(forced in names for names in report["backends"].values()):
+        print(
+            f"densefuse: the forced backend {forced!r} runs on no device here: every op will raise",
+            file=sys.stderr,
+        )
     return 0
 
 

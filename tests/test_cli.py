@@ -277,3 +277,38 @@ def test_plan_check_over_budget_fails(synthetic, monkeypatch, capsys):
     monkeypatch.setattr(profile, "check_plan", over)
     assert cli.main([*PLAN_FUSED_BF16, "--check", "--quiet"]) == 1
     assert "over the budget" in capsys.readouterr().err
+
+
+def test_plan_fits_each_pair_on_its_own(profile_json, capsys, tmp_path):
+    """A pair whose points failed is named on stderr; the pairs that fit are still planned."""
+    doc = json.loads(profile_json.read_text())
+    fused = [row for row in doc["results"] if row["implementation"] == "fused"]
+    for row in fused[1:]:  # one fused point left: too few to fit
+        row.pop("peak_bytes"), row.pop("median_ms")
+        row["error"] = "out of memory"
+    bad = tmp_path / "one-pair-failed.json"
+    bad.write_text(json.dumps(doc))
+    argv = ["plan", "--profile", str(bad), "--memory", "8GB", "--patch", "16", "--dtypes", "fp32"]
+    assert cli.main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "| naive | fp32 |" in out and "| fused |" not in out
+    assert "fused fp32: cannot fit a memory model" in err and "out of memory" in err
+    assert cli.main([*argv, "--implementations", "fused"]) == 1
+
+
+def test_plan_checks_the_fit_points_before_measuring(synthetic, capsys):
+    err = run_error(capsys, ["plan", "--memory", "1GiB", "--batch", "2", *TINY, "--fit-batches", "2"])
+    assert "--fit-batches, --fit-patches: the fit needs two or more values" in err and not synthetic
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_plan_from_a_cuda_profile_needs_no_cuda_here(profile_json, capsys):
+    argv = ["plan", "--profile", str(profile_json), "--memory", "8GB", "--patch", "16", "--device", "cuda"]
+    assert cli.main(argv) == 0
+    assert "no CUDA device here" in run_error(capsys, [*argv, "--check"])
+
+
+def test_info_warns_about_a_forced_backend_that_runs_nowhere(monkeypatch, capsys):
+    monkeypatch.setenv("DENSEFUSE_BACKEND", "bogus")
+    assert cli.main(["info"]) == 0
+    assert "the forced backend 'bogus' runs on no device here" in capsys.readouterr().err
