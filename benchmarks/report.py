@@ -35,12 +35,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 QUANTILES = (50, 20, 80)
 
 
-def positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return int(text)
-
-
 def parse_shape(text: str) -> tuple[int, ...]:
     shape = tuple(int(n) for n in text.lower().split("x"))
     if len(shape) != 5 or min(shape) < 1:
@@ -256,10 +250,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="JSON path (default: <out-dir>/<device>-<date>.json)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS, help="folder for the default JSON name")
     parser.add_argument("--sizes", nargs="+", type=parse_shape, help="BxCxDxHxW (default per device)")
-    parser.add_argument("--reps", type=positive_int, default=25, help="CPU repetitions per provider")
+    parser.add_argument("--reps", type=int, default=25, help="CPU repetitions per provider")
     parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile")
     parser.add_argument("--compile-budget-s", type=float, default=60, help="drop torch.compile if slower")
     args = parser.parse_args(argv)
+    if args.reps < 1:
+        parser.error(f"--reps: expected an integer >= 1, got {args.reps}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
     shapes = args.sizes or lp.SHAPES[args.device] + lp.LARGE_SHAPES.get(args.device, [])

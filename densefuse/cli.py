@@ -183,11 +183,13 @@ def _check_patches(patches: list[int], multiple: int, option: str, parser: argpa
         )
 
 
-def _check_out(out: Path, parser: argparse.ArgumentParser, *, avoid: Path | None = None) -> None:
+def _check_out(
+    out: Path, parser: argparse.ArgumentParser, *, figure: bool = False, avoid: Path | None = None
+) -> None:
     """Refuse an output path that could not be written, before anything is measured: its folder is made
-    (as for the default name) and must be writable; it must not be a folder, a PNG (the figure goes
-    beside the JSON as .png) or ``avoid`` (the profile being read)."""
-    if out.suffix.lower() == ".png":
+    (as for the default name) and must be writable; it must not be a folder, a PNG where a ``figure``
+    goes beside the JSON as .png, or ``avoid`` (the profile being read)."""
+    if figure and out.suffix.lower() == ".png":
         parser.error(
             f"--out: {out} is the figure's name; give the JSON's (the figure goes beside it as .png)"
         )
@@ -213,7 +215,7 @@ def _profile_memory(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     points = profile.grid(args.implementations, args.dtypes, args.batches, patches)
     doc = profile.report(network, [], args.device, args.warmup, args.reps)  # the commit and load at the start
     out = args.out or Path(f"memory-{doc['slug']}-{doc['date']}.json")
-    _check_out(out, parser)
+    _check_out(out, parser, figure=True)
 
     def save(rows: list[dict]) -> None:  # after every point: an interrupted sweep keeps what it measured
         profile.write_json(out, {**doc, "results": rows, "complete": len(rows) == len(points)})
@@ -270,8 +272,6 @@ def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from densefuse import profile
 
     _check_device(args.device, parser, measured=args.check or args.profile is None)
-    if args.out is not None:
-        _check_out(args.out, parser, avoid=args.profile)
     if args.profile is not None:
         given = [f"--{opt.replace('_', '-')}" for opt in _NETWORK_OPTIONS if getattr(args, opt) is not None]
         given += [
@@ -303,11 +303,13 @@ def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             )
     if args.patch is not None:
         _check_patches([args.patch], network.size_multiple, "--patch", parser)
+    if args.out is not None:
+        _check_out(args.out, parser, avoid=args.profile)
     if args.profile is None:
         points = profile.grid(args.implementations, args.dtypes, fit_batches, fit_patches)
         rows = profile.sweep(network, points, args.device, args.warmup, args.reps, progress=not args.quiet)
         source = f"{len(rows)} points measured here on {profile.device_info(args.device)['name']}"
-    models = _fit_each(rows, args.implementations, args.dtypes)
+    models = _fit_each(rows)
     if not models:
         return 1
     budget = args.memory * (1 - args.headroom)
@@ -328,37 +330,35 @@ def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     print(_plan_text(doc, batch_planned=args.patch is not None))
     if args.out:
         profile.write_json(args.out, doc)
-    over = [p for p in planned if p.get("measured_bytes", 0) > budget]
-    for p in over:
+    failed = [p for p in planned if "check_error" in p or p.get("measured_bytes", 0) > budget]
+    for p in failed:
+        found = p.get("check_error") or f"measured {profile.format_size(p['measured_bytes'])}"
         print(
-            f"densefuse plan: {p['implementation']} {p['dtype']} at batch {p['batch']}, {p['patch']}^3 "
-            f"measured {profile.format_size(p['measured_bytes'])}, over the budget of "
-            f"{profile.format_size(budget)}",
+            f"densefuse plan: {p['implementation']} {p['dtype']} at batch {p['batch']}, {p['patch']}^3: "
+            f"{found}, over the budget of {profile.format_size(budget)}",
             file=sys.stderr,
         )
-    return 1 if over else 0
+    return 1 if failed else 0
 
 
-def _fit_each(rows: list[dict], implementations: list[str], dtypes: list[str]) -> dict:
-    """The memory model of each (implementation, dtype) asked for that its rows can fit; the others are
-    named on stderr with the reason (and their failed points), so that one pair does not sink all."""
+def _fit_each(rows: list[dict]) -> dict:
+    """The memory model of each (implementation, dtype) of ``rows`` that its rows can fit; the others
+    are named on stderr with the reason (and their failed points), so that one pair does not sink all."""
     from densefuse import profile
 
+    if not rows:
+        print("densefuse plan: no measurement of the implementations and dtypes asked for", file=sys.stderr)
     models = {}
-    for impl in implementations:
-        for dtype in dtypes:
-            group = [r for r in rows if (r["implementation"], r["dtype"]) == (impl, dtype)]
-            try:
-                if not group:
-                    raise ValueError("not in the profile")
-                models |= profile.fit_memory_models(group)
-            except ValueError as exc:
-                failed = [f"b{r['batch']} {r['patch']}^3: {r['error']}" for r in group if "error" in r]
-                detail = f" (failed points: {'; '.join(failed)})" if failed else ""
-                print(
-                    f"densefuse plan: {impl} {dtype}: cannot fit a memory model: {exc}{detail}",
-                    file=sys.stderr,
-                )
+    for impl, dtype in dict.fromkeys((r["implementation"], r["dtype"]) for r in rows):
+        group = [r for r in rows if (r["implementation"], r["dtype"]) == (impl, dtype)]
+        try:
+            models |= profile.fit_memory_models(group)
+        except ValueError as exc:
+            failed = [f"b{r['batch']} {r['patch']}^3: {r['error']}" for r in group if "error" in r]
+            detail = f" (failed points: {'; '.join(failed)})" if failed else ""
+            print(
+                f"densefuse plan: {impl} {dtype}: cannot fit a memory model: {exc}{detail}", file=sys.stderr
+            )
     return models
 
 

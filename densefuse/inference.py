@@ -45,65 +45,21 @@ Position = tuple[int, int, int, int]  # (batch, z, y, x): a window's corner in v
 
 
 # ------------------------------------------------------------------------------------ argument checks
-def _unwrapped(value: object) -> object:
-    """The Python number a 0-d tensor or NumPy array holds (as MONAI reads them: through tolist());
-    anything else unchanged (a NumPy scalar keeps its type)."""
-    if getattr(value, "ndim", None) == 0 and not isinstance(value, numbers.Number):
-        return value.item()
-    return value
-
-
-def _as_int(value: object) -> int | None:
-    """value as a Python int if it is an integer (int, NumPy integer, 0-d integer tensor or array;
-    no bool)."""
-    value = _unwrapped(value)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        return None
-    return int(value)
-
-
-def _real_scalar(value: object) -> numbers.Real | None:
-    """value if it is a real number (int, float, NumPy scalar: kept in its type; a 0-d tensor or
-    array: _unwrapped), else None (bool, complex, not a number)."""
-    value = _unwrapped(value)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return None
-    return value
-
-
-def _as_real(value: object) -> float | None:
-    """value as a Python float if it is a real number (_real_scalar), else None."""
-    scalar = _real_scalar(value)
-    return None if scalar is None else float(scalar)
-
-
 def _reals(value: object) -> object:
     """One number or a sequence of them as Python floats; anything else unchanged (for the check
     that reports it)."""
-    items = _values(value)
+    items = _validate.values(value)
     if items is None:
-        real = _as_real(value)
+        real = _validate.as_real(value)
         return value if real is None else real
-    reals = [_as_real(v) for v in items]
+    reals = [_validate.as_real(v) for v in items]
     return value if None in reals else tuple(reals)
-
-
-def _values(value: object) -> list | None:
-    """The items of a sequence, or of a 1-D NumPy array or tensor as Python numbers (their tolist(),
-    as MONAI reads them); None for a single value."""
-    if isinstance(value, (str, bytes)):
-        return None
-    if getattr(value, "ndim", None) == 1 and hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, Sequence):
-        return list(value)
-    return None
 
 
 def _check_roi(roi_size: object, size: Sequence[int], none_means_full: bool) -> tuple[int, ...]:
     """roi per axis from one value or a sequence (MONAI: None = the whole axis)."""
     dims = len(size)
-    values = _values(roi_size)
+    values = _validate.values(roi_size)
     values = [roi_size] * dims if values is None else values
     if len(values) != dims:
         raise ValueError(f"roi_size: expected {dims} values for {dims} spatial dims, got {roi_size!r}")
@@ -111,7 +67,7 @@ def _check_roi(roi_size: object, size: Sequence[int], none_means_full: bool) -> 
     for value, full in zip(values, size):
         if value is None and none_means_full:
             value = full
-        length = _as_int(value)
+        length = _validate.as_int(value)
         if length is None or length <= 0:
             hint = " (None takes the whole axis)" if none_means_full else ""
             raise ValueError(f"roi_size: expected positive integers{hint}, got {roi_size!r}")
@@ -120,7 +76,7 @@ def _check_roi(roi_size: object, size: Sequence[int], none_means_full: bool) -> 
 
 
 def _per_axis(name: str, value: object, dims: int) -> tuple:
-    values = _values(value)
+    values = _validate.values(value)
     values = (value,) * dims if values is None else tuple(values)
     if len(values) != dims:
         raise ValueError(f"{name}: expected one value or {dims}, got {value!r}")
@@ -131,14 +87,14 @@ def _check_overlap(overlap: object, dims: int) -> tuple[numbers.Real, ...]:
     """overlap per axis, each a real number in [0, 1) read as MONAI reads it (_real_scalar: a NumPy
     float32 scalar stays one, and strides in float32 arithmetic as in MONAI; tensors and arrays give
     Python floats)."""
-    values = tuple(_real_scalar(o) for o in _per_axis("overlap", overlap, dims))
+    values = tuple(_validate.real_scalar(o) for o in _per_axis("overlap", overlap, dims))
     if any(o is None or not 0 <= o < 1 for o in values):
         raise ValueError(f"overlap: expected numbers in [0, 1), got {overlap!r}")
     return values
 
 
 def _check_positive_int(name: str, value: object) -> int:
-    number = _as_int(value)
+    number = _validate.as_int(value)
     if number is None or number < 1:
         raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
     return number
@@ -353,7 +309,7 @@ def _nonfinite_source(
 def _check_cval(cval: object, dtype: torch.dtype) -> float:
     """cval as a float that a ``dtype`` volume's padding can hold: within the dtype's range (integer
     and bool volumes take it converted as torch's padding converts it)."""
-    value = _as_real(cval)
+    value = _validate.as_real(cval)
     if value is None:
         raise TypeError(f"cval: expected a number, got {type(cval).__name__}")
     if dtype.is_floating_point or dtype.is_complex:
@@ -394,13 +350,17 @@ def _fusion_weights(name: str, vectors: Sequence[Tensor], dtype: torch.dtype, de
     """The 1-D window weights in the accumulator's dtype on its device, moved once per call.
 
     They are finite and >= 0 as densefuse.windows returns them; this also rules out an overflow in
-    ``dtype`` while they are on the CPU, so the fusion ops need not check them again, per batch
-    (patch_scatter(..., weights_checked=True)) or on the device (a sync).
+    ``dtype``, of a weight or of the largest 3-D weight (wz, wy, wx: three vectors), while they are
+    on the CPU, so the fusion ops need not check them again, per batch (patch_scatter(...,
+    weights_checked=True)) or on the device (a sync).
     """
     weights = [w.to(dtype) for w in vectors]
-    if not all(torch.isfinite(w).all() for w in weights):
+    peaks = [w.abs().max() for w in weights]
+    if not all(torch.isfinite(w).all() for w in weights) or not torch.isfinite(
+        (peaks[0] * peaks[1]) * peaks[2]
+    ):
         largest = [w.abs().max().item() for w in vectors]
-        raise ValueError(f"{name}: weights overflow {dtype} (largest per axis: {largest})")
+        raise ValueError(f"{name}: the 3-D weights overflow {dtype} (largest per axis: {largest})")
     return [w.to(device) for w in weights]
 
 
@@ -559,7 +519,7 @@ def sliding_window_inference(
     sw_batch_size = _check_positive_int("sw_batch_size", sw_batch_size)
     padding_mode = _check_choice("padding_mode", padding_mode, PAD_MODES)
     if buffer_steps is not None:
-        steps_count, dim = _as_int(buffer_steps), _as_int(buffer_dim)
+        steps_count, dim = _validate.as_int(buffer_steps), _validate.as_int(buffer_dim)
         if steps_count is None:
             raise ValueError(f"buffer_steps: expected an integer or None, got {buffer_steps!r}")
         if steps_count > 0 and (dim is None or not -dims <= dim <= dims):
@@ -716,7 +676,7 @@ def _check_tta(tta: str | Sequence[Sequence[int]]) -> tuple[tuple[int, ...], ...
         f"tta: expected one of {tuple(TTA)} or tuples of spatial axes in {{0, 1, 2}}, got {tta!r}"
     )
     try:
-        passes = tuple(tuple(_as_int(a) for a in axes) for axes in tta)
+        passes = tuple(tuple(_validate.as_int(a) for a in axes) for axes in tta)
     except TypeError:  # not a sequence of sequences
         raise error from None
     if not passes or any(len(set(p)) != len(p) or not set(p) <= {0, 1, 2} for p in passes):
@@ -834,6 +794,7 @@ class SlidingWindowPredictor:
         constant padding."""
         # inference tensors (weights assigned in inference mode) have no version counter: moved again
         versions = tuple(None if w.is_inference() else w._version for w in self.weights)
+        versions += (self.floor, self.padding)  # the floor follows them too
         placement, moved = _placement(device), self._moved
         stale = moved is None or moved[0] != placement or moved[1] is not self.weights or moved[2] != versions
         if stale or None in versions:

@@ -58,6 +58,7 @@ import densefuse
 from densefuse.nn.dense import IMPLEMENTATIONS, DenseBlock3d
 from densefuse.nn.fcdensenet import FCDenseNet3d
 from densefuse.nn.losses import FBetaLoss
+from densefuse.ops import _validate
 
 DTYPES = ("fp32", "bf16")
 TARGETS = ("model", "block")
@@ -168,7 +169,8 @@ class Point:
 
 
 def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An integer: Python, NumPy or a 0-d integer tensor (not a bool)."""
+    return _validate.as_int(value) is not None
 
 
 def check_points(network: Network, points: Iterable[Point]) -> list[Point]:
@@ -654,7 +656,8 @@ def plan(
     """
     if (patch is None) == (batch is None):
         raise ValueError("patch, batch: give exactly one of them")
-    if not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget > 0):
+    number = _validate.as_real(budget)
+    if number is None or not (math.isfinite(number) and number > 0):
         raise ValueError(f"budget: expected a finite number of bytes > 0, got {budget!r}")
     for name, value in (("multiple", multiple), ("patch", patch), ("batch", batch)):
         if value is not None and (not _is_int(value) or value < 1):

@@ -96,12 +96,14 @@ def test_plan_from_profile(profile_json, synthetic, capsys, tmp_path):
     out = tmp_path / "plan.json"
     budget = 2e8 + 4000.0 * 3 * 32**3 + 10  # naive fits batch 3 at 32^3
     argv = ["plan", "--profile", str(profile_json), "--memory", f"{budget:.0f}", "--headroom", "0"]
+    capsys.readouterr()
     assert cli.main([*argv, "--patch", "32", "--out", str(out)]) == 0
     plans = {p["implementation"]: p for p in json.loads(out.read_text())["plans"]}
     assert plans["naive"]["batch"] == 3
     assert plans["fused"]["batch"] == int((budget - 1e8) / (1000 * 32**3))
-    text = capsys.readouterr().out
+    text, err = capsys.readouterr()
     assert "| naive | fp32 |" in text and "headroom" in text
+    assert err == ""  # no word on the pairs the profile does not hold
     assert cli.main([*argv, "--batch", "3", "--out", str(out)]) == 0
     plans = {p["implementation"]: p for p in json.loads(out.read_text())["plans"]}
     assert plans["naive"]["patch"] == 32 and plans["fused"]["patch"] == 48
@@ -276,7 +278,14 @@ def test_plan_check_over_budget_fails(synthetic, monkeypatch, capsys):
 
     monkeypatch.setattr(profile, "check_plan", over)
     assert cli.main([*PLAN_FUSED_BF16, "--check", "--quiet"]) == 1
-    assert "over the budget" in capsys.readouterr().err
+    assert "measured 1 TiB, over the budget" in capsys.readouterr().err
+
+    def failed(network, rows, *args):
+        return [{**r, "check_error": "out of memory"} for r in rows]
+
+    monkeypatch.setattr(profile, "check_plan", failed)
+    assert cli.main([*PLAN_FUSED_BF16, "--check", "--quiet"]) == 1
+    assert "64^3: out of memory" in capsys.readouterr().err
 
 
 def test_plan_fits_each_pair_on_its_own(profile_json, capsys, tmp_path):
@@ -302,7 +311,7 @@ def test_plan_checks_the_fit_points_before_measuring(synthetic, capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
-def test_plan_from_a_cuda_profile_needs_no_cuda_here(profile_json, capsys):
+def test_plan_for_device_cuda_from_a_profile_needs_no_cuda_here(profile_json, capsys):
     argv = ["plan", "--profile", str(profile_json), "--memory", "8GB", "--patch", "16", "--device", "cuda"]
     assert cli.main(argv) == 0
     assert "no CUDA device here" in run_error(capsys, [*argv, "--check"])

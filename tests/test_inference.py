@@ -395,7 +395,7 @@ BAD_CALLS = [
     (
         dict(mode=[torch.full((4,), 1e300, dtype=torch.float64)] * 3),
         ValueError,
-        "mode: weights overflow torch.float32",
+        "mode: the 3-D weights overflow torch.float32",
     ),
     (dict(predictor=lambda t: t[:, :, :-1]), ValueError, r"predictor: returned shape \(2, 1, 3, 4, 4\)"),
     (
@@ -1086,3 +1086,22 @@ def test_predictor_model_outputs_and_cval_checked_where_they_matter(rng):
     image = torch.randint(0, 255, (1, 1, 8, 8, 8), generator=rng, dtype=torch.uint8)
     reflected = SlidingWindowPredictor(lambda t: t.float(), 4, cval=-1, activation="none")(image)
     torch.testing.assert_close(reflected, image.float())  # reflect padding never reads cval
+
+
+def test_predictor_floor_and_padding_set_after_a_call_are_used(rng):
+    x = torch.randn(1, 1, 9, 8, 7, generator=rng)
+    net = random_conv(rng, 1, 1)
+    kwargs = dict(window="gaussian", padding="constant", activation="none", output="logits")
+    predictor = SlidingWindowPredictor(net, 6, **kwargs)
+    predictor(x)
+    predictor.floor = 0.9
+    assert torch.equal(predictor(x), SlidingWindowPredictor(net, 6, floor=0.9, **kwargs)(x))
+    predictor.floor, predictor.padding = None, "reflect"
+    assert torch.equal(predictor(x), SlidingWindowPredictor(net, 6, **{**kwargs, "padding": "reflect"})(x))
+
+
+def test_predictor_refuses_weights_whose_product_overflows(rng):
+    """Each vector is finite in float32, their 3-D product is not: every fused value would be NaN."""
+    big = [torch.full((4,), 1e15, dtype=torch.float64)] * 3
+    with pytest.raises(ValueError, match=r"window: the 3-D weights overflow torch\.float32"):
+        SlidingWindowPredictor(lambda t: t, 4, window=big, activation="none")(torch.rand(1, 1, 8, 8, 8))

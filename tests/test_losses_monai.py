@@ -279,6 +279,11 @@ def test_fbeta_set_after_construction(device, rng):
         ours.f_beta = 0.0
     with pytest.raises(TypeError, match="alpha: FBetaLoss sets the Tversky weights from beta"):
         dn.FBetaLoss(alpha=0.3)
+    old = dn.FBetaLoss(beta=2.0).__getstate__()  # as pickled when f_beta was a plain attribute
+    old["f_beta"] = old.pop("_f_beta")
+    restored = dn.FBetaLoss.__new__(dn.FBetaLoss)
+    restored.__setstate__(old)
+    assert restored.f_beta == 2.0
 
 
 def test_fbeta_1_is_dice(device, rng):

@@ -74,9 +74,7 @@ def _finite_non_negative(values: Tensor) -> bool:
 
 def _prepare_target(target: Tensor, logits: Tensor, to_onehot_y: bool) -> Tensor:
     """MONAI conventions -> what the ops take: integer labels, or a float target of the logits' shape."""
-    target = _validate.check_tensor("target", target)
-    if target.requires_grad:  # before any cast below, which would drop it
-        raise ValueError("target: gradients w.r.t. the target are not computed; pass target.detach()")
+    target = _validate.check_constant_target(target)  # before any cast below, which would drop the flag
     channels = logits.shape[1]
     if target.is_floating_point() and target.dim() == logits.dim() and target.shape[1] == 1 and channels > 1:
         if not to_onehot_y:
@@ -252,6 +250,11 @@ class FBetaLoss(TverskyLoss):
     @property
     def f_beta(self) -> float:
         return self._f_beta
+
+    def __setstate__(self, state: dict) -> None:
+        if "f_beta" in state:  # pickled when f_beta was a plain attribute
+            state["_f_beta"] = state.pop("f_beta")
+        super().__setstate__(state)
 
     @f_beta.setter
     def f_beta(self, beta: float) -> None:

@@ -8,7 +8,9 @@ of one device sync, unless DENSEFUSE_CHECK_VALUES=0 or the call is being traced 
 from __future__ import annotations
 
 import math
+import numbers
 import os
+from collections.abc import Sequence
 
 import torch
 
@@ -47,6 +49,14 @@ def flatten_spatial(x: torch.Tensor, start: int) -> torch.Tensor:
     return x.flatten(start) if x.dim() > start + 1 else (x if x.dim() == start + 1 else x.unsqueeze(-1))
 
 
+def check_constant_target(target: object) -> torch.Tensor:
+    """A target tensor that does not require grad (targets are constants: MONAI would differentiate it)."""
+    target = check_tensor("target", target)
+    if target.requires_grad:
+        raise ValueError("target: gradients w.r.t. the target are not computed; pass target.detach()")
+    return target
+
+
 def normalize_target(target: object, logits: torch.Tensor, ignore_index: int | None) -> torch.Tensor:
     """A label map as [B, V] (integer) or a dense target as [B, C, V] (float).
 
@@ -54,10 +64,8 @@ def normalize_target(target: object, logits: torch.Tensor, ignore_index: int | N
     widened copy, WIDENED_LABELS); float targets [B, C, *spatial] (one-hot or soft). Float labels
     [B, 1, ...] with C > 1 are rejected: cast them to an integer dtype.
     """
-    target = check_tensor("target", target)
+    target = check_constant_target(target)
     check_same_device("target", target, logits)
-    if target.requires_grad:
-        raise ValueError("target: gradients w.r.t. the target are not computed; pass target.detach()")
     batch, _, *spatial = logits.shape
     if target.dtype == torch.bool:
         target = target.view(torch.uint8)
@@ -111,15 +119,48 @@ def check_activation(activation: str, allowed: tuple[str, ...]) -> int:
     return ACTIVATIONS[activation]
 
 
-def real_number(value: object) -> float | None:
-    """value as a float (NaN and Inf included) where it is a Python or NumPy real number or a 0-d
-    tensor or array (not a bool or a string), else None."""
-    if isinstance(value, (bool, str, bytes)) or getattr(value, "ndim", 0) != 0:
+def unwrapped(value: object) -> object:
+    """The Python number a 0-d tensor or NumPy array holds (as MONAI reads them: through tolist());
+    anything else unchanged (a NumPy scalar keeps its type)."""
+    if getattr(value, "ndim", None) == 0 and not isinstance(value, numbers.Number):
+        return value.item()
+    return value
+
+
+def as_int(value: object) -> int | None:
+    """value as a Python int if it is an integer (int, NumPy integer, 0-d integer tensor or array;
+    no bool)."""
+    value = unwrapped(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         return None
-    try:
-        return float(value)
-    except (TypeError, ValueError, RuntimeError):
+    return int(value)
+
+
+def real_scalar(value: object) -> numbers.Real | None:
+    """value if it is a real number (int, float, NumPy scalar: kept in its type; a 0-d tensor or
+    array: unwrapped), else None (bool, complex, not a number)."""
+    value = unwrapped(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None
+    return value
+
+
+def as_real(value: object) -> float | None:
+    """value as a Python float if it is a real number (real_scalar), else None."""
+    scalar = real_scalar(value)
+    return None if scalar is None else float(scalar)
+
+
+def values(value: object) -> list | None:
+    """The items of a sequence, or of a 1-D NumPy array or tensor as Python numbers (their tolist(),
+    as MONAI reads them); None for a single value."""
+    if isinstance(value, (str, bytes)):
+        return None
+    if getattr(value, "ndim", None) == 1 and hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Sequence):
+        return list(value)
+    return None
 
 
 def check_number(
@@ -128,7 +169,7 @@ def check_number(
     """value as a finite float with low <= value <= high (low < value with ``open_low``): a Python or
     NumPy number or a 0-d tensor or array; anything else (a string, NaN, out of range) is a
     ValueError that names ``name``."""
-    number = real_number(value)
+    number = as_real(value)
     number = math.nan if number is None else number
     above = low < number if open_low else low <= number
     if not (above and number <= high and math.isfinite(number)):

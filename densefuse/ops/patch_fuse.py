@@ -22,10 +22,10 @@ RuntimeError when forced with use_backend().
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import math
 import operator
+import threading
 from collections.abc import Callable, Sequence
 
 import torch
@@ -174,12 +174,18 @@ _EXTENSION_FAKES = {
 }
 
 
-@functools.cache
+_FAKES_REGISTERED: set[str] = set()
+_FAKES_LOCK = threading.Lock()
+
+
 def _register_extension_fake(name: str) -> None:
-    """The fake kernel of densefuse_ext::<name> (the op's own, above), registered when the extension's
-    kernel is first loaded: BatchExtract, BatchScatter and Finalizer call the extension's ops
-    directly, and torch.compile(fullgraph=True) traces them with it."""
-    torch.library.register_fake(f"densefuse_ext::{name}", _EXTENSION_FAKES[name])
+    """The fake kernel of densefuse_ext::<name> (the op's own, above), registered once (two threads may
+    load an op at once) when the extension's kernel is first loaded: BatchExtract, BatchScatter and
+    Finalizer call the extension's ops directly, and torch.compile(fullgraph=True) traces them with it."""
+    with _FAKES_LOCK:
+        if name not in _FAKES_REGISTERED:
+            torch.library.register_fake(f"densefuse_ext::{name}", _EXTENSION_FAKES[name])
+            _FAKES_REGISTERED.add(name)
 
 
 # --------------------------------------------------------------------------------------- validation
@@ -485,7 +491,7 @@ def _check_extract(
         raise ValueError(f"roi: expected three integers >= 1 (rz, ry, rx), got {roi!r}")
     if mode not in reference.PAD_MODES:
         raise ValueError(f"mode: expected one of {tuple(reference.PAD_MODES)}, got {mode!r}")
-    value = _validate.real_number(cval)
+    value = _validate.as_real(cval)
     if value is None:
         raise TypeError(f"cval: expected a number, got {type(cval).__name__}")
     if math.isfinite(value) and abs(value) > torch.finfo(volume.dtype).max:
@@ -493,17 +499,12 @@ def _check_extract(
     return volume, sizes
 
 
-def _integers(values: object) -> tuple[int, ...] | None:
-    """A sequence, array or 1-D tensor of integers (Python, NumPy or 0-d tensors; not bools) as a
+def _integers(value: object) -> tuple[int, ...] | None:
+    """A sequence, 1-D array or 1-D tensor of integers (Python, NumPy or 0-d tensors; not bools) as a
     tuple of ints, else None."""
-    items = values.tolist() if hasattr(values, "tolist") and getattr(values, "ndim", 1) == 1 else values
-    try:
-        items = tuple(items)
-        if any(isinstance(v, bool) or getattr(v, "dtype", None) in (torch.bool, bool) for v in items):
-            return None
-        return tuple(operator.index(v) for v in items)
-    except TypeError:
-        return None
+    items = _validate.values(value)
+    ints = None if items is None else [_validate.as_int(v) for v in items]
+    return None if ints is None or None in ints else tuple(ints)
 
 
 def patch_extract(
