@@ -332,12 +332,13 @@ def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         profile.write_json(args.out, doc)
     failed = [p for p in planned if "check_error" in p or p.get("measured_bytes", 0) > budget]
     for p in failed:
-        found = p.get("check_error") or f"measured {profile.format_size(p['measured_bytes'])}"
-        print(
-            f"densefuse plan: {p['implementation']} {p['dtype']} at batch {p['batch']}, {p['patch']}^3: "
-            f"{found}, over the budget of {profile.format_size(budget)}",
-            file=sys.stderr,
-        )
+        what = f"{p['implementation']} {p['dtype']} at batch {p['batch']}, {p['patch']}^3"
+        if "check_error" in p:
+            found = f"{p['check_error']} (the check could not measure it)"
+        else:
+            size, limit = profile.format_size(p["measured_bytes"]), profile.format_size(budget)
+            found = f"measured {size}, over the budget of {limit}"
+        print(f"densefuse plan: {what}: {found}", file=sys.stderr)
     return 1 if failed else 0
 
 

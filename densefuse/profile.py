@@ -599,8 +599,10 @@ class MemoryModel:
         """Largest multiple of ``multiple`` whose cube at ``batch`` fits ``budget`` bytes; 0 when none."""
         room = (budget - self.intercept_bytes) / (self.bytes_per_voxel * batch)
         patch = math.floor(max(room, 0) ** (1 / 3) / multiple) * multiple
-        for _ in range(3):  # the float cube root is a step off at most (bounded: at a huge budget a
-            if self.predict(batch, patch + multiple) > budget:  # step changes no float prediction)
+        # The float cube root is a step off at most. The loops are bounded: at a huge budget one step
+        # changes no float prediction, and an unbounded loop would never end.
+        for _ in range(3):
+            if self.predict(batch, patch + multiple) > budget:
                 break
             patch += multiple
         for _ in range(3):
