@@ -178,3 +178,25 @@ def test_checkpoint_network_backward_twice_through_a_retained_graph():
     first = net.stem[0].weight.grad.clone()
     loss.backward()
     torch.testing.assert_close(net.stem[0].weight.grad, 2 * first)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_switched_to_eval_before_backward(rng, implementation):
+    """model.eval() between forward and backward: the recomputations (checkpoint's dense layers, fused's
+    transitions and head) run in the forward's training mode (batch statistics, the same dropout
+    masks), so the gradients are those of the same step without the switch."""
+    x = torch.randn(2, 2, 16, 16, 16, generator=rng)
+    state = FCDenseNet3d(in_channels=2, dropout=0.3, **TINY).state_dict()
+    grads = []
+    for switch in (False, True):
+        net = FCDenseNet3d(in_channels=2, dropout=0.3, implementation=implementation, **TINY)
+        net.load_state_dict(state)
+        torch.manual_seed(7)  # the same dropout masks
+        y = net(x)
+        if switch:
+            net.eval()
+        y.square().mean().backward()
+        assert net.training != switch and all(m.training != switch for m in net.modules())
+        grads.append({n: p.grad for n, p in net.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=0, atol=0, msg=name)

@@ -26,7 +26,7 @@ import contextlib
 import itertools
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -60,6 +60,26 @@ class _Recomputing:
 
 def _checkpoint_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
     return contextlib.nullcontext(), _Recomputing()
+
+
+def _recompute_as_forward(module: nn.Module, fn: Callable[..., Tensor], *inputs: Tensor) -> Tensor:
+    """fn(*inputs) keeping only the inputs for backward (torch's checkpoint), where it runs again with
+    ``module``'s submodules in the training modes they had in the forward (the module may be switched
+    to eval before backward: BatchNorm must recompute with batch statistics) and with BatchNorm's
+    running statistics left alone (_Recomputing)."""
+    modes = [(m, m.training) for m in module.modules()]
+
+    def run(*args: Tensor) -> Tensor:
+        now = [m.training for m, _ in modes]
+        for m, mode in modes:
+            m.training = mode
+        try:
+            return fn(*args)
+        finally:
+            for (m, _), mode in zip(modes, now):
+                m.training = mode
+
+    return checkpoint(run, *inputs, use_reentrant=False, context_fn=_checkpoint_contexts)
 
 
 def _norm_relu(norm: _BatchNorm, x: Tensor) -> Tensor:
@@ -238,7 +258,7 @@ class DenseBlock3d(nn.Module):
                 return layer.head(torch.cat(feats, dim=1))
 
             if needs_grad:
-                h = checkpoint(head, *features, use_reentrant=False, context_fn=_checkpoint_contexts)
+                h = _recompute_as_forward(layer, head, *features)
             else:
                 h = head(*features)
             features.append(layer.tail(h))

@@ -26,13 +26,12 @@ activation of the network. Dropout masks are the forward's; running statistics a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
-from densefuse.nn.dense import DenseBlock3d, _check_eps, _checkpoint_contexts, _norm_relu
+from densefuse.nn.dense import DenseBlock3d, _check_eps, _norm_relu, _recompute_as_forward
 
 
 def _is_int(value: object) -> bool:
@@ -234,7 +233,7 @@ def _call(module: nn.Module, x: Tensor) -> Tensor:
     return module(x)
 
 
-def _recomputed(module: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+def _recomputed(module: nn.Module, x: Tensor) -> Tensor:
     """module(x) keeping only x for backward, where the activations inside are recomputed (same
-    dropout masks; BatchNorm running statistics are updated in the forward only)."""
-    return checkpoint(module, x, use_reentrant=False, context_fn=_checkpoint_contexts)
+    dropout masks and training modes; BatchNorm running statistics are updated in the forward only)."""
+    return _recompute_as_forward(module, module, x)
