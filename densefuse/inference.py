@@ -75,6 +75,18 @@ def _check_roi(roi_size: object, size: Sequence[int], none_means_full: bool) -> 
     return tuple(roi)
 
 
+def _check_model_multiple(roi: Sequence[int], model: object, name: str) -> None:
+    """Windows of sizes a model says it takes: one with a size_multiple (FCDenseNet3d) needs roi_size
+    multiples of it (its own error would name the window as its input)."""
+    multiple = _validate.as_int(getattr(model, "size_multiple", None))
+    if multiple and any(r % multiple for r in roi):
+        fitted = tuple(-(-r // multiple) * multiple for r in roi)
+        raise ValueError(
+            f"roi_size: {tuple(roi)} must be a multiple of the {name}'s size_multiple ({multiple}) in "
+            f"every dimension, e.g. {fitted}"
+        )
+
+
 def _per_axis(name: str, value: object, dims: int) -> tuple:
     values = _validate.values(value)
     values = (value,) * dims if values is None else tuple(values)
@@ -515,6 +527,7 @@ def sliding_window_inference(
             "pass one 1-D weight vector per axis as mode"
         )
     roi = _check_roi(roi_size, inputs.shape[2:], none_means_full=True)
+    _check_model_multiple(roi, predictor, "predictor")
     overlap = _check_overlap(overlap, dims)
     sw_batch_size = _check_positive_int("sw_batch_size", sw_batch_size)
     padding_mode = _check_choice("padding_mode", padding_mode, PAD_MODES)
@@ -763,6 +776,7 @@ class SlidingWindowPredictor:
             raise TypeError(f"model: expected a callable, got {type(model).__name__}")
         self.model = model
         self.roi = _check_roi(roi_size, (0, 0, 0), none_means_full=False)
+        _check_model_multiple(self.roi, model, "model")
         self.overlap = _check_overlap(overlap, 3)
         with torch.inference_mode(False):  # made in inference mode, they would have no version counter
             self.weights = windows.separable_window(

@@ -60,6 +60,8 @@ def test_input_checks():
         net(torch.zeros(1, 3, 16, 16, 16))
     with pytest.raises(ValueError, match="input"):
         net(torch.zeros(4, 16, 16, 16))
+    with pytest.raises(TypeError, match="input: expected a float tensor"):
+        net(torch.zeros(1, 4, 16, 16, 16, dtype=torch.uint16))
 
 
 @pytest.mark.parametrize(

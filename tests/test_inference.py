@@ -20,6 +20,7 @@ from monai.inferers import sliding_window_inference as monai_swi
 import densefuse
 from densefuse import inference, windows
 from densefuse.inference import SlidingWindowPredictor, read_window, sliding_window_inference
+from densefuse.nn import FCDenseNet3d
 from densefuse.ops import patch_fuse
 
 # The Triton kernels run here only under the interpreter (slow: ~1.5 ms per jitted helper call); they
@@ -1105,3 +1106,17 @@ def test_predictor_refuses_weights_whose_product_overflows(rng):
     big = [torch.full((4,), 1e15, dtype=torch.float64)] * 3
     with pytest.raises(ValueError, match=r"window: the 3-D weights overflow torch\.float32"):
         SlidingWindowPredictor(lambda t: t, 4, window=big, activation="none")(torch.rand(1, 1, 8, 8, 8))
+
+
+def test_roi_size_must_suit_a_model_with_a_size_multiple():
+    """FCDenseNet3d takes multiples of its size_multiple: a roi_size that is not one is named as such,
+    not as the model's input."""
+    net = FCDenseNet3d(in_channels=1, growth_rate=2, num_down_blocks=2, layers_per_block=1, stem_channels=4)
+    message = (
+        r"roi_size: \(20, 20, 20\) must be a multiple of the model's size_multiple \(8\).*\(24, 24, 24\)"
+    )
+    with pytest.raises(ValueError, match=message):
+        SlidingWindowPredictor(net, 20)
+    with pytest.raises(ValueError, match="multiple of the predictor's size_multiple"):
+        sliding_window_inference(torch.zeros(1, 1, 30, 30, 30), 20, 2, net)
+    assert SlidingWindowPredictor(net, 16).roi == (16, 16, 16)
