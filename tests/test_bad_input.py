@@ -309,6 +309,7 @@ def test_fbeta_nonpositive_beta(beta):
 BAD_NUMBERS = [  # (module, argument, value): strings, NaN, out of range, the wrong shape
     (dn.FocalLoss, "alpha", "0.25"),
     (dn.FocalLoss, "alpha", 1.5),
+    (dn.FocalLoss, "alpha", 1.0000001),  # just past the bound (1.0 itself is taken: see below)
     (dn.FocalLoss, "alpha", [[0.1, 0.2]]),
     (dn.FocalLoss, "alpha", [0.2, float("nan")]),
     (dn.FocalLoss, "alpha", [0.2, -0.1]),
@@ -328,6 +329,11 @@ BAD_NUMBERS = [  # (module, argument, value): strings, NaN, out of range, the wr
 def test_bad_numbers_name_their_argument(module, name, value):
     with pytest.raises(ValueError, match=rf"^{name}: expected a"):
         module(**{name: value})
+
+
+def test_numbers_on_their_bounds_are_taken():
+    assert dn.FocalLoss(alpha=1.0).alpha == 1.0 and dn.FocalLoss(alpha=0.0).alpha == 0.0
+    assert dn.TverskyLoss(alpha=0.0, beta=0.0, smooth_nr=0.0).alpha == 0.0
 
 
 def test_numbers_may_be_numpy_scalars_and_0d_tensors():

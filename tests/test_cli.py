@@ -107,6 +107,12 @@ def test_plan_from_profile(profile_json, synthetic, capsys, tmp_path):
     assert cli.main([*argv, "--batch", "3", "--out", str(out)]) == 0
     plans = {p["implementation"]: p for p in json.loads(out.read_text())["plans"]}
     assert plans["naive"]["patch"] == 32 and plans["fused"]["patch"] == 48
+    argv[-1] = "0.5"  # --headroom: half the memory is the budget
+    assert cli.main([*argv, "--patch", "32", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    plans = {p["implementation"]: p for p in doc["plans"]}
+    assert doc["budget_bytes"] == pytest.approx(0.5 * budget)
+    assert plans["fused"]["batch"] == int((0.5 * budget - 1e8) / (1000 * 32**3))
 
 
 PLAN_FUSED_BF16 = [
@@ -161,7 +167,7 @@ def test_plan_nothing_fits(synthetic, capsys):
         (["info", "--verbose"], "unrecognized arguments: --verbose"),
     ],
 )
-def test_bad_arguments(capsys, argv, message):
+def test_bad_arguments(capsys, synthetic, argv, message):  # synthetic: a regression fails, not measures
     assert message in run_error(capsys, argv)
 
 

@@ -87,8 +87,7 @@ def test_scatter_float32_accumulator(backend, shape, rng):
     batch, channels, size, roi = shape
     win, starts, weights = random_case(rng, batch, channels, size, roi, count=20, dtype=torch.float32)
     acc = torch.zeros(batch, channels, *size)
-    expected = torch.zeros(batch, channels, *size, dtype=torch.float64)
-    reference.patch_scatter(expected, win.double(), starts, *weights, 0.0)
+    expected = naive_scatter(acc.shape, win, starts, weights, 0.0)
     patch_scatter(acc, win, starts, *weights)
     torch.testing.assert_close(acc, expected.float(), rtol=1e-5, atol=1e-5)
 
@@ -336,23 +335,24 @@ def test_a_single_volume_takes_no_batch_axis(backend, rng):
 PAD_MODES = list(reference.PAD_MODES)
 
 
+NUMPY_PAD = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}  # numpy.pad's names
+
+
 def naive_extract(volume, starts, roi, mode, cval):
-    """Window by window through torch.nn.functional.pad of the whole volume (float64 for the padding
-    modes torch has for 3-D volumes), cropped at the start."""
+    """Window by window from the whole volume padded by torch.nn.functional.pad (constant) or
+    numpy.pad (the other modes, in float64: it also pads past an axis's length, reflecting again and
+    again), cropped at the start. Independent of densefuse.reference's index arithmetic."""
     out = []
     for b, *start in starts.tolist():
         before = [max(-s, 0) for s in start]
         after = [max(s + r - n, 0) for s, r, n in zip(start, roi, volume.shape[2:])]
-        pad = [p for axis in reversed(range(3)) for p in (before[axis], after[axis])]
-        padded = volume[b : b + 1].double()
         if mode == "constant":
+            pad = [p for axis in reversed(range(3)) for p in (before[axis], after[axis])]
             padded = torch.nn.functional.pad(volume[b : b + 1], pad, value=cval)
-        else:  # torch's reflect needs pads < size: pad by index (the modes' definitions) instead
-            for axis in range(3):
-                n, lo, hi = volume.shape[axis + 2], before[axis], after[axis]
-                index = reference.pad_index(-lo, n + lo + hi, n, reference.PAD_MODES[mode])
-                padded = padded.index_select(axis + 2, index)
-            padded = padded.to(volume.dtype)
+        else:
+            widths = [(0, 0), (0, 0), *zip(before, after)]
+            array = np.pad(volume[b : b + 1].double().numpy(), widths, mode=NUMPY_PAD[mode])
+            padded = torch.from_numpy(array).to(volume.dtype)
         corner = [s + lo for s, lo in zip(start, before)]
         out.append(padded[(0, slice(None), *(slice(c, c + r) for c, r in zip(corner, roi)))])
     return torch.stack(out)

@@ -84,8 +84,9 @@ def test_constant_window_and_floor():
     vectors = windows.separable_window("constant", (3, 4, 5))
     assert all(torch.equal(w, torch.ones(n, dtype=torch.float64)) for w, n in zip(vectors, (3, 4, 5)))
     assert windows.monai_floor(vectors) == 1.0
+    ours = torch.einsum("i,j,k->ijk", *vectors).clamp(min=windows.monai_floor(vectors))
     theirs = compute_importance_map((3, 4, 5), mode="constant", dtype=torch.float64)
-    assert torch.equal(theirs, torch.ones(3, 4, 5, dtype=torch.float64))
+    assert torch.equal(ours, theirs)
 
 
 def test_user_vectors_are_checked():
@@ -97,6 +98,8 @@ def test_user_vectors_are_checked():
         windows.separable_window([torch.tensor([1.0, float("nan")]), torch.ones(3), torch.ones(4)], (2, 3, 4))
     with pytest.raises(ValueError, match=r"mode\[2\]: expected finite weights >= 0, not all zero"):
         windows.separable_window([torch.ones(2), torch.ones(3), torch.zeros(4)], (2, 3, 4))
+    with pytest.raises(ValueError, match=r"mode\[1\]: expected finite weights >= 0"):
+        windows.separable_window([torch.ones(2), torch.tensor([1.0, -1.0, 1.0]), torch.ones(4)], (2, 3, 4))
     with pytest.raises(ValueError, match="mode: expected 3 1-D weight vectors"):
         windows.separable_window([torch.ones(2)], (2, 3, 4))
 
