@@ -812,6 +812,9 @@ def patch_extract(
     if out.numel() == 0:
         return
     _check_extents(list(volume.shape[2:]), roi)
+    if mode == 1:  # _pad_index's reflect period 2 (size - 1) is an int32 too
+        for name, size in zip("DHW", volume.shape[2:]):
+            _check_int32(f"volume: reflect period 2 (size {name} - 1)", 2 * (size - 1))
     _check_int32("out: voxels per window", roi[0] * roi[1] * roi[2])
     block_r, block_x, num_warps = _tile(roi[0] * roi[1], roi[2], out.device, out.dtype, "scatter")
     tiles_r = triton.cdiv(roi[0] * roi[1], block_r)

@@ -246,6 +246,9 @@ def test_offsets_that_do_not_fit_int32_are_clear_errors():
     grid = [torch.zeros(1, dtype=torch.int64, **meta)] * 3
     with pytest.raises(ValueError, match="acc: size W plus the window size"):
         kp.patch_finalize(wide, *grid, one, one, torch.ones(2, **meta), 0.0, 0, 0, 0.5)
+    long = torch.empty(1, 1, 1, 1, 2**30 + 1, **meta)  # reflect's period 2 (W - 1) = 2**31
+    with pytest.raises(ValueError, match=r"volume: reflect period 2 \(size W - 1\)"):
+        kp.patch_extract(torch.empty(1, 1, 1, 1, 4, **meta), long, starts, 1, 0.0)
 
 
 @pytest.mark.parametrize("kind", ["scatter", "gather", "finalize"])
