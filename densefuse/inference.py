@@ -801,11 +801,10 @@ class SlidingWindowPredictor:
 
     def _weights_on(self, device: torch.device) -> tuple[list[Tensor], float, list[Tensor]]:
         """(self.weights checked and moved to ``device`` in float32, the floor they give, their float32
-        values on the CPU for _check_coverage), made again
-        only when the placement (_placement: the device and its current stream) or the weights
-        (reassigned, or changed in place) differ from the last call's. The floor's default
-        follows weights changed in place: 0 with reflect padding, MONAI's max(min weight, 1e-3) with
-        constant padding."""
+        values on the CPU for _check_coverage), made again only when the placement (_placement: the
+        device and its current stream), the weights (reassigned, or changed in place), floor or
+        padding differ from the last call's. The floor's default follows the weights: 0 with reflect
+        padding, MONAI's max(min weight, 1e-3) with constant padding."""
         # inference tensors (weights assigned in inference mode) have no version counter: moved again
         versions = tuple(None if w.is_inference() else w._version for w in self.weights)
         versions += (self.floor, self.padding)  # the floor follows them too
