@@ -177,6 +177,16 @@ def test_identity_predictor_returns_the_input(backend, mode, rng):
         torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-6)
 
 
+def test_a_predictor_returning_its_input_leaves_the_inputs_alone(backend, rng):
+    """At sw_batch_size 1 MONAI hands the predictor a view of the inputs and weights its output in
+    place, so an identity predictor overwrites the inputs there; densefuse's windows are copies."""
+    x = torch.randn(1, 2, 13, 8, 11, generator=rng)
+    before = x.clone()
+    y = sliding_window_inference(x, (6, 5, 4), 1, lambda t: t, 0.5, "gaussian")
+    assert torch.equal(x, before)
+    torch.testing.assert_close(y, x, rtol=1e-6, atol=1e-6)
+
+
 def test_window_batches_a_predictor_keeps_are_never_overwritten(rng):
     """The batch of windows is reused for the next step only when nothing holds it any more."""
     x = torch.randn(1, 2, 11, 9, 10, generator=rng)

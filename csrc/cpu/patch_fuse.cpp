@@ -85,9 +85,9 @@ void visit_window(DType dtype, F&& f) {
 template <class S>
 using Wide = std::conditional_t<std::is_same_v<S, double>, double, float>;
 
-// fn(item, scratch) for every item in [0, items) on up to `threads` threads. Threads take the next item
-// from a shared counter (dynamic scheduling: a preempted or slower thread delays nobody); each owns one
-// Scratch. One worker runs in the calling thread (waking a pool thread costs more than a small call).
+// fn(item, scratch) for every item in [0, items) on up to `threads` threads, each owning one Scratch
+// and one contiguous run of items. One worker runs in the calling thread (waking a pool thread costs
+// more than a small call).
 template <class Scratch, class Fn>
 void parallel_items(int64_t items, int64_t threads, Fn&& fn) {
   const int64_t workers = std::min<int64_t>(threads, items);
@@ -96,10 +96,9 @@ void parallel_items(int64_t items, int64_t threads, Fn&& fn) {
     for (int64_t item = 0; item < items; ++item) fn(item, scratch);
     return;
   }
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
     Scratch scratch;
-    for (int64_t item = next++; item < items; item = next++) fn(item, scratch);
+    for (int64_t item = items * w0 / workers; item < items * w1 / workers; ++item) fn(item, scratch);
   });
 }
 
