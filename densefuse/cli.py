@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import importlib.util
 import json
 import os
-import runpy
 import sys
 from pathlib import Path
 
@@ -56,9 +56,12 @@ def _bench(args: list[str]) -> int:
     if not script.exists():
         print("densefuse bench: needs a source checkout (benchmarks/report.py not found)", file=sys.stderr)
         return 2
-    sys.argv = [str(script), *args]
     sys.path.insert(0, str(script.parent))  # as `python benchmarks/report.py` would: loss_providers beside it
-    runpy.run_path(str(script), run_name="__main__")
+    spec = importlib.util.spec_from_file_location("densefuse_bench_report", script)
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    sys.argv = ["densefuse bench", *args]  # argparse's prog: its usage and errors name this command
+    report.main(args)
     return 0
 
 

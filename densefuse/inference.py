@@ -318,22 +318,6 @@ def _nonfinite_source(
     return source
 
 
-def _check_cval(cval: object, dtype: torch.dtype) -> float:
-    """cval as a float that a ``dtype`` volume's padding can hold: within the dtype's range (integer
-    and bool volumes take it converted as torch's padding converts it)."""
-    value = _validate.as_real(cval)
-    if value is None:
-        raise TypeError(f"cval: expected a number, got {type(cval).__name__}")
-    if dtype.is_floating_point or dtype.is_complex:
-        if math.isfinite(value) and abs(value) > torch.finfo(dtype).max:
-            raise ValueError(f"cval: {cval!r} overflows the volume's dtype {dtype}")
-        return value
-    low, high = (0, 1) if dtype == torch.bool else (torch.iinfo(dtype).min, torch.iinfo(dtype).max)
-    if not low <= value <= high:
-        raise ValueError(f"cval: expected a number in [{low}, {high}] for {dtype} inputs, got {cval!r}")
-    return value
-
-
 def _check_coverage(
     size: Sequence[int], grid: Sequence[Sequence[int]], weights: Sequence[Tensor], floor: float
 ) -> None:
@@ -537,8 +521,8 @@ def sliding_window_inference(
             raise ValueError(f"buffer_steps: expected an integer or None, got {buffer_steps!r}")
         if steps_count > 0 and (dim is None or not -dims <= dim <= dims):
             raise ValueError(f"buffer_dim: expected a value in [{-dims}, {dims}], got {buffer_dim!r}")
-    device = torch.device(device) if device is not None else inputs.device
-    sw_device = torch.device(sw_device) if sw_device is not None else inputs.device
+    device = _validate.check_device("device", device) if device is not None else inputs.device
+    sw_device = _validate.check_device("sw_device", sw_device) if sw_device is not None else inputs.device
     condition = kwargs.pop("condition", None)
     if condition is not None:
         condition = _check_volume("condition", condition, (dims,))
@@ -547,7 +531,7 @@ def sliding_window_inference(
                 f"condition: expected [>= {inputs.shape[0]}, C, {', '.join(map(str, inputs.shape[2:]))}] "
                 f"like inputs, got {tuple(condition.shape)}"
             )
-    cval = _check_cval(cval, inputs.dtype)
+    cval = _validate.check_cval(cval, inputs.dtype)
 
     # Lift to 3-D with leading singleton axes: the fusion ops are 3-D.
     batch, _, *size = inputs.shape
@@ -783,7 +767,7 @@ class SlidingWindowPredictor:
                 window, self.roi, order=order, sigma_scale=_reals(sigma_scale), name="window"
             )
         self.padding = _check_choice("padding", padding, ("reflect", "constant"))
-        self.cval = _check_cval(cval, torch.float64)  # and again for each image's dtype
+        self.cval = _validate.check_cval(cval, torch.float64)  # and again for each image's dtype
         self.floor = None if floor is None else _validate.check_number("floor", floor)
         self.sw_batch_size = _check_positive_int("sw_batch_size", sw_batch_size)
         self.tta = _check_tta(tta)
@@ -791,8 +775,9 @@ class SlidingWindowPredictor:
         self.soft_voting = bool(soft_voting)
         self.output = _check_choice("output", output, OUTPUTS)
         self.threshold = _validate.check_number("threshold", threshold, -math.inf)
-        self.model_device = None if model_device is None else torch.device(model_device)
-        self.device = None if device is None else torch.device(device)
+        check_device = _validate.check_device
+        self.model_device = None if model_device is None else check_device("model_device", model_device)
+        self.device = None if device is None else check_device("device", device)
         if memory_budget is not None:
             _check_positive_int("memory_budget", memory_budget)
         self.memory_budget = memory_budget
@@ -863,7 +848,7 @@ class SlidingWindowPredictor:
         """Prediction for image [B, C_in, D, H, W]: see the class docstring for the output."""
         image = _check_volume("image", image, (3,))
         if self.padding == "constant":  # reflect padding never reads cval
-            _check_cval(self.cval, image.dtype)
+            _validate.check_cval(self.cval, image.dtype)
         batch, _, *size = image.shape
         device = self.device or image.device
         model_device = self.model_device or image.device

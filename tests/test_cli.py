@@ -214,7 +214,7 @@ def test_bench_runs_the_report_script(monkeypatch, capsys):
     monkeypatch.setattr(sys, "path", list(sys.path))
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["bench", "--help"])
-    assert exit_info.value.code == 0 and "usage: report.py" in capsys.readouterr().out
+    assert exit_info.value.code == 0 and "usage: densefuse bench" in capsys.readouterr().out
 
 
 def test_profile_memory_output_paths(synthetic, capsys, tmp_path):

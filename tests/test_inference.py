@@ -471,6 +471,20 @@ def test_bad_input(change, error, message):
         sliding_window_inference(**args)
 
 
+@pytest.mark.parametrize("device", ["bogus", *([] if torch.cuda.is_available() else ["cuda"])])
+@pytest.mark.parametrize("name", ["device", "sw_device"])
+def test_a_device_that_cannot_be_used_is_named(name, device):
+    with pytest.raises(ValueError, match=f"{name}: cannot allocate on device '{device}' here"):
+        sliding_window_inference(torch.ones(1, 1, 6, 6, 6), 4, 2, _net, **{name: device})
+
+
+@pytest.mark.parametrize("device", ["bogus", *([] if torch.cuda.is_available() else ["cuda"])])
+@pytest.mark.parametrize("name", ["device", "model_device"])
+def test_the_predictor_names_a_device_it_cannot_use(name, device):
+    with pytest.raises(ValueError, match=f"{name}: cannot allocate on device '{device}' here"):
+        SlidingWindowPredictor(_net, 4, **{name: device})
+
+
 def test_numpy_scalars_are_accepted_as_monai_accepts_them():
     x = torch.randn(1, 1, 9, 8, 7)
     expected = sliding_window_inference(x, (4, 4, 4), 2, _net, 0.5, "gaussian")

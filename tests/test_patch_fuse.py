@@ -260,6 +260,7 @@ def test_bad_scatter_input(backend, deterministic, mutate, error, message):
 
 BAD_FINALIZE = [
     (dict(starts_z=[0.5]), ValueError, "starts_z: expected a 1-D sequence of integer"),
+    (dict(starts_y=[0, True]), ValueError, "starts_y: expected a 1-D sequence of integer"),
     (dict(starts_x=torch.zeros(2, 2, dtype=torch.int64)), ValueError, "starts_x: expected a 1-D"),
     (dict(wy=torch.ones(2, 2)), ValueError, "wy: expected a 1-D vector of length >= 1"),
     (dict(wz=torch.tensor([0.5, -0.5])), ValueError, "wz: expected finite weights >= 0, found 1 negative"),
@@ -599,6 +600,16 @@ def test_bad_batch_scatter_arguments(args, error, message):
     weights, floor, dtype = args
     with pytest.raises(error, match=message):
         pf.BatchScatter(*weights, floor, dtype, "cpu")
+
+
+UNUSABLE_DEVICES = ["bogus", "cpu:x", *([] if torch.cuda.is_available() else ["cuda"])]
+
+
+@pytest.mark.parametrize("device", UNUSABLE_DEVICES)
+@pytest.mark.parametrize("make", [pf.BatchScatter, pf.Finalizer])
+def test_batch_objects_name_a_device_they_cannot_use(make, device):
+    with pytest.raises(ValueError, match=f"device: cannot allocate on device '{device}' here"):
+        make(*[torch.ones(3)] * 3, 0.0, torch.float32, device)
 
 
 @pytest.mark.parametrize("floor", [0.0, 0.3])

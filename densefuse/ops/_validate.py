@@ -27,6 +27,18 @@ def check_tensor(name: str, value: object) -> torch.Tensor:
     return value
 
 
+def check_device(name: str, device: object) -> torch.device:
+    """``device`` (a torch.device, string or index) as a torch.device that this process can allocate
+    on; otherwise a ValueError naming ``name`` (torch's own errors here are an AssertionError for a
+    build without CUDA, a RuntimeError for an unknown name or index)."""
+    try:
+        device = torch.device(device)
+        torch.empty(0, device=device)
+    except (AssertionError, RuntimeError, TypeError, NotImplementedError) as error:
+        raise ValueError(f"{name}: cannot allocate on device {str(device)!r} here: {error}") from None
+    return device
+
+
 def check_logits(logits: object) -> torch.Tensor:
     """logits: floating tensor [B, C, *spatial] with at least one spatial dim and no empty dim."""
     logits = check_tensor("logits", logits)
@@ -197,3 +209,19 @@ def raise_on_flags(flags: torch.Tensor, num_classes: int) -> None:
         raise ValueError(f"logits: contains {bad_logits} NaN/Inf values")
     if bad_targets:
         raise ValueError(f"target: contains {bad_targets} NaN/Inf values")
+
+
+def check_cval(cval: object, dtype: torch.dtype) -> float:
+    """cval as a float that a ``dtype`` volume's padding can hold: within the dtype's range (integer
+    and bool volumes take it converted as torch's padding converts it)."""
+    value = as_real(cval)
+    if value is None:
+        raise TypeError(f"cval: expected a number, got {type(cval).__name__}")
+    if dtype.is_floating_point or dtype.is_complex:
+        if math.isfinite(value) and abs(value) > torch.finfo(dtype).max:
+            raise ValueError(f"cval: {cval!r} overflows the volume's dtype {dtype}")
+        return value
+    low, high = (0, 1) if dtype == torch.bool else (torch.iinfo(dtype).min, torch.iinfo(dtype).max)
+    if not low <= value <= high:
+        raise ValueError(f"cval: expected a number in [{low}, {high}] for {dtype} inputs, got {cval!r}")
+    return value

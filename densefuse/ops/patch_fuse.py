@@ -276,6 +276,8 @@ def _check_axis_starts(name: str, starts: object, acc: Tensor) -> Tensor:
 
     if not isinstance(starts, Tensor):
         try:
+            if any(isinstance(s, bool) for s in starts):  # operator.index(True) is 1
+                raise error()
             starts = torch.tensor([operator.index(s) for s in starts], dtype=torch.int64)
         except TypeError:
             raise error() from None
@@ -491,11 +493,7 @@ def _check_extract(
         raise ValueError(f"roi: expected three integers >= 1 (rz, ry, rx), got {roi!r}")
     if mode not in reference.PAD_MODES:
         raise ValueError(f"mode: expected one of {tuple(reference.PAD_MODES)}, got {mode!r}")
-    value = _validate.as_real(cval)
-    if value is None:
-        raise TypeError(f"cval: expected a number, got {type(cval).__name__}")
-    if math.isfinite(value) and abs(value) > torch.finfo(volume.dtype).max:
-        raise ValueError(f"cval: {cval!r} overflows the volume's dtype {volume.dtype}")
+    _validate.check_cval(cval, volume.dtype)
     return volume, sizes
 
 
@@ -587,7 +585,7 @@ def _prepared_weights(
     for the objects below, which check them once for many calls."""
     if dtype not in ACC_DTYPES:
         raise TypeError(f"dtype: expected float32/float64 for the accumulator, got {dtype}")
-    like = torch.empty(0, dtype=dtype, device=device)
+    like = torch.empty(0, dtype=dtype, device=_validate.check_device("device", device))
     weights = _check_weights(vectors, None, like, True, checked)
     return weights, _validate.check_number("floor", floor), like.device
 
