@@ -7,6 +7,9 @@ fixed volume, with MONAI's arguments (roi, sw_batch_size, overlap 0.5, mode "gau
     densefuse-<backend>-deterministic   the same under torch.use_deterministic_algorithms(True), which
                          selects the output-stationary gather (case "fusion" only)
     monai                monai.inferers.sliding_window_inference with the same arguments
+    monai-weight-map     the same, given its window's importance map (roi_weight_map, made once by
+                         MONAI's compute_importance_map), which MONAI otherwise makes on every call
+                         (case "fusion" only)
 
 Cases: "fusion" runs an identity predictor (``contiguous_window``: its input, made contiguous), so the
 fusion machinery is all that is timed (window extraction, weights, scatter, normalisation), with
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -182,10 +186,17 @@ def setup_densefuse(backend: str, case: Case, inputs: Inputs, deterministic: boo
     return in_backend
 
 
-def setup_monai(case: Case, inputs: Inputs) -> Step:
+def setup_monai(case: Case, inputs: Inputs, weight_map: bool = False) -> Step:
     from monai.inferers import sliding_window_inference
 
-    step = _sliding_window(sliding_window_inference, case, inputs)
+    function = sliding_window_inference
+    if weight_map:
+        from monai.data.utils import compute_importance_map
+
+        roi = (case.roi,) * (len(case.shape) - 2)
+        importance = compute_importance_map(roi, mode=case.mode, device=inputs.volume.device)
+        function = functools.partial(sliding_window_inference, roi_weight_map=importance)
+    step = _sliding_window(function, case, inputs)
     if case.kind != "argmax":
         return step
 
@@ -199,7 +210,7 @@ def setup_monai(case: Case, inputs: Inputs) -> Step:
 def providers(device_type: str, case: Case | None = None) -> list[str]:
     """densefuse on every backend with fusion kernels on ``device_type`` (not the Triton interpreter
     on CPU; not the torch reference for case "argmax"), in deterministic mode too for case "fusion",
-    and MONAI."""
+    and MONAI (for case "fusion" also given its importance map)."""
     backends = patch_fuse.implemented_backends(device_type)
     if device_type == "cpu" and "triton" in backends:  # the interpreter (TRITON_INTERPRET=1) is a test aid
         backends.remove("triton")
@@ -208,6 +219,7 @@ def providers(device_type: str, case: Case | None = None) -> list[str]:
     names = [f"densefuse-{b}" for b in backends]
     if case is not None and case.kind == "fusion":
         names += [f"densefuse-{b}-deterministic" for b in backends if b != "torch"]
+        return [*names, "monai", "monai-weight-map"]
     return [*names, "monai"]
 
 
@@ -217,9 +229,9 @@ def setup(provider: str, case: Case, inputs: Inputs) -> Step:
         backend = provider.removeprefix("densefuse-")
         deterministic = backend.endswith("-deterministic")
         return setup_densefuse(backend.removesuffix("-deterministic"), case, inputs, deterministic)
-    if provider == "monai":
-        return setup_monai(case, inputs)
-    expected = "densefuse-<backend>[-deterministic] or monai"
+    if provider in ("monai", "monai-weight-map"):
+        return setup_monai(case, inputs, weight_map=provider == "monai-weight-map")
+    expected = "densefuse-<backend>[-deterministic], monai or monai-weight-map"
     raise ValueError(f"provider: expected one of {expected}, got {provider!r}")
 
 
@@ -256,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=30, help="interleaved rounds per case")
     kinds = ("fusion", "host", "model", "argmax")
     parser.add_argument("--kind", choices=kinds, help="only this kind of case")
-    parser.add_argument("--providers", help="comma-separated subset of the providers (monai is always run)")
+    parser.add_argument("--providers", help="comma-separated subset of the providers (MONAI always runs)")
     parser.add_argument("--out", type=Path, help="JSON file (default: results/fusion-<device>-<date>.json)")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -269,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
         inputs = make_inputs(case, device)
         names = providers(device, case)
         if args.providers is not None:
-            names = [n for n in names if n in args.providers.split(",") or n == "monai"]
+            names = [n for n in names if n in args.providers.split(",") or n.startswith("monai")]
         steps = {name: synchronized(setup(name, case, inputs), device) for name in names}
         timings = report.interleaved_ms(steps, args.reps)
         monai_ms = timings["monai"]["median_ms"]
