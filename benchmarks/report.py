@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 import densefuse
-from densefuse.profile import write_json
+from densefuse.profile import git_commit, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUANTILES = (50, 20, 80)
@@ -89,6 +89,7 @@ def versions() -> dict:
         "triton": triton_version,
         "monai": monai_version,
         "densefuse": densefuse.__version__,
+        "densefuse_git": git_commit(),  # "<sha>[-dirty]" of the source checkout the numbers come from
         "densefuse_backends": densefuse.available_backends(),
     }
 

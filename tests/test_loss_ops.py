@@ -288,6 +288,32 @@ def test_forward_is_deterministic(backend, rng):
     assert torch.equal(first, second) and torch.equal(focal_first, focal_second)
 
 
+@pytest.mark.skipif("cpp" not in cpu_backends(), reason="needs the C++ extension")
+@pytest.mark.parametrize(
+    ("classes", "activation", "dtype"), [(1, "sigmoid", torch.float32), (3, "softmax", torch.float64)]
+)
+def test_cpp_losses_are_the_same_on_any_thread_count(classes, activation, dtype, rng):
+    """Stats, flags and dL/dlogits for 1, 2 and 3 threads, bit for bit: the fused single-class kernel
+    and the blocked one, over enough chunks of voxels to split among the threads."""
+    logits = make_logits(rng, 2, classes, (40, 48, 56), dtype, "contiguous")
+    target = make_target(rng, "labels", 2, classes, (40, 48, 56))
+    weights = torch.randn(2, classes, 3, generator=rng, dtype=dtype)
+    results, previous = [], torch.get_num_threads()
+    for count in (1, 2, 3):
+        torch.set_num_threads(count)
+        try:
+            x = logits.clone().requires_grad_(True)
+            with densefuse.use_backend("cpp"):
+                stats = overlap_stats(x, target, activation, None)
+                focal = focal_stats(x, target, activation, 2.0, None, None, None)
+                ((stats * weights).sum() + focal.sum()).backward()
+        finally:
+            torch.set_num_threads(previous)
+        results.append((stats.detach(), focal.detach(), x.grad))
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
 def test_torch_compile_fullgraph(compile_backend, rng):
     from densefuse.nn import FocalLoss, TverskyLoss

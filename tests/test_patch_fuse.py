@@ -788,6 +788,28 @@ def test_cpp_extract_is_the_same_on_any_thread_count(mode, rng):
 
 
 @requires_cpp
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_cpp_scatter_is_the_same_on_any_thread_count(deterministic, rng):
+    """Planes crossed by 1 to 16 windows, split over 1, 2 and 3 threads at equal shares of the values
+    added: every plane added once, in window order (the reference's bits and flags)."""
+    acc = torch.randn(2, 2, 24, 30, 36, generator=rng, dtype=torch.float64)
+    roi = (10, 24, 30)
+    starts = random_starts(rng, 16, 2, acc.shape[2:], roi, reach=6)
+    windows = torch.randn(16, 2, *roi, generator=rng, dtype=torch.float64)
+    weights = [torch.rand(r, generator=rng, dtype=torch.float64) for r in roi]
+    reference_op = reference.patch_gather if deterministic else reference.patch_scatter
+    op = pf.patch_gather_op if deterministic else pf.patch_scatter_op
+    expected = acc.clone()
+    expected_flags = reference_op(expected, windows, starts, *weights, 0.1)
+    for count in (1, 2, 3):
+        out = acc.clone()
+        with densefuse.use_backend("cpp"), threads(count):
+            flags = op(out, windows, starts, *weights, 0.1)
+        assert torch.equal(out, expected), count
+        assert flags.tolist() == expected_flags.tolist(), count
+
+
+@requires_cpp
 @pytest.mark.parametrize("mode", PAD_MODES)
 def test_cpp_extract_is_exact_for_corners_near_the_int64_limits(mode):
     """start + window index is never formed: the padding index is exact for any int64 corner (the

@@ -26,7 +26,6 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -66,7 +65,10 @@ DF_INLINE float fast_exp(float x) {
   p = p * r * r + r + 1.0f;
   const int32_t n1 = ni >> 1;
   const int32_t n2 = ni - n1;
-  return p * bit_cast<float>((n1 + 127) << 23) * bit_cast<float>((n2 + 127) << 23);
+  // the exponent fields, shifted as unsigned: a NaN x makes ni arbitrary, and a signed shift of it
+  // could overflow (the product is NaN either way)
+  const uint32_t e1 = static_cast<uint32_t>(n1 + 127) << 23, e2 = static_cast<uint32_t>(n2 + 127) << 23;
+  return p * bit_cast<float>(e1) * bit_cast<float>(e2);
 }
 
 // k ln 2 + log(m) for m in [sqrt(1/2), sqrt(2)): the Cephes logf polynomial in f = m - 1.
@@ -755,15 +757,17 @@ struct Chunking {
   explicit Chunking(const LossStatsArgs& a) : chunks((a.voxels + kChunk - 1) / kChunk), items(a.batch * chunks) {}
 };
 
-// visit(loader, item, b, v0, n) for every block of every work item. Each thread takes the next
-// item from a shared counter (dynamic scheduling: a preempted or slower thread delays nobody).
+// visit(loader, item, b, v0, n) for every block of every work item. Worker w takes the contiguous run
+// of items [w, w + 1) * items / workers (items are equal chunks of voxels), the same on every call, so
+// that the forward's and backward's reads of a chunk and its per-item partial sums stay on one core
+// (a shared counter of next items spread neighbouring items, and their partial sums' cache lines,
+// over both cores).
 template <class T, class Visit>
 void for_each_block(const LossStatsArgs& a, const Chunking& ch, Visit&& visit) {
-  std::atomic<int64_t> next{0};
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), ch.items);
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
     BlockLoader<T> loader(a);
-    for (int64_t item = next++; item < ch.items; item = next++) {
+    for (int64_t item = ch.items * w0 / workers; item < ch.items * w1 / workers; ++item) {
       const int64_t b = item / ch.chunks;
       const int64_t v_begin = (item % ch.chunks) * kChunk;
       const int64_t v_end = std::min(a.voxels, v_begin + kChunk);
@@ -886,13 +890,13 @@ void backward(LossKind kind, const LossStatsArgs& a, const T* grad_stats, void* 
   const Chunking ch(a);
   const std::vector<T> ones(channels, T(1));
   const FocalParams<T> focal = focal_params(a, ones);
-  Counts unused;
   const bool fused = use_fused(a);
   for_each_block<T>(a, ch, [&](BlockLoader<T>& loader, int64_t, int64_t b, int64_t v0, int64_t n) {
     const T* grad = grad_stats + b * channels * k;
     if constexpr (std::is_same_v<T, float>) {
       if (fused) return backward_fused(kind, a, focal, b, v0, n, grad, static_cast<float*>(grad_logits) + b * voxels + v0);
     }
+    Counts unused;  // the forward counted the flags; one per block, so that no two threads share it
     const Block<T> blk = loader.load(b, v0, n, &unused);
     visit_float(a.logits_dtype, [&](auto tag) {
       using S = typename decltype(tag)::type;

@@ -85,20 +85,22 @@ void visit_window(DType dtype, F&& f) {
 template <class S>
 using Wide = std::conditional_t<std::is_same_v<S, double>, double, float>;
 
-// fn(item, scratch) for every item in [0, items) on up to `threads` threads, each owning one Scratch
-// and one contiguous run of items. One worker runs in the calling thread (waking a pool thread costs
-// more than a small call).
+// fn(item, scratch) for every item in [0, splits.back()), worker w taking the contiguous run
+// [splits[w], splits[w + 1]) with its own Scratch. A worker keeps the same run from call to call (a
+// shared counter of next items moved acc planes between cores from batch to batch, several times
+// slower on a VM whose cores share no cache). One worker runs in the calling thread (waking a pool
+// thread costs more than a small call).
 template <class Scratch, class Fn>
-void parallel_items(int64_t items, int64_t threads, Fn&& fn) {
-  const int64_t workers = std::min<int64_t>(threads, items);
+void parallel_runs(const std::vector<int64_t>& splits, Fn&& fn) {
+  const int64_t workers = static_cast<int64_t>(splits.size()) - 1;
   if (workers <= 1) {
     Scratch scratch;
-    for (int64_t item = 0; item < items; ++item) fn(item, scratch);
+    for (int64_t item = 0; item < splits.back(); ++item) fn(item, scratch);
     return;
   }
   at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
     Scratch scratch;
-    for (int64_t item = items * w0 / workers; item < items * w1 / workers; ++item) fn(item, scratch);
+    for (int64_t item = splits[w0]; item < splits[w1]; ++item) fn(item, scratch);
   });
 }
 
@@ -143,9 +145,9 @@ struct Placed {
 };
 
 // The placed windows of a call and, per (batch, z) plane of acc, the ones that cross it (CSR, in
-// window order); the work items are (busy plane, band of rows), shared by `threads` threads (at most
-// one per kScatterGrain values moved: the window values added and, for the gather, its scratch boxes,
-// counted as whole planes).
+// window order); the work items are (busy plane, band of rows), split into contiguous runs of about
+// equal work (window values added) for `threads` threads (at most one per kScatterGrain values moved:
+// the window values added and, for the gather, its scratch boxes, counted as whole planes).
 struct PlaneIndex {
   std::vector<Placed> windows;
   std::vector<int64_t> begin;    // [B * D + 1]: members[begin[p] .. begin[p + 1]) cross plane p
@@ -191,9 +193,37 @@ struct PlaneIndex {
     bands = std::min<int64_t>(height, (wanted + planes - 1) / planes);
     band_rows = (height + bands - 1) / bands;
     bands = (height + band_rows - 1) / band_rows;
+    split_work(a.channels);
   }
 
   int64_t items() const { return static_cast<int64_t>(busy.size()) * bands; }
+
+  std::vector<int64_t> splits;  // [workers + 1]: worker w takes items [splits[w], splits[w + 1])
+
+ private:
+  // splits at about equal shares of the window values each item adds (its windows' rows in the band
+  // times their columns inside acc), so that a batch whose planes differ in window count is balanced.
+  void split_work(int64_t channels) {
+    std::vector<int64_t> done(items() + 1, 0);  // done[i]: values added by items [0, i)
+    for (int64_t item = 0; item < items(); ++item) {
+      const int64_t plane = busy[item / bands];
+      const int64_t lo = (item % bands) * band_rows, hi = lo + band_rows;
+      int64_t values = 0;
+      for (int64_t m = begin[plane]; m < begin[plane + 1]; ++m) {
+        const AxisClip* axis = windows[members[m]].at.axis;
+        const int64_t rows = std::min(axis[1].hi, hi) - std::max(axis[1].lo, lo);
+        values += std::max<int64_t>(rows, 0) * (axis[2].hi - axis[2].lo) * channels;
+      }
+      done[item + 1] = done[item] + values;
+    }
+    const int64_t workers = std::min<int64_t>(threads, items());
+    splits.assign(1, 0);
+    for (int64_t w = 1; w < workers; ++w) {  // the first item at which w / workers of the work is done
+      const int64_t share = done.back() / workers * w + done.back() % workers * w / workers;
+      splits.push_back(std::lower_bound(done.begin() + splits.back(), done.end(), share) - done.begin());
+    }
+    splits.push_back(items());
+  }
 };
 
 // A box of acc rows [y0, y1) x columns [x0, x1) inside one (batch, z) plane, for every channel.
@@ -316,7 +346,7 @@ void scatter(const PatchScatterArgs& a, bool gather, int64_t* flags) {
     using T = typename decltype(acc_tag)::type;
     visit_window(a.windows_dtype, [&](auto window_tag) {
       const Scatter<T, typename decltype(window_tag)::type> kernel(a, index);
-      parallel_items<std::vector<T>>(index.items(), index.threads, [&](int64_t item, std::vector<T>& scratch) {
+      parallel_runs<std::vector<T>>(index.splits, [&](int64_t item, std::vector<T>& scratch) {
         const int64_t found = scatter_item(kernel, item, gather, &scratch);
         if (found) bad += found;
       });
