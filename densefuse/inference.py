@@ -719,11 +719,13 @@ class SlidingWindowPredictor:
             soon as no later window touches it, so memory is O(B * C * roi_z * H * W) plus the
             uint8 mask; batches then stay within the windows of one z start (whole-volume mode
             batches straight through). Every voxel gets the same sums in the same order as in the
-            whole-volume mode, so the result is the same bits where the scatter is deterministic
-            (the cpp and torch backends, or the output-stationary gather that
-            torch.use_deterministic_algorithms(True) selects) and the model gives a window the same
-            output in any batch; with atomics (the triton and cuda scatters) the two modes differ
-            by rounding, as two runs do. Where even a slab exceeds
+            whole-volume mode, so the result is the same bits where the scatter adds window by
+            window in order (the cpp and torch scatters) and the model gives a window the same
+            output in any batch. The output-stationary gather that
+            torch.use_deterministic_algorithms(True) selects first sums each batch's windows, so
+            its bits follow the batching, which slabs change (with sw_batch_size > 1); with atomics
+            (the triton and cuda scatters) the two modes differ by rounding, as two runs do. Where
+            even a slab exceeds
             the budget, its rows are split into bands, the fewest that fit but at least roi_y rows
             each, processed one after the other: O(B * C * roi_z * band * W), at the price of
             predicting each window once per band it meets (at most twice). Windows are then batched
