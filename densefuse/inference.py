@@ -531,10 +531,15 @@ def sliding_window_inference(
                 f"condition: expected [>= {inputs.shape[0]}, C, {', '.join(map(str, inputs.shape[2:]))}] "
                 f"like inputs, got {tuple(condition.shape)}"
             )
-    cval = _validate.check_cval(cval, inputs.dtype)
-
-    # Lift to 3-D with leading singleton axes: the fusion ops are 3-D.
     batch, _, *size = inputs.shape
+    padded = padding_mode == "constant" and any(r > n for r, n in zip(roi, size))  # cval is read
+    cval = _validate.check_cval(cval)  # a number; checked against a dtype only where it is read:
+    if padded:
+        _validate.check_cval(cval, inputs.dtype, "inputs")
+        if condition is not None:
+            _validate.check_cval(cval, condition.dtype, "condition")
+    fill = cval if padded else 0.0  # what the window readers pad with (read only where padded)
+    # Lift to 3-D with leading singleton axes: the fusion ops are 3-D.
     lift = (1,) * (3 - dims)
     x3 = inputs.reshape(batch, -1, *lift, *size)
     cond3 = None if condition is None else condition.reshape(*condition.shape[:2], *lift, *size)
@@ -547,7 +552,7 @@ def sliding_window_inference(
     starts, *grid = _on_device(device, positions, *starts3)
     # where the windows are read (from the host, not back from the output's device)
     starts_in = starts if inputs.device == device else _on_device(inputs.device, positions)[0]
-    run = _WindowPredictor(predictor, x3, cond3, roi, padding_mode, cval, sw_device, with_coord, args, kwargs)
+    run = _WindowPredictor(predictor, x3, cond3, roi, padding_mode, fill, sw_device, with_coord, args, kwargs)
     fusion = _Fusion(batch, size, roi, weights, floor, acc_dtype, device)
     steps = range(0, len(positions), sw_batch_size)
     for first in tqdm(steps) if progress else steps:
@@ -556,7 +561,6 @@ def sliding_window_inference(
         batch_starts_in = batch_starts if starts_in is starts else starts_in[chunk]
         # no reference to the batch outlives the step (_WindowReader)
         fusion.add(run(positions[chunk], batch_starts_in), batch_starts)
-    padded = padding_mode == "constant" and any(r > n for r, n in zip(roi, size))  # cval is read
     source = _nonfinite_source({"inputs": inputs, "condition": condition}, padded, cval)
     return fusion.result(grid, inputs.dtype if floating else torch.float32, source)
 
@@ -769,7 +773,7 @@ class SlidingWindowPredictor:
                 window, self.roi, order=order, sigma_scale=_reals(sigma_scale), name="window"
             )
         self.padding = _check_choice("padding", padding, ("reflect", "constant"))
-        self.cval = _validate.check_cval(cval, torch.float64)  # and again for each image's dtype
+        self.cval = _validate.check_cval(cval)  # and against each image's dtype where it is read
         self.floor = None if floor is None else _validate.check_number("floor", floor)
         self.sw_batch_size = _check_positive_int("sw_batch_size", sw_batch_size)
         self.tta = _check_tta(tta)
@@ -849,9 +853,10 @@ class SlidingWindowPredictor:
     def __call__(self, image: Tensor) -> Tensor:
         """Prediction for image [B, C_in, D, H, W]: see the class docstring for the output."""
         image = _check_volume("image", image, (3,))
-        if self.padding == "constant":  # reflect padding never reads cval
-            _validate.check_cval(self.cval, image.dtype)
         batch, _, *size = image.shape
+        padded = self.padding == "constant" and any(r > n for r, n in zip(self.roi, size))  # cval is read
+        if padded:
+            _validate.check_cval(self.cval, image.dtype, "image")
         device = self.device or image.device
         model_device = self.model_device or image.device
         margin = [r // 2 for r in self.roi] if self.padding == "reflect" else [0, 0, 0]
@@ -867,9 +872,8 @@ class SlidingWindowPredictor:
             weights_checked=True,
         )  # fmt: skip
         starts_in = starts if image.device == device else _on_device(image.device, groups)[0]
-        padded = self.padding == "constant" and any(r > n for r, n in zip(self.roi, size))  # cval is read
         source = _nonfinite_source({"image": image}, padded, self.cval)
-        reader = _WindowReader(image, self.roi, self.padding, self.cval)
+        reader = _WindowReader(image, self.roi, self.padding, self.cval if padded else 0.0)
         size_b = self.sw_batch_size
         # The plan needs the model's channels: the first batch tells. It is also the plan's first
         # batch (kept), unless row bands put other windows first (then it is predicted again). Where
@@ -885,6 +889,11 @@ class SlidingWindowPredictor:
             raise ValueError(
                 "activation: softmax over the model's single output channel is 1 everywhere (an "
                 "all-0 mask); use 'sigmoid' for a one-channel model"
+            )
+        if channels > 256 and self.output == "mask" and self._final_activation() == "softmax":
+            raise ValueError(
+                f"model: gives {channels} channels, but output='mask' with softmax is a uint8 argmax, "
+                "so at most 256 classes"
             )
         slabs, bands = False, [(0, size[1])]
         if may_slab:

@@ -452,11 +452,16 @@ BAD_CALLS = [
     (dict(buffer_steps=1, buffer_dim=5), ValueError, r"buffer_dim: expected a value in \[-3, 3\]"),
     (dict(predictor=lambda t: []), ValueError, "predictor: returned no outputs"),
     (dict(cval="a"), TypeError, "cval: expected a number, got str"),
-    (dict(cval=1e39), ValueError, "cval: 1e\\+39 overflows the volume's dtype torch.float32"),
+    (dict(cval=1e39, roi_size=8), ValueError, "cval: 1e\\+39 overflows the dtype torch.float32 of inputs"),
     (
-        dict(inputs=torch.ones(1, 1, 6, 6, 6, dtype=torch.uint8), cval=300),
+        dict(roi_size=8, cval=1e5, condition=torch.ones(1, 1, 6, 6, 6, dtype=torch.float16)),
         ValueError,
-        r"cval: expected a number in \[0, 255\] for torch.uint8 inputs, got 300",
+        "cval: 100000.0 overflows the dtype torch.float16 of condition",
+    ),
+    (
+        dict(inputs=torch.ones(1, 1, 6, 6, 6, dtype=torch.uint8), cval=300, roi_size=8),
+        ValueError,
+        r"cval: expected a number in \[0, 255\] for inputs of dtype torch.uint8, got 300",
     ),
     (dict(roi_size=[4.0, 4, 4]), ValueError, "roi_size: expected positive integers"),
     (dict(overlap="0.5"), ValueError, r"overlap: expected numbers in \[0, 1\)"),
@@ -483,6 +488,35 @@ def test_a_device_that_cannot_be_used_is_named(name, device):
 def test_the_predictor_names_a_device_it_cannot_use(name, device):
     with pytest.raises(ValueError, match=f"{name}: cannot allocate on device '{device}' here"):
         SlidingWindowPredictor(_net, 4, **{name: device})
+
+
+def test_cval_is_checked_only_where_the_padding_reads_it(rng):
+    """MONAI passes cval to its padding, which runs only where roi exceeds the volume (and must be 0
+    for the other padding modes); a cval that a half-precision volume cannot hold is no error where
+    nothing reads it."""
+    x = torch.randn(1, 1, 8, 8, generator=rng).half()
+    expected = monai_swi(x, (4, 4), 2, lambda w: w * 2, cval=1e5)
+    torch.testing.assert_close(sliding_window_inference(x, (4, 4), 2, lambda w: w * 2, cval=1e5), expected)
+    reflect = sliding_window_inference(x, (10, 4), 2, lambda w: w * 2, cval=1e5, padding_mode="reflect")
+    assert reflect.shape == x.shape and torch.isfinite(reflect).all()
+    image = torch.randn(1, 1, 6, 8, 8, generator=rng).half()
+    predictor = SlidingWindowPredictor(lambda w: w * 2, (10, 4, 4), cval=1e5, output="logits")
+    assert torch.isfinite(predictor(image)).all()  # reflect padding
+    with pytest.raises(ValueError, match=r"overflows the dtype torch\.float16 of image"):
+        SlidingWindowPredictor(lambda w: w, (10, 4, 4), padding="constant", cval=1e5)(image)
+
+
+def test_an_argmax_over_more_than_256_classes_fails_after_the_first_batch():
+    calls = []
+
+    def model(w):
+        calls.append(len(w))
+        return w.repeat(1, 300, 1, 1, 1)
+
+    predict = SlidingWindowPredictor(model, 4, activation="softmax", output="mask", sw_batch_size=2)
+    with pytest.raises(ValueError, match="model: gives 300 channels, but output='mask' with softmax"):
+        predict(torch.randn(1, 1, 12, 12, 12))
+    assert calls == [2]
 
 
 def test_numpy_scalars_are_accepted_as_monai_accepts_them():
@@ -1051,8 +1085,10 @@ def test_bad_predictor_calls():
         SlidingWindowPredictor(lambda t: t[..., ::2], 4)(torch.zeros(1, 1, 8, 8, 8))
     with pytest.raises(TypeError, match=r"model: expected float tensors, got torch\.int64"):
         SlidingWindowPredictor(lambda t: t.long(), 4)(torch.zeros(1, 1, 8, 8, 8))
-    with pytest.raises(ValueError, match=r"cval: expected a number in \[0, 255\] for torch.uint8"):
-        SlidingWindowPredictor(_net, 4, padding="constant", cval=-1)(
+    with pytest.raises(
+        ValueError, match=r"cval: expected a number in \[0, 255\] for image of dtype torch\.uint8"
+    ):
+        SlidingWindowPredictor(_net, 10, padding="constant", cval=-1)(
             torch.zeros(1, 1, 8, 8, 8, dtype=torch.uint8)
         )
     x = torch.ones(1, 1, 4, 4, 4)

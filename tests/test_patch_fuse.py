@@ -468,7 +468,7 @@ BAD_EXTRACT = [
     (
         dict(volume=torch.zeros(2, 3, 4, 4, 4, dtype=torch.float16), cval=1e6),
         ValueError,
-        "cval: 1000000.0 overflows the volume's dtype torch.float16",
+        "cval: 1000000.0 overflows the dtype torch.float16 of volume",
     ),
     (dict(starts=torch.zeros(4, dtype=torch.int64)), ValueError, r"starts: expected shape \(N, 4\).* \(4,\)"),
     (dict(out=torch.zeros(2, 3, 2, 2, 2, dtype=torch.float64)), TypeError, "out: expected torch.float32"),
@@ -476,6 +476,11 @@ BAD_EXTRACT = [
         dict(out=torch.zeros(2, 3, 2, 2, 3)),
         ValueError,
         r"out: expected a contiguous tensor of shape \(2, 3, 2",
+    ),
+    (
+        dict(out=torch.zeros(2, 3, 2, 2, 4)[..., ::2]),
+        ValueError,
+        r"out: expected a contiguous tensor of shape \(2, 3, 2, 2, 2\), got \(2, 3, 2, 2, 2\), not cont",
     ),
     (dict(out=torch.zeros(2, 3, 2, 2, 2).transpose(3, 4)), ValueError, "out: expected a contiguous"),
     (dict(out=torch.zeros(2, 3, 2, 2, 2, device="meta")), ValueError, "out: expected a tensor on cpu"),

@@ -211,17 +211,21 @@ def raise_on_flags(flags: torch.Tensor, num_classes: int) -> None:
         raise ValueError(f"target: contains {bad_targets} NaN/Inf values")
 
 
-def check_cval(cval: object, dtype: torch.dtype) -> float:
-    """cval as a float that a ``dtype`` volume's padding can hold: within the dtype's range (integer
-    and bool volumes take it converted as torch's padding converts it)."""
+def check_cval(cval: object, dtype: torch.dtype | None = None, volume: str = "volume") -> float:
+    """cval as a float; given ``dtype``, one that the padding of a ``dtype`` tensor (named ``volume``
+    in the message) can hold: within the dtype's range (integer and bool volumes take it converted as
+    torch's padding converts it)."""
     value = as_real(cval)
     if value is None:
         raise TypeError(f"cval: expected a number, got {type(cval).__name__}")
+    if dtype is None:
+        return value
     if dtype.is_floating_point or dtype.is_complex:
         if math.isfinite(value) and abs(value) > torch.finfo(dtype).max:
-            raise ValueError(f"cval: {cval!r} overflows the volume's dtype {dtype}")
+            raise ValueError(f"cval: {cval!r} overflows the dtype {dtype} of {volume}")
         return value
     low, high = (0, 1) if dtype == torch.bool else (torch.iinfo(dtype).min, torch.iinfo(dtype).max)
     if not low <= value <= high:
-        raise ValueError(f"cval: expected a number in [{low}, {high}] for {dtype} inputs, got {cval!r}")
+        expected = f"a number in [{low}, {high}] for {volume} of dtype {dtype}"
+        raise ValueError(f"cval: expected {expected}, got {cval!r}")
     return value

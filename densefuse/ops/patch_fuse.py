@@ -555,7 +555,8 @@ def patch_extract(
         if out.device != volume.device:
             raise ValueError(f"out: expected a tensor on {volume.device} like volume, got {out.device}")
         if tuple(out.shape) != shape or not out.is_contiguous():
-            raise ValueError(f"out: expected a contiguous tensor of shape {shape}, got {tuple(out.shape)}")
+            got = f"{tuple(out.shape)}" + ("" if out.is_contiguous() else ", not contiguous")
+            raise ValueError(f"out: expected a contiguous tensor of shape {shape}, got {got}")
     if check_values and _validate.value_checks_enabled() and count:
         batch, corners = starts[:, 0], starts[:, 1:]
         outside = (batch < 0) | (batch >= volume.shape[0])
