@@ -3,12 +3,12 @@
     PYTHONPATH=benchmarks python benchmarks/fusion_processes.py [--processes 20] [--rounds 12]
 
 Each process (a fresh interpreter) builds the CPU "fusion" cases of fusion_providers.py (sw_batch_size
-4 and 1), runs densefuse (the default backend) and MONAI on them interleaved, ``rounds`` rounds, and
+4 and 1), runs densefuse (the cpp backend) and MONAI on them interleaved, ``rounds`` rounds, and
 reports the medians of the rounds after the first two. A process-level slow mode (the same code and
 inputs taking a multiple of the usual time for a whole process, as the CPU scatter did until its
 threads stopped taking work from a shared counter) shows as outliers among the processes' medians;
-the JSON keeps every process's medians, and the summary prints their range and the processes whose
-densefuse median exceeds 1.5x the median over processes.
+the JSON keeps every process's medians (or its error), and the summary prints their range and the
+processes (numbered from 1) whose median exceeds 1.5x the median over processes.
 """
 
 from __future__ import annotations
@@ -62,17 +62,26 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         print(json.dumps(one_process(args.rounds)))
         return
-    runs = []
+    runs: list[dict] = []
     for i in range(args.processes):
         child = [sys.executable, __file__, "--child", "--rounds", str(args.rounds)]
-        done = subprocess.run(child, capture_output=True, text=True, check=True)
+        done = subprocess.run(child, capture_output=True, text=True)
+        if done.returncode:  # kept as an error: one failed child must not lose the others' numbers
+            runs.append(
+                {"error": (done.stderr.strip().splitlines() or ["exit code " + str(done.returncode)])[-1]}
+            )
+            print(f"process {i + 1}: {runs[-1]['error']}", flush=True)
+            continue
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(f"process {i + 1}: " + "  ".join(f"{k} {v:.1f}" for k, v in runs[-1].items()), flush=True)
+    measured = [(i, run) for i, run in enumerate(runs, 1) if "error" not in run]
+    if not measured:
+        raise SystemExit("fusion_processes.py: no process measured anything")
     summary = {}
-    for name in runs[0]:
-        values = [run[name] for run in runs]
+    for name in measured[0][1]:
+        values = [run[name] for _, run in measured]
         middle = statistics.median(values)
-        slow = [i for i, v in enumerate(values) if v > SLOW * middle]
+        slow = [i for i, run in measured if run[name] > SLOW * middle]
         summary[name] = {"median_ms": middle, "min_ms": min(values), "max_ms": max(values),
                          "slow_processes": slow}  # fmt: skip
         print(f"{name}: median over processes {middle:.1f} ms, range {min(values):.1f}-{max(values):.1f}, "

@@ -261,6 +261,9 @@ def test_bad_scatter_input(backend, deterministic, mutate, error, message):
 BAD_FINALIZE = [
     (dict(starts_z=[0.5]), ValueError, "starts_z: expected a 1-D sequence of integer"),
     (dict(starts_y=[0, True]), ValueError, "starts_y: expected a 1-D sequence of integer"),
+    (dict(starts_y=[0, np.True_]), ValueError, "starts_y: expected a 1-D sequence of integer"),
+    (dict(starts_x=np.array([0, 1], dtype=bool)), ValueError, "starts_x: expected a 1-D sequence of integer"),
+    (dict(starts_z=[torch.tensor(True), 1]), ValueError, "starts_z: expected a 1-D sequence of integer"),
     (dict(starts_x=torch.zeros(2, 2, dtype=torch.int64)), ValueError, "starts_x: expected a 1-D"),
     (dict(wy=torch.ones(2, 2)), ValueError, "wy: expected a 1-D vector of length >= 1"),
     (dict(wz=torch.tensor([0.5, -0.5])), ValueError, "wz: expected finite weights >= 0, found 1 negative"),
@@ -270,6 +273,14 @@ BAD_FINALIZE = [
     (dict(threshold=float("inf")), ValueError, "threshold: expected a finite number"),
     (dict(output="mask", inplace=True), ValueError, "inplace: needs output='probabilities'"),
 ]
+
+
+def test_finalize_reads_starts_from_iterators(backend, rng):
+    acc = torch.rand(1, 2, 8, 7, 6, generator=rng, dtype=torch.float64)
+    weights = [torch.rand(4, generator=rng, dtype=torch.float64) + 0.1 for _ in range(3)]
+    expected = patch_finalize(acc, [0, 4], [0, 3], [0, 2], *weights, 0.0)
+    lazy = patch_finalize(acc, (s for s in [0, 4]), iter([0, 3]), map(int, "02"), *weights, 0.0)
+    assert torch.equal(lazy, expected)
 
 
 @pytest.mark.parametrize(("change", "error", "message"), BAD_FINALIZE)
@@ -794,12 +805,15 @@ def test_cpp_extract_is_the_same_on_any_thread_count(mode, rng):
 
 @requires_cpp
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_cpp_scatter_is_the_same_on_any_thread_count(deterministic, rng):
-    """Planes crossed by 1 to 16 windows, split over 1, 2 and 3 threads at equal shares of the values
-    added: every plane added once, in window order (the reference's bits and flags)."""
-    acc = torch.randn(2, 2, 24, 30, 36, generator=rng, dtype=torch.float64)
-    roi = (10, 24, 30)
-    starts = random_starts(rng, 16, 2, acc.shape[2:], roi, reach=6)
+@pytest.mark.parametrize(
+    ("shape", "roi"), [((2, 2, 24, 30, 36), (10, 24, 30)), ((1, 2, 2, 60, 36), (3, 24, 30))]
+)
+def test_cpp_scatter_is_the_same_on_any_thread_count(deterministic, shape, roi, rng):
+    """Planes crossed by 1 to 16 windows (or two planes cut into bands of rows), split over 1, 2 and 3
+    threads at about equal shares of the values added: every item added once, in window order (the
+    reference's bits and flags)."""
+    acc = torch.randn(*shape, generator=rng, dtype=torch.float64)
+    starts = random_starts(rng, 16, shape[0], acc.shape[2:], roi, reach=6)
     windows = torch.randn(16, 2, *roi, generator=rng, dtype=torch.float64)
     weights = [torch.rand(r, generator=rng, dtype=torch.float64) for r in roi]
     reference_op = reference.patch_gather if deterministic else reference.patch_scatter

@@ -757,11 +757,11 @@ struct Chunking {
   explicit Chunking(const LossStatsArgs& a) : chunks((a.voxels + kChunk - 1) / kChunk), items(a.batch * chunks) {}
 };
 
-// visit(loader, item, b, v0, n) for every block of every work item. Worker w takes the contiguous run
-// of items [w, w + 1) * items / workers (items are equal chunks of voxels), the same on every call, so
-// that the forward's and backward's reads of a chunk and its per-item partial sums stay on one core
-// (a shared counter of next items spread neighbouring items, and their partial sums' cache lines,
-// over both cores).
+// visit(loader, item, b, v0, n) for every block of every work item. Worker w (an OpenMP thread) takes
+// the contiguous run of items [w, w + 1) * items / workers (items are equal chunks of voxels), the
+// same on every call, so that the forward's and backward's reads of a chunk and its per-item partial
+// sums stay with one thread (a shared counter of next items spread neighbouring items, and their
+// partial sums' cache lines, over both threads). The price: a preempted thread delays the call.
 template <class T, class Visit>
 void for_each_block(const LossStatsArgs& a, const Chunking& ch, Visit&& visit) {
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), ch.items);

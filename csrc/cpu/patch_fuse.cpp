@@ -86,10 +86,11 @@ template <class S>
 using Wide = std::conditional_t<std::is_same_v<S, double>, double, float>;
 
 // fn(item, scratch) for every item in [0, splits.back()), worker w taking the contiguous run
-// [splits[w], splits[w + 1]) with its own Scratch. A worker keeps the same run from call to call (a
-// shared counter of next items moved acc planes between cores from batch to batch, several times
-// slower on a VM whose cores share no cache). One worker runs in the calling thread (waking a pool
-// thread costs more than a small call).
+// [splits[w], splits[w + 1]) with its own Scratch. A worker (an OpenMP thread, which the OS tends to
+// keep on one core) takes the same run from call to call: a shared counter of next items moved acc
+// planes between the threads from batch to batch, several times slower on a VM whose cores share no
+// cache. The price: a preempted thread now delays the call. One worker runs in the calling thread
+// (waking a pool thread costs more than a small call).
 template <class Scratch, class Fn>
 void parallel_runs(const std::vector<int64_t>& splits, Fn&& fn) {
   const int64_t workers = static_cast<int64_t>(splits.size()) - 1;
@@ -204,6 +205,11 @@ struct PlaneIndex {
   // splits at about equal shares of the window values each item adds (its windows' rows in the band
   // times their columns inside acc), so that a batch whose planes differ in window count is balanced.
   void split_work(int64_t channels) {
+    const int64_t workers = std::min<int64_t>(threads, items());
+    if (workers <= 1) {
+      splits = {0, items()};
+      return;
+    }
     std::vector<int64_t> done(items() + 1, 0);  // done[i]: values added by items [0, i)
     for (int64_t item = 0; item < items(); ++item) {
       const int64_t plane = busy[item / bands];
@@ -216,11 +222,12 @@ struct PlaneIndex {
       }
       done[item + 1] = done[item] + values;
     }
-    const int64_t workers = std::min<int64_t>(threads, items());
     splits.assign(1, 0);
-    for (int64_t w = 1; w < workers; ++w) {  // the first item at which w / workers of the work is done
+    for (int64_t w = 1; w < workers; ++w) {  // the item boundary nearest to w / workers of the work
       const int64_t share = done.back() / workers * w + done.back() % workers * w / workers;
-      splits.push_back(std::lower_bound(done.begin() + splits.back(), done.end(), share) - done.begin());
+      int64_t at = std::lower_bound(done.begin() + splits.back(), done.end(), share) - done.begin();
+      if (at > splits.back() && share - done[at - 1] < done[at] - share) --at;
+      splits.push_back(at);
     }
     splits.push_back(items());
   }

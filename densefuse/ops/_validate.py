@@ -30,10 +30,16 @@ def check_tensor(name: str, value: object) -> torch.Tensor:
 def check_device(name: str, device: object) -> torch.device:
     """``device`` (a torch.device, string or index) as a torch.device that this process can allocate
     on; otherwise a ValueError naming ``name`` (torch's own errors here are an AssertionError for a
-    build without CUDA, a RuntimeError for an unknown name or index)."""
+    build without CUDA, a RuntimeError for an unknown name or index). A CUDA device is checked
+    against the device count, without starting CUDA (a process may fork workers before it does)."""
     try:
         device = torch.device(device)
-        torch.empty(0, device=device)
+        if device.type == "cuda":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if count == 0 or (device.index or 0) >= count:
+                raise RuntimeError(f"this process sees {count} CUDA devices")
+        else:
+            torch.empty(0, device=device)
     except (AssertionError, RuntimeError, TypeError, NotImplementedError) as error:
         raise ValueError(f"{name}: cannot allocate on device {str(device)!r} here: {error}") from None
     return device

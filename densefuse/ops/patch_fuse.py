@@ -268,6 +268,12 @@ def _check_starts(starts: object, acc: Tensor, count: int) -> Tensor:
     return _to_device("starts", starts, acc.device, torch.int64)
 
 
+def _is_bool(value: object) -> bool:
+    """A Python, NumPy or torch boolean (NumPy's dtype kind "b")."""
+    dtype = getattr(value, "dtype", None)
+    return isinstance(value, bool) or dtype == torch.bool or getattr(dtype, "kind", None) == "b"
+
+
 def _check_axis_starts(name: str, starts: object, acc: Tensor) -> Tensor:
     given = starts
 
@@ -276,9 +282,13 @@ def _check_axis_starts(name: str, starts: object, acc: Tensor) -> Tensor:
 
     if not isinstance(starts, Tensor):
         try:
-            if any(isinstance(s, bool) for s in starts):  # operator.index(True) is 1
-                raise error()
-            starts = torch.tensor([operator.index(s) for s in starts], dtype=torch.int64)
+            values = list(starts)  # once: starts may be an iterator
+        except TypeError:
+            raise error() from None
+        if any(_is_bool(s) for s in values):  # operator.index(True) is 1
+            raise error()
+        try:
+            starts = torch.tensor([operator.index(s) for s in values], dtype=torch.int64)
         except TypeError:
             raise error() from None
     if starts.dim() != 1 or starts.is_floating_point() or starts.is_complex() or starts.dtype == torch.bool:
