@@ -729,11 +729,10 @@ class SlidingWindowPredictor:
             torch.use_deterministic_algorithms(True) selects first sums each batch's windows, so
             its bits follow the batching, which slabs change (with sw_batch_size > 1); with atomics
             (the triton and cuda scatters) the two modes differ by rounding, as two runs do. Where
-            even a slab exceeds
-            the budget, its rows are split into bands, the fewest that fit but at least roi_y rows
-            each, processed one after the other: O(B * C * roi_z * band * W), at the price of
-            predicting each window once per band it meets (at most twice). Windows are then batched
-            band by band, so the result equals whole-volume mode's bit for bit with
+            even a slab exceeds the budget, its rows are split into bands, the fewest that fit but
+            at least roi_y rows each, processed one after the other: O(B * C * roi_z * band * W), at
+            the price of predicting each window once per band it meets (at most twice). Windows are
+            then batched band by band, so the result equals whole-volume mode's bit for bit with
             sw_batch_size=1, and up to the model's (and torch's softmax's) dependence on the batch
             otherwise. A band may still exceed a budget smaller than one window-high band.
         progress: show a tqdm progress bar.
