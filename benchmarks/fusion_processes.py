@@ -27,6 +27,7 @@ import torch
 from densefuse.profile import write_json
 
 SLOW = 1.5  # a process is called slow when its median exceeds this multiple of the median over processes
+CHILD_TIMEOUT_S = 600
 
 
 def one_process(rounds: int) -> dict[str, float]:
@@ -65,15 +66,20 @@ def main(argv: list[str] | None = None) -> None:
     runs: list[dict] = []
     for i in range(args.processes):
         child = [sys.executable, __file__, "--child", "--rounds", str(args.rounds)]
-        done = subprocess.run(child, capture_output=True, text=True)
-        if done.returncode:  # kept as an error: one failed child must not lose the others' numbers
-            runs.append(
-                {"error": (done.stderr.strip().splitlines() or ["exit code " + str(done.returncode)])[-1]}
-            )
-            print(f"process {i + 1}: {runs[-1]['error']}", flush=True)
-            continue
-        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(f"process {i + 1}: " + "  ".join(f"{k} {v:.1f}" for k, v in runs[-1].items()), flush=True)
+        try:  # a failed child is kept as an error: the others' numbers are kept
+            done = subprocess.run(child, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            runs.append({"error": f"no result within {CHILD_TIMEOUT_S} s"})
+        else:
+            if done.returncode:
+                tail = done.stderr.splitlines()[-3:]
+                runs.append({"error": f"exit code {done.returncode}", "stderr": tail})
+            else:
+                try:
+                    runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+                except (json.JSONDecodeError, IndexError):
+                    runs.append({"error": "no JSON line on stdout", "stdout": done.stdout[-200:]})
+        print(f"process {i + 1}: " + "  ".join(f"{k} {v}" for k, v in runs[-1].items()), flush=True)
     measured = [(i, run) for i, run in enumerate(runs, 1) if "error" not in run]
     if not measured:
         raise SystemExit("fusion_processes.py: no process measured anything")
@@ -94,6 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or report.RESULTS / f"processes-{report.slug(info)}-{date}.json"
     write_json(out, results, indent=1)
     print(f"wrote {out}")
+    if len(measured) < len(runs):
+        raise SystemExit(f"fusion_processes.py: {len(runs) - len(measured)} of {len(runs)} processes failed")
 
 
 if __name__ == "__main__":

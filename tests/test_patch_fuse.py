@@ -264,6 +264,7 @@ BAD_FINALIZE = [
     (dict(starts_y=[0, np.True_]), ValueError, "starts_y: expected a 1-D sequence of integer"),
     (dict(starts_x=np.array([0, 1], dtype=bool)), ValueError, "starts_x: expected a 1-D sequence of integer"),
     (dict(starts_z=[torch.tensor(True), 1]), ValueError, "starts_z: expected a 1-D sequence of integer"),
+    (dict(starts_z=[2**63]), ValueError, "starts_z: expected a 1-D sequence of integer"),
     (dict(starts_x=torch.zeros(2, 2, dtype=torch.int64)), ValueError, "starts_x: expected a 1-D"),
     (dict(wy=torch.ones(2, 2)), ValueError, "wy: expected a 1-D vector of length >= 1"),
     (dict(wz=torch.tensor([0.5, -0.5])), ValueError, "wz: expected finite weights >= 0, found 1 negative"),

@@ -35,7 +35,7 @@ def check_device(name: str, device: object) -> torch.device:
     try:
         device = torch.device(device)
         if device.type == "cuda":
-            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            count = torch.cuda.device_count()  # through NVML where it can (is_available() runs cuInit)
             if count == 0 or (device.index or 0) >= count:
                 raise RuntimeError(f"this process sees {count} CUDA devices")
         else:

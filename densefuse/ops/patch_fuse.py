@@ -289,7 +289,7 @@ def _check_axis_starts(name: str, starts: object, acc: Tensor) -> Tensor:
             raise error()
         try:
             starts = torch.tensor([operator.index(s) for s in values], dtype=torch.int64)
-        except TypeError:
+        except (TypeError, OverflowError, RuntimeError, ValueError):  # not integers, or past int64
             raise error() from None
     if starts.dim() != 1 or starts.is_floating_point() or starts.is_complex() or starts.dtype == torch.bool:
         raise error()
