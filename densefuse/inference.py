@@ -23,7 +23,7 @@ import itertools
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -766,28 +766,40 @@ class SlidingWindowPredictor:
         self.model = model
         self.roi = _check_roi(roi_size, (0, 0, 0), none_means_full=False)
         _check_model_multiple(self.roi, model, "model")
-        self.overlap = _check_overlap(overlap, 3)
+        self.overlap = overlap
         with torch.inference_mode(False):  # made in inference mode, they would have no version counter
             self.weights = windows.separable_window(
                 window, self.roi, order=order, sigma_scale=_reals(sigma_scale), name="window"
             )
-        self.padding = _check_choice("padding", padding, ("reflect", "constant"))
-        self.cval = _validate.check_cval(cval)  # and against each image's dtype where it is read
-        self.floor = None if floor is None else _validate.check_number("floor", floor)
-        self.sw_batch_size = _check_positive_int("sw_batch_size", sw_batch_size)
-        self.tta = _check_tta(tta)
-        self.activation = _check_choice("activation", activation, tuple(reference.ACTIVATIONS))
-        self.soft_voting = bool(soft_voting)
-        self.output = _check_choice("output", output, OUTPUTS)
-        self.threshold = _validate.check_number("threshold", threshold, -math.inf)
-        check_device = _validate.check_device
-        self.model_device = None if model_device is None else check_device("model_device", model_device)
-        self.device = None if device is None else check_device("device", device)
-        if memory_budget is not None:
-            _check_positive_int("memory_budget", memory_budget)
-        self.memory_budget = memory_budget
+        self.padding, self.cval, self.floor = padding, cval, floor  # checked by __setattr__ (_SETTINGS)
+        self.sw_batch_size, self.tta, self.activation = sw_batch_size, tta, activation
+        self.soft_voting, self.output, self.threshold = soft_voting, output, threshold
+        self.model_device, self.device, self.memory_budget = model_device, device, memory_budget
         self.progress = progress
         self._moved: tuple | None = None  # (placement, the weights, their versions, _weights_on's result)
+
+    # Each setting's check, run on assignment (in __init__ and after it): a value set later is checked
+    # as one given to the constructor, and stored as checked. cval is checked against an image's
+    # dtype at each call, where constant padding reads it.
+    _SETTINGS: ClassVar[Mapping[str, Callable[[Any], Any]]] = {
+        "overlap": lambda v: _check_overlap(v, 3),
+        "padding": lambda v: _check_choice("padding", v, ("reflect", "constant")),
+        "cval": _validate.check_cval,
+        "floor": lambda v: None if v is None else _validate.check_number("floor", v),
+        "sw_batch_size": lambda v: _check_positive_int("sw_batch_size", v),
+        "tta": _check_tta,
+        "activation": lambda v: _check_choice("activation", v, tuple(reference.ACTIVATIONS)),
+        "soft_voting": bool,
+        "output": lambda v: _check_choice("output", v, OUTPUTS),
+        "threshold": lambda v: _validate.check_number("threshold", v, -math.inf),
+        "model_device": lambda v: None if v is None else _validate.check_device("model_device", v),
+        "device": lambda v: None if v is None else _validate.check_device("device", v),
+        "memory_budget": lambda v: None if v is None else _check_positive_int("memory_budget", v),
+    }
+
+    def __setattr__(self, name: str, value: object) -> None:
+        check = self._SETTINGS.get(name)
+        super().__setattr__(name, value if check is None else check(value))
 
     def _weights_on(self, device: torch.device) -> tuple[list[Tensor], float, list[Tensor]]:
         """(self.weights checked and moved to ``device`` in float32, the floor they give, their float32

@@ -1078,6 +1078,31 @@ def test_bad_read_window_arguments():
         read_window(torch.ones(4), (0,), (4,))
 
 
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("threshold", "x", "threshold: expected a finite number"),
+        ("floor", -1, "floor: expected a finite number >= 0"),
+        ("output", "labels", "output: expected one of"),
+        ("sw_batch_size", 0, "sw_batch_size: expected an integer >= 1"),
+        ("overlap", 1.5, r"overlap: expected numbers in \[0, 1\)"),
+        ("tta", "x", "tta: expected one of"),
+        ("padding", "zeros", "padding: expected one of"),
+        ("memory_budget", -5, "memory_budget: expected an integer >= 1"),
+        ("device", "bogus", "device: cannot allocate on device 'bogus'"),
+    ],
+)
+def test_predictor_settings_changed_later_are_checked(name, value, message):
+    """A setting assigned after construction gets the constructor's check (and is stored as checked)."""
+    predict = SlidingWindowPredictor(_net, 4)
+    with pytest.raises(ValueError, match=message):
+        setattr(predict, name, value)
+    with pytest.raises(ValueError, match=message):
+        SlidingWindowPredictor(_net, 4, **{name: value})
+    predict.overlap, predict.sw_batch_size, predict.tta = 0.25, np.int64(3), "flips"
+    assert predict.overlap == (0.25, 0.25, 0.25) and predict.sw_batch_size == 3 and len(predict.tta) == 4
+
+
 def test_bad_predictor_calls():
     with pytest.raises(ValueError, match=r"image: expected a non-empty 5-D"):
         SlidingWindowPredictor(_net, 4)(torch.zeros(1, 8, 8, 8))
