@@ -454,7 +454,9 @@ def test_extract_of_a_4d_volume_and_a_single_voxel(backend):
     assert constant[0].eq(5).all() and constant[1].sum() == 1 + 5 * 10
 
 
+_SHARED = torch.zeros(2, 3, 4, 4, 4)  # a volume whose memory out overlaps (a view of it)
 BAD_EXTRACT = [
+    (dict(volume=_SHARED, out=_SHARED.view(-1)[300:348].view(2, 3, 2, 2, 2)), ValueError, "out: overlaps"),
     (dict(volume=torch.zeros(2, 3, 4, 4, 4, dtype=torch.int32)), TypeError, "volume: expected a float16"),
     (dict(volume=torch.zeros(3, 4, 4)), ValueError, r"volume: expected a non-empty \[B, C, D, H, W\]"),
     (dict(starts=torch.zeros(2, 4)), TypeError, "starts: expected an integer tensor"),
@@ -510,6 +512,15 @@ def test_bad_extract_input(backend, change, error, message):
     args.update(change)
     with pytest.raises(error, match=message):
         patch_extract(**args)
+
+
+def test_extract_writes_beside_the_volume_in_one_buffer(backend):
+    """out may share the volume's storage where their memory does not meet."""
+    buffer = torch.arange(384 + 48, dtype=torch.float32)
+    volume, out = buffer[:384].view(2, 3, 4, 4, 4), buffer[384:].view(2, 3, 2, 2, 2)
+    starts = torch.tensor([[0, 1, 0, 2], [1, 2, 2, 0]])
+    expected = patch_extract(volume.clone(), starts, (2, 2, 2))
+    assert patch_extract(volume, starts, (2, 2, 2), out=out) is out and torch.equal(out, expected)
 
 
 def test_extract_reads_numpy_and_tensor_numbers(backend):
@@ -712,6 +723,11 @@ def test_batch_extract_is_patch_extract(backend, mode, rng):
             "out: expected torch.float32",
         ),
         (lambda v, o, s: ((v, (2, 2, 2), "constant", 0.0), o[:, :, :1], s), ValueError, "out: expected"),
+        (
+            lambda v, o, s: ((v, (2, 2, 2), "constant", 0.0), v.view(-1)[100:148].view(3, 2, 2, 2, 2), s),
+            ValueError,
+            "out: overlaps the memory of volume",
+        ),
         (lambda v, o, s: ((v, (2, 2, 2), "constant", 0.0), o, s.int()), ValueError, "starts: expected"),
         (
             lambda v, o, s: ((v, (2, 2, 2), "constant", 0.0), o, s[:, :3]),

@@ -507,6 +507,21 @@ def _check_extract(
     return volume, sizes
 
 
+def _check_apart(out: Tensor, volume: Tensor) -> None:
+    """out must not share memory with volume: the kernels read volume while they write out."""
+    if out.untyped_storage().data_ptr() != volume.untyped_storage().data_ptr():
+        return
+
+    def span(t: Tensor) -> tuple[int, int]:  # the bytes t can touch in its storage
+        size = t.element_size()
+        last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if n > 0)
+        return t.storage_offset() * size, (t.storage_offset() + last + 1) * size
+
+    (a0, a1), (b0, b1) = span(out), span(volume)
+    if a0 < b1 and b0 < a1:
+        raise ValueError("out: overlaps the memory of volume, which the kernel reads while it writes out")
+
+
 def _integers(value: object) -> tuple[int, ...] | None:
     """A sequence, 1-D array or 1-D tensor of integers (Python, NumPy or 0-d tensors; not bools) as a
     tuple of ints, else None."""
@@ -567,6 +582,7 @@ def patch_extract(
         if tuple(out.shape) != shape or not out.is_contiguous():
             got = f"{tuple(out.shape)}" + ("" if out.is_contiguous() else ", not contiguous")
             raise ValueError(f"out: expected a contiguous tensor of shape {shape}, got {got}")
+        _check_apart(out, volume)
     if check_values and _validate.value_checks_enabled() and count:
         batch, corners = starts[:, 0], starts[:, 1:]
         outside = (batch < 0) | (batch >= volume.shape[0])
@@ -634,6 +650,7 @@ class BatchExtract:
         if out.shape != shape or out.device != volume.device or not out.is_contiguous():
             got = f"{tuple(out.shape)} on {out.device}" + ("" if out.is_contiguous() else ", not contiguous")
             raise ValueError(f"out: expected a contiguous {shape} tensor on {volume.device}, got {got}")
+        _check_apart(out, volume)
         with _no_grad():
             self._kernel(out, volume, starts.contiguous(), self.mode, self.cval)
         return out
