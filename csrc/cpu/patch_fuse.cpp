@@ -261,9 +261,10 @@ class Scatter {
     const int64_t b = plane / a_.size[0], z = plane % a_.size[0];
     const int64_t height = a_.size[1], width = a_.size[2];
     T* acc_plane = acc_ + (b * a_.channels * a_.size[0] + z) * height * width;  // channel stride volume_
-    Box box{band_hi, band_lo, width, 0};
+    Box box{band_hi, band_lo, width, 0};  // the union of the windows' parts in the band
     for (int64_t m = index_.begin[plane]; m < index_.begin[plane + 1]; ++m) {
       const patch::Placement& at = index_.windows[index_.members[m]].at;
+      if (at.axis[1].hi <= band_lo || at.axis[1].lo >= band_hi) continue;  // not in this band
       box = {std::min(box.y0, std::max(at.axis[1].lo, band_lo)), std::max(box.y1, std::min(at.axis[1].hi, band_hi)),
              std::min(box.x0, at.axis[2].lo), std::max(box.x1, at.axis[2].hi)};
     }

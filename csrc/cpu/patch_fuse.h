@@ -16,8 +16,8 @@ void patch_scatter(const PatchScatterArgs& args, int64_t* flags);
 // The output-stationary variant (reference.patch_gather): each voxel first sums its covering windows'
 // w * value in window order starting from 0, then adds that sum to acc once. Bit-identical across runs
 // and to the reference, except where acc holds -0.0 or a signalling NaN in the reference's one box over
-// all windows but outside the box of its (batch, z) plane: the reference adds 0 there (+0.0, a quiet
-// NaN), this leaves it.
+// all windows but outside the box of the windows' parts in its (batch, z) plane and band of rows: the
+// reference adds 0 there (+0.0, a quiet NaN), this leaves it.
 void patch_gather(const PatchScatterArgs& args, int64_t* flags);
 
 // out = act(acc / N) in acc's dtype [B, C, D, H, W] (output 0), or a uint8 mask (output 1:
