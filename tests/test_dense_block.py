@@ -164,6 +164,21 @@ def test_autocast_bf16(bottleneck):
     scaled_close(buffers, results["naive"][3], 1e-2)
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_autocast_keeps_the_input_dtype(implementation, rng):
+    """Under autocast the block's output has x's dtype with new_only too (naive's: the dtype of the
+    whole concatenation), and a float64 x is left alone, as autocast leaves float64 ops."""
+    block = DenseBlock3d(4, 2, 2, implementation=implementation)
+    x = torch.randn(2, 4, 3, 3, 3, generator=rng)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert block(x, new_only=True).dtype == torch.float32
+    block = DenseBlock3d(4, 2, 2, bottleneck=None, implementation=implementation).double()
+    x = x.double()
+    plain = block(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(block(x), plain)
+
+
 # The triton 3.6 interpreter truncates fp32 -> bf16 casts (a GPU rounds to nearest even), so under it
 # the Triton backend's bf16 results are less accurate than on a GPU: only the other backends here.
 @pytest.mark.parametrize("backend", [b for b in cpu_backends() if b != "triton"])

@@ -56,8 +56,14 @@ def test_input_checks():
     net = FCDenseNet3d(in_channels=4, **TINY)
     with pytest.raises(ValueError, match=r"input: spatial size \(16, 16, 12\) must be a multiple of 8"):
         net(torch.zeros(1, 4, 16, 16, 12))
-    with pytest.raises(ValueError, match=r"input: expected shape \[B, 4, D, H, W\]"):
+    with pytest.raises(ValueError, match=r"input: expected a non-empty shape \[B, 4, D, H, W\]"):
         net(torch.zeros(1, 3, 16, 16, 16))
+    with pytest.raises(ValueError, match=r"input: expected a non-empty shape .*, got \(0, 4, 16, 16, 16\)"):
+        net(torch.zeros(0, 4, 16, 16, 16))
+    with pytest.raises(ValueError, match=r"input: expected a non-empty shape .*, got \(1, 4, 0, 16, 16\)"):
+        net(torch.zeros(1, 4, 0, 16, 16))
+    with pytest.raises(TypeError, match=r"input: expected a torch\.Tensor, got list"):
+        net([[1.0]])
     with pytest.raises(ValueError, match="input"):
         net(torch.zeros(4, 16, 16, 16))
     with pytest.raises(TypeError, match="input: expected a float tensor"):

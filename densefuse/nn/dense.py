@@ -262,7 +262,10 @@ class DenseBlock3d(nn.Module):
             else:
                 h = head(*features)
             features.append(layer.tail(h))
-        return torch.cat(features[1:] if new_only else features, dim=1)
+        if not new_only:
+            return torch.cat(features, dim=1)
+        new = torch.cat(features[1:], dim=1)  # the dtype the whole concatenation would have, as naive's
+        return new.to(torch.promote_types(new.dtype, x.dtype))
 
     def _fused(self, x: Tensor, new_only: bool) -> Tensor:
         norms = self._norms()
@@ -282,7 +285,8 @@ class DenseBlock3d(nn.Module):
                 "'fused' serves it in eval mode"
             )
         device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        autocast = torch.is_autocast_enabled(device) and x.dtype != torch.float64  # autocast keeps fp64
+        dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
         dropout = any(layer.dropout.training and layer.dropout.p > 0 for layer in self.layers)
         seed = int(torch.randint(2**62, (), dtype=torch.int64)) if dropout else 0
         params = [t for layer in self.layers for t in _layer_params(layer)]

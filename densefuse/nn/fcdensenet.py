@@ -198,10 +198,14 @@ class FCDenseNet3d(nn.Module):
         self._implementation = value
 
     def check_input(self, x: Tensor) -> None:
-        """ValueError unless ``x`` is [B, in_channels, D, H, W] with D, H, W multiples of size_multiple;
-        TypeError unless it is a float tensor."""
-        if x.dim() != 5 or x.shape[1] != self.in_channels:
-            raise ValueError(f"input: expected shape [B, {self.in_channels}, D, H, W], got {tuple(x.shape)}")
+        """ValueError unless ``x`` is a non-empty [B, in_channels, D, H, W] with D, H, W multiples of
+        size_multiple; TypeError unless it is a float tensor."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"input: expected a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 5 or x.shape[1] != self.in_channels or x.numel() == 0:
+            raise ValueError(
+                f"input: expected a non-empty shape [B, {self.in_channels}, D, H, W], got {tuple(x.shape)}"
+            )
         if not x.is_floating_point():
             raise TypeError(f"input: expected a float tensor (cast integer images first), got {x.dtype}")
         spatial = tuple(x.shape[2:])
