@@ -64,6 +64,9 @@ def test_input_checks():
         net(torch.zeros(1, 4, 0, 16, 16))
     with pytest.raises(TypeError, match=r"input: expected a torch\.Tensor, got list"):
         net([[1.0]])
+    with pytest.raises(ValueError, match=r"input: in training mode the deepest level's batch statistics"):
+        net(torch.zeros(1, 4, 8, 8, 8))  # one voxel of one image after the stem and two down blocks
+    assert net.eval()(torch.zeros(1, 4, 8, 8, 8)).shape == (1, 1, 8, 8, 8)
     with pytest.raises(ValueError, match="input"):
         net(torch.zeros(4, 16, 16, 16))
     with pytest.raises(TypeError, match="input: expected a float tensor"):

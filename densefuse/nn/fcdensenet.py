@@ -26,6 +26,7 @@ activation of the network. Dropout masks are the forward's; running statistics a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -215,6 +216,12 @@ class FCDenseNet3d(nn.Module):
             raise ValueError(
                 f"input: spatial size {spatial} must be a multiple of {m} in every dimension (2 for the "
                 f"stem x 2^{self.num_down_blocks} for the down blocks); pad it to {padded} or crop it"
+            )
+        if self.training and x.shape[0] * math.prod(size // m for size in spatial) == 1:
+            raise ValueError(
+                f"input: in training mode the deepest level's batch statistics need more than one value "
+                f"per channel, and batch {x.shape[0]} at spatial size {spatial} leaves one voxel there "
+                f"(1/{m} of each side); use a larger batch or patch, or eval mode"
             )
 
     def forward(self, x: Tensor) -> Tensor:
