@@ -394,6 +394,22 @@ def test_bad_input():
     assert block(torch.randn(1, 4, 1, 1, 1)).shape == (1, 8, 1, 1, 1)  # eval mode: fine
     with pytest.raises(ValueError, match=r"^implementation: expected one of"):
         block.implementation = "fast"
+    for implementation in IMPLEMENTATIONS:  # all refuse what nn.Conv3d refuses, naming x
+        block.implementation = implementation
+        with pytest.raises(
+            TypeError, match=r"^x: expected torch\.float32 like the block's parameter layers\.0\."
+        ):
+            block(torch.randn(2, 4, 2, 2, 2, dtype=torch.float64))
+        with pytest.raises(
+            TypeError, match=r"^x: expected torch\.float64 like the block's parameter layers\.0\."
+        ):
+            copy.deepcopy(block).double()(torch.randn(2, 4, 2, 2, 2))
+        half = copy.deepcopy(block).to(torch.bfloat16)
+        for norm in half._norms().values():
+            norm.float()  # float32 norms with a half-precision x: nn.BatchNorm3d takes them
+        assert half(torch.randn(2, 4, 2, 2, 2, dtype=torch.bfloat16)).dtype == torch.bfloat16
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts: any float x
+            assert block(torch.randn(2, 4, 2, 2, 2, dtype=torch.bfloat16)).dtype == torch.bfloat16
     block.train()
     block.layers[1].norm1.eval()
     block.implementation = "fused"

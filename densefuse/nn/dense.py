@@ -219,12 +219,30 @@ class DenseBlock3d(nn.Module):
             raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
         if x.numel() == 0:
             raise ValueError(f"x: empty tensor of shape {tuple(x.shape)}")
+        self._check_dtype(x)
         if any(_batch_stats(n) for n in self._norms().values()) and x.shape[0] * math.prod(x.shape[2:]) == 1:
             raise ValueError(
                 f"x: batch statistics need more than one value per channel in training mode, got shape "
                 f"{tuple(x.shape)} (use a larger batch or patch, or eval mode)"
             )
         return x
+
+    def _check_dtype(self, x: Tensor) -> None:
+        """Outside autocast (and for float64 x under it, which autocast leaves alone) x's dtype must be
+        that of the convolutions' weights, and of the norms' parameters or float32 for a half-precision
+        x: what nn.Conv3d and nn.BatchNorm3d accept, so that every implementation takes the same inputs
+        (the fused kernels would otherwise compute in x's dtype with parameters cast to it)."""
+        if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:
+            return  # autocast picks the dtypes
+        low = x.dtype in (torch.float16, torch.bfloat16)
+        for name, module in self.named_modules():
+            allowed = (x.dtype, torch.float32) if low and isinstance(module, _BatchNorm) else (x.dtype,)
+            for key, param in module.named_parameters(prefix=name, recurse=False):
+                if param.dtype not in allowed:
+                    raise TypeError(
+                        f"x: expected {param.dtype} like the block's parameter {key}, got {x.dtype} (cast "
+                        "one to the other's dtype, or run under torch.autocast)"
+                    )
 
     def _norms(self) -> dict[str, _BatchNorm]:
         """Every batch norm of the block by name (BatchNorm3d, or SyncBatchNorm after
