@@ -56,13 +56,15 @@ def _reals(value: object) -> object:
     return value if None in reals else tuple(reals)
 
 
-def _check_roi(roi_size: object, size: Sequence[int], none_means_full: bool) -> tuple[int, ...]:
+def _check_roi(
+    roi_size: object, size: Sequence[int], none_means_full: bool, name: str = "roi_size"
+) -> tuple[int, ...]:
     """roi per axis from one value or a sequence (MONAI: None = the whole axis)."""
     dims = len(size)
     values = _validate.values(roi_size)
     values = [roi_size] * dims if values is None else values
     if len(values) != dims:
-        raise ValueError(f"roi_size: expected {dims} values for {dims} spatial dims, got {roi_size!r}")
+        raise ValueError(f"{name}: expected {dims} values for {dims} spatial dims, got {roi_size!r}")
     roi = []
     for value, full in zip(values, size):
         if value is None and none_means_full:
@@ -70,7 +72,7 @@ def _check_roi(roi_size: object, size: Sequence[int], none_means_full: bool) -> 
         length = _validate.as_int(value)
         if length is None or length <= 0:
             hint = " (None takes the whole axis)" if none_means_full else ""
-            raise ValueError(f"roi_size: expected positive integers{hint}, got {roi_size!r}")
+            raise ValueError(f"{name}: expected positive integers{hint}, got {roi_size!r}")
         roi.append(length)
     return tuple(roi)
 
@@ -670,6 +672,55 @@ TTA = {  # spatial axes (0 = z, 1 = y, 2 = x) flipped per pass; a 180-degree rot
 OUTPUTS = ("logits", "probabilities", "mask")
 
 
+def _check_model(model: object) -> Callable:
+    if not callable(model):
+        raise TypeError(f"model: expected a callable, got {type(model).__name__}")
+    return model
+
+
+def _check_flag(name: str) -> Callable[[object], bool]:
+    """A bool setting (bool, NumPy bool, or 0 / 1): a string such as 'False' is refused, not read as True."""
+
+    def check(value: object) -> bool:
+        if isinstance(value, bool) or getattr(getattr(value, "dtype", None), "kind", None) == "b":
+            return bool(value)
+        if _validate.as_int(value) in (0, 1):
+            return bool(value)
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
+
+    return check
+
+
+def _check_weight_vectors(value: object) -> tuple[Tensor, ...]:
+    """SlidingWindowPredictor.weights: three 1-D weight vectors as a tuple (tensors kept as given, so
+    that changes in place are seen; sequences and arrays become float64 tensors). Their lengths (the
+    roi's) and values are checked at each call, so roi and weights may be assigned in either order."""
+    given = value
+    if isinstance(value, (str, bytes)):
+        value = None
+    try:
+        vectors = list(value)
+    except TypeError:
+        raise TypeError(
+            f"weights: expected three 1-D weight vectors (densefuse.windows.separable_window makes them), "
+            f"got {given!r}"
+        ) from None
+    if len(vectors) != 3:
+        raise ValueError(f"weights: expected 3 1-D weight vectors (one per axis), got {len(vectors)}")
+    checked = []
+    with torch.inference_mode(False):  # made in inference mode, they would have no version counter
+        for i, w in enumerate(vectors):
+            if not isinstance(w, Tensor):
+                try:
+                    w = torch.as_tensor(w, dtype=torch.float64)
+                except (TypeError, ValueError, RuntimeError):
+                    raise TypeError(f"weights[{i}]: expected a 1-D weight vector, got {w!r}") from None
+            if w.dim() != 1:
+                raise ValueError(f"weights[{i}]: expected a 1-D weight vector, got shape {tuple(w.shape)}")
+            checked.append(w)
+    return tuple(checked)
+
+
 def _check_tta(tta: str | Sequence[Sequence[int]]) -> tuple[tuple[int, ...], ...]:
     if isinstance(tta, str):
         return TTA[_check_choice("tta", tta, tuple(TTA))]
@@ -761,8 +812,6 @@ class SlidingWindowPredictor:
         memory_budget: int | None = None,
         progress: bool = False,
     ):
-        if not callable(model):
-            raise TypeError(f"model: expected a callable, got {type(model).__name__}")
         self.model = model
         self.roi = _check_roi(roi_size, (0, 0, 0), none_means_full=False)
         _check_model_multiple(self.roi, model, "model")
@@ -776,12 +825,17 @@ class SlidingWindowPredictor:
         self.soft_voting, self.output, self.threshold = soft_voting, output, threshold
         self.model_device, self.device, self.memory_budget = model_device, device, memory_budget
         self.progress = progress
-        self._moved: tuple | None = None  # (placement, the weights, their versions, _weights_on's result)
+        self._moved: tuple | None = None  # (the weights, what they were moved for, _weights_on's result)
 
     # Each setting's check, run on assignment (in __init__ and after it): a value set later is checked
-    # as one given to the constructor, and stored as checked. cval is checked against an image's
-    # dtype at each call, where constant padding reads it.
+    # as one given to the constructor, and stored as checked. What depends on two settings is checked
+    # at each call (the weights' lengths against roi, roi against the model's size_multiple), so they
+    # may be changed in either order; cval is checked against an image's dtype where constant padding
+    # reads it.
     _SETTINGS: ClassVar[Mapping[str, Callable[[Any], Any]]] = {
+        "model": _check_model,
+        "roi": lambda v: _check_roi(v, (0, 0, 0), none_means_full=False, name="roi"),
+        "weights": _check_weight_vectors,
         "overlap": lambda v: _check_overlap(v, 3),
         "padding": lambda v: _check_choice("padding", v, ("reflect", "constant")),
         "cval": _validate.check_cval,
@@ -789,7 +843,8 @@ class SlidingWindowPredictor:
         "sw_batch_size": lambda v: _check_positive_int("sw_batch_size", v),
         "tta": _check_tta,
         "activation": lambda v: _check_choice("activation", v, tuple(reference.ACTIVATIONS)),
-        "soft_voting": bool,
+        "soft_voting": _check_flag("soft_voting"),
+        "progress": _check_flag("progress"),
         "output": lambda v: _check_choice("output", v, OUTPUTS),
         "threshold": lambda v: _validate.check_number("threshold", v, -math.inf),
         "model_device": lambda v: None if v is None else _validate.check_device("model_device", v),
@@ -797,33 +852,45 @@ class SlidingWindowPredictor:
         "memory_budget": lambda v: None if v is None else _check_positive_int("memory_budget", v),
     }
 
+    # Constructor arguments that are not attributes: assigning them would change nothing.
+    _MADE_INTO: ClassVar[Mapping[str, str]] = {
+        "roi_size": "roi",
+        "window": "weights",
+        "order": "weights",
+        "sigma_scale": "weights",
+    }
+
     def __setattr__(self, name: str, value: object) -> None:
+        if name in self._MADE_INTO:
+            raise AttributeError(
+                f"{name}: a constructor argument, not a setting; assign {self._MADE_INTO[name]} instead "
+                "(densefuse.windows.separable_window makes weights)"
+            )
         check = self._SETTINGS.get(name)
         super().__setattr__(name, value if check is None else check(value))
 
     def _weights_on(self, device: torch.device) -> tuple[list[Tensor], float, list[Tensor]]:
         """(self.weights checked and moved to ``device`` in float32, the floor they give, their float32
         values on the CPU for _check_coverage), made again only when the placement (_placement: the
-        device and its current stream), the weights (reassigned, or changed in place), floor or
+        device and its current stream), the weights (reassigned, or changed in place), roi, floor or
         padding differ from the last call's. The floor's default follows the weights: 0 with reflect
         padding, MONAI's max(min weight, 1e-3) with constant padding."""
+        weights = self.weights  # a tuple, assigned whole (_check_weight_vectors)
         # inference tensors (weights assigned in inference mode) have no version counter: moved again
-        versions = tuple(None if w.is_inference() else w._version for w in self.weights)
-        versions += (self.floor, self.padding)  # the floor follows them too
+        versions = tuple(None if w.is_inference() else w._version for w in weights)
         placement, moved = _placement(device), self._moved
-        stale = moved is None or moved[0] != placement or moved[1] is not self.weights or moved[2] != versions
-        if stale or None in versions:
+        key = (placement, versions, self.roi, self.floor, self.padding)  # the floor follows them too
+        if moved is None or moved[0] is not weights or moved[1] != key or None in versions:
             vectors = [
-                windows.check_vector(f"window[{i}]", w, r)
-                for i, (w, r) in enumerate(zip(self.weights, self.roi))
+                windows.check_vector(f"window[{i}]", w, r) for i, (w, r) in enumerate(zip(weights, self.roi))
             ]
             floor = self.floor
             if floor is None:
                 floor = 0.0 if self.padding == "reflect" else windows.monai_floor(vectors)
             on_cpu = _fusion_weights("window", vectors, torch.float32, "cpu")
             copies = [w.to(placement[0]) for w in on_cpu]
-            self._moved = moved = (placement, self.weights, versions, (copies, floor, on_cpu))
-        return moved[3]
+            self._moved = moved = (weights, key, (copies, floor, on_cpu))
+        return moved[2]
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_moved": None}  # device copies are not part of the predictor
@@ -864,6 +931,7 @@ class SlidingWindowPredictor:
     def __call__(self, image: Tensor) -> Tensor:
         """Prediction for image [B, C_in, D, H, W]: see the class docstring for the output."""
         image = _check_volume("image", image, (3,))
+        _check_model_multiple(self.roi, self.model, "model")  # either may have been changed
         batch, _, *size = image.shape
         padded = self.padding == "constant" and any(r > n for r, n in zip(self.roi, size))  # cval is read
         if padded:

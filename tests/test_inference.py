@@ -1090,6 +1090,15 @@ def test_bad_read_window_arguments():
         ("padding", "zeros", "padding: expected one of"),
         ("memory_budget", -5, "memory_budget: expected an integer >= 1"),
         ("device", "bogus", "device: cannot allocate on device 'bogus'"),
+        ("roi", (0, 4, 4), r"roi: expected positive integers, got \(0, 4, 4\)"),
+        ("roi", (4, 4), "roi: expected 3 values for 3 spatial dims"),
+        ("weights", [torch.ones(4)] * 2, "weights: expected 3 1-D weight vectors"),
+        ("weights", [torch.ones(4)] * 4, "weights: expected 3 1-D weight vectors"),
+        (
+            "weights",
+            [torch.ones(4), torch.ones(2, 2), torch.ones(4)],
+            r"weights\[1\]: expected a 1-D weight vector",
+        ),
     ],
 )
 def test_predictor_settings_changed_later_are_checked(name, value, message):
@@ -1097,10 +1106,67 @@ def test_predictor_settings_changed_later_are_checked(name, value, message):
     predict = SlidingWindowPredictor(_net, 4)
     with pytest.raises(ValueError, match=message):
         setattr(predict, name, value)
-    with pytest.raises(ValueError, match=message):
-        SlidingWindowPredictor(_net, 4, **{name: value})
+    if name not in ("roi", "weights"):  # constructor arguments roi_size and window
+        with pytest.raises(ValueError, match=message):
+            SlidingWindowPredictor(_net, 4, **{name: value})
     predict.overlap, predict.sw_batch_size, predict.tta = 0.25, np.int64(3), "flips"
     assert predict.overlap == (0.25, 0.25, 0.25) and predict.sw_batch_size == 3 and len(predict.tta) == 4
+
+
+def test_predictor_model_roi_and_weights_changed_later(rng):
+    """model, roi and weights assigned later are checked on assignment alone (so roi and weights may
+    come in either order) and against each other at the call; the result is a fresh predictor's."""
+    x = torch.randn(1, 1, 12, 13, 11, generator=rng)
+    net = random_conv(rng, 1, 2)
+    predict = SlidingWindowPredictor(net, 8, floor=1e-3, activation="none")
+    predict(x)
+    for bad, error in ((None, "model: expected a callable, got NoneType"), ("x", "weights: expected three")):
+        with pytest.raises(TypeError, match=error):
+            setattr(predict, "model" if bad is None else "weights", bad)
+    with pytest.raises(TypeError):
+        predict.weights[0] = torch.ones(8)  # a tuple: assigned whole, so a change is never missed
+    predict.roi = (6, 6, 6)
+    with pytest.raises(ValueError, match=r"window\[0\]: expected a 1-D weight vector of length 6"):
+        predict(x)  # the weights are still 8 long
+    predict.weights = [np.ones(6), [1.0] * 6, windows.gaussian(6)]
+    fresh = SlidingWindowPredictor(
+        net, 6, floor=1e-3, activation="none", window=[np.ones(6), [1.0] * 6, windows.gaussian(6)]
+    )
+    assert torch.equal(predict(x), fresh(x))
+    predict.weights, predict.roi = windows.separable_window("gaussian", (8, 8, 8)), (8, 8, 8)
+    assert torch.equal(
+        predict(x), SlidingWindowPredictor(net, 8, floor=1e-3, activation="none", window="gaussian")(x)
+    )
+    predict.model = FCDenseNet3d(
+        1, 2, growth_rate=2, layers_per_block=1, num_down_blocks=4
+    )  # size_multiple 16
+    with pytest.raises(
+        ValueError, match=r"roi_size: \(8, 8, 8\) must be a multiple of the model's size_multiple"
+    ):
+        predict(x)
+    for name, target in (("window", "weights"), ("roi_size", "roi"), ("sigma_scale", "weights")):
+        with pytest.raises(
+            AttributeError, match=f"^{name}: a constructor argument, not a setting; assign {target}"
+        ):
+            setattr(predict, name, "gaussian")
+    with pytest.raises(TypeError, match=r"soft_voting: expected True or False, got 'False'"):
+        predict.soft_voting = "False"
+    predict.soft_voting, predict.progress = np.bool_(False), 0
+    assert predict.soft_voting is False and predict.progress is False
+
+
+def test_predictor_reuses_its_weights_until_they_change(rng):
+    """The weights moved for one call serve the next (the default floor included) until the weights,
+    roi, floor or padding change."""
+    x = torch.randn(1, 1, 9, 8, 7, generator=rng)
+    predict = SlidingWindowPredictor(random_conv(rng, 1, 1), 6)
+    predict(x)
+    moved = predict._moved
+    predict(x)
+    assert predict._moved is moved
+    predict.floor = 1e-3
+    predict(x)
+    assert predict._moved is not moved
 
 
 def test_bad_predictor_calls():
