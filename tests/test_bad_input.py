@@ -62,6 +62,11 @@ CALLS = {  # name: f(logits, target, ignore_index) through one public entry poin
     "FocalLoss_softmax_no_bg": lambda x, t, ii=None: dn.FocalLoss(
         use_softmax=True, include_background=False, ignore_index=ii
     )(x, t),
+    # the loss map: the reference's element-wise path, checked as the fused ops check their inputs
+    "FocalLoss_none": lambda x, t, ii=None: dn.FocalLoss(ignore_index=ii, reduction="none")(x, t),
+    "FocalLoss_softmax_none": lambda x, t, ii=None: dn.FocalLoss(
+        use_softmax=True, ignore_index=ii, reduction="none"
+    )(x, t),
 }
 via = pytest.mark.parametrize("call", list(CALLS))
 

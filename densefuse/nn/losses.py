@@ -428,9 +428,13 @@ class FocalLoss(nn.Module):
         return loss * weight
 
     def _elementwise(self, logits, target, activation, alpha_pos, alpha_neg, ignore_index) -> Tensor:
+        """The loss map [B, C, ...] (reduction "none"), after the input checks the fused ops make."""
         target = _validate.normalize_target(target, logits, ignore_index)
+        flat = _validate.flatten_spatial(logits, 2)
+        if _validate.value_checks_enabled():
+            _validate.raise_on_flags(reference.input_flags(flat, target, ignore_index), logits.shape[1])
         code = reference.ACTIVATIONS[activation]
         loss, _ = reference.focal_elementwise(
-            _validate.flatten_spatial(logits, 2), target, code, self.gamma, alpha_pos, alpha_neg, ignore_index
+            flat, target, code, self.gamma, alpha_pos, alpha_neg, ignore_index
         )
         return loss.view(logits.shape)
