@@ -296,6 +296,24 @@ def test_negative_gamma(gamma):
 def test_nan_gamma():
     with pytest.raises(ValueError, match=r"^gamma"):
         dn.FocalLoss(gamma=float("nan"))
+    for bad in (float("nan"), True, "2"):
+        with pytest.raises(ValueError, match=r"^gamma"):
+            ops.focal_stats(logits(), labels(), "softmax", gamma=bad)
+
+
+def test_focal_stats_takes_numpy_and_tensor_gamma():
+    """The op reads gamma as FocalLoss does: a NumPy number or a 0-d tensor is a number."""
+    expected = ops.focal_stats(logits(), labels(), "sigmoid", 2.0)
+    for gamma in (np.float32(2.0), torch.tensor(2.0), 2):
+        assert torch.equal(ops.focal_stats(logits(), labels(), "sigmoid", gamma), expected)
+
+
+@pytest.mark.parametrize("alpha", [[1.0, float("nan"), 1.0], [1.0, -5.0, 1.0], [float("inf"), 1.0, 1.0]])
+def test_focal_stats_bad_alpha_values(alpha):
+    """Per-class alphas on the CPU are checked (NaN, Inf or negative weights gave NaN or negative losses)."""
+    for name in ("alpha_pos", "alpha_neg"):
+        with pytest.raises(ValueError, match=rf"^{name}: expected finite weights >= 0"):
+            ops.focal_stats(logits(), labels(), "sigmoid", 2.0, **{name: torch.tensor(alpha)})
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,6 @@ value checks cost no extra pass. Shapes, dtypes and label conventions: densefuse
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -226,6 +225,10 @@ def _check_alpha(name: str, alpha: Tensor | None, logits: Tensor) -> Tensor | No
         raise ValueError(
             f"{name}: expected shape ({logits.shape[1]},) (one per class), got {tuple(alpha.shape)}"
         )
+    # values checked where that needs no device sync: on the CPU (FocalLoss checks its own alpha once)
+    if alpha.device.type == "cpu" and _validate.value_checks_enabled():
+        if not bool((torch.isfinite(alpha) & (alpha >= 0)).all()):
+            raise ValueError(f"{name}: expected finite weights >= 0, got {alpha.tolist()}")
     return alpha.to(device=logits.device, dtype=reference.accumulate_dtype(logits.dtype)).contiguous()
 
 
@@ -243,17 +246,12 @@ def focal_stats(
     Element loss (see densefuse.reference.focal_elementwise): sigmoid
     a * (1 - p_t)^gamma * BCE with a = g*alpha_pos_c + (1 - g)*alpha_neg_c, or softmax
     -alpha_pos_c * g_c * (1 - p_c)^gamma * log p_c. Arguments as in overlap_stats; alpha_* are
-    per-class [C] tensors (None: 1). Differentiable w.r.t. logits (slot 0).
+    per-class [C] tensors (None: 1), finite and >= 0 (checked where they lie on the CPU: a check of
+    values on a GPU would cost a sync per call). Differentiable w.r.t. logits (slot 0).
     """
     logits = _validate.check_logits(logits)
     code = _validate.check_activation(activation, ("sigmoid", "softmax"))
-    if (
-        isinstance(gamma, bool)
-        or not isinstance(gamma, (int, float))
-        or not math.isfinite(gamma)
-        or gamma < 0
-    ):
-        raise ValueError(f"gamma: expected a finite number >= 0, got {gamma!r}")
+    gamma = _validate.check_number("gamma", gamma)
     ignore_index = _validate.check_ignore_index(ignore_index)
     target = _validate.normalize_target(target, logits, ignore_index)
     alpha_pos = _check_alpha("alpha_pos", alpha_pos, logits)
