@@ -301,6 +301,16 @@ def test_nan_gamma():
             ops.focal_stats(logits(), labels(), "softmax", gamma=bad)
 
 
+@pytest.mark.parametrize("module", [dn.DiceLoss, dn.TverskyLoss, dn.FocalLoss])
+def test_integer_one_hot_of_another_shape(module):
+    """An integer target with C channels is a one-hot: of another shape, the error says so (it spoke of
+    a float target and advised an integer dtype)."""
+    with pytest.raises(
+        ValueError, match=r"^target: an integer target with the logits' 3 channels is read as one-hot"
+    ):
+        module()(logits(), torch.zeros(2, 3, 4, 5, 1, dtype=torch.int64))
+
+
 def test_focal_stats_takes_numpy_and_tensor_gamma():
     """The op reads gamma as FocalLoss does: a NumPy number or a 0-d tensor is a number."""
     expected = ops.focal_stats(logits(), labels(), "sigmoid", 2.0)

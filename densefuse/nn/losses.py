@@ -87,6 +87,11 @@ def _prepare_target(target: Tensor, logits: Tensor, to_onehot_y: bool) -> Tensor
             raise ValueError("target: float labels must hold integer values; pass an integer label map")
         return labels
     if not target.is_floating_point() and target.dim() == logits.dim() and target.shape[1] == channels > 1:
+        if tuple(target.shape) != tuple(logits.shape):
+            raise ValueError(
+                f"target: an integer target with the logits' {channels} channels is read as one-hot and "
+                f"must have their shape {tuple(logits.shape)}, got {tuple(target.shape)}"
+            )
         return target.to(logits.dtype if logits.dtype != torch.float16 else torch.float32)  # one-hot ints
     return target
 
