@@ -124,6 +124,8 @@ def _check_choice(name: str, value: object, allowed: Sequence[str]) -> str:
 def _check_volume(name: str, x: object, dims: Sequence[int]) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.is_complex():
+        raise TypeError(f"{name}: expected a real tensor (windows are fused as real values), got {x.dtype}")
     if x.dim() - 2 not in dims or x.numel() == 0:
         expected = " or ".join(f"{d + 2}-D" for d in dims)
         raise ValueError(

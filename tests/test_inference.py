@@ -438,6 +438,11 @@ BAD_CALLS = [
     (dict(inputs=torch.zeros(6, 6)), ValueError, r"inputs: expected a non-empty 3-D or 4-D or 5-D"),
     (dict(inputs="volume"), TypeError, "inputs: expected a torch.Tensor"),
     (
+        dict(inputs=torch.ones(1, 1, 6, 6, 6, dtype=torch.complex64)),
+        TypeError,
+        "inputs: expected a real tensor",
+    ),
+    (
         dict(condition=torch.ones(1, 1, 6, 6, 5)),
         ValueError,
         r"condition: expected \[>= 1, C, 6, 6, 6\] like inputs",
