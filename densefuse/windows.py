@@ -166,11 +166,18 @@ def separable_window(
     """
     dims = len(roi_size)
     if not isinstance(window, str):
-        vectors = list(window)
+        try:
+            vectors = list(window)
+        except TypeError:
+            names = ", ".join(WINDOWS)
+            raise TypeError(
+                f"{name}: expected a window name ({names}) or {dims} 1-D weight vectors, got {window!r}"
+            ) from None
         if len(vectors) != dims:
             raise ValueError(f"{name}: expected {dims} 1-D weight vectors (one per axis), got {len(vectors)}")
         return tuple(check_vector(f"{name}[{i}]", w, n) for i, (w, n) in enumerate(zip(vectors, roi_size)))
-    scales = tuple(sigma_scale) if isinstance(sigma_scale, Sequence) else (sigma_scale,) * dims
+    per_axis = isinstance(sigma_scale, Sequence) and not isinstance(sigma_scale, (str, bytes))
+    scales = tuple(sigma_scale) if per_axis else (sigma_scale,) * dims
     if len(scales) != dims:
         raise ValueError(f"sigma_scale: expected one value or {dims}, got {len(scales)}")
     return tuple(

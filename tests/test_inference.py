@@ -1004,6 +1004,12 @@ BAD_PREDICTOR = [
     (dict(overlap=1), ValueError, r"overlap: expected numbers in \[0, 1\)"),
     (dict(window="hann"), ValueError, "window: expected one of"),
     (dict(window=[torch.ones(8)] * 2), ValueError, "window: expected 3 1-D weight vectors"),
+    (dict(window=None), TypeError, r"window: expected a window name \(constant, gaussian, bspline, spline\)"),
+    (
+        dict(window="gaussian", sigma_scale="x"),
+        ValueError,
+        "sigma_scale: expected a finite number > 0, got 'x'",
+    ),
     (dict(order=5, window="bspline"), ValueError, r"order: expected a B-spline order in 0\.\.3"),
     (dict(padding="circular"), ValueError, "padding: expected one of"),
     (dict(floor=-1.0), ValueError, "floor: expected a finite number >= 0"),
