@@ -273,6 +273,15 @@ def test_ignore_index_not_an_int(call, ignore_index):
         CALLS[call](logits(), labels(), ignore_index)
 
 
+@pytest.mark.parametrize("ignore_index", [2**63, -(2**63) - 1])
+@via
+def test_ignore_index_beyond_int64(call, ignore_index):
+    """The ops take ignore_index as an int64: a larger int is refused up front, naming it (torch's
+    schema parser failed on it at the call)."""
+    with pytest.raises(ValueError, match=r"^ignore_index: expected an int64 value"):
+        CALLS[call](logits(), labels(), ignore_index)
+
+
 # ---------------------------------------------------------------------------------- module arguments
 OVERLAP_MODULES = [dn.TverskyLoss, dn.FBetaLoss, dn.DiceLoss]
 ALL_MODULES = [*OVERLAP_MODULES, dn.FocalLoss]

@@ -124,8 +124,11 @@ def normalize_target(target: object, logits: torch.Tensor, ignore_index: int | N
 
 
 def check_ignore_index(ignore_index: object) -> int | None:
+    """An int label to ignore (within int64: the ops take it as one), or None."""
     if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
         raise TypeError(f"ignore_index: expected an int or None, got {ignore_index!r}")
+    if ignore_index is not None and not -(2**63) <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index: expected an int64 value, got {ignore_index!r}")
     return ignore_index
 
 
