@@ -378,6 +378,15 @@ def test_no_grad_and_input_without_grad():
     assert_all_close(dict(blocks["fused"].named_buffers()), dict(blocks["naive"].named_buffers()))
 
 
+@pytest.mark.parametrize("implementation", ["naive", "checkpoint"])
+def test_block_on_the_meta_device(implementation):
+    """A block made on the meta device gives shapes (autocast knows no meta device: not asked)."""
+    with torch.device("meta"):
+        block = DenseBlock3d(4, 2, 2, implementation=implementation)
+        x = torch.randn(2, 4, 8, 8, 8)
+    assert block(x).shape == (2, 8, 8, 8, 8)
+
+
 def test_bad_input():
     block = DenseBlock3d(4, 2, 2)
     with pytest.raises(ValueError, match=r"^x: expected shape \[B, 4, D, H, W\] \(in_channels=4\), got"):
@@ -396,14 +405,22 @@ def test_bad_input():
         block.implementation = "fast"
     for implementation in IMPLEMENTATIONS:  # all refuse what nn.Conv3d refuses, naming x
         block.implementation = implementation
-        with pytest.raises(
-            TypeError, match=r"^x: expected torch\.float32 like the block's parameter layers\.0\."
-        ):
+        with pytest.raises(TypeError, match=r"^x: expected torch\.float32 like the block's convolutions"):
             block(torch.randn(2, 4, 2, 2, 2, dtype=torch.float64))
-        with pytest.raises(
-            TypeError, match=r"^x: expected torch\.float64 like the block's parameter layers\.0\."
-        ):
+        with pytest.raises(TypeError, match=r"^x: expected torch\.float64 like the block's convolutions"):
             copy.deepcopy(block).double()(torch.randn(2, 4, 2, 2, 2))
+        mixed = copy.deepcopy(block)
+        mixed.layers[1].conv1.double()
+        with pytest.raises(
+            TypeError, match=r"^x: the block's convolutions have different dtypes \(.*layers\.1\.conv1"
+        ):
+            mixed(torch.randn(2, 4, 2, 2, 2))
+        mixed = copy.deepcopy(block)
+        mixed.layers[0].norm2.double()
+        with pytest.raises(
+            TypeError, match=r"^x: the block's parameter layers\.0\.norm2\.weight is torch\.float64"
+        ):
+            mixed(torch.randn(2, 4, 2, 2, 2))
         half = copy.deepcopy(block).to(torch.bfloat16)
         for norm in half._norms().values():
             norm.float()  # float32 norms with a half-precision x: nn.BatchNorm3d takes them

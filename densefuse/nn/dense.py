@@ -228,21 +228,44 @@ class DenseBlock3d(nn.Module):
         return x
 
     def _check_dtype(self, x: Tensor) -> None:
-        """Outside autocast (and for float64 x under it, which autocast leaves alone) x's dtype must be
-        that of the convolutions' weights, and of the norms' parameters or float32 for a half-precision
-        x: what nn.Conv3d and nn.BatchNorm3d accept, so that every implementation takes the same inputs
-        (the fused kernels would otherwise compute in x's dtype with parameters cast to it)."""
-        if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:
+        """Outside autocast (and for float64 x under it, which autocast leaves alone) the convolutions'
+        weights must have x's dtype and the norms' parameters x's dtype or, for a half-precision x,
+        float32: what nn.Conv3d and nn.BatchNorm3d take, so that every implementation takes the same
+        inputs (the fused kernels would compute in x's dtype with the parameters cast to it). Only
+        the parameters the layers compute with are read (_layer_params: norm, norm, conv per stage)."""
+        if _autocast_dtype(x) is not None:
             return  # autocast picks the dtypes
         low = x.dtype in (torch.float16, torch.bfloat16)
-        for name, module in self.named_modules():
-            allowed = (x.dtype, torch.float32) if low and isinstance(module, _BatchNorm) else (x.dtype,)
-            for key, param in module.named_parameters(prefix=name, recurse=False):
-                if param.dtype not in allowed:
-                    raise TypeError(
-                        f"x: expected {param.dtype} like the block's parameter {key}, got {x.dtype} (cast "
-                        "one to the other's dtype, or run under torch.autocast)"
-                    )
+        for layer in self.layers:
+            for i, param in enumerate(_layer_params(layer)):
+                is_conv = i % 3 == 2
+                if param.dtype != x.dtype and (is_conv or not low or param.dtype != torch.float32):
+                    raise TypeError(self._dtype_error(x))
+
+    def _dtype_error(self, x: Tensor) -> str:
+        """The message for an x whose dtype the layers' parameters do not take."""
+        convs = {
+            n: p.dtype for n, p in self.named_parameters() if n.endswith(("conv1.weight", "conv2.weight"))
+        }
+        if len(set(convs.values())) > 1:
+            found = ", ".join(f"{n}: {d}" for n, d in convs.items() if d != next(iter(convs.values())))
+            first = next(iter(convs))
+            return (
+                f"x: the block's convolutions have different dtypes ({first}: {convs[first]}, {found}); "
+                "cast the block to one dtype"
+            )
+        conv_dtype = next(iter(convs.values()))
+        if conv_dtype != x.dtype:
+            return (
+                f"x: expected {conv_dtype} like the block's convolutions, got {x.dtype} (cast one to the "
+                "other's dtype, or run under torch.autocast)"
+            )
+        allowed = (x.dtype, torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else (x.dtype,)
+        name, param = next(
+            (n, p) for n, p in self.named_parameters() if "norm" in n and p.dtype not in allowed
+        )
+        takes = " or ".join(map(str, allowed))
+        return f"x: the block's parameter {name} is {param.dtype}; with a {x.dtype} x a norm takes {takes}"
 
     def _norms(self) -> dict[str, _BatchNorm]:
         """Every batch norm of the block by name (BatchNorm3d, or SyncBatchNorm after
@@ -303,8 +326,7 @@ class DenseBlock3d(nn.Module):
                 "'fused' serves it in eval mode"
             )
         device = x.device.type
-        autocast = torch.is_autocast_enabled(device) and x.dtype != torch.float64  # autocast keeps fp64
-        dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
+        dtype = _autocast_dtype(x) or x.dtype
         dropout = any(layer.dropout.training and layer.dropout.p > 0 for layer in self.layers)
         seed = int(torch.randint(2**62, (), dtype=torch.int64)) if dropout else 0
         params = [t for layer in self.layers for t in _layer_params(layer)]
@@ -314,6 +336,15 @@ class DenseBlock3d(nn.Module):
 
 
 # ------------------------------------------------------------------------------------ fused block
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype torch.autocast computes x's convolutions in, or None where it leaves them alone: off
+    for x's device (or unknown to autocast, as "meta"), or x float64."""
+    device = x.device.type
+    if x.dtype == torch.float64 or not torch.amp.is_autocast_available(device):
+        return None
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
 def _batch_stats(norm: _BatchNorm) -> bool:
     """Whether ``norm`` normalises with batch statistics (PyTorch: training, or no running stats)."""
     return norm.training or norm.running_mean is None
