@@ -77,14 +77,14 @@ def _check_roi(
     return tuple(roi)
 
 
-def _check_model_multiple(roi: Sequence[int], model: object, name: str) -> None:
+def _check_model_multiple(roi: Sequence[int], model: object, name: str, roi_name: str = "roi_size") -> None:
     """Windows of sizes a model says it takes: one with a size_multiple (FCDenseNet3d) needs roi_size
     multiples of it (its own error would name the window as its input)."""
     multiple = _validate.as_int(getattr(model, "size_multiple", None))
     if multiple and any(r % multiple for r in roi):
         fitted = tuple(-(-r // multiple) * multiple for r in roi)
         raise ValueError(
-            f"roi_size: {tuple(roi)} must be a multiple of the {name}'s size_multiple ({multiple}) in "
+            f"{roi_name}: {tuple(roi)} must be a multiple of the {name}'s size_multiple ({multiple}) in "
             f"every dimension, e.g. {fitted}"
         )
 
@@ -684,10 +684,9 @@ def _check_flag(name: str) -> Callable[[object], bool]:
     """A bool setting (bool, NumPy bool, or 0 / 1): a string such as 'False' is refused, not read as True."""
 
     def check(value: object) -> bool:
-        if isinstance(value, bool) or getattr(getattr(value, "dtype", None), "kind", None) == "b":
-            return bool(value)
-        if _validate.as_int(value) in (0, 1):
-            return bool(value)
+        flag = _validate.unwrapped(value)  # a 0-d tensor or array: its Python value
+        if isinstance(flag, bool) or type(flag).__name__ == "bool_" or _validate.as_int(flag) in (0, 1):
+            return bool(flag)
         raise TypeError(f"{name}: expected True or False, got {value!r}")
 
     return check
@@ -695,7 +694,7 @@ def _check_flag(name: str) -> Callable[[object], bool]:
 
 def _check_weight_vectors(value: object) -> tuple[Tensor, ...]:
     """SlidingWindowPredictor.weights: three 1-D weight vectors as a tuple (tensors kept as given, so
-    that changes in place are seen; sequences and arrays become float64 tensors). Their lengths (the
+    that changes in place are seen; sequences and arrays are copied into float64 tensors). Their lengths (the
     roi's) and values are checked at each call, so roi and weights may be assigned in either order."""
     given = value
     if isinstance(value, (str, bytes)):
@@ -714,7 +713,7 @@ def _check_weight_vectors(value: object) -> tuple[Tensor, ...]:
         for i, w in enumerate(vectors):
             if not isinstance(w, Tensor):
                 try:
-                    w = torch.as_tensor(w, dtype=torch.float64)
+                    w = torch.tensor(w, dtype=torch.float64)  # a copy: an array changed later is not seen
                 except (TypeError, ValueError, RuntimeError):
                     raise TypeError(f"weights[{i}]: expected a 1-D weight vector, got {w!r}") from None
             if w.dim() != 1:
@@ -863,7 +862,7 @@ class SlidingWindowPredictor:
     }
 
     def __setattr__(self, name: str, value: object) -> None:
-        if name in self._MADE_INTO:
+        if name in self._MADE_INTO and type(self) is SlidingWindowPredictor:  # a subclass may keep its own
             raise AttributeError(
                 f"{name}: a constructor argument, not a setting; assign {self._MADE_INTO[name]} instead "
                 "(densefuse.windows.separable_window makes weights)"
@@ -884,7 +883,7 @@ class SlidingWindowPredictor:
         key = (placement, versions, self.roi, self.floor, self.padding)  # the floor follows them too
         if moved is None or moved[0] is not weights or moved[1] != key or None in versions:
             vectors = [
-                windows.check_vector(f"window[{i}]", w, r) for i, (w, r) in enumerate(zip(weights, self.roi))
+                windows.check_vector(f"weights[{i}]", w, r) for i, (w, r) in enumerate(zip(weights, self.roi))
             ]
             floor = self.floor
             if floor is None:
@@ -896,6 +895,11 @@ class SlidingWindowPredictor:
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_moved": None}  # device copies are not part of the predictor
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if "weights" in state:  # one pickled before weights were checked on assignment may hold a list
+            self.weights = state["weights"]
 
     # ------------------------------------------------------------------------------------ per window
     def _vote_activation(self) -> str:
@@ -933,7 +937,7 @@ class SlidingWindowPredictor:
     def __call__(self, image: Tensor) -> Tensor:
         """Prediction for image [B, C_in, D, H, W]: see the class docstring for the output."""
         image = _check_volume("image", image, (3,))
-        _check_model_multiple(self.roi, self.model, "model")  # either may have been changed
+        _check_model_multiple(self.roi, self.model, "model", "roi")  # either may have been changed
         batch, _, *size = image.shape
         padded = self.padding == "constant" and any(r > n for r, n in zip(self.roi, size))  # cval is read
         if padded:

@@ -32,6 +32,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from densefuse.ops import _validate
+
 WINDOWS = ("constant", "gaussian", "bspline", "spline")
 MONAI_MIN_WEIGHT = 1e-3  # compute_importance_map's lower bound for the clamp
 
@@ -116,7 +118,7 @@ def gaussian(
 
 def check_vector(name: str, w: object, n: int) -> Tensor:
     """A user-supplied weight vector as float64 [n]: finite, >= 0 and not all zero."""
-    w = torch.as_tensor(w).detach().to(device="cpu", dtype=torch.float64)
+    w = (w if isinstance(w, Tensor) else torch.tensor(w)).detach().to(device="cpu", dtype=torch.float64)
     if w.dim() != 1 or w.numel() != n:
         raise ValueError(f"{name}: expected a 1-D weight vector of length {n}, got shape {tuple(w.shape)}")
     if not torch.isfinite(w).all() or (w < 0).any() or not (w > 0).any():
@@ -176,8 +178,8 @@ def separable_window(
         if len(vectors) != dims:
             raise ValueError(f"{name}: expected {dims} 1-D weight vectors (one per axis), got {len(vectors)}")
         return tuple(check_vector(f"{name}[{i}]", w, n) for i, (w, n) in enumerate(zip(vectors, roi_size)))
-    per_axis = isinstance(sigma_scale, Sequence) and not isinstance(sigma_scale, (str, bytes))
-    scales = tuple(sigma_scale) if per_axis else (sigma_scale,) * dims
+    per_axis = _validate.values(sigma_scale)  # a sequence, 1-D array or tensor: one per axis
+    scales = tuple(per_axis) if per_axis is not None else (sigma_scale,) * dims
     if len(scales) != dims:
         raise ValueError(f"sigma_scale: expected one value or {dims}, got {len(scales)}")
     return tuple(

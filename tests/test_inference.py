@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import pickle
 from unittest import mock
 
 import numpy as np
@@ -1137,7 +1138,7 @@ def test_predictor_model_roi_and_weights_changed_later(rng):
     with pytest.raises(TypeError):
         predict.weights[0] = torch.ones(8)  # a tuple: assigned whole, so a change is never missed
     predict.roi = (6, 6, 6)
-    with pytest.raises(ValueError, match=r"window\[0\]: expected a 1-D weight vector of length 6"):
+    with pytest.raises(ValueError, match=r"weights\[0\]: expected a 1-D weight vector of length 6"):
         predict(x)  # the weights are still 8 long
     predict.weights = [np.ones(6), [1.0] * 6, windows.gaussian(6)]
     fresh = SlidingWindowPredictor(
@@ -1151,9 +1152,7 @@ def test_predictor_model_roi_and_weights_changed_later(rng):
     predict.model = FCDenseNet3d(
         1, 2, growth_rate=2, layers_per_block=1, num_down_blocks=4
     )  # size_multiple 16
-    with pytest.raises(
-        ValueError, match=r"roi_size: \(8, 8, 8\) must be a multiple of the model's size_multiple"
-    ):
+    with pytest.raises(ValueError, match=r"roi: \(8, 8, 8\) must be a multiple of the model's size_multiple"):
         predict(x)
     for name, target in (("window", "weights"), ("roi_size", "roi"), ("sigma_scale", "weights")):
         with pytest.raises(
@@ -1164,6 +1163,41 @@ def test_predictor_model_roi_and_weights_changed_later(rng):
         predict.soft_voting = "False"
     predict.soft_voting, predict.progress = np.bool_(False), 0
     assert predict.soft_voting is False and predict.progress is False
+    predict.soft_voting = torch.tensor(True)
+    assert predict.soft_voting is True
+
+
+def test_predictor_weights_from_arrays_are_copies(rng):
+    """Weights given as arrays are copied when assigned: the array changed later changes nothing (a
+    float64 array was aliased, its change unseen by the cache of moved weights)."""
+    x = torch.randn(1, 1, 9, 8, 7, generator=rng)
+    predict = SlidingWindowPredictor(random_conv(rng, 1, 1), 6, floor=1e-3, activation="none")
+    array = np.ones((3, 6))
+    predict.weights = array
+    before = predict(x)
+    array[0] = np.linspace(0.1, 1.0, 6)
+    assert torch.equal(predict(x), before) and torch.equal(
+        predict.weights[0], torch.ones(6, dtype=torch.float64)
+    )
+
+
+def test_predictor_pickled_with_a_list_of_weights(rng):
+    """A predictor whose state holds a list of weights (pickled before weights were checked on
+    assignment) gets them as a tuple when unpickled; subclasses may keep constructor names."""
+    predict = SlidingWindowPredictor(_net, 4)
+    state = predict.__getstate__()
+    state["weights"] = list(state["weights"])
+    restored = SlidingWindowPredictor.__new__(SlidingWindowPredictor)
+    restored.__setstate__(state)
+    assert isinstance(restored.weights, tuple)
+    assert pickle.loads(pickle.dumps(restored)).weights[0].equal(predict.weights[0])
+
+    class Named(SlidingWindowPredictor):
+        def __init__(self, model, roi_size, window="spline"):
+            self.window = window  # its own attribute: allowed in a subclass
+            super().__init__(model, roi_size, window=window)
+
+    assert Named(_net, 4, "gaussian").window == "gaussian"
 
 
 def test_predictor_reuses_its_weights_until_they_change(rng):
@@ -1247,7 +1281,7 @@ def test_predictor_floor_and_checks_follow_weights_changed_in_place(rng):
     assert torch.equal(predictor(x), fresh(x))
     with torch.no_grad():
         predictor.weights[1][0] = -1.0
-    with pytest.raises(ValueError, match=r"window\[1\]: expected finite weights >= 0"):
+    with pytest.raises(ValueError, match=r"weights\[1\]: expected finite weights >= 0"):
         predictor(x)
 
 
