@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 import densefuse
-from densefuse.profile import git_commit, write_json
+from densefuse.profile import git_commit, out_problem, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUANTILES = (50, 20, 80)
@@ -241,10 +241,12 @@ def markdown(report: dict) -> str:
 
 
 def stop(signum, frame) -> None:
-    raise KeyboardInterrupt
+    raise KeyboardInterrupt(signum)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Runs the report; returns the exit status: 0, or 128 + the signal's number when a SIGINT or
+    SIGTERM stopped it (the cases done so far are kept in the JSON)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     parser.add_argument("--device", choices=("cpu", "cuda"), default=default_device)
@@ -264,7 +266,10 @@ def main(argv: list[str] | None = None) -> None:
     copy_gbps = copy_bandwidth_gbps(args.device) if args.device == "cuda" else None
     report = header(args.device, args.reps, copy_gbps)
     out = args.out or args.out_dir / f"{report['slug']}-{report['date']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    problem = out_problem(out)  # before anything is measured
+    if problem is not None:
+        parser.error(f"--out: {problem}")
+    status = 0
     cases = lp.cases(shapes)
     compile = not args.no_compile
     signal.signal(signal.SIGTERM, stop)  # stopped by `timeout`: keep the cases done so far
@@ -282,12 +287,14 @@ def main(argv: list[str] | None = None) -> None:
             write_json(out, report)
             if args.device == "cuda":
                 torch.cuda.empty_cache()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         report["notes"].append(f"stopped after {len(report['cases'])} of {len(cases)} cases")
         write_json(out, report)
+        status = 128 + (exc.args[0] if exc.args else signal.SIGINT)
     print(markdown(report))
     print(f"\nwrote {out}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

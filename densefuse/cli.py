@@ -61,8 +61,7 @@ def _bench(args: list[str]) -> int:
     report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report)
     sys.argv = ["densefuse bench", *args]  # argparse's prog: its usage and errors name this command
-    report.main(args)
-    return 0
+    return report.main(args)
 
 
 # ------------------------------------------------------------------------------ argument types
@@ -76,8 +75,10 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _bottleneck(text: str) -> int | None:
-    return None if text.lower() == "none" else _positive_int(text)
+def _bottleneck(text: str) -> int:
+    """A bottleneck width as a multiple of k, or 0 for "none" (no bottleneck: _network makes it None;
+    None itself means the option was not given)."""
+    return 0 if text.lower() == "none" else _positive_int(text)
 
 
 def _size(text: str) -> int:
@@ -137,6 +138,9 @@ def _add_measure_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+# A memory fit that misses one of its own points by more than this is too poor to extrapolate from.
+MAX_FIT_RESIDUAL = 0.25
+
 _NETWORK_OPTIONS = {
     "target": "target",
     "in_channels": "in_channels",
@@ -156,6 +160,8 @@ def _network(args: argparse.Namespace, parser: argparse.ArgumentParser):
     given = {
         field: getattr(args, opt) for opt, field in _NETWORK_OPTIONS.items() if getattr(args, opt) is not None
     }
+    if given.get("bottleneck") == 0:  # --bottleneck none
+        given["bottleneck"] = None
     if given.get("target") == "block":
         given.setdefault("in_channels", 48)
     if given.get("num_down_blocks", 0) < 0:
@@ -189,21 +195,12 @@ def _check_patches(patches: list[int], multiple: int, option: str, parser: argpa
 def _check_out(
     out: Path, parser: argparse.ArgumentParser, *, figure: bool = False, avoid: Path | None = None
 ) -> None:
-    """Refuse an output path that could not be written, before anything is measured: its folder is made
-    (as for the default name) and must be writable; it must not be a folder, a PNG where a ``figure``
-    goes beside the JSON as .png, or ``avoid`` (the profile being read)."""
-    if figure and out.suffix.lower() == ".png":
-        parser.error(
-            f"--out: {out} is the figure's name; give the JSON's (the figure goes beside it as .png)"
-        )
-    if avoid is not None and out.resolve() == avoid.resolve():
-        parser.error(f"--out: {out} is the --profile being read; give another file")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        parser.error(f"--out: cannot make its folder: {exc}")
-    if out.is_dir() or not os.access(out.parent, os.W_OK):
-        parser.error(f"--out: {out} is a folder" if out.is_dir() else f"--out: {out.parent} is not writable")
+    """Refuse an output path that could not be written, before anything is measured (profile.out_problem)."""
+    from densefuse.profile import out_problem
+
+    problem = out_problem(out, figure=figure, avoid=avoid)
+    if problem is not None:
+        parser.error(f"--out: {problem}")
 
 
 # --------------------------------------------------------------------------------- profile-memory
@@ -315,6 +312,14 @@ def _plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     models = _fit_each(rows)
     if not models:
         return 1
+    for (impl, dtype), model in models.items():
+        if model.max_rel_residual > MAX_FIT_RESIDUAL:
+            print(
+                f"densefuse plan: the fit of {impl} {dtype} misses a measured point by "
+                f"{model.max_rel_residual:.0%}: its points are too small or too noisy to extrapolate from "
+                "(measure larger ones); the plan below is not to be trusted",
+                file=sys.stderr,
+            )
     budget = args.memory * (1 - args.headroom)
     planned = profile.plan(models, budget, network.size_multiple, patch=args.patch, batch=args.batch)
     if args.check:
@@ -475,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 141
+    except OSError as exc:  # a write that failed: a full disk, a path that changed meanwhile
+        print(f"densefuse: {exc}", file=sys.stderr)
+        return 1
 
 
 def _main(argv: list[str] | None) -> int:

@@ -501,6 +501,27 @@ def write_json(path: str | Path, doc: object, indent: int = 2) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def out_problem(out: Path, *, figure: bool = False, avoid: Path | None = None) -> str | None:
+    """Why an output path could not be written (None: it can), found before anything is measured: its
+    folder is made (as for a default name) and must be writable; neither it nor, for a ``figure``
+    written beside it as .png, the figure's path may be a folder; it must not be a PNG where the figure
+    goes beside it, or ``avoid`` (a file being read)."""
+    if figure and out.suffix.lower() == ".png":
+        return f"{out} is the figure's name; give the JSON's (the figure goes beside it as .png)"
+    if avoid is not None and out.resolve() == avoid.resolve():
+        return f"{out} is the --profile being read; give another file"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"cannot make its folder: {exc}"
+    for path in (out, out.with_suffix(".png")) if figure else (out,):
+        if path.is_dir():
+            return f"{path} is a folder"
+    if not os.access(out.parent, os.W_OK):
+        return f"{out.parent} is not writable"
+    return None
+
+
 def load_report(path: str | Path) -> tuple[Network, list[dict], dict]:
     """(network, rows, device_info) of a JSON written by ``report``; ValueError naming the file if not
     one (its rows are checked too: each a point with a finite positive peak_bytes, or an error)."""
@@ -530,7 +551,7 @@ def _check_row(network: Network, row: object) -> None:
 
 def plot(doc: dict, path: str | Path) -> None:
     """PNG of peak memory (GiB) and median step time (ms) vs patch size: one line per implementation
-    and dtype, one column per batch size. Needs matplotlib."""
+    and dtype, one column per batch size, written atomically. Needs matplotlib."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -567,8 +588,14 @@ def plot(doc: dict, path: str | Path) -> None:
         what = f"DenseBlock3d ({net['in_channels']} in, {net['num_layers']} layers, k={net['growth_rate']})"
     fig.suptitle(f"{what} training step\n{doc['device']['name']}, {doc['date']}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # atomically, as write_json
+    try:
+        fig.savefig(tmp, dpi=110, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------- the planner

@@ -327,3 +327,86 @@ def test_info_warns_about_a_forced_backend_that_runs_nowhere(monkeypatch, capsys
     monkeypatch.setenv("DENSEFUSE_BACKEND", "bogus")
     assert cli.main(["info"]) == 0
     assert "the forced backend 'bogus' runs on no device here" in capsys.readouterr().err
+
+
+def test_bottleneck_none_is_no_bottleneck(synthetic, tmp_path):
+    """--bottleneck none gives a network without a bottleneck (it was dropped as "not given": 4)."""
+    out = tmp_path / "m.json"
+    args = ["profile-memory", *TINY, "--patches", "8", "--dtypes", "fp32", "--no-plot", "--quiet"]
+    assert cli.main([*args, "--bottleneck", "none", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["network"]["bottleneck"] is None
+    assert {network.bottleneck for network, _ in synthetic} == {None}
+
+
+def test_plan_with_a_profile_refuses_bottleneck_none(profile_json, capsys):
+    err = run_error(
+        capsys,
+        ["plan", "--profile", str(profile_json), "--memory", "1GB", "--patch", "16", "--bottleneck", "none"],
+    )
+    assert "leave out --bottleneck" in err
+
+
+def test_profile_memory_refuses_a_folder_where_the_figure_goes(synthetic, capsys, tmp_path):
+    (tmp_path / "m.png").mkdir()
+    args = ["profile-memory", *TINY, "--patches", "8", "--dtypes", "fp32", "--quiet"]
+    assert f"--out: {tmp_path / 'm.png'} is a folder" in run_error(
+        capsys, [*args, "--out", str(tmp_path / "m.json")]
+    )
+    assert not synthetic
+
+
+def test_a_write_that_fails_is_an_error_not_a_traceback(synthetic, monkeypatch, capsys, tmp_path):
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(profile, "write_json", full)
+    args = ["profile-memory", *TINY, "--patches", "8", "--dtypes", "fp32", "--no-plot", "--quiet"]
+    assert cli.main([*args, "--out", str(tmp_path / "m.json")]) == 1
+    assert "densefuse: [Errno 28] No space left on device" in capsys.readouterr().err
+
+
+def test_plan_warns_of_a_poor_fit(monkeypatch, capsys, tmp_path):
+    """A fit that misses its own points by more than MAX_FIT_RESIDUAL is said to be untrustworthy."""
+
+    def noisy(network, point, *args):
+        row = fake_measure(network, point)
+        return {**row, "peak_bytes": row["peak_bytes"] * (3 if point.batch == 3 else 1)}
+
+    monkeypatch.setattr(profile, "measure", noisy)
+    argv = [
+        "plan",
+        "--memory",
+        "8GB",
+        "--patch",
+        "32",
+        *TINY,
+        "--implementations",
+        "fused",
+        "--dtypes",
+        "fp32",
+    ]
+    assert cli.main([*argv, "--quiet"]) == 0
+    assert "densefuse plan: the fit of fused fp32 misses a measured point by" in capsys.readouterr().err
+
+
+def test_bench_interrupted_exits_with_the_signal(monkeypatch, capsys, tmp_path):
+    """An interrupted report keeps its cases and exits 130 (SIGINT) or 143 (SIGTERM), not 0."""
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    sys.path.insert(0, str(cli.Path(cli.__file__).resolve().parent.parent / "benchmarks"))
+    import loss_providers
+
+    for raised, status in ((KeyboardInterrupt(), 130), (KeyboardInterrupt(15), 143)):
+
+        def interrupted(*args, _raised=raised, **kwargs):
+            raise _raised
+
+        monkeypatch.setattr(loss_providers, "cases", lambda shapes: [object()])
+        monkeypatch.setattr(loss_providers, "providers", interrupted)
+        out = tmp_path / f"bench-{status}.json"
+        assert (
+            cli.main(["bench", "--sizes", "1x1x8x8x8", "--reps", "1", "--no-compile", "--out", str(out)])
+            == status
+        )
+        assert "stopped after 0 of 1 cases" in json.loads(out.read_text())["notes"][-1]
+    assert "--out: " in run_error(capsys, ["bench", "--sizes", "1x1x8x8x8", "--out", str(tmp_path)])
