@@ -710,6 +710,14 @@ def plan(
     return rows
 
 
+def host_memory_bytes() -> int | None:
+    """The machine's physical memory in bytes (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def check_plan(
     network: Network,
     rows: list[dict],
@@ -719,15 +727,24 @@ def check_plan(
     progress: bool = True,
 ) -> list[dict]:
     """Measure each planned configuration that fits and add measured_bytes (or check_error) and
-    prediction_error = (predicted - measured) / measured to its row (new dicts)."""
+    prediction_error = (predicted - measured) / measured to its row (new dicts). On the CPU a
+    configuration predicted to need more than the machine's memory is not run (check_error says so):
+    a poor fit would otherwise have the step exhaust the machine."""
+    ram = host_memory_bytes() if torch.device(device).type == "cpu" else None
+    too_big = {id(r) for r in rows if ram is not None and (r["predicted_bytes"] or 0) > ram}
     points = [
-        Point(r["implementation"], r["dtype"], r["batch"], r["patch"]) for r in rows if r["predicted_bytes"]
+        Point(r["implementation"], r["dtype"], r["batch"], r["patch"])
+        for r in rows
+        if r["predicted_bytes"] and id(r) not in too_big
     ]
     measured = iter(sweep(network, points, device, warmup, reps, progress))
     checked = []
-    for row in rows:
-        row = dict(row)
-        if row["predicted_bytes"]:
+    for given in rows:
+        row = dict(given)
+        if id(given) in too_big:
+            size, limit = format_size(row["predicted_bytes"]), format_size(ram)
+            row["check_error"] = f"predicted {size}, more than this machine's {limit} of memory: not run"
+        elif row["predicted_bytes"]:
             result = next(measured)
             if "peak_bytes" in result:
                 row["measured_bytes"] = result["peak_bytes"]

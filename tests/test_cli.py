@@ -276,6 +276,15 @@ def test_plan_output_paths(profile_json, capsys, tmp_path):
     assert json.loads((tmp_path / "plans" / "plan.json").read_text())["plans"]
 
 
+def test_plan_check_does_not_run_what_the_machine_cannot_hold(synthetic, monkeypatch, capsys):
+    """On the CPU a planned configuration predicted above the machine's memory is not measured (a poor
+    fit once had the check's step exhaust the machine): the check names it and the command fails."""
+    monkeypatch.setattr(profile, "host_memory_bytes", lambda: 2**29)  # 512 MiB, below the 0.9 GiB plan
+    assert cli.main([*PLAN_FUSED_BF16, "--check", "--quiet"]) == 1
+    assert len(synthetic) == 3  # the fit points only
+    assert "more than this machine's 512 MiB of memory: not run" in capsys.readouterr().err
+
+
 def test_plan_check_over_budget_fails(synthetic, monkeypatch, capsys):
     """--check measures the plan: a configuration measured over the budget makes the command fail."""
 
