@@ -66,12 +66,13 @@ def _bench(args: list[str]) -> int:
 
 # ------------------------------------------------------------------------------ argument types
 def _positive_int(text: str) -> int:
+    """A positive integer below 2**31 (a count, a size or a width: larger ones overflow the plans' floats)."""
     try:
         value = int(text)
     except ValueError:
         value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if not 1 <= value < 2**31:
+        raise argparse.ArgumentTypeError(f"expected a positive integer below 2**31, got {text!r}")
     return value
 
 
@@ -87,7 +88,7 @@ def _size(text: str) -> int:
     try:
         return parse_size(text, "--memory")
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--memory: ")) from None  # argparse names it
 
 
 def _fraction(text: str) -> float:
@@ -408,7 +409,7 @@ def _plan_text(doc: dict, batch_planned: bool) -> str:
 
 # ------------------------------------------------------------------------------------------ main
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="densefuse", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="densefuse", description=__doc__.split("\n")[0].replace("``", ""))
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, compiled backends and devices")
     sub.add_parser(

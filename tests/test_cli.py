@@ -419,3 +419,12 @@ def test_bench_interrupted_exits_with_the_signal(monkeypatch, capsys, tmp_path):
         )
         assert "stopped after 0 of 1 cases" in json.loads(out.read_text())["notes"][-1]
     assert "--out: " in run_error(capsys, ["bench", "--sizes", "1x1x8x8x8", "--out", str(tmp_path)])
+
+
+def test_option_errors_name_the_option_once(capsys):
+    """argparse names the option: the message does not repeat it; a number too large for the plan's
+    arithmetic is refused, not an OverflowError."""
+    err = run_error(capsys, ["plan", "--memory", "0", "--patch", "8"])
+    assert "argument --memory: expected a positive size, got '0'" in err
+    err = run_error(capsys, ["plan", "--memory", "1GB", "--patch", str(10**103)])
+    assert "argument --patch: expected a positive integer below 2**31" in err
