@@ -121,6 +121,15 @@ def _check_choice(name: str, value: object, allowed: Sequence[str]) -> str:
     return value
 
 
+def _data_device(name: str, device: object) -> torch.device:
+    """A device windows are predicted or fused on: one this process can allocate on that holds data
+    (not "meta", whose tensors have no values to copy out)."""
+    device = _validate.check_device(name, device)
+    if device.type == "meta":
+        raise ValueError(f"{name}: the meta device holds no values; a prediction needs a real device")
+    return device
+
+
 def _check_volume(name: str, x: object, dims: Sequence[int]) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
@@ -525,8 +534,8 @@ def sliding_window_inference(
             raise ValueError(f"buffer_steps: expected an integer or None, got {buffer_steps!r}")
         if steps_count > 0 and (dim is None or not -dims <= dim <= dims):
             raise ValueError(f"buffer_dim: expected a value in [{-dims}, {dims}], got {buffer_dim!r}")
-    device = _validate.check_device("device", device) if device is not None else inputs.device
-    sw_device = _validate.check_device("sw_device", sw_device) if sw_device is not None else inputs.device
+    device = _data_device("device", device) if device is not None else inputs.device
+    sw_device = _data_device("sw_device", sw_device) if sw_device is not None else inputs.device
     condition = kwargs.pop("condition", None)
     if condition is not None:
         condition = _check_volume("condition", condition, (dims,))
@@ -848,8 +857,8 @@ class SlidingWindowPredictor:
         "progress": _check_flag("progress"),
         "output": lambda v: _check_choice("output", v, OUTPUTS),
         "threshold": lambda v: _validate.check_number("threshold", v, -math.inf),
-        "model_device": lambda v: None if v is None else _validate.check_device("model_device", v),
-        "device": lambda v: None if v is None else _validate.check_device("device", v),
+        "model_device": lambda v: None if v is None else _data_device("model_device", v),
+        "device": lambda v: None if v is None else _data_device("device", v),
         "memory_budget": lambda v: None if v is None else _check_positive_int("memory_budget", v),
     }
 

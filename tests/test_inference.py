@@ -438,6 +438,7 @@ BAD_CALLS = [
     (dict(roi_weight_map=torch.ones(4, 4, 4)), ValueError, "roi_weight_map/process_fn: not supported"),
     (dict(inputs=torch.zeros(6, 6)), ValueError, r"inputs: expected a non-empty 3-D or 4-D or 5-D"),
     (dict(inputs="volume"), TypeError, "inputs: expected a torch.Tensor"),
+    (dict(sw_device="meta"), ValueError, "sw_device: the meta device holds no values"),
     (
         dict(inputs=torch.ones(1, 1, 6, 6, 6, dtype=torch.complex64)),
         TypeError,
@@ -1102,6 +1103,7 @@ def test_bad_read_window_arguments():
         ("padding", "zeros", "padding: expected one of"),
         ("memory_budget", -5, "memory_budget: expected an integer >= 1"),
         ("device", "bogus", "device: cannot allocate on device 'bogus'"),
+        ("model_device", "meta", "model_device: the meta device holds no values"),
         ("roi", (0, 4, 4), r"roi: expected positive integers, got \(0, 4, 4\)"),
         ("roi", (4, 4), "roi: expected 3 values for 3 spatial dims"),
         ("weights", [torch.ones(4)] * 2, "weights: expected 3 1-D weight vectors"),
