@@ -101,8 +101,8 @@ def normalize_target(target: object, logits: torch.Tensor, ignore_index: int | N
         if ignore_index is not None:
             raise ValueError(
                 "ignore_index: needs integer class labels ([B, 1, *spatial] or [B, *spatial]), got a "
-                f"float target {tuple(target.shape)} (one-hot, soft or float labels: cast labels to an "
-                "integer dtype)"
+                f"target of the logits' shape {tuple(target.shape)} (one-hot, integer or float, or soft "
+                "labels: pass the label map as integers)"
             )
         return flatten_spatial(target, 2)
     if target.dtype in WIDENED_LABELS:
