@@ -19,10 +19,11 @@
 // (a, b, c) from per-axis lists of covering starts, exactly as reference.fusion_normalizer. Then
 // v = acc / N (0 where N < the smallest normal T), the activation, and the output row.
 //
-// Extract. Work item = one z-plane (i) of one channel of one window: ry rows of rx values. Per window
-// and axis the source index of every window position is computed once (-1: constant padding); a row
-// then copies its inside run with one memcpy (x stride 1) or a strided loop, and fills or gathers the
-// few padded values on either side. Values are only moved, never computed: the kernel works on the
+// Extract. Work item = one row (c, i, j) of every window of the call, window after window, so that
+// overlapping windows read a volume row while it is in L1. Per window and axis the source index of
+// every window position is computed once (-1: constant padding); a row then copies its inside run
+// with one vector loop (x stride 1) or a strided loop, and fills or gathers the few padded values on
+// either side. Values are only moved, never computed: the kernel works on the
 // element size alone, and out is bit-exact whatever the dtype.
 //
 // The entry points of both (scatter_item, finalize_rows) are compiled once per x86-64 level and picked
@@ -600,38 +601,37 @@ void extract(const PatchExtractArgs& a, const ExtractPlan& plan) {
   E* out = static_cast<E*>(a.out);
   const E cval = *static_cast<const E*>(a.cval);
   const int64_t* st = a.strides;
-  const int64_t grain = (kExtractGrain + ry * rx - 1) / (ry * rx);  // planes per chunk at least
-  at::parallel_for(0, a.count * a.channels * rz, grain, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t i = p % rz, c = (p / rz) % a.channels, n = p / (rz * a.channels);
-      const int64_t zs = plan.map[0][n * rz + i];
-      const int64_t* ys = plan.map[1].data() + n * ry;
-      const int64_t* xs = plan.map[2].data() + n * rx;
-      const AxisClip run = plan.runs[n];
-      E* dst = out + p * ry * rx;
-      if (zs < 0) {  // a plane of constant padding (or a batch index outside [0, B))
-        std::fill(dst, dst + ry * rx, cval);
-        continue;
-      }
-      const E* plane = volume + a.starts[4 * n] * st[0] + c * st[1] + zs * st[2];
-      for (int64_t j = 0; j < ry; ++j, dst += rx) {
-        if (ys[j] < 0) {
-          std::fill(dst, dst + rx, cval);
-          continue;
-        }
-        const E* src = plane + ys[j] * st[3];
-        const int64_t lo = run.empty() ? rx : run.offset(), hi = run.empty() ? rx : run.hi - run.start;
-        for (int64_t k = 0; k < lo; ++k) dst[k] = xs[k] < 0 ? cval : src[xs[k] * st[4]];
-        if (st[4] == 1) {
-          const E* from = src + run.lo;
-          E* to = dst + lo;
+  // row j of plane i of channel c of window n
+  const auto row = [&](int64_t n, int64_t c, int64_t i, int64_t j) DF_ALWAYS_INLINE {
+    E* dst = out + (((n * a.channels + c) * rz + i) * ry + j) * rx;
+    const int64_t zs = plan.map[0][n * rz + i], ys = plan.map[1][n * ry + j];
+    if (zs < 0 || ys < 0) {  // constant padding (or a batch index outside [0, B))
+      std::fill(dst, dst + rx, cval);
+      return;
+    }
+    const int64_t* xs = plan.map[2].data() + n * rx;
+    const AxisClip run = plan.runs[n];
+    const E* src = volume + a.starts[4 * n] * st[0] + c * st[1] + zs * st[2] + ys * st[3];
+    const int64_t lo = run.empty() ? rx : run.offset(), hi = run.empty() ? rx : run.hi - run.start;
+    for (int64_t k = 0; k < lo; ++k) dst[k] = xs[k] < 0 ? cval : src[xs[k] * st[4]];
+    if (st[4] == 1) {
+      const E* from = src + run.lo;
+      E* to = dst + lo;
 #pragma omp simd
-          for (int64_t k = 0; k < hi - lo; ++k) to[k] = from[k];
-        } else {
-          for (int64_t k = lo; k < hi; ++k) dst[k] = src[(run.start + k) * st[4]];
-        }
-        for (int64_t k = hi; k < rx; ++k) dst[k] = xs[k] < 0 ? cval : src[xs[k] * st[4]];
-      }
+      for (int64_t k = 0; k < hi - lo; ++k) to[k] = from[k];
+    } else {
+      for (int64_t k = lo; k < hi; ++k) dst[k] = src[(run.start + k) * st[4]];
+    }
+    for (int64_t k = hi; k < rx; ++k) dst[k] = xs[k] < 0 ? cval : src[xs[k] * st[4]];
+  };
+  // Row by row, each row for every window in turn: windows of one batch that overlap (neighbours on
+  // the grid) read the same volume row while it is in L1, instead of each fetching it again after a
+  // whole window of other traffic. Contiguous runs of rows (c, i, j) per thread.
+  const int64_t per_row = a.count * rx;
+  at::parallel_for(0, a.channels * rz * ry, (kExtractGrain + per_row - 1) / per_row, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t j = r % ry, i = (r / ry) % rz, c = r / (ry * rz);
+      for (int64_t n = 0; n < a.count; ++n) row(n, c, i, j);
     }
   });
 }
