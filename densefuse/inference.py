@@ -693,8 +693,8 @@ def _check_flag(name: str) -> Callable[[object], bool]:
     """A bool setting (bool, NumPy bool, or 0 / 1): a string such as 'False' is refused, not read as True."""
 
     def check(value: object) -> bool:
-        flag = _validate.unwrapped(value)  # a 0-d tensor or array: its Python value
-        if isinstance(flag, bool) or type(flag).__name__ == "bool_" or _validate.as_int(flag) in (0, 1):
+        flag = _validate.unwrapped(value)  # a NumPy bool, 0-d tensor or array: its Python value
+        if isinstance(flag, bool) or _validate.as_int(flag) in (0, 1):
             return bool(flag)
         raise TypeError(f"{name}: expected True or False, got {value!r}")
 
