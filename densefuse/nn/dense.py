@@ -79,6 +79,11 @@ def _recompute_as_forward(module: nn.Module, fn: Callable[..., Tensor], *inputs:
             for (m, _), mode in zip(modes, now):
                 m.training = mode
 
+    if torch.compiler.is_compiling():
+        # torch.compile takes no recomputation context (it asserts on ours), and needs none: it traces
+        # the region once and its backward recomputes from that graph, where BatchNorm's running
+        # statistics are updated by the forward alone.
+        return checkpoint(run, *inputs, use_reentrant=False)
     return checkpoint(run, *inputs, use_reentrant=False, context_fn=_checkpoint_contexts)
 
 
