@@ -536,3 +536,25 @@ def test_compiled_block_trains_as_eager_naive(implementation):
         results.append((out.detach(), inputs.grad, grads, block.state_dict()))
     for actual, wanted in zip(results[1], results[0]):
         assert_all_close(actual, wanted, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("graph_break", [False, True])
+def test_compiled_checkpoint_counts_running_statistics_once(graph_break):
+    """Cumulative-average BatchNorm (momentum None: its num_batches_tracked read breaks the graph) and a
+    hook that breaks it inside the checkpointed region: torch.compile then runs torch's checkpoint
+    eagerly, whose recomputation must leave the running statistics alone. Different batches per step
+    and one eager step after the compiled ones, so a double update shows."""
+    torch.manual_seed(1)
+    xs = [torch.randn(2, 4, 3, 4, 3, dtype=torch.float64) * (i + 1) + i for i in range(4)]
+    states = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        block = DenseBlock3d(4, 3, 2, bottleneck=2, momentum=None, implementation="checkpoint").double()
+        if graph_break:
+            block.layers[0].norm1.register_forward_hook(lambda *args: torch._dynamo.graph_break())
+        step = torch.compile(block, backend="aot_eager") if compiled else block
+        for x in xs[:3]:
+            step(x.clone().requires_grad_()).sum().backward()
+        block(xs[3].clone().requires_grad_()).sum().backward()
+        states.append(block.state_dict())
+    assert_all_close(states[1], states[0], rtol=1e-9, atol=1e-9)

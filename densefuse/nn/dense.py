@@ -22,7 +22,6 @@ variance, running statistics in eval mode).
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 import threading
@@ -42,61 +41,61 @@ from densefuse.ops._backend import forced_backend, forced_backend_scope
 from densefuse.reference import accumulate_dtype
 
 IMPLEMENTATIONS = ("fused", "checkpoint", "naive")
-_recompute = threading.local()
 
 
-class _Recomputing:
-    """Marks checkpoint recomputation on this thread: BN then leaves the running statistics alone.
-    Re-enterable: checkpoint enters the one object of a forward at every recomputation (a graph kept
-    with retain_graph is recomputed at each backward)."""
+class _Regions(threading.local):
+    """How many of _recompute_as_forward's functions are running on this thread (eagerly)."""
 
-    def __enter__(self) -> None:
-        self._previous = getattr(_recompute, "active", False)
-        _recompute.active = True
-
-    def __exit__(self, *exc: object) -> None:
-        _recompute.active = self._previous
+    depth = 0
 
 
-def _checkpoint_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-    return contextlib.nullcontext(), _Recomputing()
+_regions = _Regions()
 
 
 def _recompute_as_forward(module: nn.Module, fn: Callable[..., Tensor], *inputs: Tensor) -> Tensor:
     """fn(*inputs) keeping only the inputs for backward (torch's checkpoint), where it runs again with
     ``module``'s submodules in the training modes they had in the forward (the module may be switched
     to eval before backward: BatchNorm must recompute with batch statistics) and with BatchNorm's
-    running statistics left alone (_Recomputing)."""
+    running statistics left alone (_norm_relu)."""
     modes = [(m, m.training) for m in module.modules()]
 
     def run(*args: Tensor) -> Tensor:
         now = [m.training for m, _ in modes]
         for m, mode in modes:
             m.training = mode
+        eager = not torch.compiler.is_compiling()  # a traced region keeps no thread state
+        if eager:
+            _regions.depth += 1
         try:
             return fn(*args)
         finally:
+            if eager:
+                _regions.depth -= 1
             for (m, _), mode in zip(modes, now):
                 m.training = mode
 
-    if torch.compiler.is_compiling():
-        # torch.compile takes no recomputation context (it asserts on ours), and needs none: it traces
-        # the region once and its backward recomputes from that graph, where BatchNorm's running
-        # statistics are updated by the forward alone.
-        return checkpoint(run, *inputs, use_reentrant=False)
-    return checkpoint(run, *inputs, use_reentrant=False, context_fn=_checkpoint_contexts)
+    return checkpoint(run, *inputs, use_reentrant=False)
 
 
 def _norm_relu(norm: _BatchNorm, x: Tensor) -> Tensor:
-    """relu(norm(x)); during checkpoint recomputation the norm's own forward runs again (SyncBatchNorm
-    synchronises its statistics again) on copies of its buffers, so that the running statistics are
-    not updated a second time."""
-    if norm.training and getattr(_recompute, "active", False):
+    """relu(norm(x)). When a _recompute_as_forward region runs again inside a backward pass (torch's
+    checkpoint recomputing it, also where torch.compile fell back to eager checkpoint at a graph
+    break), the norm's own forward (SyncBatchNorm synchronises its statistics again) runs on copies of
+    its buffers, so that the running statistics are not updated a second time. A compiled region
+    recomputes from its traced graph, in which the forward alone updates them; outside these regions
+    BatchNorm behaves as PyTorch's."""
+    if norm.training and not torch.compiler.is_compiling() and _regions.depth and _in_backward():
         buffers = {name: buffer.clone() for name, buffer in norm.named_buffers()}
         x = torch.func.functional_call(norm, buffers, (x,))
     else:
         x = norm(x)
     return F.relu(x, inplace=True)
+
+
+def _in_backward() -> bool:
+    """Whether this thread is running an autograd backward pass (where torch's checkpoint recomputes,
+    keying its recomputations on the same graph-task id)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def _check_eps(eps: object) -> float:
