@@ -39,6 +39,15 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def fresh_dynamo():
+    """Empty Dynamo caches around a torch.compile test: one test process compiles the same modules in
+    many tests, past Dynamo's recompile limit (which fullgraph=True turns into an error)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 

@@ -216,6 +216,7 @@ def test_switched_to_eval_before_backward(rng, implementation):
         torch.testing.assert_close(grads[1][name], grad, rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.usefixtures("fresh_dynamo")
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_compiled_training_step_matches_eager(rng, implementation):
     """torch.compile (aot_eager) of a training network with dropout on: the same logits, parameter
@@ -238,3 +239,15 @@ def test_compiled_training_step_matches_eager(rng, implementation):
         torch.testing.assert_close(grads[name], grads0[name], msg=f"grad {name}")
     for name in states0:
         torch.testing.assert_close(states[name], states0[name], msg=f"state {name}")
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+@pytest.mark.parametrize("implementation", ["naive", "checkpoint"])
+def test_training_network_compiles_in_one_graph(rng, implementation):
+    """fullgraph=True for a training network whose blocks are naive or checkpoint (fused's kernels
+    split the graph: its channel plan is read on the host)."""
+    net = FCDenseNet3d(in_channels=2, **TINY)
+    net.implementation = implementation
+    x = torch.randn(2, 2, 16, 16, 16, generator=rng)
+    torch.compile(net, backend="aot_eager", fullgraph=True)(x).square().mean().backward()
+    assert all(p.grad is not None for p in net.parameters())

@@ -7,6 +7,8 @@ float64; torch.library.opcheck; determinism; torch.compile.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from conftest import cpu_backends, cuda_backends, requires_cuda
@@ -351,6 +353,32 @@ def test_torch_compile_monai_float_labels(rng):
         expected = loss_fn(logits, labels, single)
     compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(logits, labels, single), expected)
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_torch_compile_focal_dynamic_and_softmax_alpha(rng):
+    """FocalLoss compiles in one graph with dynamic shapes (gamma traced as a symbolic float) and with
+    softmax, include_background=False and a scalar alpha (whose eager warning is not issued while
+    tracing); values and gradients as in eager mode."""
+    from densefuse.nn import FocalLoss
+
+    labels = make_target(rng, "labels_channel", 2, 3, (5, 6, 7))
+    for loss, dynamic in (
+        (FocalLoss(to_onehot_y=True, alpha=0.25, gamma=1.5), True),
+        (FocalLoss(to_onehot_y=True, use_softmax=True, include_background=False, alpha=0.4), False),
+    ):
+        logits = torch.randn(2, 3, 5, 6, 7, generator=rng, requires_grad=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the second loss's alpha warning, eager only
+            expected = loss(logits, labels)
+        (expected_grad,) = torch.autograd.grad(expected, logits)
+        compiled = torch.compile(loss, fullgraph=True, dynamic=dynamic, backend="aot_eager")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nothing is warned inside the graph
+            value = compiled(logits, labels)
+        (grad,) = torch.autograd.grad(value, logits)
+        torch.testing.assert_close(value, expected)
+        torch.testing.assert_close(grad, expected_grad)
 
 
 def test_target_requiring_grad_is_rejected():

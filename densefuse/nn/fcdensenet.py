@@ -217,7 +217,7 @@ class FCDenseNet3d(nn.Module):
                 f"input: spatial size {spatial} must be a multiple of {m} in every dimension (2 for the "
                 f"stem x 2^{self.num_down_blocks} for the down blocks); pad it to {padded} or crop it"
             )
-        if self.training and x.shape[0] * math.prod(size // m for size in spatial) == 1:
+        if self.training and x.shape[0] * math.prod([size // m for size in spatial]) == 1:  # a list: compiles
             raise ValueError(
                 f"input: in training mode the deepest level's batch statistics need more than one value "
                 f"per channel, and batch {x.shape[0]} at spatial size {spatial} leaves one voxel there "

@@ -351,9 +351,11 @@ class FocalLoss(nn.Module):
         if isinstance(self.alpha, float):
             if self.use_softmax:
                 if not self.include_background:
-                    warnings.warn(
-                        "`include_background=False`, scalar `alpha` ignored when using softmax.", stacklevel=3
-                    )
+                    if not torch.compiler.is_compiling():  # a warning breaks the graph
+                        warnings.warn(
+                            "`include_background=False`, scalar `alpha` ignored when using softmax.",
+                            stacklevel=3,
+                        )
                     return None, None
                 pos = torch.tensor([1 - self.alpha] + [self.alpha] * (channels - 1), dtype=dtype)
                 return pos.to(like.device), None

@@ -143,7 +143,7 @@ def check_activation(activation: str, allowed: tuple[str, ...]) -> int:
 def unwrapped(value: object) -> object:
     """The Python number a 0-d tensor or NumPy array holds (as MONAI reads them: through tolist());
     anything else unchanged (a NumPy scalar keeps its type)."""
-    if getattr(value, "ndim", None) == 0 and not isinstance(value, numbers.Number):
+    if not isinstance(value, numbers.Number) and getattr(value, "ndim", None) == 0:
         return value.item()
     return value
 
@@ -193,7 +193,7 @@ def check_number(
     number = as_real(value)
     number = math.nan if number is None else number
     above = low < number if open_low else low <= number
-    if not (above and number <= high and math.isfinite(number)):
+    if not (above and number <= high and -math.inf < number < math.inf):  # NaN fails every comparison
         lower = "" if low == -math.inf else f" {'>' if open_low else '>='} {low}"
         upper = "" if high == math.inf else f" and <= {high}"
         raise ValueError(f"{name}: expected a finite number{lower}{upper}, got {value!r}")
