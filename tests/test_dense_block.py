@@ -560,3 +560,12 @@ def test_compiled_checkpoint_counts_running_statistics_once(graph_break):
         block(xs[3].clone().requires_grad_()).sum().backward()
         states.append(block.state_dict())
     assert_all_close(states[1], states[0], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_compile_leaves_the_fused_block_out_in_one_piece():
+    """torch.compile does not trace into the fused block (its kernels are planned on the host, which
+    split it into a dozen graphs): at most one graph break for the block."""
+    blocks, x = make_blocks((2, 4, 3, 2, 2, (3, 4, 3)))
+    explanation = torch._dynamo.explain(blocks["fused"])(x.requires_grad_())
+    assert explanation.graph_break_count <= 1, explanation.break_reasons

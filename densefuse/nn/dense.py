@@ -312,6 +312,7 @@ class DenseBlock3d(nn.Module):
         new = torch.cat(features[1:], dim=1)  # the dtype the whole concatenation would have, as naive's
         return new.to(torch.promote_types(new.dtype, x.dtype))
 
+    @torch.compiler.disable  # densefuse's own kernels, planned on the host: one graph break, not many
     def _fused(self, x: Tensor, new_only: bool) -> Tensor:
         norms = self._norms()
         modes = {_batch_stats(n) for n in norms.values()}
