@@ -43,4 +43,6 @@ def test_sliding_window(benchmark, fusion_case, memory_log):
     benchmark.extra_info.update(provider=provider, device=device, case=case.name, peak_extra_mb=peak / 2**20)
     benchmark.pedantic(fp.synchronized(step, device), rounds=ROUNDS[device], warmup_rounds=WARMUP[device])
     if case.identity and provider.startswith("densefuse-") and provider != "densefuse-torch":
+        # 1 MiB of slack: the CUDA caching allocator counts a large block with the unsplit rest (<= 1 MiB)
+        # of its 2 MiB-rounded segment (0.5 MiB each for the GPU case's output and batch)
         assert peak <= fp.memory_bound_bytes(case) + 2**20, "peak extra memory above output + one batch"
