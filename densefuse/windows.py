@@ -38,10 +38,21 @@ WINDOWS = ("constant", "gaussian", "bspline", "spline")
 MONAI_MIN_WEIGHT = 1e-3  # compute_importance_map's lower bound for the clamp
 
 
-def _check_size(n: int) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-        raise ValueError(f"n: expected a window size >= 1, got {n!r}")
-    return n
+MAX_SIZE = 2**31 - 1  # a window size or axis length the kernels index with int32 strides of rows
+
+
+def _check_size(n: object, name: str = "n") -> int:
+    """A window size or axis length: an integer (Python, NumPy or 0-d tensor; no bool) in [1, 2**31)."""
+    size = _validate.as_int(n)
+    if size is None or not 1 <= size <= MAX_SIZE:
+        raise ValueError(f"{name}: expected an integer in [1, {MAX_SIZE}], got {n!r}")
+    return size
+
+
+def _check_dtype(dtype: object) -> torch.dtype:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype: expected a floating-point torch.dtype, got {dtype!r}")
+    return dtype
 
 
 def _centred(n: int, dtype: torch.dtype, device: torch.device | str | None) -> Tensor:
@@ -82,7 +93,7 @@ def bspline(
     n: int, order: int = 3, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
 ) -> Tensor:
     """B-spline window [n]: beta_order((x_i - n/2) / s), s = n / (order + 1) (support = the window)."""
-    n = _check_size(n)
+    n, dtype = _check_size(n), _check_dtype(dtype)
     _check_order(order)
     t = _centred(n, torch.float64, device) * ((order + 1) / n)
     return cardinal_bspline(t, order).to(dtype)
@@ -91,7 +102,7 @@ def bspline(
 def spline(n: int, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> Tensor:
     """The paper's piecewise-quadratic window [n]: with v = min(u, 1 - u), u = (i + 0.5) / n,
     w = 8 v^2 for v <= 1/4 and 1 - 8 (1/2 - v)^2 for 1/4 < v <= 1/2 (peak 1 at the centre)."""
-    n = _check_size(n)
+    n, dtype = _check_size(n), _check_dtype(dtype)
     u = (torch.arange(n, dtype=torch.float64, device=device) + 0.5) / n
     v = torch.minimum(u, 1 - u)
     return torch.where(v <= 0.25, 8 * v**2, 1 - 8 * (0.5 - v) ** 2).to(dtype)
@@ -99,7 +110,7 @@ def spline(n: int, dtype: torch.dtype = torch.float64, device: torch.device | st
 
 def constant(n: int, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> Tensor:
     """Ones [n]: MONAI's mode="constant" (plain averaging of overlapping windows)."""
-    return torch.ones(_check_size(n), dtype=dtype, device=device)
+    return torch.ones(_check_size(n), dtype=_check_dtype(dtype), device=device)
 
 
 def gaussian(
@@ -108,17 +119,28 @@ def gaussian(
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """MONAI's 1-D gaussian factor [n]: exp(-(i - (n-1)/2)^2 / (2 sigma^2)), sigma = sigma_scale * n."""
-    n = _check_size(n)
-    if not (isinstance(sigma_scale, (int, float)) and math.isfinite(sigma_scale) and sigma_scale > 0):
-        raise ValueError(f"sigma_scale: expected a finite number > 0, got {sigma_scale!r}")
+    """MONAI's 1-D gaussian factor [n]: exp(-(i - (n-1)/2)^2 / (2 sigma^2)), sigma = sigma_scale * n,
+    computed as exp(-((i - (n-1)/2) / sigma)^2 / 2), so that a tiny sigma gives 1 at the centre and
+    0 elsewhere (not 0/0) and a huge one gives ones."""
+    n, dtype = _check_size(n), _check_dtype(dtype)
+    sigma = _validate.check_number("sigma_scale", sigma_scale, 0, open_low=True) * n
     x = _centred(n, torch.float64, device)
-    return torch.exp(x**2 / (-2 * (sigma_scale * n) ** 2)).to(dtype)
+    return torch.exp((x / sigma) ** 2 * -0.5).to(dtype)
 
 
 def check_vector(name: str, w: object, n: int) -> Tensor:
-    """A user-supplied weight vector as float64 [n]: finite, >= 0 and not all zero."""
-    w = (w if isinstance(w, Tensor) else torch.tensor(w)).detach().to(device="cpu", dtype=torch.float64)
+    """A user-supplied weight vector (a sequence, array or tensor of reals) as float64 [n]: finite,
+    >= 0 and not all zero."""
+    if isinstance(w, Tensor):
+        if w.is_complex() or w.dtype == torch.bool:
+            raise TypeError(f"{name}: expected real weights, got a {w.dtype} tensor")
+    else:
+        try:  # float64 straight away: a list of Python floats is not rounded to float32 first
+            w = torch.tensor(w, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as error:
+            expected = f"a 1-D sequence of {n} real weights"
+            raise TypeError(f"{name}: expected {expected}, got {w!r} ({error})") from None
+    w = w.detach().to(device="cpu", dtype=torch.float64)
     if w.dim() != 1 or w.numel() != n:
         raise ValueError(f"{name}: expected a 1-D weight vector of length {n}, got shape {tuple(w.shape)}")
     if not torch.isfinite(w).all() or (w < 0).any() or not (w > 0).any():
@@ -200,8 +222,33 @@ def monai_floor(vectors: Sequence[Tensor]) -> float:
 def scan_interval(
     image_size: Sequence[int], roi_size: Sequence[int], overlap: Sequence[float]
 ) -> tuple[int, ...]:
-    """MONAI's stride per axis: roi if roi == image size, else max(int(roi * (1 - overlap)), 1)."""
-    return tuple(r if r == s else max(int(r * (1 - o)), 1) for s, r, o in zip(image_size, roi_size, overlap))
+    """MONAI's stride per axis: roi if roi == image size, else max(int(roi * (1 - overlap)), 1).
+
+    image_size, roi_size: integers >= 1; overlap: numbers in [0, 1); one of each per axis."""
+    sizes, rois, overlaps = _check_axes(image_size, roi_size, overlap)
+    return tuple(r if r == s else max(int(r * (1 - o)), 1) for s, r, o in zip(sizes, rois, overlaps))
+
+
+def _check_axes(image_size: object, roi_size: object, overlap: object) -> tuple[tuple, tuple, tuple]:
+    """(sizes, rois, overlaps) checked: as many of each, integers >= 1 and overlaps in [0, 1). The
+    overlaps keep their types (a float32 overlap strides as MONAI's float32 arithmetic does)."""
+    axes = {"image_size": image_size, "roi_size": roi_size, "overlap": overlap}
+    lists = {}
+    for name, value in axes.items():
+        items = _validate.values(value)
+        if items is None:
+            raise TypeError(f"{name}: expected one value per axis (a sequence), got {value!r}")
+        lists[name] = items
+    if len({len(v) for v in lists.values()}) != 1:
+        lengths = ", ".join(f"{name} {len(v)}" for name, v in lists.items())
+        raise ValueError(f"image_size, roi_size, overlap: expected one value per axis each, got {lengths}")
+    sizes = tuple(_check_size(v, "image_size") for v in lists["image_size"])
+    rois = tuple(_check_size(v, "roi_size") for v in lists["roi_size"])
+    for o in lists["overlap"]:
+        number = _validate.as_real(o)
+        if number is None or not 0.0 <= number < 1.0:  # NaN fails too
+            raise ValueError(f"overlap: expected numbers in [0, 1), got {o!r}")
+    return sizes, rois, tuple(lists["overlap"])
 
 
 def window_starts(size: int, roi: int, interval: int) -> list[int]:
@@ -210,7 +257,8 @@ def window_starts(size: int, roi: int, interval: int) -> list[int]:
     Starts are k * interval for k = 0, 1, ... until a window reaches the end; a window that would
     pass the end is moved back so that it ends there. Windows are min(roi, size) long.
     """
-    roi = min(roi, size)
+    size, interval = _check_size(size, "size"), _check_size(interval, "interval")
+    roi = min(_check_size(roi, "roi"), size)
     count = next((k + 1 for k in range(math.ceil(size / interval)) if k * interval + roi >= size), 1)
     return [k * interval - max(k * interval + roi - size, 0) for k in range(count)]
 

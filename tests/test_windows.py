@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import math
 
+import numpy as np
 import pytest
 import torch
 from monai.data.utils import compute_importance_map, dense_patch_slices
@@ -107,14 +109,48 @@ def test_user_vectors_are_checked():
 def test_bad_window_arguments():
     with pytest.raises(ValueError, match=r"order: expected a B-spline order in 0\.\.3"):
         windows.bspline(8, 4)
-    with pytest.raises(ValueError, match="n: expected a window size >= 1"):
+    with pytest.raises(ValueError, match=r"n: expected an integer in \[1, 2147483647\], got 0"):
         windows.spline(0)
+    with pytest.raises(ValueError, match="n: expected an integer"):
+        windows.bspline(10**30)
+    with pytest.raises(TypeError, match=r"dtype: expected a floating-point torch\.dtype, got torch\.int64"):
+        windows.spline(5, dtype=torch.int64)
+    with pytest.raises(TypeError, match=r"dtype: expected a floating-point torch\.dtype, got 'float32'"):
+        windows.gaussian(5, dtype="float32")
+    for bad in (10**400, True, math.nan):
+        with pytest.raises(ValueError, match="sigma_scale: expected a finite number > 0"):
+            windows.gaussian(8, bad)
+    with pytest.raises(TypeError, match=r"mode\[0\]: expected a 1-D sequence of 3 real weights, got 'sp"):
+        windows.separable_window(("spline",) * 3, (3, 3, 3))
+    with pytest.raises(TypeError, match="w: expected a 1-D sequence of 3 real weights"):
+        windows.check_vector("w", [None] * 3, 3)
+    with pytest.raises(TypeError, match=r"w: expected real weights, got a torch\.complex64 tensor"):
+        windows.check_vector("w", torch.tensor([1j, 1, 1]), 3)
+    with pytest.raises(ValueError, match="image_size, roi_size, overlap: expected one value per axis each"):
+        windows.scan_interval((10, 10, 10), (4, 4), (0.5,))
+    for overlap in (-1.0, 1.0, math.nan):
+        with pytest.raises(ValueError, match=r"overlap: expected numbers in \[0, 1\)"):
+            windows.grid_starts((10,), (4,), (overlap,))
+    with pytest.raises(ValueError, match="interval: expected an integer"):
+        windows.window_starts(10, 4, 0)
     with pytest.raises(ValueError, match="sigma_scale: expected a finite number > 0"):
         windows.gaussian(8, 0.0)
     with pytest.raises(ValueError, match="mode: expected one of"):
         windows.axis_window("hann", 8)
     with pytest.raises(ValueError, match="sigma_scale: expected one value or 3"):
         windows.separable_window("gaussian", (4, 4, 4), sigma_scale=(0.1, 0.2))
+
+
+def test_window_arguments_of_every_numeric_kind():
+    """NumPy and 0-d tensor sizes and sigma_scales are read as numbers; a tiny sigma gives 1 at the
+    centre and 0 elsewhere (not 0/0), a huge one ones; a list of Python floats keeps float64."""
+    assert torch.equal(windows.bspline(np.int64(4)), windows.bspline(4))
+    assert torch.equal(windows.bspline(torch.tensor(4)), windows.bspline(4))
+    assert torch.equal(windows.gaussian(4, np.float32(0.25)), windows.gaussian(4, float(np.float32(0.25))))
+    assert torch.equal(windows.gaussian(4, torch.tensor(0.25)), windows.gaussian(4, 0.25))
+    assert windows.gaussian(3, 1e-170).tolist() == [0.0, 1.0, 0.0]
+    assert windows.gaussian(5, 1e300).tolist() == [1.0] * 5
+    assert windows.check_vector("w", [0.1, 1e-50, 1e39], 3).tolist() == [0.1, 1e-50, 1e39]
 
 
 def test_grid_starts_match_monai(rng):

@@ -169,7 +169,12 @@ def real_scalar(value: object) -> numbers.Real | None:
 def as_real(value: object) -> float | None:
     """value as a Python float if it is a real number (real_scalar), else None."""
     scalar = real_scalar(value)
-    return None if scalar is None else float(scalar)
+    if scalar is None:
+        return None
+    try:
+        return float(scalar)
+    except OverflowError:  # an int beyond float's range
+        return math.inf if scalar > 0 else -math.inf
 
 
 def values(value: object) -> list | None:
