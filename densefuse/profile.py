@@ -98,6 +98,9 @@ def format_size(nbytes: float) -> str:
 
 
 # ----------------------------------------------------------------------------------- what is measured
+_NETWORK_INTEGERS = ("in_channels", "out_channels", "growth_rate", "num_layers", "num_down_blocks")
+
+
 @dataclass(frozen=True)
 class Network:
     """The profiled network: a whole FCDenseNet3d ("model") or one DenseBlock3d ("block").
@@ -132,6 +135,10 @@ class Network:
             or not 0 <= self.dropout < 1
         ):
             raise ValueError(f"dropout: expected a probability in [0, 1), got {self.dropout!r}")
+        for name in (*_NETWORK_INTEGERS, "bottleneck"):  # Python ints: NumPy's do not go to JSON
+            value = getattr(self, name)
+            object.__setattr__(self, name, None if value is None else _validate.as_int(value))
+        object.__setattr__(self, "dropout", float(self.dropout))
 
     @property
     def size_multiple(self) -> int:
@@ -174,8 +181,9 @@ def _is_int(value: object) -> bool:
 
 
 def check_points(network: Network, points: Iterable[Point]) -> list[Point]:
-    """``points`` as a list; ValueError naming the field for an unknown implementation or dtype, a
-    batch below 1, or a patch that is not a positive multiple of network.size_multiple."""
+    """``points`` as a list (batch and patch as Python ints); ValueError naming the field for an
+    unknown implementation or dtype, a batch below 1, or a patch that is not a positive multiple of
+    network.size_multiple."""
     points = list(points)
     m = network.size_multiple
     for p in points:
@@ -190,7 +198,9 @@ def check_points(network: Network, points: Iterable[Point]) -> list[Point]:
                 f"patch: expected a positive multiple of {m} (2 x 2^{network.num_down_blocks} for the down "
                 f"blocks), got {p.patch}"
             )
-    return points
+    return [
+        Point(p.implementation, p.dtype, _validate.as_int(p.batch), _validate.as_int(p.patch)) for p in points
+    ]
 
 
 def grid(
@@ -349,8 +359,11 @@ def measure(network: Network, point: Point, device: str = "cpu", warmup: int = 2
     this process.
     """
     (point,) = check_points(network, [point])
-    if warmup < 1 or reps < 1:
-        raise ValueError(f"warmup, reps: expected integers >= 1, got {warmup}, {reps}")
+    for name, value in (("warmup", warmup), ("reps", reps)):
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+    warmup, reps = int(warmup), int(reps)
+    device = str(_validate.check_device("device", device))
     row = dataclasses.asdict(point)
     if torch.device(device).type == "cuda":
         try:
@@ -532,21 +545,38 @@ def load_report(path: str | Path) -> tuple[Network, list[dict], dict]:
             raise TypeError("results must be a list and device hold a name and a type")
         for row in rows:
             _check_row(network, row)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # JSON and Unicode errors too
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        RecursionError,
+    ) as exc:  # JSON, Unicode too
         raise ValueError(f"{path}: not a densefuse profile-memory JSON ({_error_text(exc)})") from exc
     return network, rows, device
 
 
 def _check_row(network: Network, row: object) -> None:
-    """A row of a report: a point (check_points) with a finite peak_bytes > 0 and median_ms, or an error."""
+    """A row of a report: a point (check_points) with a finite peak_bytes > 0 and median_ms, or an
+    error (a string, and no peak_bytes)."""
     point = Point(*(row[k] for k in ("implementation", "dtype", "batch", "patch")))
     check_points(network, [point])
     if "error" in row:
+        if not isinstance(row["error"], str) or "peak_bytes" in row:
+            raise ValueError(f"row {row}: an error row holds an error message and no peak_bytes")
         return
-    peak, median = row["peak_bytes"], row["median_ms"]
-    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (peak, median))
-    if not (numbers and math.isfinite(peak) and peak > 0 and math.isfinite(median)):
+    _check_peak(row)
+    median = row["median_ms"]
+    if not (isinstance(median, (int, float)) and not isinstance(median, bool) and math.isfinite(median)):
         raise ValueError(f"row {row}: expected a finite peak_bytes > 0 and median_ms, or an error")
+
+
+def _check_peak(row: dict) -> None:
+    """A measured row's peak_bytes: a finite number > 0."""
+    peak = row["peak_bytes"]
+    if isinstance(peak, bool) or not isinstance(peak, (int, float)) or not (math.isfinite(peak) and peak > 0):
+        raise ValueError(f"row {row}: expected a finite peak_bytes > 0, got {peak!r}")
 
 
 def plot(doc: dict, path: str | Path) -> None:
@@ -620,10 +650,15 @@ class MemoryModel:
 
     def largest_batch(self, budget: float, patch: int) -> int:
         """Largest batch whose predicted peak at patch^3 is <= ``budget`` bytes; 0 when none."""
+        if not _is_int(patch) or patch < 1:
+            raise ValueError(f"patch: expected a positive integer, got {patch!r}")
         return max(0, math.floor((budget - self.intercept_bytes) / (self.bytes_per_voxel * patch**3)))
 
     def largest_patch(self, budget: float, batch: int, multiple: int) -> int:
         """Largest multiple of ``multiple`` whose cube at ``batch`` fits ``budget`` bytes; 0 when none."""
+        for name, value in (("batch", batch), ("multiple", multiple)):
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
         room = (budget - self.intercept_bytes) / (self.bytes_per_voxel * batch)
         patch = math.floor(max(room, 0) ** (1 / 3) / multiple) * multiple
         # The float cube root is a step off at most. The loops are bounded: at a huge budget one step
@@ -646,6 +681,10 @@ def fit_memory_models(rows: Iterable[dict]) -> dict[tuple[str, str], MemoryModel
     groups: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
         if "peak_bytes" in row:
+            missing = [k for k in ("implementation", "dtype", "batch", "patch") if k not in row]
+            if missing:
+                raise ValueError(f"row {row}: missing {', '.join(missing)}")
+            _check_peak(row)
             groups.setdefault((row["implementation"], row["dtype"]), []).append(row)
     if not groups:
         raise ValueError("rows: no successful measurement to fit")
@@ -691,6 +730,8 @@ def plan(
     for name, value in (("multiple", multiple), ("patch", patch), ("batch", batch)):
         if value is not None and (not _is_int(value) or value < 1):
             raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    budget, multiple = number, _validate.as_int(multiple)  # Python numbers in the rows (JSON)
+    patch, batch = (None if v is None else _validate.as_int(v) for v in (patch, batch))
     rows = []
     for (impl, dtype), model in models.items():
         if patch is not None:

@@ -218,3 +218,46 @@ def test_cuda_prediction_within_ten_percent():
             check = profile.measure(net, Point(impl, dtype, 2, 128), "cuda", reps=1)  # 5.3x the largest fit
             error = (model.predict(2, 128) - check["peak_bytes"]) / check["peak_bytes"]
             assert math.isfinite(error) and abs(error) < 0.10, (impl, dtype, rows, check)
+
+
+def test_numpy_and_tensor_integers_become_python_ints():
+    """Integers of any kind are accepted and stored as Python ints, so rows and networks go to JSON."""
+    import dataclasses
+    import json
+
+    import numpy as np
+
+    network = Network(target="block", in_channels=np.int64(2), num_layers=torch.tensor(2), growth_rate=2)
+    json.dumps(dataclasses.asdict(network))
+    (point,) = profile.check_points(network, [Point("naive", "fp32", np.int64(2), torch.tensor(4))])
+    assert type(point.batch) is int and type(point.patch) is int
+    models = profile.fit_memory_models(synthetic_rows(1e6, 10.0, [(1, 8), (2, 8)]))
+    rows = profile.plan(models, np.float32(1e7), np.int64(8), batch=np.int64(2))
+    json.dumps(rows)
+    assert all(type(row[key]) is int for row in rows for key in ("batch", "patch"))
+
+
+def test_bad_rows_and_arguments_name_what_is_wrong(tmp_path):
+    network = Network(target="block", in_channels=1, num_layers=1, growth_rate=2)
+    point = Point("naive", "fp32", 1, 2)
+    with pytest.raises(ValueError, match="warmup: expected an integer >= 1, got '2'"):
+        profile.measure(network, point, warmup="2")
+    with pytest.raises(ValueError, match="device: "):
+        profile.measure(network, point, device="gpu")
+    good = synthetic_rows(1e6, 10.0, [(1, 8), (2, 8)])
+    for bad, message in (
+        ({**good[0], "peak_bytes": "abc"}, "expected a finite peak_bytes > 0, got 'abc'"),
+        ({**good[0], "peak_bytes": -1e12}, "expected a finite peak_bytes > 0, got -1000000000000.0"),
+        ({"peak_bytes": 5}, "missing implementation, dtype, batch, patch"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            profile.fit_memory_models([good[1], bad])
+    model = next(iter(profile.fit_memory_models(good).values()))
+    with pytest.raises(ValueError, match="patch: expected a positive integer, got 0"):
+        model.largest_batch(1e9, 0)
+    with pytest.raises(ValueError, match="multiple: expected a positive integer, got 0"):
+        model.largest_patch(1e9, 1, 0)
+    nested = tmp_path / "nested.json"
+    nested.write_text("[" * 100000)
+    with pytest.raises(ValueError, match=r"nested\.json: not a densefuse profile-memory JSON"):
+        profile.load_report(nested)
