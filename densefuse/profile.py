@@ -567,15 +567,16 @@ def _check_row(network: Network, row: object) -> None:
             raise ValueError(f"row {row}: an error row holds an error message and no peak_bytes")
         return
     _check_peak(row)
-    median = row["median_ms"]
-    if not (isinstance(median, (int, float)) and not isinstance(median, bool) and math.isfinite(median)):
-        raise ValueError(f"row {row}: expected a finite peak_bytes > 0 and median_ms, or an error")
+    median = _validate.as_real(row["median_ms"]) if isinstance(row["median_ms"], (int, float)) else None
+    if median is None or not math.isfinite(median):
+        raise ValueError(f"row {row}: expected a finite median_ms, got {row['median_ms']!r}")
 
 
 def _check_peak(row: dict) -> None:
-    """A measured row's peak_bytes: a finite number > 0."""
+    """A measured row's peak_bytes: a finite number > 0 (a Python int or float, as JSON gives)."""
     peak = row["peak_bytes"]
-    if isinstance(peak, bool) or not isinstance(peak, (int, float)) or not (math.isfinite(peak) and peak > 0):
+    number = _validate.as_real(peak) if isinstance(peak, (int, float)) else None
+    if number is None or not (math.isfinite(number) and number > 0):
         raise ValueError(f"row {row}: expected a finite peak_bytes > 0, got {peak!r}")
 
 

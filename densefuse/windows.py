@@ -120,8 +120,8 @@ def gaussian(
     device: torch.device | str | None = None,
 ) -> Tensor:
     """MONAI's 1-D gaussian factor [n]: exp(-(i - (n-1)/2)^2 / (2 sigma^2)), sigma = sigma_scale * n,
-    computed as exp(-((i - (n-1)/2) / sigma)^2 / 2), so that a tiny sigma gives 1 at the centre and
-    0 elsewhere (not 0/0) and a huge one gives ones."""
+    computed as exp(-((i - (n-1)/2) / sigma)^2 / 2), so that a tiny sigma gives 1 at the centre voxel
+    of an odd window and 0 elsewhere (not 0/0) and a huge one gives ones."""
     n, dtype = _check_size(n), _check_dtype(dtype)
     sigma = _validate.check_number("sigma_scale", sigma_scale, 0, open_low=True) * n
     x = _centred(n, torch.float64, device)
@@ -131,10 +131,12 @@ def gaussian(
 def check_vector(name: str, w: object, n: int) -> Tensor:
     """A user-supplied weight vector (a sequence, array or tensor of reals) as float64 [n]: finite,
     >= 0 and not all zero."""
-    if isinstance(w, Tensor):
-        if w.is_complex() or w.dtype == torch.bool:
-            raise TypeError(f"{name}: expected real weights, got a {w.dtype} tensor")
-    else:
+    complex_values = (
+        w.is_complex() if isinstance(w, Tensor) else getattr(getattr(w, "dtype", None), "kind", "") == "c"
+    )
+    if complex_values:  # a complex tensor or NumPy array (torch would drop the imaginary parts)
+        raise TypeError(f"{name}: expected real weights, got {w.dtype} values")
+    if not isinstance(w, Tensor):
         try:  # float64 straight away: a list of Python floats is not rounded to float32 first
             w = torch.tensor(w, dtype=torch.float64)
         except (TypeError, ValueError, RuntimeError) as error:
@@ -231,24 +233,25 @@ def scan_interval(
 
 def _check_axes(image_size: object, roi_size: object, overlap: object) -> tuple[tuple, tuple, tuple]:
     """(sizes, rois, overlaps) checked: as many of each, integers >= 1 and overlaps in [0, 1). The
-    overlaps keep their types (a float32 overlap strides as MONAI's float32 arithmetic does)."""
+    items are the caller's, unconverted: a float32 overlap (or a NumPy integer roi) strides as MONAI's
+    arithmetic on them does."""
     axes = {"image_size": image_size, "roi_size": roi_size, "overlap": overlap}
     lists = {}
     for name, value in axes.items():
-        items = _validate.values(value)
-        if items is None:
+        if _validate.values(value) is None:
             raise TypeError(f"{name}: expected one value per axis (a sequence), got {value!r}")
-        lists[name] = items
+        lists[name] = tuple(value)  # the caller's items (NumPy or 0-d tensor elements included)
     if len({len(v) for v in lists.values()}) != 1:
         lengths = ", ".join(f"{name} {len(v)}" for name, v in lists.items())
         raise ValueError(f"image_size, roi_size, overlap: expected one value per axis each, got {lengths}")
-    sizes = tuple(_check_size(v, "image_size") for v in lists["image_size"])
-    rois = tuple(_check_size(v, "roi_size") for v in lists["roi_size"])
+    for name in ("image_size", "roi_size"):
+        for v in lists[name]:
+            _check_size(v, name)
     for o in lists["overlap"]:
         number = _validate.as_real(o)
         if number is None or not 0.0 <= number < 1.0:  # NaN fails too
             raise ValueError(f"overlap: expected numbers in [0, 1), got {o!r}")
-    return sizes, rois, tuple(lists["overlap"])
+    return lists["image_size"], lists["roi_size"], lists["overlap"]
 
 
 def window_starts(size: int, roi: int, interval: int) -> list[int]:

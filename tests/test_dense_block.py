@@ -524,19 +524,42 @@ def test_checkpoint_recomputes_again_for_a_retained_graph(rng):
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_compiled_block_trains_as_eager_naive(implementation):
     """torch.compile (aot_eager) gives naive eager's outputs, input and parameter gradients and
-    running statistics over three training steps."""
-    blocks, x = make_blocks((2, 4, 3, 2, 2, (3, 4, 3)))
+    running statistics over three training steps (two fresh copies of one initial block)."""
     results = []
-    for block, step in ((blocks["naive"], blocks["naive"]), (blocks[implementation], None)):
-        step = step or torch.compile(block, backend="aot_eager")
+    for compiled in (False, True):
+        blocks, x = make_blocks((2, 4, 3, 2, 2, (3, 4, 3)))
+        block = blocks[implementation] if compiled else blocks["naive"]
+        step = torch.compile(block, backend="aot_eager") if compiled else block
         inputs = x.detach().clone().requires_grad_()
         for _ in range(3):
             out = step(inputs)
             (out * loss_weights(out)).sum().backward()
-        grads = {name: p.grad for name, p in block.named_parameters()}
-        results.append((out.detach(), inputs.grad, grads, block.state_dict()))
+        grads = {name: p.grad.clone() for name, p in block.named_parameters()}
+        state = {name: t.clone() for name, t in block.state_dict().items()}
+        results.append((out.detach(), inputs.grad.clone(), grads, state))
+    assert results[1][3]["layers.0.norm1.num_batches_tracked"] == 3
     for actual, wanted in zip(results[1], results[0]):
         assert_all_close(actual, wanted, rtol=1e-9, atol=1e-9)
+
+
+def test_reading_saved_tensors_does_not_move_running_statistics():
+    """Reading a checkpoint block's saved tensors outside backward (as torchviz's show_saved does)
+    recomputes the layers there; their BatchNorms leave the running statistics alone."""
+    blocks, x = make_blocks((2, 4, 3, 2, 2, (3, 4, 3)))
+    out = blocks["checkpoint"](x.requires_grad_())
+    before = {name: t.clone() for name, t in blocks["checkpoint"].state_dict().items()}
+    seen, stack, read = set(), [out.grad_fn], 0
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for attr in (a for a in dir(node) if a.startswith("_saved_")):
+            getattr(node, attr)
+            read += 1
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    assert read
+    assert_all_close(blocks["checkpoint"].state_dict(), before, rtol=0, atol=0)
 
 
 @pytest.mark.usefixtures("fresh_dynamo")

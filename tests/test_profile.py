@@ -249,6 +249,7 @@ def test_bad_rows_and_arguments_name_what_is_wrong(tmp_path):
         ({**good[0], "peak_bytes": "abc"}, "expected a finite peak_bytes > 0, got 'abc'"),
         ({**good[0], "peak_bytes": -1e12}, "expected a finite peak_bytes > 0, got -1000000000000.0"),
         ({"peak_bytes": 5}, "missing implementation, dtype, batch, patch"),
+        ({**good[0], "peak_bytes": 10**400}, "expected a finite peak_bytes > 0, got 1000"),
     ):
         with pytest.raises(ValueError, match=message):
             profile.fit_memory_models([good[1], bad])

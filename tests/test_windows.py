@@ -12,6 +12,7 @@ from monai.data.utils import compute_importance_map, dense_patch_slices
 from monai.inferers.utils import _get_scan_interval
 
 from densefuse import windows
+from densefuse.ops import _validate
 
 
 def shifted_sum(w: torch.Tensor, stride: int, copies: int) -> torch.Tensor:
@@ -124,13 +125,17 @@ def test_bad_window_arguments():
         windows.separable_window(("spline",) * 3, (3, 3, 3))
     with pytest.raises(TypeError, match="w: expected a 1-D sequence of 3 real weights"):
         windows.check_vector("w", [None] * 3, 3)
-    with pytest.raises(TypeError, match=r"w: expected real weights, got a torch\.complex64 tensor"):
+    with pytest.raises(TypeError, match=r"w: expected real weights, got torch\.complex64 values"):
         windows.check_vector("w", torch.tensor([1j, 1, 1]), 3)
+    with pytest.raises(TypeError, match="w: expected real weights, got complex128 values"):
+        windows.check_vector("w", np.array([1j, 1, 1]), 3)
     with pytest.raises(ValueError, match="image_size, roi_size, overlap: expected one value per axis each"):
         windows.scan_interval((10, 10, 10), (4, 4), (0.5,))
     for overlap in (-1.0, 1.0, math.nan):
         with pytest.raises(ValueError, match=r"overlap: expected numbers in \[0, 1\)"):
             windows.grid_starts((10,), (4,), (overlap,))
+    with pytest.raises(ValueError, match=r"cval: 1000.* overflows the dtype torch\.float32 of volume"):
+        _validate.check_cval(10**400, torch.float32)  # an int beyond float64, not an OverflowError or inf
     with pytest.raises(ValueError, match="interval: expected an integer"):
         windows.window_starts(10, 4, 0)
     with pytest.raises(ValueError, match="sigma_scale: expected a finite number > 0"):
@@ -151,6 +156,13 @@ def test_window_arguments_of_every_numeric_kind():
     assert windows.gaussian(3, 1e-170).tolist() == [0.0, 1.0, 0.0]
     assert windows.gaussian(5, 1e300).tolist() == [1.0] * 5
     assert windows.check_vector("w", [0.1, 1e-50, 1e39], 3).tolist() == [0.1, 1e-50, 1e39]
+    # the caller's items stride as MONAI's arithmetic on them does (float32 overlaps, NumPy rois)
+    for roi, overlap in (
+        ((10,), np.array([0.1], np.float32)),
+        ((10,), torch.tensor([0.1])),
+        ((np.int64(10),), (np.float32(0.1),)),
+    ):
+        assert windows.scan_interval((37,), roi, overlap) == _get_scan_interval((37,), roi, 1, overlap)
 
 
 def test_grid_starts_match_monai(rng):

@@ -22,6 +22,7 @@ variance, running statistics in eval mode).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import threading
@@ -44,12 +45,28 @@ IMPLEMENTATIONS = ("fused", "checkpoint", "naive")
 
 
 class _Regions(threading.local):
-    """How many of _recompute_as_forward's functions are running on this thread (eagerly)."""
+    """Per thread: how many of _recompute_as_forward's functions run eagerly (depth), and how many of
+    them as checkpoint's recomputation (recomputing, entered through checkpoint's context_fn)."""
 
     depth = 0
+    recomputing = 0
 
 
 _regions = _Regions()
+
+
+class _Recomputing:
+    """checkpoint's recomputation context (eager only: torch.compile asserts on a context_fn)."""
+
+    def __enter__(self) -> None:
+        _regions.recomputing += 1
+
+    def __exit__(self, *exc: object) -> None:
+        _regions.recomputing -= 1
+
+
+def _checkpoint_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    return contextlib.nullcontext(), _Recomputing()
 
 
 def _recompute_as_forward(module: nn.Module, fn: Callable[..., Tensor], *inputs: Tensor) -> Tensor:
@@ -74,17 +91,23 @@ def _recompute_as_forward(module: nn.Module, fn: Callable[..., Tensor], *inputs:
             for (m, _), mode in zip(modes, now):
                 m.training = mode
 
-    return checkpoint(run, *inputs, use_reentrant=False)
+    if torch.compiler.is_compiling():
+        return checkpoint(run, *inputs, use_reentrant=False)
+    return checkpoint(run, *inputs, use_reentrant=False, context_fn=_checkpoint_contexts)
 
 
 def _norm_relu(norm: _BatchNorm, x: Tensor) -> Tensor:
-    """relu(norm(x)). When a _recompute_as_forward region runs again inside a backward pass (torch's
-    checkpoint recomputing it, also where torch.compile fell back to eager checkpoint at a graph
-    break), the norm's own forward (SyncBatchNorm synchronises its statistics again) runs on copies of
-    its buffers, so that the running statistics are not updated a second time. A compiled region
-    recomputes from its traced graph, in which the forward alone updates them; outside these regions
-    BatchNorm behaves as PyTorch's."""
-    if norm.training and not torch.compiler.is_compiling() and _regions.depth and _in_backward():
+    """relu(norm(x)). When a _recompute_as_forward region runs again (torch's checkpoint recomputing
+    it: in its recomputation context, which also covers a saved tensor read outside backward; or,
+    where torch.compile fell back to eager checkpoint at a graph break and passed no context, inside a
+    backward pass), the norm's own forward (SyncBatchNorm synchronises its statistics again) runs on
+    copies of its buffers, so that the running statistics are not updated a second time. A compiled
+    region recomputes from its traced graph, in which the forward alone updates them; outside these
+    regions BatchNorm behaves as PyTorch's."""
+    again = not torch.compiler.is_compiling() and (
+        _regions.recomputing or (_regions.depth and _in_backward())
+    )
+    if norm.training and again:
         buffers = {name: buffer.clone() for name, buffer in norm.named_buffers()}
         x = torch.func.functional_call(norm, buffers, (x,))
     else:

@@ -235,7 +235,8 @@ def check_cval(cval: object, dtype: torch.dtype | None = None, volume: str = "vo
     if dtype is None:
         return value
     if dtype.is_floating_point or dtype.is_complex:
-        if math.isfinite(value) and abs(value) > torch.finfo(dtype).max:
+        huge_int = math.isinf(value) and isinstance(real_scalar(cval), numbers.Integral)  # beyond float64
+        if huge_int or (math.isfinite(value) and abs(value) > torch.finfo(dtype).max):
             raise ValueError(f"cval: {cval!r} overflows the dtype {dtype} of {volume}")
         return value
     low, high = (0, 1) if dtype == torch.bool else (torch.iinfo(dtype).min, torch.iinfo(dtype).max)
