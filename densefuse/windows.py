@@ -38,7 +38,7 @@ WINDOWS = ("constant", "gaussian", "bspline", "spline")
 MONAI_MIN_WEIGHT = 1e-3  # compute_importance_map's lower bound for the clamp
 
 
-MAX_SIZE = 2**31 - 1  # a window size or axis length the kernels index with int32 strides of rows
+MAX_SIZE = 2**31 - 1  # a bound on window sizes and axis lengths (a larger arange would not fit in memory)
 
 
 def _check_size(n: object, name: str = "n") -> int:
