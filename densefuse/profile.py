@@ -122,9 +122,7 @@ class Network:
         if self.target not in TARGETS:
             raise ValueError(f"target: expected one of {TARGETS}, got {self.target!r}")
         for name in ("in_channels", "out_channels", "growth_rate", "num_layers"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+            _positive_int(name, getattr(self, name))
         if not _is_int(self.num_down_blocks) or self.num_down_blocks < 0:
             raise ValueError(f"num_down_blocks: expected an integer >= 0, got {self.num_down_blocks!r}")
         if self.bottleneck is not None and (not _is_int(self.bottleneck) or self.bottleneck < 1):
@@ -180,6 +178,14 @@ def _is_int(value: object) -> bool:
     return _validate.as_int(value) is not None
 
 
+def _positive_int(name: str, value: object) -> int:
+    """value (an integer of any kind, _is_int) >= 1 as a Python int; otherwise a ValueError naming it."""
+    number = _validate.as_int(value)
+    if number is None or number < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    return number
+
+
 def check_points(network: Network, points: Iterable[Point]) -> list[Point]:
     """``points`` as a list (batch and patch as Python ints); ValueError naming the field for an
     unknown implementation or dtype, a batch below 1, or a patch that is not a positive multiple of
@@ -191,8 +197,7 @@ def check_points(network: Network, points: Iterable[Point]) -> list[Point]:
             raise ValueError(f"implementation: expected one of {IMPLEMENTATIONS}, got {p.implementation!r}")
         if p.dtype not in DTYPES:
             raise ValueError(f"dtype: expected one of {DTYPES}, got {p.dtype!r}")
-        if not _is_int(p.batch) or p.batch < 1:
-            raise ValueError(f"batch: expected a positive integer, got {p.batch!r}")
+        _positive_int("batch", p.batch)
         if not _is_int(p.patch) or p.patch < 1 or p.patch % m:
             raise ValueError(
                 f"patch: expected a positive multiple of {m} (2 x 2^{network.num_down_blocks} for the down "
@@ -359,10 +364,7 @@ def measure(network: Network, point: Point, device: str = "cpu", warmup: int = 2
     this process.
     """
     (point,) = check_points(network, [point])
-    for name, value in (("warmup", warmup), ("reps", reps)):
-        if not _is_int(value) or value < 1:
-            raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
-    warmup, reps = int(warmup), int(reps)
+    warmup, reps = _positive_int("warmup", warmup), _positive_int("reps", reps)
     device = str(_validate.check_device("device", device))
     row = dataclasses.asdict(point)
     if torch.device(device).type == "cuda":
@@ -535,6 +537,10 @@ def out_problem(out: Path, *, figure: bool = False, avoid: Path | None = None) -
     return None
 
 
+# what reading a file that is not a report raises (JSON and Unicode errors are ValueErrors)
+_NOT_A_REPORT = (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError)
+
+
 def load_report(path: str | Path) -> tuple[Network, list[dict], dict]:
     """(network, rows, device_info) of a JSON written by ``report``; ValueError naming the file if not
     one (its rows are checked too: each a point with a finite positive peak_bytes, or an error)."""
@@ -545,14 +551,7 @@ def load_report(path: str | Path) -> tuple[Network, list[dict], dict]:
             raise TypeError("results must be a list and device hold a name and a type")
         for row in rows:
             _check_row(network, row)
-    except (
-        OSError,
-        ValueError,
-        KeyError,
-        TypeError,
-        AttributeError,
-        RecursionError,
-    ) as exc:  # JSON, Unicode too
+    except _NOT_A_REPORT as exc:
         raise ValueError(f"{path}: not a densefuse profile-memory JSON ({_error_text(exc)})") from exc
     return network, rows, device
 
@@ -651,15 +650,12 @@ class MemoryModel:
 
     def largest_batch(self, budget: float, patch: int) -> int:
         """Largest batch whose predicted peak at patch^3 is <= ``budget`` bytes; 0 when none."""
-        if not _is_int(patch) or patch < 1:
-            raise ValueError(f"patch: expected a positive integer, got {patch!r}")
+        patch = _positive_int("patch", patch)
         return max(0, math.floor((budget - self.intercept_bytes) / (self.bytes_per_voxel * patch**3)))
 
     def largest_patch(self, budget: float, batch: int, multiple: int) -> int:
         """Largest multiple of ``multiple`` whose cube at ``batch`` fits ``budget`` bytes; 0 when none."""
-        for name, value in (("batch", batch), ("multiple", multiple)):
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        batch, multiple = _positive_int("batch", batch), _positive_int("multiple", multiple)
         room = (budget - self.intercept_bytes) / (self.bytes_per_voxel * batch)
         patch = math.floor(max(room, 0) ** (1 / 3) / multiple) * multiple
         # The float cube root is a step off at most. The loops are bounded: at a huge budget one step
@@ -728,11 +724,9 @@ def plan(
     number = _validate.as_real(budget)
     if number is None or not (math.isfinite(number) and number > 0):
         raise ValueError(f"budget: expected a finite number of bytes > 0, got {budget!r}")
-    for name, value in (("multiple", multiple), ("patch", patch), ("batch", batch)):
-        if value is not None and (not _is_int(value) or value < 1):
-            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-    budget, multiple = number, _validate.as_int(multiple)  # Python numbers in the rows (JSON)
-    patch, batch = (None if v is None else _validate.as_int(v) for v in (patch, batch))
+    budget, multiple = number, _positive_int("multiple", multiple)  # Python numbers in the rows (JSON)
+    patch = None if patch is None else _positive_int("patch", patch)
+    batch = None if batch is None else _positive_int("batch", batch)
     rows = []
     for (impl, dtype), model in models.items():
         if patch is not None:

@@ -240,7 +240,7 @@ def test_numpy_and_tensor_integers_become_python_ints():
 def test_bad_rows_and_arguments_name_what_is_wrong(tmp_path):
     network = Network(target="block", in_channels=1, num_layers=1, growth_rate=2)
     point = Point("naive", "fp32", 1, 2)
-    with pytest.raises(ValueError, match="warmup: expected an integer >= 1, got '2'"):
+    with pytest.raises(ValueError, match="warmup: expected a positive integer, got '2'"):
         profile.measure(network, point, warmup="2")
     with pytest.raises(ValueError, match="device: "):
         profile.measure(network, point, device="gpu")
