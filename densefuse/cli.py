@@ -76,6 +76,24 @@ def _positive_int(text: str) -> int:
     return value
 
 
+# Patches are multiples of 2 * 2**n and below 2**31; the default ones (2 * 2**n and twice that) too.
+MAX_DOWN_BLOCKS = 28
+
+
+def _down_blocks(text: str) -> int:
+    """A number of down blocks n in [0, MAX_DOWN_BLOCKS]: patches are multiples of 2 * 2**n, below 2**31."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_DOWN_BLOCKS:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer in [0, {MAX_DOWN_BLOCKS}] (patches are multiples of 2*2^n, below 2**31), "
+            f"got {text!r}"
+        )
+    return value
+
+
 def _bottleneck(text: str) -> int:
     """A bottleneck width as a multiple of k, or 0 for "none" (no bottleneck: _network makes it None;
     None itself means the option was not given)."""
@@ -116,7 +134,7 @@ def _add_measure_options(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--growth", type=_positive_int, help="growth rate k (16)")
     net.add_argument("--layers", type=_positive_int, help="dense layers per block (5)")
     net.add_argument(
-        "--down-blocks", type=int, help="model down blocks (5); patches must be multiples of 2*2^n"
+        "--down-blocks", type=_down_blocks, help="model down blocks (5); patches must be multiples of 2*2^n"
     )
     net.add_argument("--bottleneck", type=_bottleneck, help="1x1x1 width as a multiple of k (4), or none")
     net.add_argument("--dropout", type=float, help="dropout probability (0.2)")
@@ -165,8 +183,6 @@ def _network(args: argparse.Namespace, parser: argparse.ArgumentParser):
         given["bottleneck"] = None
     if given.get("target") == "block":
         given.setdefault("in_channels", 48)
-    if given.get("num_down_blocks", 0) < 0:
-        parser.error(f"--down-blocks: expected an integer >= 0, got {given['num_down_blocks']}")
     if not 0 <= given.get("dropout", 0) < 1:
         parser.error(f"--dropout: expected a probability in [0, 1), got {given['dropout']}")
     return Network(**given)
@@ -216,7 +232,7 @@ def _profile_memory(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     points = profile.grid(args.implementations, args.dtypes, args.batches, patches)
     doc = profile.report(network, [], args.device, args.warmup, args.reps)  # the commit and load at the start
     out = args.out or Path(f"memory-{doc['slug']}-{doc['date']}.json")
-    _check_out(out, parser, figure=True)
+    _check_out(out, parser, figure=not args.no_plot)
 
     def save(rows: list[dict]) -> None:  # after every point: an interrupted sweep keeps what it measured
         profile.write_json(out, {**doc, "results": rows, "complete": len(rows) == len(points)})
@@ -235,8 +251,8 @@ def _profile_memory(args: argparse.Namespace, parser: argparse.ArgumentParser) -
         print(f"densefuse profile-memory: {failed} of {len(rows)} points failed", file=sys.stderr)
     if not args.no_plot:
         try:
-            profile.plot(doc, out.with_suffix(".png"))
-            print(f"wrote {out.with_suffix('.png')}", file=sys.stderr)
+            profile.plot(doc, profile.figure_path(out))
+            print(f"wrote {profile.figure_path(out)}", file=sys.stderr)
         except ImportError:
             print("no plot: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
     return 0

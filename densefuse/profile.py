@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import gc
+import hashlib
 import json
 import math
 import os
@@ -504,23 +505,37 @@ def report(network: Network, rows: list[dict], device: str, warmup: int, reps: i
     }
 
 
-def write_json(path: str | Path, doc: object, indent: int = 2) -> None:
-    """``doc`` as indented JSON at ``path``, atomically: written beside it, then renamed over it (a run
-    killed meanwhile leaves the previous file, never half of one)."""
+def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` into a hidden file beside ``path``, then renamed over it (a run killed meanwhile
+    leaves the previous file, never half of one). The temporary name is short whatever the name's
+    length, so any name the file system takes works."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    digest = hashlib.sha1(path.name.encode(errors="surrogateescape")).hexdigest()[:12]
+    tmp = path.with_name(f".densefuse-{digest}-{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(doc, indent=indent) + "\n")
+        write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
+def write_json(path: str | Path, doc: object, indent: int = 2) -> None:
+    """``doc`` as indented JSON at ``path``, atomically (write_atomically)."""
+    text = json.dumps(doc, indent=indent) + "\n"
+    write_atomically(path, lambda tmp: tmp.write_text(text))
+
+
+def figure_path(out: Path) -> Path:
+    """Where the figure of the JSON ``out`` goes: beside it as .png (r.json -> r.png, run.1 -> run.1.png)."""
+    return out.with_suffix(".png") if out.suffix.lower() == ".json" else out.with_name(out.name + ".png")
+
+
 def out_problem(out: Path, *, figure: bool = False, avoid: Path | None = None) -> str | None:
-    """Why an output path could not be written (None: it can), found before anything is measured: its
-    folder is made (as for a default name) and must be writable; neither it nor, for a ``figure``
-    written beside it as .png, the figure's path may be a folder; it must not be a PNG where the figure
-    goes beside it, or ``avoid`` (a file being read)."""
+    """Why an output path could not be written (None: it can), found before anything is measured: it
+    may not be a folder, nor, for a ``figure`` written beside it (figure_path), the figure's path; its
+    name must fit the file system; its folder is made (as for a default name) and must be writable; it
+    must not be a PNG where the figure goes beside it, or ``avoid`` (a file being read)."""
+    paths = (out, figure_path(out)) if figure and out.name not in ("", ".", "..") else (out,)
     if figure and out.suffix.lower() == ".png":
         return f"{out} is the figure's name; give the JSON's (the figure goes beside it as .png)"
     if avoid is not None and out.resolve() == avoid.resolve():
@@ -529,7 +544,13 @@ def out_problem(out: Path, *, figure: bool = False, avoid: Path | None = None) -
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         return f"cannot make its folder: {exc}"
-    for path in (out, out.with_suffix(".png")) if figure else (out,):
+    for path in paths:
+        try:
+            longest = os.pathconf(path.parent, "PC_NAME_MAX")
+        except (OSError, ValueError):  # no such limit to ask for
+            longest = None
+        if longest is not None and len(os.fsencode(path.name)) > longest:
+            return f"the name {path.name!r} is longer than the {longest} bytes its folder takes"
         if path.is_dir():
             return f"{path} is a folder"
     if not os.access(out.parent, os.W_OK):
@@ -618,14 +639,10 @@ def plot(doc: dict, path: str | Path) -> None:
         what = f"DenseBlock3d ({net['in_channels']} in, {net['num_layers']} layers, k={net['growth_rate']})"
     fig.suptitle(f"{what} training step\n{doc['device']['name']}, {doc['date']}", fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # atomically, as write_json
     try:
-        fig.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, path)
+        write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------- the planner

@@ -161,7 +161,10 @@ def test_plan_nothing_fits(synthetic, capsys):
             "--profile: missing.json",
         ),
         (["profile-memory", "--patches", "48"], "--patches: patch sizes must be multiples of 64"),
-        (["profile-memory", "--down-blocks", "-1"], "--down-blocks: expected an integer >= 0"),
+        (["profile-memory", "--down-blocks", "-1"], "--down-blocks: expected an integer in [0, 28]"),
+        (["profile-memory", "--down-blocks", "29"], "--down-blocks: expected an integer in [0, 28]"),
+        (["plan", "--memory", "1GiB", "--patch", "64", "--down-blocks", "20000"], "--down-blocks: expected"),
+        (["profile-memory", "--down-blocks", "two"], "--down-blocks: expected an integer in [0, 28]"),
         (["profile-memory", "--dropout", "1.5"], "--dropout: expected a probability"),
         (["profile-memory", "--target", "layer"], "invalid choice: 'layer'"),
         (["info", "--verbose"], "unrecognized arguments: --verbose"),
@@ -217,15 +220,40 @@ def test_bench_runs_the_report_script(monkeypatch, capsys):
     assert exit_info.value.code == 0 and "usage: densefuse bench" in capsys.readouterr().out
 
 
-def test_profile_memory_output_paths(synthetic, capsys, tmp_path):
-    """Checked before anything is measured: a PNG name (it would be overwritten by the figure) and a
-    folder are refused; a missing folder is made."""
-    args = ["profile-memory", *TINY, "--patches", "8", "16", "--dtypes", "fp32", "--no-plot", "--quiet"]
-    assert "--out: " in run_error(capsys, [*args, "--out", str(tmp_path / "memory.png")])
+def test_profile_memory_output_paths(synthetic, capsys, tmp_path, monkeypatch):
+    """Checked before anything is measured: a PNG name (it would be overwritten by the figure), a
+    folder (also ".", "/" and "") and a name too long for the file system are refused; a missing
+    folder is made. With --no-plot there is no figure: a PNG name is just a name."""
+    args = ["profile-memory", *TINY, "--patches", "8", "16", "--dtypes", "fp32", "--quiet"]
+    assert "is the figure's name" in run_error(capsys, [*args, "--out", str(tmp_path / "memory.png")])
     assert "is a folder" in run_error(capsys, [*args, "--out", str(tmp_path)])
+    monkeypatch.chdir(tmp_path)
+    for folder in (".", "/", "", ".."):
+        assert "is a folder" in run_error(capsys, [*args, "--out", folder])
+    assert "longer than the 255 bytes" in run_error(capsys, [*args, "--out", "a" * 252 + ".json"])
     assert not synthetic
-    assert cli.main([*args, "--out", str(tmp_path / "new" / "memory.json")]) == 0
+    no_plot = [*args, "--no-plot"]
+    assert cli.main([*no_plot, "--out", str(tmp_path / "new" / "memory.json")]) == 0
     assert [p.name for p in (tmp_path / "new").iterdir()] == ["memory.json"]
+    assert cli.main([*no_plot, "--out", str(tmp_path / "new" / "memory.png")]) == 0
+    assert json.loads((tmp_path / "new" / "memory.png").read_text())["complete"]
+
+
+def test_profile_memory_writes_long_names(synthetic, capsys, tmp_path):
+    """A name the file system takes is written, however long: the temporary file beside it has a
+    short name of its own."""
+    out = tmp_path / ("m" * 245 + ".json")
+    args = ["profile-memory", *TINY, "--patches", "8", "--dtypes", "fp32", "--no-plot", "--quiet"]
+    assert cli.main([*args, "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["complete"] and [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+def test_figures_of_different_outputs_do_not_collide(tmp_path):
+    """r.json's figure is r.png; a name without .json keeps all of it (run.1 -> run.1.png)."""
+    assert profile.figure_path(tmp_path / "r.json") == tmp_path / "r.png"
+    assert profile.figure_path(tmp_path / "r.JSON") == tmp_path / "r.png"
+    assert profile.figure_path(tmp_path / "run.1") == tmp_path / "run.1.png"
+    assert profile.figure_path(tmp_path / "run.2") == tmp_path / "run.2.png"
 
 
 def test_profile_memory_fails_when_every_point_fails(monkeypatch, capsys, tmp_path):
