@@ -180,17 +180,18 @@ def _is_int(value: object) -> bool:
 
 
 def _positive_int(name: str, value: object) -> int:
-    """value (an integer of any kind, _is_int) >= 1 as a Python int; otherwise a ValueError naming it."""
+    """value (an integer of any kind, _is_int) in [1, 2**31) as a Python int (the CLI's range: larger
+    ones overflow the plans' floats); otherwise a ValueError naming it."""
     number = _validate.as_int(value)
-    if number is None or number < 1:
-        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    if number is None or not 1 <= number < 2**31:
+        raise ValueError(f"{name}: expected a positive integer below 2**31, got {value!r}")
     return number
 
 
 def check_points(network: Network, points: Iterable[Point]) -> list[Point]:
     """``points`` as a list (batch and patch as Python ints); ValueError naming the field for an
     unknown implementation or dtype, a batch below 1, or a patch that is not a positive multiple of
-    network.size_multiple."""
+    network.size_multiple (both below 2**31)."""
     points = list(points)
     m = network.size_multiple
     for p in points:
@@ -199,10 +200,10 @@ def check_points(network: Network, points: Iterable[Point]) -> list[Point]:
         if p.dtype not in DTYPES:
             raise ValueError(f"dtype: expected one of {DTYPES}, got {p.dtype!r}")
         _positive_int("batch", p.batch)
-        if not _is_int(p.patch) or p.patch < 1 or p.patch % m:
+        if not _is_int(p.patch) or not 1 <= p.patch < 2**31 or p.patch % m:
             raise ValueError(
                 f"patch: expected a positive multiple of {m} (2 x 2^{network.num_down_blocks} for the down "
-                f"blocks), got {p.patch}"
+                f"blocks) below 2**31, got {p.patch}"
             )
     return [
         Point(p.implementation, p.dtype, _validate.as_int(p.batch), _validate.as_int(p.patch)) for p in points
@@ -593,11 +594,12 @@ def _check_row(network: Network, row: object) -> None:
 
 
 def _check_peak(row: dict) -> None:
-    """A measured row's peak_bytes: a finite number > 0 (a Python int or float, as JSON gives)."""
+    """A measured row's peak_bytes: a finite number >= 1 (a Python int or float, as JSON gives; a byte
+    count, and a fit through tinier ones divides by them)."""
     peak = row["peak_bytes"]
     number = _validate.as_real(peak) if isinstance(peak, (int, float)) else None
-    if number is None or not (math.isfinite(number) and number > 0):
-        raise ValueError(f"row {row}: expected a finite peak_bytes > 0, got {peak!r}")
+    if number is None or not (math.isfinite(number) and number >= 1):
+        raise ValueError(f"row {row}: expected a finite peak_bytes >= 1, got {peak!r}")
 
 
 def plot(doc: dict, path: str | Path) -> None:
@@ -698,6 +700,8 @@ def fit_memory_models(rows: Iterable[dict]) -> dict[tuple[str, str], MemoryModel
             missing = [k for k in ("implementation", "dtype", "batch", "patch") if k not in row]
             if missing:
                 raise ValueError(f"row {row}: missing {', '.join(missing)}")
+            _positive_int("batch", row["batch"])
+            _positive_int("patch", row["patch"])
             _check_peak(row)
             groups.setdefault((row["implementation"], row["dtype"]), []).append(row)
     if not groups:

@@ -150,6 +150,8 @@ def test_check_points():
         (Point("fused", "fp16", 1, 16), "dtype"),
         (Point("fused", "fp32", 0, 16), "batch"),
         (Point("fused", "fp32", 1, 12), "patch: expected a positive multiple of 8"),
+        (Point("fused", "fp32", 2**31, 16), "batch: expected a positive integer below 2\\*\\*31"),
+        (Point("fused", "fp32", 1, 2**31), "patch: expected a positive multiple of 8 .* below 2"),
     ]:
         with pytest.raises(ValueError, match=name):
             profile.check_points(net, [point])
@@ -240,23 +242,25 @@ def test_numpy_and_tensor_integers_become_python_ints():
 def test_bad_rows_and_arguments_name_what_is_wrong(tmp_path):
     network = Network(target="block", in_channels=1, num_layers=1, growth_rate=2)
     point = Point("naive", "fp32", 1, 2)
-    with pytest.raises(ValueError, match="warmup: expected a positive integer, got '2'"):
+    with pytest.raises(ValueError, match="warmup: expected a positive integer below 2\\*\\*31, got '2'"):
         profile.measure(network, point, warmup="2")
     with pytest.raises(ValueError, match="device: "):
         profile.measure(network, point, device="gpu")
     good = synthetic_rows(1e6, 10.0, [(1, 8), (2, 8)])
     for bad, message in (
-        ({**good[0], "peak_bytes": "abc"}, "expected a finite peak_bytes > 0, got 'abc'"),
-        ({**good[0], "peak_bytes": -1e12}, "expected a finite peak_bytes > 0, got -1000000000000.0"),
+        ({**good[0], "peak_bytes": "abc"}, "expected a finite peak_bytes >= 1, got 'abc'"),
+        ({**good[0], "peak_bytes": -1e12}, "expected a finite peak_bytes >= 1, got -1000000000000.0"),
         ({"peak_bytes": 5}, "missing implementation, dtype, batch, patch"),
-        ({**good[0], "peak_bytes": 10**400}, "expected a finite peak_bytes > 0, got 1000"),
+        ({**good[0], "peak_bytes": 10**400}, "expected a finite peak_bytes >= 1, got 1000"),
+        ({**good[0], "peak_bytes": 1e-300}, "expected a finite peak_bytes >= 1, got 1e-300"),
+        ({**good[0], "batch": 10**400}, "batch: expected a positive integer below 2"),
     ):
         with pytest.raises(ValueError, match=message):
             profile.fit_memory_models([good[1], bad])
     model = next(iter(profile.fit_memory_models(good).values()))
-    with pytest.raises(ValueError, match="patch: expected a positive integer, got 0"):
+    with pytest.raises(ValueError, match=r"patch: expected a positive integer below 2\*\*31, got 0"):
         model.largest_batch(1e9, 0)
-    with pytest.raises(ValueError, match="multiple: expected a positive integer, got 0"):
+    with pytest.raises(ValueError, match=r"multiple: expected a positive integer below 2\*\*31, got 0"):
         model.largest_patch(1e9, 1, 0)
     nested = tmp_path / "nested.json"
     nested.write_text("[" * 100000)
