@@ -164,10 +164,15 @@ def test_target_batch_mismatch(call, batch, form):
         CALLS[call](logits(), target)
 
 
-@pytest.mark.parametrize("dtype", [torch.complex64, torch.float8_e4m3fn], ids=str)
+@pytest.mark.parametrize(
+    ("dtype", "shape"),
+    [(torch.complex64, LABELS), (torch.complex64, SHAPE), (torch.float8_e4m3fn, SHAPE)],
+    ids=["complex_labels", "complex_dense", "float8_dense"],
+)
 @via
-def test_target_unsupported_dtype(call, dtype):
-    shape = SHAPE if dtype.is_floating_point else LABELS  # a float8 target shaped as a dense one
+def test_target_unsupported_dtype(call, dtype, shape):
+    """A complex target is refused as a label map and as a dense target of the logits' shape (there it
+    was cast to real, its imaginary part dropped with only a warning); so is a float8 dense one."""
     with pytest.raises(TypeError, match=r"^target"):
         CALLS[call](logits(), torch.zeros(shape, dtype=dtype))
 
@@ -270,12 +275,26 @@ def test_ignore_index_with_float_target(call):
 
 
 @pytest.mark.parametrize(
-    "ignore_index", [1.0, "255", True, torch.tensor(1)], ids=["float", "str", "bool", "tensor"]
+    "ignore_index",
+    [1.0, "255", True, torch.tensor(1.0), np.float64(1.0), torch.tensor([1])],
+    ids=["float", "str", "bool", "float_tensor", "numpy_float", "1d_tensor"],
 )
 @via
 def test_ignore_index_not_an_int(call, ignore_index):
     with pytest.raises(TypeError, match=r"^ignore_index"):
         CALLS[call](logits(), labels(), ignore_index)
+
+
+@pytest.mark.parametrize("ignore_index", [np.int64(2), np.uint8(2), torch.tensor(2)], ids=str)
+@via
+def test_ignore_index_numpy_and_tensor_integers(call, ignore_index):
+    """A NumPy integer or a 0-d integer tensor is the int it holds (MONAI takes them too)."""
+    expected = CALLS[call](logits(), labels(), 2)
+    got = CALLS[call](logits(), labels(), ignore_index)
+    for a, b in zip(
+        got if isinstance(got, tuple) else [got], expected if isinstance(expected, tuple) else [expected]
+    ):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("ignore_index", [2**63, -(2**63) - 1])
@@ -431,7 +450,9 @@ def test_weight_wrong_length(module, weight, include_background):
 
 
 @pytest.mark.parametrize(
-    "weight", [-1.0, [1.0, -0.5, 1.0], [[1.0, 2.0, 3.0]]], ids=["negative", "one_negative", "2d"]
+    "weight",
+    [-1.0, [1.0, -0.5, 1.0], [[1.0, 2.0, 3.0]], "abc", [1.0, None, 2.0], [[1.0], [2.0, 3.0]]],
+    ids=["negative", "one_negative", "2d", "str", "none_inside", "ragged"],
 )
 @pytest.mark.parametrize("module", ALL_MODULES)
 def test_weight_bad_values(module, weight):

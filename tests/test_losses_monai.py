@@ -550,3 +550,36 @@ def test_monai_reduction_enum(device, rng, loss):
     ours, ref = pair(loss, device, reduction=LossReduction.SUM)
     target = one_hot(make_labels(rng, MULTI, device), MULTI[1])
     assert_matches(ours, ref, make_input(rng, MULTI, device, "none"), target, rng=rng)
+
+
+@pytest.mark.parametrize("include_background", [True, False])
+@pytest.mark.parametrize("loss", ["tversky", "dice", "focal"])
+def test_metatensor_targets(device, rng, loss, include_background):
+    """Labels as MONAI's data pipeline hands them over (MetaTensor): MONAI's value and gradient. With
+    softmax and include_background=False FocalLoss made a scratch tensor through MetaTensor.new_empty,
+    which takes no bare int size."""
+    from monai.data import MetaTensor
+
+    act = {"use_softmax": True} if loss == "focal" else {"softmax": True}
+    ours, ref = pair(loss, device, to_onehot_y=True, include_background=include_background, **act)
+    target = MetaTensor(make_labels(rng, MULTI, device))
+    assert_matches(ours, ref, make_input(rng, MULTI, device), target, rng=rng)
+
+
+@pytest.mark.parametrize("loss", ["tversky", "focal"])
+def test_metatensor_logits(device, rng, loss):
+    """A model's MetaTensor output: MONAI's value, and the gradient reaches the MetaTensor."""
+    from monai.data import MetaTensor
+
+    ours, ref = pair(loss, device, to_onehot_y=True)
+    target = make_labels(rng, MULTI, device)
+    x = make_input(rng, MULTI, device)
+    xo = MetaTensor(x.clone()).requires_grad_(True)
+    xr = x.clone().requires_grad_(True)
+    lo, lr = ours(xo, target), ref(xr, target)
+    torch.testing.assert_close(lo.float(), lr.float(), rtol=0, atol=TOL * max(1.0, lr.abs().item()))
+    lo.backward()
+    lr.backward()
+    torch.testing.assert_close(
+        xo.grad.as_subclass(torch.Tensor), xr.grad, rtol=0, atol=TOL * xr.grad.abs().max().item()
+    )

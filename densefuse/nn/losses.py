@@ -60,12 +60,14 @@ def _focal_alpha(alpha: object) -> float | Sequence[float] | Tensor | None:
 def _class_weight(weight: Sequence[float] | float | Tensor | None) -> Tensor | None:
     if weight is None:
         return None
-    weight = torch.as_tensor(weight, dtype=torch.float32)
-    if weight.ndim > 1 or not _finite_non_negative(weight):
-        raise ValueError(
-            f"weight: expected a finite number >= 0 or a 1-D sequence of them, got {weight.tolist()}"
-        )
-    return weight
+    try:
+        values = torch.as_tensor(weight, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError):  # a string, a None inside, a ragged list...
+        values = None
+    if values is None or values.ndim > 1 or not _finite_non_negative(values):
+        shown = weight if values is None else values.tolist()
+        raise ValueError(f"weight: expected a finite number >= 0 or a 1-D sequence of them, got {shown!r}")
+    return values
 
 
 def _finite_non_negative(values: Tensor) -> bool:
@@ -383,7 +385,7 @@ class FocalLoss(nn.Module):
             logits = logits[:, 1:]
             if is_labels:  # labels 0 become "no class": a one-hot target over classes 1..C-1
                 labels = _validate.normalize_target(target, input, ignore_index)
-                flags = reference.input_flags(labels.new_empty(0), labels, ignore_index, channels)
+                flags = reference.input_flags(labels.new_empty((0,)), labels, ignore_index, channels)
                 _validate.raise_on_flags(flags, channels)  # logits are checked by the op below
                 valid = labels != ignore_index if ignore_index is not None else None
                 count = None if valid is None else valid.sum(-1, dtype=torch.float32)

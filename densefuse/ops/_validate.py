@@ -45,9 +45,17 @@ def check_device(name: str, device: object) -> torch.device:
     return device
 
 
+def plain(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor subclass (MONAI's MetaTensor) as a plain tensor with the same data and autograd history
+    (an alias): the kernels, and the Triton interpreter, take plain tensors, and every op on a
+    MetaTensor goes through its __torch_function__."""
+    return tensor if type(tensor) is torch.Tensor else tensor.as_subclass(torch.Tensor)
+
+
 def check_logits(logits: object) -> torch.Tensor:
-    """logits: floating tensor [B, C, *spatial] with at least one spatial dim and no empty dim."""
-    logits = check_tensor("logits", logits)
+    """logits: floating tensor [B, C, *spatial] with at least one spatial dim and no empty dim, as a
+    plain tensor (plain)."""
+    logits = plain(check_tensor("logits", logits))
     if logits.dtype not in FLOAT_DTYPES:
         raise TypeError(f"logits: expected a float16/bfloat16/float32/float64 tensor, got {logits.dtype}")
     if logits.dim() < 3:
@@ -68,8 +76,11 @@ def flatten_spatial(x: torch.Tensor, start: int) -> torch.Tensor:
 
 
 def check_constant_target(target: object) -> torch.Tensor:
-    """A target tensor that does not require grad (targets are constants: MONAI would differentiate it)."""
-    target = check_tensor("target", target)
+    """A target tensor that does not require grad (targets are constants: MONAI would differentiate it),
+    as a plain tensor (plain)."""
+    target = plain(check_tensor("target", target))
+    if target.is_complex():  # a cast to real would drop the imaginary part with only a warning
+        raise TypeError(f"target: expected integer labels or a real float target, got {target.dtype}")
     if target.requires_grad:
         raise ValueError("target: gradients w.r.t. the target are not computed; pass target.detach()")
     return target
@@ -124,12 +135,16 @@ def normalize_target(target: object, logits: torch.Tensor, ignore_index: int | N
 
 
 def check_ignore_index(ignore_index: object) -> int | None:
-    """An int label to ignore (within int64: the ops take it as one), or None."""
-    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
+    """An integer label to ignore (an int, NumPy integer or 0-d integer tensor, as MONAI takes it),
+    as a Python int within int64 (the ops take it as one), or None."""
+    if ignore_index is None:
+        return None
+    value = as_int(ignore_index)
+    if value is None:
         raise TypeError(f"ignore_index: expected an int or None, got {ignore_index!r}")
-    if ignore_index is not None and not -(2**63) <= ignore_index < 2**63:
+    if not -(2**63) <= value < 2**63:
         raise ValueError(f"ignore_index: expected an int64 value, got {ignore_index!r}")
-    return ignore_index
+    return value
 
 
 def check_activation(activation: str, allowed: tuple[str, ...]) -> int:
