@@ -140,6 +140,8 @@ def _check_volume(name: str, x: object, dims: Sequence[int]) -> Tensor:
         raise ValueError(
             f"{name}: expected a non-empty {expected} [B, C, *spatial] tensor, got {tuple(x.shape)}"
         )
+    if x.device.type == "meta":
+        raise ValueError(f"{name}: a tensor on the meta device holds no values; a prediction needs real ones")
     return x.as_subclass(Tensor)  # a MONAI MetaTensor becomes a plain tensor
 
 
@@ -703,8 +705,9 @@ def _check_flag(name: str) -> Callable[[object], bool]:
 
 def _check_weight_vectors(value: object) -> tuple[Tensor, ...]:
     """SlidingWindowPredictor.weights: three 1-D weight vectors as a tuple (tensors kept as given, so
-    that changes in place are seen; sequences and arrays are copied into float64 tensors). Their lengths (the
-    roi's) and values are checked at each call, so roi and weights may be assigned in either order."""
+    that changes in place are seen; sequences and arrays are copied into float64 tensors). Their values
+    are checked here (windows.check_vector) and again at each call, with their lengths against the
+    roi's, so roi and weights may be assigned in either order."""
     given = value
     if isinstance(value, (str, bytes)):
         value = None
@@ -727,6 +730,9 @@ def _check_weight_vectors(value: object) -> tuple[Tensor, ...]:
                     raise TypeError(f"weights[{i}]: expected a 1-D weight vector, got {w!r}") from None
             if w.dim() != 1:
                 raise ValueError(f"weights[{i}]: expected a 1-D weight vector, got shape {tuple(w.shape)}")
+            if w.device.type == "meta":
+                raise ValueError(f"weights[{i}]: a tensor on the meta device holds no values")
+            windows.check_vector(f"weights[{i}]", w, w.numel())
             checked.append(w)
     return tuple(checked)
 
@@ -785,8 +791,10 @@ class SlidingWindowPredictor:
             uint8 mask; batches then stay within the windows of one z start (whole-volume mode
             batches straight through). Every voxel gets the same sums in the same order as in the
             whole-volume mode, so the result is the same bits where the scatter adds window by
-            window in order (the cpp and torch scatters) and the model gives a window the same
-            output in any batch. The output-stationary gather that
+            window in order (the cpp and torch scatters) and the model and the per-window
+            activation give a window the same output in any batch (with sw_batch_size > 1, torch's
+            CPU sigmoid and softmax may round a window's values differently in another batch, by
+            an ulp). The output-stationary gather that
             torch.use_deterministic_algorithms(True) selects first sums each batch's windows, so
             its bits follow the batching, which slabs change (with sw_batch_size > 1); with atomics
             (the triton and cuda scatters) the two modes differ by rounding, as two runs do. Where
@@ -924,12 +932,18 @@ class SlidingWindowPredictor:
         return "none"
 
     def _predict(self, batch: Tensor, channels: int | None) -> Tensor:
-        """The model's output on a batch of windows, averaged over the TTA passes, float32."""
+        """The model's output on a batch of windows, averaged over the TTA passes, float32 (``channels``:
+        the model's, or None before the first batch: then the first pass sets them for the others)."""
         total = None
-        for axes in self.tta:
+        for i, axes in enumerate(self.tta):
             dims = [a + 2 for a in axes]
-            raw = self.model(batch.flip(dims) if dims else batch)
+            if dims:
+                windows_in = batch.flip(dims)  # a copy
+            else:  # a model that changes its input in place must not change the later passes' windows
+                windows_in = batch if i == len(self.tta) - 1 else batch.clone()
+            raw = self.model(windows_in)
             out = _check_prediction(raw, batch.shape[0], self.roi, channels, "model")
+            channels = out.shape[1]
             out = out if out.dtype == torch.float32 else out.float()
             out = _activate(out.flip(dims) if dims else out, self._vote_activation())
             if total is None:  # the next pass may write into the model's output (a static buffer)

@@ -681,6 +681,53 @@ def test_channel_count_must_not_change():
         )
 
 
+@pytest.mark.parametrize("first", [1, 2])
+def test_channel_count_must_not_change_between_tta_passes(first):
+    """Also within the first batch, before the channels are known (one pass's were broadcast)."""
+    calls = iter(range(100))
+
+    def model(t):
+        channels = first if next(calls) == 0 else 3 - first
+        return torch.zeros(t.shape[0], channels, *t.shape[2:])
+
+    kwargs = dict(tta="flips", padding="constant", activation="none", output="logits")
+    predictor = SlidingWindowPredictor(model, 8, **kwargs)
+    with pytest.raises(ValueError, match=f"model: returned {3 - first} channels, earlier {first}"):
+        predictor(torch.randn(1, 1, 8, 8, 8))  # one window: no later batch to catch it
+
+
+def test_a_model_that_changes_its_windows_in_place_changes_no_other_pass(rng):
+    """The passes of one batch each get their own windows (the identity pass read the others' buffer)."""
+    x = torch.randn(1, 1, 9, 9, 9, generator=rng)
+
+    def model(t):
+        t.mul_(2)
+        return t.clone()
+
+    for tta in ("none", "flips", ((0,), ())):
+        fused = SlidingWindowPredictor(model, 8, tta=tta, activation="none", output="logits")(x)
+        torch.testing.assert_close(fused, 2 * x)
+
+
+def test_meta_tensors_hold_no_values_to_predict():
+    image = torch.ones(1, 1, 9, 9, 9, device="meta")
+    with pytest.raises(ValueError, match="image: a tensor on the meta device holds no values"):
+        SlidingWindowPredictor(_net, 4)(image)
+    with pytest.raises(ValueError, match="inputs: a tensor on the meta device holds no values"):
+        sliding_window_inference(image, 4, 1, lambda t: t)
+
+
+def test_an_int_cval_beyond_float64_is_refused_before_any_prediction():
+    def model(t):
+        raise AssertionError("predicted")
+
+    image = torch.ones(1, 1, 5, 9, 9)
+    with pytest.raises(ValueError, match=r"cval: 1000+ overflows float64"):
+        SlidingWindowPredictor(model, 8, padding="constant", cval=10**400)
+    with pytest.raises(ValueError, match=r"cval: 1000+ overflows float64"):
+        sliding_window_inference(image, 8, 1, model, cval=10**400)
+
+
 # ------------------------------------------------------------------------------------- the predictor
 def test_read_window_pads_like_torch(rng):
     x = torch.randn(2, 5, 6, 4, generator=rng)
@@ -1113,6 +1160,15 @@ def test_bad_read_window_arguments():
             [torch.ones(4), torch.ones(2, 2), torch.ones(4)],
             r"weights\[1\]: expected a 1-D weight vector",
         ),
+        ("weights", [torch.ones(4), torch.ones(4), -torch.ones(4)], r"weights\[2\]: expected finite weights"),
+        ("weights", [torch.full((4,), float("nan"))] + [torch.ones(4)] * 2, r"weights\[0\]: expected finite"),
+        (
+            "weights",
+            [torch.ones(4), torch.zeros(4), torch.ones(4)],
+            r"weights\[1\]: expected finite .* not all",
+        ),
+        ("weights", [torch.ones(4), torch.ones(4, device="meta"), torch.ones(4)], r"weights\[1\]: .*meta"),
+        ("cval", 10**400, "cval: 1000+ overflows float64"),
     ],
 )
 def test_predictor_settings_changed_later_are_checked(name, value, message):

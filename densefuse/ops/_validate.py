@@ -247,11 +247,12 @@ def check_cval(cval: object, dtype: torch.dtype | None = None, volume: str = "vo
     value = as_real(cval)
     if value is None:
         raise TypeError(f"cval: expected a number, got {type(cval).__name__}")
+    if math.isinf(value) and isinstance(real_scalar(cval), numbers.Integral):  # an int beyond float64:
+        raise ValueError(f"cval: {cval!r} overflows float64")  # as a float it is inf, checked as such
     if dtype is None:
         return value
     if dtype.is_floating_point or dtype.is_complex:
-        huge_int = math.isinf(value) and isinstance(real_scalar(cval), numbers.Integral)  # beyond float64
-        if huge_int or (math.isfinite(value) and abs(value) > torch.finfo(dtype).max):
+        if math.isfinite(value) and abs(value) > torch.finfo(dtype).max:
             raise ValueError(f"cval: {cval!r} overflows the dtype {dtype} of {volume}")
         return value
     low, high = (0, 1) if dtype == torch.bool else (torch.iinfo(dtype).min, torch.iinfo(dtype).max)
