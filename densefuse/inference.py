@@ -683,6 +683,7 @@ TTA = {  # spatial axes (0 = z, 1 = y, 2 = x) flipped per pass; a 180-degree rot
     "all": ((), (0,), (1,), (2,), (1, 2), (0, 2), (0, 1), (0, 1, 2)),
 }
 OUTPUTS = ("logits", "probabilities", "mask")
+FLOAT32_MAX = torch.finfo(torch.float32).max  # the predictor accumulates in float32
 
 
 def _check_model(model: object) -> Callable:
@@ -857,7 +858,7 @@ class SlidingWindowPredictor:
         "overlap": lambda v: _check_overlap(v, 3),
         "padding": lambda v: _check_choice("padding", v, ("reflect", "constant")),
         "cval": _validate.check_cval,
-        "floor": lambda v: None if v is None else _validate.check_number("floor", v),
+        "floor": lambda v: None if v is None else _validate.check_number("floor", v, high=FLOAT32_MAX),
         "sw_batch_size": lambda v: _check_positive_int("sw_batch_size", v),
         "tta": _check_tta,
         "activation": lambda v: _check_choice("activation", v, tuple(reference.ACTIVATIONS)),

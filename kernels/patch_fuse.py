@@ -535,9 +535,19 @@ def _check_acc(acc: torch.Tensor) -> None:
         )
 
 
-def _check_vector(name: str, t: torch.Tensor, dtype: torch.dtype, device: torch.device, length: int | None):
-    if t.dim() != 1 or t.dtype != dtype or t.device != device or not t.is_contiguous() or t.numel() == 0:
-        raise ValueError(f"{name}: expected a non-empty contiguous 1-D {dtype} tensor on {device}")
+def _check_vector(
+    name: str,
+    t: torch.Tensor,
+    dtype: torch.dtype,
+    device: torch.device,
+    length: int | None,
+    empty: bool = False,
+):
+    """A contiguous 1-D ``dtype`` tensor on ``device`` (of ``length`` if given; empty only if ``empty``)."""
+    contiguous_1d = t.dim() == 1 and t.dtype == dtype and t.device == device and t.is_contiguous()
+    if not contiguous_1d or (t.numel() == 0 and not empty):
+        kind = "" if empty else "non-empty "
+        raise ValueError(f"{name}: expected a {kind}contiguous 1-D {dtype} tensor on {device}")
     if length is not None and t.numel() != length:
         raise ValueError(f"{name}: expected length {length}, got {t.numel()}")
 
@@ -665,9 +675,12 @@ def _finalize(acc, out, starts, weights, floor, activation, output, threshold) -
     """Launches _finalize_kernel: acc -> out (out may be acc for output 0)."""
     batch, channels, *size = acc.shape
     for name, s in zip(("starts_z", "starts_y", "starts_x"), starts):
-        _check_vector(name, s, torch.int64, acc.device, None)
+        _check_vector(name, s, torch.int64, acc.device, None, empty=True)
     for name, w in zip(("wz", "wy", "wx"), weights):
         _check_vector(name, w, acc.dtype, acc.device, None)
+    if min(s.numel() for s in starts) == 0:  # no window: every voxel is uncovered, 0 in every output
+        out.zero_()
+        return
     _check_extents(size, [w.numel() for w in weights])
     block_c = triton.next_power_of_2(channels)
     block_r, block_x, num_warps = _tile(

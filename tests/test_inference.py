@@ -1169,6 +1169,7 @@ def test_bad_read_window_arguments():
         ),
         ("weights", [torch.ones(4), torch.ones(4, device="meta"), torch.ones(4)], r"weights\[1\]: .*meta"),
         ("cval", 10**400, "cval: 1000+ overflows float64"),
+        ("floor", 1e39, r"floor: expected a finite number >= 0\.0 and <= 3\.4"),
     ],
 )
 def test_predictor_settings_changed_later_are_checked(name, value, message):

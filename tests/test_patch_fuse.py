@@ -194,6 +194,35 @@ def test_finalize_with_unsorted_and_repeated_grid_starts(backend, floor, rng):
     torch.testing.assert_close(patch_finalize(acc, *grid, *weights, floor), expected, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("empty", [0, 2])
+@pytest.mark.parametrize("output", ["probabilities", "mask"])
+def test_finalize_of_an_empty_grid_is_all_uncovered(backend, empty, output, rng):
+    """No window at all along an axis: every voxel is uncovered, 0 in every output, on every backend
+    (the Triton launcher refused an empty axis)."""
+    acc = torch.randn(2, 3, 4, 5, 6, generator=rng)
+    grid = [[0], [0, 2], [1]]
+    grid[empty] = []
+    fused = patch_finalize(acc, *grid, torch.ones(3), torch.ones(4), torch.ones(5), output=output)
+    assert fused.shape == acc.shape and not fused.any()
+
+
+def test_a_floor_beyond_the_accumulators_dtype_is_refused():
+    """A float32 accumulator cannot hold a floor of 1e39: it became inf in the kernels (every weight
+    inf, no flag); float64 holds it."""
+    acc, win, starts, wz, wy, wx = _case()
+    message = r"floor: 1e\+39 overflows the accumulator's dtype torch.float32"
+    with pytest.raises(ValueError, match=message):
+        patch_scatter(acc, win, starts, wz, wy, wx, 1e39)
+    with pytest.raises(ValueError, match=message):
+        patch_finalize(acc, [0], [0], [0], wz, wy, wx, 1e39)
+    for make in (pf.BatchScatter, pf.Finalizer):
+        with pytest.raises(ValueError, match=message):
+            make(wz, wy, wx, 1e39, torch.float32, "cpu")
+    acc64 = acc.double()
+    patch_scatter(acc64, win, starts, wz, wy, wx, 1e39)
+    assert torch.isfinite(acc64).all() and acc64.max() >= 1e39
+
+
 # ---------------------------------------------------------------------------------------- bad input
 def _case():
     acc = torch.zeros(2, 3, 5, 7, 6)

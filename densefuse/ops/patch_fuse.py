@@ -296,6 +296,15 @@ def _check_axis_starts(name: str, starts: object, acc: Tensor) -> Tensor:
     return _to_device(name, starts, acc.device, torch.int64)
 
 
+def _check_floor(floor: object, dtype: torch.dtype) -> float:
+    """floor as a finite float >= 0 that the accumulator's ``dtype`` holds (a larger one became inf in
+    the kernels: every weight inf, and no flag said so)."""
+    value = _validate.check_number("floor", floor)
+    if value > torch.finfo(dtype).max:
+        raise ValueError(f"floor: {floor!r} overflows the accumulator's dtype {dtype}")
+    return value
+
+
 def _check_weights(
     vectors: Sequence[object],
     lengths: Sequence[int] | None,
@@ -420,7 +429,7 @@ def patch_scatter(
     windows = _check_windows(windows, acc)
     starts = _check_starts(starts, acc, windows.shape[0])
     wz, wy, wx = _check_weights((wz, wy, wx), windows.shape[2:], acc, check_values, weights_checked)
-    floor = _validate.check_number("floor", floor)
+    floor = _check_floor(floor, acc.dtype)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     op = patch_gather_op if deterministic else patch_scatter_op
@@ -469,7 +478,7 @@ def patch_finalize(
     axes = zip(("starts_z", "starts_y", "starts_x"), (starts_z, starts_y, starts_x))
     starts = [_check_axis_starts(name, s, acc) for name, s in axes]
     wz, wy, wx = _check_weights((wz, wy, wx), None, acc, check_values)
-    floor = _validate.check_number("floor", floor)
+    floor = _check_floor(floor, acc.dtype)
     code = _validate.check_activation(activation, tuple(reference.ACTIVATIONS))
     out = _check_output(output)
     threshold = _validate.check_number("threshold", threshold, -math.inf)
@@ -617,7 +626,7 @@ def _prepared_weights(
         raise TypeError(f"dtype: expected float32/float64 for the accumulator, got {dtype}")
     like = torch.empty(0, dtype=dtype, device=_validate.check_device("device", device))
     weights = _check_weights(vectors, None, like, True, checked)
-    return weights, _validate.check_number("floor", floor), like.device
+    return weights, _check_floor(floor, dtype), like.device
 
 
 class BatchExtract:
