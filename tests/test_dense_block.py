@@ -15,6 +15,7 @@ import copy
 import pytest
 import torch
 from conftest import cpu_backends, requires_cuda
+from torch.nn.utils import prune, spectral_norm
 
 import densefuse
 from densefuse.nn import DenseBlock3d, DenseLayer3d
@@ -378,13 +379,57 @@ def test_no_grad_and_input_without_grad():
     assert_all_close(dict(blocks["fused"].named_buffers()), dict(blocks["naive"].named_buffers()))
 
 
-@pytest.mark.parametrize("implementation", ["naive", "checkpoint"])
-def test_block_on_the_meta_device(implementation):
-    """A block made on the meta device gives shapes (autocast knows no meta device: not asked)."""
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_block_on_the_meta_device(implementation, dropout):
+    """A block made on the meta device gives shapes (autocast knows no meta device: not asked; the
+    fused block runs the naive one there: it had raised "unsupported scalarType")."""
     with torch.device("meta"):
-        block = DenseBlock3d(4, 2, 2, implementation=implementation)
+        block = DenseBlock3d(4, 2, 2, dropout=dropout, implementation=implementation)
         x = torch.randn(2, 4, 8, 8, 8)
     assert block(x).shape == (2, 8, 8, 8, 8)
+    assert block(x, new_only=True).shape == (2, 4, 8, 8, 8)
+
+
+HOOKS = {  # what each puts on the first layer's first conv (or norm): all run where the module is called
+    "prune": lambda layer: prune.l1_unstructured(layer.conv1, "weight", 0.5),
+    "spectral_norm": lambda layer: spectral_norm(layer.conv1),
+    "forward_hook": lambda layer: layer.norm1.register_forward_hook(lambda m, i, o: o * 1.5),
+}
+
+
+@pytest.mark.parametrize("hook", list(HOOKS))
+def test_fused_block_with_module_hooks_runs_naive(hook):
+    """The fused block never calls the layers' modules, so it would skip their hooks (spectral_norm's
+    output was 0.87 off, pruning's second backward failed): with hooks it runs the naive
+    implementation, with a warning, and trains exactly as naive does."""
+    blocks, x = make_blocks(CASES[0][0])
+    for block in blocks.values():
+        torch.manual_seed(1)  # spectral_norm draws its start vector
+        HOOKS[hook](block.layers[0])
+    expected = train_steps(blocks["naive"], x, steps=2)
+    with pytest.warns(UserWarning, match=r"layers\.0\.(conv1|norm1) has hooks, .*'naive' runs instead"):
+        actual = train_steps(blocks["fused"], x, steps=2)
+    for a, e in zip(actual, expected):
+        assert_all_close(a, e, rtol=0, atol=0)
+
+
+def test_fused_block_without_hooks_warns_of_nothing(recwarn):
+    blocks, x = make_blocks(CASES[0][0])
+    handle = blocks["fused"].layers[1].conv2.register_forward_hook(lambda m, i, o: None)
+    handle.remove()
+    blocks["fused"](x)
+    assert not [w for w in recwarn if "has hooks" in str(w.message)]
+
+
+def test_sizes_may_be_numpy_and_tensor_integers():
+    """As MONAI's dense layers take them."""
+    import numpy as np
+
+    block = DenseBlock3d(np.int64(4), torch.tensor(2), np.int32(2), bottleneck=np.int64(4))
+    assert (block.in_channels, block.growth_rate, block.num_layers) == (4, 2, 2)
+    assert all(type(v) is int for v in (block.in_channels, block.growth_rate, block.num_layers))
+    assert block(torch.randn(1, 4, 3, 3, 3)).shape == (1, 8, 3, 3, 3)
 
 
 def test_bad_input():

@@ -17,7 +17,9 @@ concatenation [B, C_in + L*k, D, H, W].
 All three own the same modules (names as MONAI's _DenseLayer: norm1, conv1[, norm2, conv2]), so their
 state_dicts are interchangeable, and with dropout off they give the same outputs, gradients and
 running statistics (PyTorch's BatchNorm semantics: momentum or cumulative average, unbiased running
-variance, running statistics in eval mode).
+variance, running statistics in eval mode). The fused block never calls the layers' modules: where
+one has hooks (pruning, spectral_norm, a forward hook) a call runs the naive implementation, with a
+warning; so does a call on the meta device (shapes only).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import contextlib
 import itertools
 import math
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -128,9 +131,21 @@ def _check_eps(eps: object) -> float:
 
 
 def _check_positive(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    """A positive int (a Python or NumPy integer or a 0-d integer tensor, as MONAI takes them)."""
+    number = _validate.as_int(value)
+    if number is None or number < 1:
         raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    return value
+    return number
+
+
+def _hooked_module(modules: nn.Module) -> str | None:
+    """The name of the first module of ``modules`` (itself included) with forward or backward hooks
+    (torch.nn.utils.prune, spectral_norm and weight_norm register them too), or None."""
+    kinds = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    for name, module in modules.named_modules():
+        if any(getattr(module, kind, None) for kind in kinds):
+            return name
+    return None
 
 
 class DenseLayer3d(nn.Module):
@@ -303,12 +318,32 @@ class DenseBlock3d(nn.Module):
         """x [B, C_in, D, H, W] -> cat(x, new maps) [B, C_in + L*k, ...], or with ``new_only`` the new
         maps [B, L*k, ...]."""
         x = self._check_input(x)
-        if self.implementation == "naive":
+        implementation = self.implementation if self.implementation != "fused" else self._fused_or(x)
+        if implementation == "naive":
             out = self._naive(x)
             return out[:, self.in_channels :] if new_only else out
-        if self.implementation == "checkpoint":
+        if implementation == "checkpoint":
             return self._checkpointed(x, new_only)
         return self._fused(x, new_only)
+
+    def _fused_or(self, x: Tensor) -> str:
+        """ "fused", or the implementation that runs this call in its place: "naive" on the meta device
+        (shapes only: nothing is computed, and no kernel runs), and "naive" where a layer's module has
+        hooks (the fused block reads the parameters and never calls the modules, so their hooks would
+        not run: pruning's or spectral_norm's would leave a stale weight), with a warning. Not
+        "checkpoint": its recomputation runs a hook twice, and spectral_norm's power iteration then
+        moves between forward and backward."""
+        if x.device.type == "meta":
+            return "naive"
+        hooked = _hooked_module(self.layers)
+        if hooked is None:
+            return "fused"
+        warnings.warn(
+            f"DenseBlock3d: layers.{hooked} has hooks, which implementation='fused' would not run (it "
+            "never calls the layers' modules); implementation='naive' runs instead",
+            stacklevel=2,
+        )
+        return "naive"
 
     def _naive(self, x: Tensor) -> Tensor:
         for layer in self.layers:
