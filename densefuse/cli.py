@@ -76,12 +76,10 @@ def _positive_int(text: str) -> int:
     return value
 
 
-# Patches are multiples of 2 * 2**n and below 2**31; the default ones (2 * 2**n and twice that) too.
-MAX_DOWN_BLOCKS = 28
-
-
 def _down_blocks(text: str) -> int:
     """A number of down blocks n in [0, MAX_DOWN_BLOCKS]: patches are multiples of 2 * 2**n, below 2**31."""
+    from densefuse.profile import MAX_DOWN_BLOCKS
+
     try:
         value = int(text)
     except ValueError:

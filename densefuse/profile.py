@@ -102,6 +102,10 @@ def format_size(nbytes: float) -> str:
 _NETWORK_INTEGERS = ("in_channels", "out_channels", "growth_rate", "num_layers", "num_down_blocks")
 
 
+# Patches are multiples of 2 * 2**n and below 2**31; the default ones (2 * 2**n and twice that) too.
+MAX_DOWN_BLOCKS = 28
+
+
 @dataclass(frozen=True)
 class Network:
     """The profiled network: a whole FCDenseNet3d ("model") or one DenseBlock3d ("block").
@@ -124,8 +128,11 @@ class Network:
             raise ValueError(f"target: expected one of {TARGETS}, got {self.target!r}")
         for name in ("in_channels", "out_channels", "growth_rate", "num_layers"):
             _positive_int(name, getattr(self, name))
-        if not _is_int(self.num_down_blocks) or self.num_down_blocks < 0:
-            raise ValueError(f"num_down_blocks: expected an integer >= 0, got {self.num_down_blocks!r}")
+        if not _is_int(self.num_down_blocks) or not 0 <= self.num_down_blocks <= MAX_DOWN_BLOCKS:
+            raise ValueError(
+                f"num_down_blocks: expected an integer in [0, {MAX_DOWN_BLOCKS}] (patches are multiples of "
+                f"2 * 2**n, below 2**31), got {self.num_down_blocks!r}"
+            )
         if self.bottleneck is not None and (not _is_int(self.bottleneck) or self.bottleneck < 1):
             raise ValueError(f"bottleneck: expected a positive integer or None, got {self.bottleneck!r}")
         if (

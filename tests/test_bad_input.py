@@ -461,6 +461,17 @@ def test_weight_bad_values(module, weight):
 
 
 @pytest.mark.parametrize(
+    "value", [torch.tensor([1 + 5j, 1, 2j]), np.array([0.5 + 3j, 0.5, 0.5]), [1.0, 2j, 1.0], 1j], ids=str
+)
+@pytest.mark.parametrize("argument", ["weight", "alpha"])
+def test_complex_weights_are_refused(argument, value):
+    """A cast to real dropped the imaginary parts (with torch's warning for weight, none for alpha)."""
+    module = dn.FocalLoss if argument == "alpha" else dn.DiceLoss
+    with pytest.raises(TypeError, match=f"^{argument}: expected real weights"):
+        module(**{argument: value})
+
+
+@pytest.mark.parametrize(
     ("alpha", "use_softmax", "include_background"),
     [([0.1, 0.2], False, True), ([0.1, 0.2, 0.3, 0.4], True, True), ([0.1, 0.2, 0.3], True, False),
      ([0.1, 0.2, 0.3], False, False)],

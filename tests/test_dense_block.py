@@ -427,8 +427,10 @@ def test_sizes_may_be_numpy_and_tensor_integers():
     import numpy as np
 
     block = DenseBlock3d(np.int64(4), torch.tensor(2), np.int32(2), bottleneck=np.int64(4))
-    assert (block.in_channels, block.growth_rate, block.num_layers) == (4, 2, 2)
-    assert all(type(v) is int for v in (block.in_channels, block.growth_rate, block.num_layers))
+    sizes = (block.in_channels, block.growth_rate, block.num_layers, block.out_channels)
+    convs = [m for m in block.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert sizes == (4, 2, 2, 8) and all(type(v) is int for v in sizes)
+    assert all(type(c.in_channels) is int and type(c.out_channels) is int for c in convs)
     assert block(torch.randn(1, 4, 3, 3, 3)).shape == (1, 8, 3, 3, 3)
 
 

@@ -93,6 +93,18 @@ def test_bad_arguments(kwargs, name):
         FCDenseNet3d(**{**TINY, **kwargs})
 
 
+def test_sizes_may_be_numpy_and_tensor_integers():
+    """As MONAI's networks take them; stored as Python ints."""
+    import numpy as np
+
+    sizes = dict(in_channels=np.int64(TINY.get("in_channels", 4)), growth_rate=torch.tensor(2))
+    net = FCDenseNet3d(**{**TINY, **sizes, "layers_per_block": np.int32(1), "num_down_blocks": np.int64(1)})
+    plain = FCDenseNet3d(**{**TINY, "in_channels": int(sizes["in_channels"]), "growth_rate": 2,
+                            "layers_per_block": 1, "num_down_blocks": 1})  # fmt: skip
+    assert type(net.in_channels) is int and type(net.num_down_blocks) is int and net.size_multiple == 4
+    assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in plain.parameters())
+
+
 def test_configurable_architecture(rng):
     net = FCDenseNet3d(
         in_channels=1,

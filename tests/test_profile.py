@@ -165,7 +165,8 @@ def test_check_points():
             profile.check_points(net, [point])
     for change, name in [
         (dict(growth_rate=0), "growth_rate: expected a positive integer"),
-        (dict(num_down_blocks=-1), "num_down_blocks: expected an integer >= 0"),
+        (dict(num_down_blocks=-1), r"num_down_blocks: expected an integer in \[0, 28\]"),
+        (dict(num_down_blocks=20000), r"num_down_blocks: expected an integer in \[0, 28\]"),
         (dict(dropout=2.0), "dropout: expected a probability"),
         (dict(bottleneck=0), "bottleneck: expected a positive integer or None"),
     ]:

@@ -175,6 +175,7 @@ class DenseLayer3d(nn.Module):
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
         eps = _check_eps(eps)
+        in_channels, growth_rate = self.in_channels, self.growth_rate  # Python ints
         self.norm1 = nn.BatchNorm3d(in_channels, eps=eps, momentum=momentum)
         if self.bottleneck is None:
             self.conv1 = nn.Conv3d(in_channels, growth_rate, 3, padding=1, bias=False)
@@ -229,10 +230,11 @@ class DenseBlock3d(nn.Module):
         self.in_channels = _check_positive("in_channels", in_channels)
         self.growth_rate = _check_positive("growth_rate", growth_rate)
         self.num_layers = _check_positive("num_layers", num_layers)
-        self.out_channels = in_channels + num_layers * growth_rate
+        in_channels, growth_rate = self.in_channels, self.growth_rate  # Python ints
+        self.out_channels = in_channels + self.num_layers * growth_rate
         self.layers = nn.ModuleList(
             DenseLayer3d(in_channels + i * growth_rate, growth_rate, bottleneck, dropout, eps, momentum)
-            for i in range(num_layers)
+            for i in range(self.num_layers)
         )
         self.implementation = implementation
 

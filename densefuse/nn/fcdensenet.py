@@ -33,10 +33,14 @@ import torch
 from torch import Tensor, nn
 
 from densefuse.nn.dense import DenseBlock3d, _check_eps, _norm_relu, _recompute_as_forward
+from densefuse.ops import _validate
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _int_at_least(value: object, least: int) -> int | None:
+    """value as a Python int if it is an integer >= least (a Python or NumPy integer or a 0-d integer
+    tensor, as MONAI takes them), else None."""
+    number = _validate.as_int(value)
+    return number if number is not None and number >= least else None
 
 
 # Depth slabs of the head under "fused": the head's full-resolution hidden maps (head_channels at the
@@ -124,6 +128,7 @@ class FCDenseNet3d(nn.Module):
     ) -> None:
         super().__init__()
         head_channels = stem_channels if head_channels is None else head_channels
+        sizes = []
         for name, value, least in (
             ("in_channels", in_channels, 1),
             ("out_channels", out_channels, 1),
@@ -133,13 +138,18 @@ class FCDenseNet3d(nn.Module):
             ("stem_convs", stem_convs, 0),
             ("head_channels", head_channels, 1),
         ):
-            if not _is_int(value) or value < least:
+            sizes.append(_int_at_least(value, least))
+            if sizes[-1] is None:
                 raise ValueError(f"{name}: expected an integer >= {least}, got {value!r}")
+        in_channels, out_channels, growth_rate, num_down_blocks, stem_channels, stem_convs, head_channels = (
+            sizes
+        )
         eps = _check_eps(eps)
         blocks = 2 * num_down_blocks + 1
-        layers = [layers_per_block] * blocks if _is_int(layers_per_block) else layers_per_block
-        layers = list(layers) if isinstance(layers, Sequence) else []
-        if len(layers) != blocks or not all(_is_int(n) and n >= 1 for n in layers):
+        one = _int_at_least(layers_per_block, 1)
+        layers = [one] * blocks if one is not None else layers_per_block
+        layers = [_int_at_least(n, 1) for n in layers] if isinstance(layers, Sequence) else []
+        if len(layers) != blocks or None in layers:
             raise ValueError(
                 f"layers_per_block: expected a positive integer or {blocks} of them (down blocks, bottleneck "
                 f"block, up blocks), got {layers_per_block!r}"
