@@ -142,7 +142,7 @@ def _check_volume(name: str, x: object, dims: Sequence[int]) -> Tensor:
         )
     if x.device.type == "meta":
         raise ValueError(f"{name}: a tensor on the meta device holds no values; a prediction needs real ones")
-    return x.as_subclass(Tensor)  # a MONAI MetaTensor becomes a plain tensor
+    return _validate.plain(x)  # a MONAI MetaTensor becomes a plain tensor
 
 
 # ------------------------------------------------------------------------------------ the window grid

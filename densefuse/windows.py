@@ -131,11 +131,9 @@ def gaussian(
 def check_vector(name: str, w: object, n: int) -> Tensor:
     """A user-supplied weight vector (a sequence, array or tensor of reals) as float64 [n]: finite,
     >= 0 and not all zero."""
-    complex_values = (
-        w.is_complex() if isinstance(w, Tensor) else getattr(getattr(w, "dtype", None), "kind", "") == "c"
-    )
-    if complex_values:  # a complex tensor or NumPy array (torch would drop the imaginary parts)
-        raise TypeError(f"{name}: expected real weights, got {w.dtype} values")
+    if _validate.holds_complex(w):  # torch would drop the imaginary parts
+        got = f"{w.dtype} values" if hasattr(w, "dtype") else repr(w)
+        raise TypeError(f"{name}: expected real weights, got {got}")
     if not isinstance(w, Tensor):
         try:  # float64 straight away: a list of Python floats is not rounded to float32 first
             w = torch.tensor(w, dtype=torch.float64)

@@ -329,7 +329,7 @@ class DenseBlock3d(nn.Module):
         return self._fused(x, new_only)
 
     def _fused_or(self, x: Tensor) -> str:
-        """ "fused", or the implementation that runs this call in its place: "naive" on the meta device
+        """The implementation that runs this call: "fused", or in its place "naive" on the meta device
         (shapes only: nothing is computed, and no kernel runs), and "naive" where a layer's module has
         hooks (the fused block reads the parameters and never calls the modules, so their hooks would
         not run: pruning's or spectral_norm's would leave a stale weight), with a warning. Not

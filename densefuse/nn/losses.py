@@ -37,22 +37,12 @@ def _check_reduction(reduction: str) -> str:
     return reduction
 
 
-def _complex(value: object) -> bool:
-    """Whether value holds complex numbers (a cast to real would drop their imaginary parts)."""
-    if isinstance(value, Tensor) or hasattr(value, "dtype"):
-        dtype = value.dtype
-        return dtype.is_complex if isinstance(dtype, torch.dtype) else getattr(dtype, "kind", "") == "c"
-    if isinstance(value, complex):
-        return True
-    return isinstance(value, (list, tuple)) and any(_complex(v) for v in value)
-
-
 def _focal_alpha(alpha: object) -> float | Sequence[float] | Tensor | None:
     """FocalLoss's alpha: None, one number in [0, 1] (as a float), or one finite weight >= 0 per
     class (a 1-D sequence, array or tensor, kept as given)."""
     if alpha is None:
         return None
-    if _complex(alpha):
+    if _validate.holds_complex(alpha):
         raise TypeError(f"alpha: expected real weights, got {alpha!r}")
     try:  # read on the CPU: a tensor on another device (MPS has no float64) is checked as a copy
         values = torch.as_tensor(
@@ -72,7 +62,7 @@ def _focal_alpha(alpha: object) -> float | Sequence[float] | Tensor | None:
 def _class_weight(weight: Sequence[float] | float | Tensor | None) -> Tensor | None:
     if weight is None:
         return None
-    if _complex(weight):
+    if _validate.holds_complex(weight):
         raise TypeError(f"weight: expected real weights, got {weight!r}")
     try:
         values = torch.as_tensor(weight, dtype=torch.float32)

@@ -45,6 +45,17 @@ def check_device(name: str, device: object) -> torch.device:
     return device
 
 
+def holds_complex(value: object) -> bool:
+    """Whether value holds complex numbers: a complex tensor, NumPy array or scalar, or a Python
+    complex, also inside a list or tuple (a cast to real would drop the imaginary parts)."""
+    dtype = getattr(value, "dtype", None)
+    if dtype is not None:
+        return dtype.is_complex if isinstance(dtype, torch.dtype) else getattr(dtype, "kind", "") == "c"
+    if isinstance(value, complex):
+        return True
+    return isinstance(value, (list, tuple)) and any(holds_complex(v) for v in value)
+
+
 def plain(tensor: torch.Tensor) -> torch.Tensor:
     """A tensor subclass (MONAI's MetaTensor) as a plain tensor with the same data and autograd history
     (an alias): the kernels, and the Triton interpreter, take plain tensors, and every op on a
